@@ -1,0 +1,1 @@
+"""fedward client package."""

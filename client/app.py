@@ -1,0 +1,147 @@
+"""The hospital site: Flower ClientApp handlers that only convert records and call plain functions.
+
+Which site this node is comes from the node's own config: `site-config` (path to the site's YAML) in
+deployment. In simulation the engine only gives each node a `partition-id`; the site is then the
+partition-id-th site of the study (from `fedward simulate`, or from the run config's study file).
+
+Run it through `fedward simulate`, `flwr run .`, or a SuperNode (`flower-supernode ... --node-config
+"site-config='/etc/fedward/site.yaml'"`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.train import device, make_optimizer, predict, train_epochs, train_loader
+from common.config import SiteConfig, load_site
+from common.data import SiteData, load_site_data
+from common.keys import Cfg, Met, Rec, Site
+from common.metrics import site_summary
+from common.models import build_model
+
+log = logging.getLogger("fedward.site")
+_RUNTIMES: dict[str, SiteRuntime] = {}  # per process: data and model stay loaded across rounds
+
+
+@dataclass
+class SiteRuntime:
+    config: SiteConfig
+    data: SiteData
+    model: torch.nn.Module | None = None
+    model_key: tuple = ()
+
+    def model_for(self, cfg: ConfigRecord) -> torch.nn.Module:
+        key = (str(cfg[Cfg.MODEL]), int(cfg[Cfg.IN_CHANNELS]), int(cfg[Cfg.NUM_CLASSES]))
+        if self.model is None or key != self.model_key:
+            self.model = build_model(key[0], in_channels=key[1], num_classes=key[2]).to(device())
+            self.model_key = key
+        return self.model
+
+
+def site_config_from_context(context: Context, sites: list[SiteConfig] | None = None) -> SiteConfig:
+    """This node's site config: node config `site-config` first, else the simulated partition."""
+    if "site-config" in context.node_config:
+        return load_site(str(context.node_config["site-config"]))
+    if "partition-id" not in context.node_config:
+        raise RuntimeError(
+            "this SuperNode has no site config: start it with "
+            "--node-config \"site-config='/path/to/site.yaml'\""
+        )
+    pid = int(context.node_config["partition-id"])
+    if sites is None:
+        from server.runconfig import study_from_run_config  # simulation through `flwr run .`
+
+        from common.config import simulated_sites
+
+        sites = simulated_sites(study_from_run_config(context.run_config))
+    return sites[pid]
+
+
+def runtime_for(config: SiteConfig) -> SiteRuntime:
+    key = f"{config.site}:{config.source_path}:{config.data}"
+    if key not in _RUNTIMES:
+        cpus = os.environ.get("FEDWARD_SITE_THREADS")
+        if cpus:
+            torch.set_num_threads(int(cpus))
+        _RUNTIMES[key] = SiteRuntime(config=config, data=load_site_data(config))
+    return _RUNTIMES[key]
+
+
+def _reply(msg: Message, site: str, records: dict) -> Message:
+    content = RecordDict({**records, Rec.SITE: ConfigRecord({Site.NAME: site, Site.REFUSED: ""})})
+    return Message(content, reply_to=msg)
+
+
+def handle_train(msg: Message, rt: SiteRuntime) -> Message:
+    cfg = msg.content[Rec.CONFIG]
+    model = rt.model_for(cfg)
+    model.load_state_dict(msg.content[Rec.ARRAYS].to_torch_state_dict())
+    rnd = int(cfg[Cfg.SERVER_ROUND])
+    seed = int(cfg.get(Cfg.SEED, 0)) * 1000 + rnd
+    loader = train_loader(rt.data.train_x, rt.data.train_y, int(cfg[Cfg.BATCH_SIZE]), seed)
+    optimizer = make_optimizer(model, str(cfg[Cfg.OPTIMIZER]), float(cfg[Cfg.LR]))
+    result = train_epochs(
+        model, loader, optimizer,
+        epochs=int(cfg[Cfg.LOCAL_EPOCHS]),
+        proximal_mu=float(cfg.get(Cfg.PROXIMAL_MU, 0.0)),
+        use_augment=bool(cfg.get(Cfg.AUGMENT, False)),
+        seed=seed,
+    )  # fmt: skip
+    metrics = MetricRecord({
+        Met.NUM_EXAMPLES: len(rt.data.train_y),
+        Met.TRAIN_LOSS: result.loss,
+        Met.TRAIN_S: result.seconds,
+    })  # fmt: skip
+    log.info("site %s round %d: loss %.4f in %.1fs", rt.config.site, rnd, result.loss, result.seconds)
+    return _reply(msg, rt.config.site, {Rec.ARRAYS: ArrayRecord(model.state_dict()), Rec.METRICS: metrics})
+
+
+def handle_evaluate(msg: Message, rt: SiteRuntime) -> Message:
+    cfg = msg.content[Rec.CONFIG]
+    model = rt.model_for(cfg)
+    model.load_state_dict(msg.content[Rec.ARRAYS].to_torch_state_dict())
+    t0 = time.perf_counter()
+    summary = site_summary(rt.data.test_y.numpy(), predict(model, rt.data.test_x))
+    metrics = MetricRecord({
+        Met.NUM_EXAMPLES: summary["n_test"],
+        Met.N_TEST: summary["n_test"],
+        Met.AUC: _num(summary["auc"]),
+        Met.ACCURACY: _num(summary["accuracy"]),
+        Met.SENSITIVITY: _num(summary["sensitivity"]),
+        Met.SPECIFICITY: _num(summary["specificity"]),
+        Met.BALANCED_ACCURACY: _num(summary["balanced_accuracy"]),
+        Met.CONFUSION: summary["confusion"].reshape(-1).tolist(),
+        Met.SCORE_HIST: summary["score_hist"].reshape(-1).tolist(),
+        Met.EVAL_S: time.perf_counter() - t0,
+    })  # fmt: skip
+    return _reply(msg, rt.config.site, {Rec.METRICS: metrics})
+
+
+def _num(x: float) -> float:
+    return -1.0 if np.isnan(x) else float(x)  # MetricRecord has no NaN; -1 marks "undefined"
+
+
+def make_client_app(sites: list[SiteConfig] | None = None) -> ClientApp:
+    """A ClientApp; `sites` (partition order) is given by `fedward simulate`, else read from context."""
+    client_app = ClientApp()
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, runtime_for(site_config_from_context(context, sites)))
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, runtime_for(site_config_from_context(context, sites)))
+
+    return client_app
+
+
+app = make_client_app()

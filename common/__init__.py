@@ -1,0 +1,1 @@
+"""fedward common package."""

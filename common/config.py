@@ -1,0 +1,363 @@
+"""Study and site configuration: typed dataclasses read strictly from YAML.
+
+A *study config* (configs/*.yaml) is read once on the coordinator; it says what to train, how, for how
+many rounds, and, in simulation, which sites exist. A *site config* lives at a hospital and holds the
+site's own facts: its data and its privacy policy, which the coordinator cannot override.
+
+Unknown keys, wrong types and impossible values raise `ConfigError` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DATA_ENV = "FEDWARD_DATA"  # overrides `data.data_dir` of a study config
+
+
+class ConfigError(ValueError):
+    """A config file or value a user can fix: the message names the file, the key and the fix."""
+
+
+# ----------------------------------------------------------------------------- study config
+
+
+@dataclass
+class PartitionConfig:
+    scheme: str = "iid"  # iid | label_skew: how each class's images are divided among sites
+    alpha: float = 0.5  # Dirichlet concentration for label_skew: smaller = more skewed
+    acquisition_shift: bool = False  # each site's images look as if from a different scanner
+    min_train_per_site: int = 20  # redraw the Dirichlet split until every site has this many
+
+
+@dataclass
+class SyntheticConfig:
+    train_per_site: int = 300
+    test_per_site: int = 150
+    image_size: int = 28
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | medmnist | sites (one site config file per site)
+    num_sites: int = 3
+    site_names: list[str] = field(default_factory=list)  # default: hospital-a, hospital-b, ...
+    dataset: str = ""  # medmnist: pneumoniamnist | breastmnist | any <name>.npz in data_dir
+    data_dir: str = ""  # medmnist: folder of the .npz files (FEDWARD_DATA / --data-dir override)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    site_configs: list[str] = field(default_factory=list)  # source=sites: site config YAML paths
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn28"  # see common.models.MODELS
+
+
+@dataclass
+class TrainConfig:
+    local_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"  # adam | sgd
+    augment: bool = False  # random flips and small shifts during local training
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "fedavg"  # fedavg | fedprox | fedadam (Flower's own strategies)
+    proximal_mu: float = 0.01  # fedprox: weight of the proximal term
+    server_lr: float = 0.01  # fedadam: eta, the server-side learning rate
+    server_lr_local: float = 0.01  # fedadam: eta_l (only logged by Flower)
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool = False
+    target_epsilon: float = 8.0  # for the whole study, per site
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    noise_multiplier: float = 0.0  # 0: derive from target_epsilon over rounds x local epochs
+    grad_sample_mode: str = "ghost"  # ghost | hooks | functorch | ew
+    poisson_sampling: bool = True
+    secure_mode: bool = False
+
+
+@dataclass
+class SimulationConfig:
+    client_cpus: int = 0  # CPU cores per simulated site; 0: all cores (sites run one at a time)
+    client_gpus: float = -1.0  # GPU share per simulated site; -1: 1.0 when a GPU is present
+
+
+@dataclass
+class StudyConfig:
+    name: str = "study"
+    seed: int = 0
+    rounds: int = 5
+    min_sites: int = 2  # a round needs this many sites; fewer ends the study, saying why
+    round_timeout_s: float = 900.0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    source_path: str = ""  # where this config was read from (set by the loader)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- site config
+
+
+@dataclass
+class SitePartition:
+    """Which share of a shared data set a simulated site holds (computed the same at every site)."""
+
+    index: int = 0
+    num_sites: int = 1
+    scheme: str = "iid"
+    alpha: float = 0.5
+    acquisition_shift: bool = False
+    min_train_per_site: int = 20
+    seed: int = 0
+
+
+@dataclass
+class SiteDataConfig:
+    format: str = "synthetic"  # synthetic | medmnist | dicom | image | nifti
+    path: str = ""  # medmnist: the .npz file
+    root: str = ""  # dicom/image/nifti: folder of files
+    labels: str = ""  # dicom/image/nifti: labels CSV
+    classes: list[str] = field(default_factory=list)
+    on_bad_file: str = "skip"  # skip | fail
+    partition: SitePartition = field(default_factory=SitePartition)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class SitePolicyConfig:
+    max_epsilon: float = 10.0
+    delta: float = 1e-5
+    min_noise_multiplier: float = 0.5
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class SiteConfig:
+    site: str = "site"
+    data: SiteDataConfig = field(default_factory=SiteDataConfig)
+    privacy: SitePolicyConfig = field(default_factory=SitePolicyConfig)
+    state_dir: str = ""  # ledger, accountant history, cache; "" = a temporary folder
+    source_path: str = ""
+
+
+# ----------------------------------------------------------------------------- strict loading
+
+
+def _from_dict(cls: type, data: Any, where: str, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: '{where or 'top level'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "source_path"]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"{path}: unknown key '{dotted}'.{hint} Known keys here: {', '.join(names)}."
+            )
+        kwargs[key] = _coerce(hints[key], value, dotted, path)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str, path: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value or {}, where, path)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: '{where}' must be a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(item_tp, v, f"{where}[{i}]", path) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: '{where}' must be true or false, got {value!r}")
+        return value
+    if tp in (int, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: '{where}' must be a number, got {value!r}")
+        if tp is int and float(value) != int(value):
+            raise ConfigError(f"{path}: '{where}' must be a whole number, got {value!r}")
+        return tp(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: '{where}' must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _read_yaml(path: str | Path, kind: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{kind} config '{p}' does not exist (looked in {p.resolve()}).")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a {kind} config must be a YAML mapping at the top level.")
+    return data
+
+
+def _choice(value: str, allowed: tuple[str, ...], key: str, path: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{path}: '{key}' is '{value}'; use one of: {', '.join(allowed)}.")
+
+
+def _positive(value: float, key: str, path: str, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{path}: '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}.")
+
+
+def load_study(
+    path: str | Path,
+    *,
+    rounds: int | None = None,
+    num_sites: int | None = None,
+    data_dir: str | None = None,
+) -> StudyConfig:
+    """Read and validate a study config; command-line overrides win over FEDWARD_DATA and the file."""
+    p = str(path)
+    study = _from_dict(StudyConfig, _read_yaml(path, "study"), "", p)
+    study.source_path = str(Path(path).resolve())
+    if rounds:
+        study.rounds = rounds
+    if num_sites:
+        study.data.num_sites = num_sites
+        if len(study.data.site_names) > num_sites:
+            study.data.site_names = study.data.site_names[:num_sites]
+    if data_dir:
+        study.data.data_dir = data_dir
+    elif os.environ.get(DATA_ENV):
+        study.data.data_dir = os.environ[DATA_ENV]
+    validate_study(study)
+    return study
+
+
+def validate_study(study: StudyConfig) -> None:
+    from common.models import MODELS  # late: models import torch
+
+    p = study.source_path or "study config"
+    _choice(study.data.source, ("synthetic", "medmnist", "sites"), "data.source", p)
+    _choice(study.data.partition.scheme, ("iid", "label_skew"), "data.partition.scheme", p)
+    _choice(study.model.name, tuple(MODELS), "model.name", p)
+    _choice(study.strategy.name, ("fedavg", "fedprox", "fedadam"), "strategy.name", p)
+    _choice(study.train.optimizer, ("adam", "sgd"), "train.optimizer", p)
+    _choice(
+        study.privacy.grad_sample_mode,
+        ("ghost", "hooks", "functorch", "ew"),
+        "privacy.grad_sample_mode",
+        p,
+    )
+    for key, value in [
+        ("rounds", study.rounds),
+        ("train.local_epochs", study.train.local_epochs),
+        ("train.batch_size", study.train.batch_size),
+        ("train.lr", study.train.lr),
+        ("data.partition.alpha", study.data.partition.alpha),
+        ("privacy.delta", study.privacy.delta),
+        ("privacy.max_grad_norm", study.privacy.max_grad_norm),
+        ("privacy.target_epsilon", study.privacy.target_epsilon),
+        ("round_timeout_s", study.round_timeout_s),
+    ]:
+        _positive(value, key, p)
+    n = study.data.num_sites if study.data.source != "sites" else len(study.data.site_configs)
+    if n < 1:
+        raise ConfigError(f"{p}: a study needs at least one site ('data.num_sites' is {n}).")
+    if study.min_sites > n:
+        raise ConfigError(
+            f"{p}: 'min_sites' is {study.min_sites} but the study has only {n} sites; "
+            f"lower 'min_sites' or add sites."
+        )
+    if study.data.source == "medmnist":
+        if not study.data.dataset:
+            raise ConfigError(f"{p}: 'data.dataset' is empty; name a MedMNIST file, e.g. pneumoniamnist.")
+        npz = medmnist_path(study)
+        if not npz.is_file():
+            raise ConfigError(
+                f"{p}: data file '{npz}' does not exist. Put {study.data.dataset}.npz there, or point "
+                f"'data.data_dir', the {DATA_ENV} environment variable or --data-dir at the folder "
+                f"that holds it (for example ../shared/data)."
+            )
+    if study.data.source == "sites" and not study.data.site_configs:
+        raise ConfigError(f"{p}: 'data.source' is 'sites' but 'data.site_configs' is empty.")
+
+
+def medmnist_path(study: StudyConfig) -> Path:
+    name = study.data.dataset
+    return Path(study.data.data_dir or ".").expanduser().resolve() / (
+        name if name.endswith(".npz") else f"{name}.npz"
+    )
+
+
+def site_names(study: StudyConfig) -> list[str]:
+    n = study.data.num_sites
+    names = list(study.data.site_names)
+    names += [f"hospital-{chr(ord('a') + i)}" if i < 26 else f"site-{i + 1}" for i in range(len(names), n)]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{study.source_path}: 'data.site_names' has duplicates: {names}.")
+    return names
+
+
+def simulated_sites(study: StudyConfig) -> list[SiteConfig]:
+    """The site configs of a simulated study, in partition order (site i is partition i)."""
+    if study.data.source == "sites":
+        return [load_site(path) for path in study.data.site_configs]
+    sites = []
+    for i, name in enumerate(site_names(study)):
+        part = SitePartition(
+            index=i,
+            num_sites=study.data.num_sites,
+            scheme=study.data.partition.scheme,
+            alpha=study.data.partition.alpha,
+            acquisition_shift=study.data.partition.acquisition_shift,
+            min_train_per_site=study.data.partition.min_train_per_site,
+            seed=study.seed,
+        )
+        if study.data.source == "medmnist":
+            data = SiteDataConfig(format="medmnist", path=str(medmnist_path(study)), partition=part)
+        else:
+            data = SiteDataConfig(format="synthetic", partition=part, synthetic=study.data.synthetic)
+        sites.append(SiteConfig(site=name, data=data))
+    return sites
+
+
+def load_site(path: str | Path) -> SiteConfig:
+    p = str(path)
+    site = _from_dict(SiteConfig, _read_yaml(path, "site"), "", p)
+    site.source_path = str(Path(path).resolve())
+    _choice(site.data.format, ("synthetic", "medmnist", "dicom", "image", "nifti"), "data.format", p)
+    _choice(site.data.on_bad_file, ("skip", "fail"), "data.on_bad_file", p)
+    return site
+
+
+def site_from_dict(data: dict, where: str = "site config") -> SiteConfig:
+    return _from_dict(SiteConfig, data, "", where)

@@ -1,0 +1,56 @@
+"""Record keys: the one place where the names of what travels between coordinator and sites live.
+
+Every Message fedward sends or receives uses these keys, so a typo is an AttributeError, not a
+silently missing value. Values are kebab-case strings, as Flower's own records use.
+"""
+
+from enum import StrEnum
+
+
+class Rec(StrEnum):
+    """Names of the records inside a Message's RecordDict."""
+
+    ARRAYS = "arrays"  # ArrayRecord: model weights (Flower strategies' default key)
+    CONFIG = "config"  # ConfigRecord: what the coordinator asks for this round
+    METRICS = "metrics"  # MetricRecord: aggregate numbers a site sends back
+    SITE = "site"  # ConfigRecord: the site's name and, when it refuses, why
+
+
+class Cfg(StrEnum):
+    """Keys of the coordinator's per-round ConfigRecord."""
+
+    SERVER_ROUND = "server-round"  # set by Flower's strategies
+    LOCAL_EPOCHS = "local-epochs"
+    BATCH_SIZE = "batch-size"
+    LR = "lr"
+    OPTIMIZER = "optimizer"
+    PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+    MODEL = "model"
+    NUM_CLASSES = "num-classes"
+    IN_CHANNELS = "in-channels"
+    SEED = "seed"
+    AUGMENT = "augment"
+
+
+class Met(StrEnum):
+    """Keys of the MetricRecords sites send back."""
+
+    NUM_EXAMPLES = "num-examples"  # the weight Flower's strategies aggregate by
+    TRAIN_LOSS = "train-loss"
+    TRAIN_S = "train-s"
+    EVAL_S = "eval-s"
+    N_TEST = "n-test"
+    AUC = "auc"
+    ACCURACY = "accuracy"
+    SENSITIVITY = "sensitivity"
+    SPECIFICITY = "specificity"
+    BALANCED_ACCURACY = "balanced-accuracy"
+    CONFUSION = "confusion"  # flattened C x C confusion matrix (counts)
+    SCORE_HIST = "score-hist"  # flattened C x 2 x B histogram of scores (counts)
+
+
+class Site(StrEnum):
+    """Keys of the site's ConfigRecord in a reply."""
+
+    NAME = "name"
+    REFUSED = "refused"  # non-empty: the reason the site did not train

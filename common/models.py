@@ -1,0 +1,110 @@
+"""Model zoo: every network is built here and made Opacus-compatible the same way everywhere.
+
+`build_model(name, in_channels=..., num_classes=...)` is what both the coordinator (initial global
+arrays) and the sites (local training) call, so their state_dict keys and shapes always match, with
+and without privacy. Networks with BatchNorm are converted by Opacus's ModuleValidator (GroupNorm).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def _gn(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(8, channels), channels)
+
+
+class AvgMaxPool(nn.Module):
+    """Global average and max pooling side by side: max finds small findings, average the rest."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.mean(dim=(-2, -1)), x.amax(dim=(-2, -1))], dim=1)
+
+
+class CNN28(nn.Module):
+    """A compact CNN for small (28x28) grey-scale images: 3 conv stages, GroupNorm, global pooling."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 2, width: int = 32):
+        super().__init__()
+
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), _gn(cout), nn.ReLU(inplace=True)]
+
+        w = width
+        self.features = nn.Sequential(
+            *block(in_channels, w), *block(w, w), nn.MaxPool2d(2),
+            *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
+            *block(2 * w, 4 * w), AvgMaxPool(),
+        )  # fmt: skip
+        self.head = nn.Linear(8 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _monai_resnet(depth: int) -> Callable[[int, int], nn.Module]:
+    def make(in_channels: int, num_classes: int) -> nn.Module:
+        from monai.networks.nets import resnet10, resnet18
+
+        fn = {10: resnet10, 18: resnet18}[depth]
+        return fn(spatial_dims=2, n_input_channels=in_channels, num_classes=num_classes)
+
+    return make
+
+
+def _monai_densenet121(in_channels: int, num_classes: int) -> nn.Module:
+    from monai.networks.nets import DenseNet121
+
+    return DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=num_classes)
+
+
+def _monai_efficientnet_b0(in_channels: int, num_classes: int) -> nn.Module:
+    from monai.networks.nets import EfficientNetBN
+
+    return EfficientNetBN(
+        "efficientnet-b0",
+        pretrained=False,
+        spatial_dims=2,
+        in_channels=in_channels,
+        num_classes=num_classes,
+    )
+
+
+MODELS: dict[str, Callable[[int, int], nn.Module]] = {
+    "cnn28": lambda c, k: CNN28(c, k),
+    "cnn28-wide": lambda c, k: CNN28(c, k, width=48),
+    "resnet10": _monai_resnet(10),
+    "resnet18": _monai_resnet(18),
+    "densenet121": _monai_densenet121,
+    "efficientnet-b0": _monai_efficientnet_b0,
+}
+
+
+def build_model(name: str, *, in_channels: int = 1, num_classes: int = 2, seed: int = 0) -> nn.Module:
+    """Build `name` with seeded initial weights, made Opacus-compatible (BatchNorm -> GroupNorm)."""
+    from common.privacy import make_opacus_compatible
+
+    if name not in MODELS:
+        raise ValueError(f"unknown model '{name}'; choose one of: {', '.join(MODELS)}")
+    torch.manual_seed(seed)
+    return make_opacus_compatible(MODELS[name](in_channels, num_classes))
+
+
+def save_model(path: str | Path, model: nn.Module, *, meta: dict) -> None:
+    """Write weights plus what is needed to rebuild the model (name, channels, classes, config)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"state_dict": model.state_dict(), **meta}, tmp)
+    tmp.replace(path)
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild a model saved by `save_model`; returns the model (eval mode) and its metadata."""
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    model = build_model(blob["model"], in_channels=blob["in_channels"], num_classes=blob["num_classes"])
+    model.load_state_dict(blob["state_dict"])
+    return model.eval(), {k: v for k, v in blob.items() if k != "state_dict"}

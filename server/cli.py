@@ -1,0 +1,59 @@
+"""The `fedward` command.
+
+    fedward simulate configs/demo.yaml --out runs/demo          # a whole study on this machine
+    fedward simulate configs/demo.yaml --out runs/demo --resume # continue after the last finished round
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from rich.console import Console
+
+from common.config import ConfigError, load_study
+
+
+def _simulate(args: argparse.Namespace, console: Console) -> int:
+    from server.progress import RichReporter
+    from server.simulate import simulate
+
+    study = load_study(args.config, rounds=args.rounds, num_sites=args.sites, data_dir=args.data_dir)
+    console.print(
+        f"[bold]fedward[/] study '{study.name}': {study.data.num_sites if study.data.source != 'sites' else len(study.data.site_configs)} "
+        f"sites, {study.rounds} rounds, model {study.model.name}, strategy {study.strategy.name} -> {args.out}"
+    )
+    results = simulate(study, args.out, resume=args.resume, reporter=RichReporter(console), verbose=args.verbose)
+    console.print(f"results: {args.out}/results.json   model: {args.out}/final_model.pt   log: {args.out}/fedward.log")
+    return 0 if results.get("status") == "completed" else 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedward", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("simulate", help="run a whole study on this machine (Flower simulation engine)")
+    sim.add_argument("config", help="study config YAML, e.g. configs/demo.yaml")
+    sim.add_argument("--out", required=True, help="folder for results.json, checkpoints, model and log")
+    sim.add_argument("--rounds", type=int, help="override the number of rounds")
+    sim.add_argument("--sites", type=int, help="override the number of sites")
+    sim.add_argument("--data-dir", help="folder of data files (overrides FEDWARD_DATA and the config)")
+    sim.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    sim.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
+    sim.set_defaults(func=_simulate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args, console)
+    except ConfigError as err:
+        console.print(f"[red]error:[/] {err}", highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""`fedward simulate`: a whole study on this machine with Flower's simulation engine (Ray backend).
+
+Every simulated site is one virtual SuperNode running the same ClientApp a hospital runs. By default
+each site gets all CPU cores and sites take turns (a round's wall time is then the sum of the sites'
+work plus Flower's own share, which `bench/bench_overhead.py` measures); a GPU is used when present.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from common.config import ConfigError, StudyConfig, simulated_sites
+from common.data import SiteDataError, load_site_data
+from server.coordinator import Reporter
+
+log = logging.getLogger("fedward.simulate")
+
+
+def preflight(study: StudyConfig) -> list:
+    """Load every simulated site's data once before any training: bad input fails here, named."""
+    sites = simulated_sites(study)
+    for site in sites:
+        try:
+            load_site_data(site)
+        except SiteDataError as err:
+            raise ConfigError(f"{study.source_path}: {err}") from err
+    return sites
+
+
+def backend_config(study: StudyConfig) -> dict:
+    cores = os.cpu_count() or 1
+    n_gpus = torch.cuda.device_count()
+    cpus = min(study.simulation.client_cpus or cores, cores)
+    gpus = study.simulation.client_gpus
+    if gpus < 0:
+        gpus = 1.0 if n_gpus else 0.0
+    return {
+        "client_resources": {"num_cpus": cpus, "num_gpus": gpus},
+        "init_args": {
+            "num_cpus": cores,
+            "num_gpus": n_gpus,
+            "logging_level": "ERROR",
+            "log_to_driver": False,
+            "include_dashboard": False,
+        },
+    }
+
+
+def simulate(
+    study: StudyConfig, out_dir: str | Path, *, resume: bool = False, reporter: Reporter | None = None,
+    verbose: bool = False,
+) -> dict:  # fmt: skip
+    """Run `study` in simulation; returns the results dict also written to OUT_DIR/results.json."""
+    from flwr.simulation import run_simulation
+
+    from client.app import make_client_app
+    from server.app import make_server_app
+
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    sites = preflight(study)
+    config = backend_config(study)
+    os.environ["FEDWARD_SITE_THREADS"] = str(config["client_resources"]["num_cpus"])
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    stale = results_path.stat().st_mtime_ns if results_path.exists() else None
+    run_simulation(
+        server_app=make_server_app(study, out, resume=resume, reporter=reporter),
+        client_app=make_client_app(sites),
+        num_supernodes=len(sites),
+        backend_config=config,
+        verbose_logging=verbose,
+    )
+    if not results_path.exists() or results_path.stat().st_mtime_ns == stale:
+        raise RuntimeError(f"the simulation ended without writing {results_path}; see {out / 'fedward.log'}")
+    results = json.loads(results_path.read_text())
+    if results.get("status") == "running":
+        raise RuntimeError(f"the study did not finish; see {out / 'fedward.log'}")
+    return results
