@@ -57,9 +57,8 @@ def site_config_from_context(context: Context, sites: list[SiteConfig] | None = 
         )
     pid = int(context.node_config["partition-id"])
     if sites is None:
-        from server.runconfig import study_from_run_config  # simulation through `flwr run .`
-
         from common.config import simulated_sites
+        from server.runconfig import study_from_run_config  # simulation through `flwr run .`
 
         sites = simulated_sites(study_from_run_config(context.run_config))
     return sites[pid]
@@ -89,17 +88,21 @@ def handle_train(msg: Message, rt: SiteRuntime) -> Message:
     loader = train_loader(rt.data.train_x, rt.data.train_y, int(cfg[Cfg.BATCH_SIZE]), seed)
     optimizer = make_optimizer(model, str(cfg[Cfg.OPTIMIZER]), float(cfg[Cfg.LR]))
     result = train_epochs(
-        model, loader, optimizer,
+        model,
+        loader,
+        optimizer,
         epochs=int(cfg[Cfg.LOCAL_EPOCHS]),
         proximal_mu=float(cfg.get(Cfg.PROXIMAL_MU, 0.0)),
         use_augment=bool(cfg.get(Cfg.AUGMENT, False)),
         seed=seed,
-    )  # fmt: skip
-    metrics = MetricRecord({
-        Met.NUM_EXAMPLES: len(rt.data.train_y),
-        Met.TRAIN_LOSS: result.loss,
-        Met.TRAIN_S: result.seconds,
-    })  # fmt: skip
+    )
+    metrics = MetricRecord(
+        {
+            Met.NUM_EXAMPLES: len(rt.data.train_y),
+            Met.TRAIN_LOSS: result.loss,
+            Met.TRAIN_S: result.seconds,
+        }
+    )
     log.info("site %s round %d: loss %.4f in %.1fs", rt.config.site, rnd, result.loss, result.seconds)
     return _reply(msg, rt.config.site, {Rec.ARRAYS: ArrayRecord(model.state_dict()), Rec.METRICS: metrics})
 
@@ -110,18 +113,20 @@ def handle_evaluate(msg: Message, rt: SiteRuntime) -> Message:
     model.load_state_dict(msg.content[Rec.ARRAYS].to_torch_state_dict())
     t0 = time.perf_counter()
     summary = site_summary(rt.data.test_y.numpy(), predict(model, rt.data.test_x))
-    metrics = MetricRecord({
-        Met.NUM_EXAMPLES: summary["n_test"],
-        Met.N_TEST: summary["n_test"],
-        Met.AUC: _num(summary["auc"]),
-        Met.ACCURACY: _num(summary["accuracy"]),
-        Met.SENSITIVITY: _num(summary["sensitivity"]),
-        Met.SPECIFICITY: _num(summary["specificity"]),
-        Met.BALANCED_ACCURACY: _num(summary["balanced_accuracy"]),
-        Met.CONFUSION: summary["confusion"].reshape(-1).tolist(),
-        Met.SCORE_HIST: summary["score_hist"].reshape(-1).tolist(),
-        Met.EVAL_S: time.perf_counter() - t0,
-    })  # fmt: skip
+    metrics = MetricRecord(
+        {
+            Met.NUM_EXAMPLES: summary["n_test"],
+            Met.N_TEST: summary["n_test"],
+            Met.AUC: _num(summary["auc"]),
+            Met.ACCURACY: _num(summary["accuracy"]),
+            Met.SENSITIVITY: _num(summary["sensitivity"]),
+            Met.SPECIFICITY: _num(summary["specificity"]),
+            Met.BALANCED_ACCURACY: _num(summary["balanced_accuracy"]),
+            Met.CONFUSION: summary["confusion"].reshape(-1).tolist(),
+            Met.SCORE_HIST: summary["score_hist"].reshape(-1).tolist(),
+            Met.EVAL_S: time.perf_counter() - t0,
+        }
+    )
     return _reply(msg, rt.config.site, {Rec.METRICS: metrics})
 
 

@@ -71,15 +71,16 @@ def train_epochs(
             optimizer.zero_grad(set_to_none=True)
             loss = criterion(model(xb), yb)
             if global_params is not None:
-                prox = sum((p - g).pow(2).sum() for p, g in zip(model.parameters(), global_params))
+                prox = sum(
+                    (p - g).pow(2).sum() for p, g in zip(model.parameters(), global_params, strict=True)
+                )
                 loss = loss + 0.5 * proximal_mu * prox
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(yb)
             n += len(yb)
             steps += 1
-    return TrainResult(loss=total / max(n, 1), num_examples=n, steps=steps,
-                       seconds=time.perf_counter() - t0)  # fmt: skip
+    return TrainResult(loss=total / max(n, 1), num_examples=n, steps=steps, seconds=time.perf_counter() - t0)
 
 
 @torch.no_grad()
@@ -87,6 +88,8 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> np.ndar
     """Class probabilities, N x C, as float64 numpy."""
     dev = next(model.parameters()).device
     model.eval()
-    out = [torch.softmax(model(x[i : i + batch_size].to(dev)), dim=1).double().cpu()
-           for i in range(0, len(x), batch_size)]  # fmt: skip
+    out = [
+        torch.softmax(model(x[i : i + batch_size].to(dev)), dim=1).double().cpu()
+        for i in range(0, len(x), batch_size)
+    ]
     return torch.cat(out).numpy() if out else np.zeros((0, 2))

@@ -179,9 +179,7 @@ def _from_dict(cls: type, data: Any, where: str, path: str) -> Any:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(
-                f"{path}: unknown key '{dotted}'.{hint} Known keys here: {', '.join(names)}."
-            )
+            raise ConfigError(f"{path}: unknown key '{dotted}'.{hint} Known keys here: {', '.join(names)}.")
         kwargs[key] = _coerce(hints[key], value, dotted, path)
     return cls(**kwargs)
 

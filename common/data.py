@@ -77,6 +77,8 @@ def scanner_for(index: int) -> Scanner:
 
 def acquire(images: np.ndarray, scanner: Scanner, rng: np.random.Generator) -> np.ndarray:
     """Render N x H x W images in [0, 1] the way `scanner` would (MONAI smoothing and contrast)."""
+    if images.size == 0:
+        return images.astype(np.float32)
     x = torch.as_tensor(images, dtype=torch.float32)
     if scanner.blur > 0:
         x = GaussianSmooth(sigma=scanner.blur)(x)  # channel-first: each image smoothed in H, W
@@ -99,9 +101,10 @@ def synthetic_images(
     for i in range(n):
         cy, cx = rng.uniform(0.4, 0.6, 2)
         ry, rx = rng.uniform(0.25, 0.38, 2)
-        organ = np.exp(-(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2) ** 2)
+        organ = np.exp(-((((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2) ** 2))
         bg = sum(
-            rng.uniform(0.03, 0.08) * np.sin(2 * np.pi * (rng.uniform(0.5, 2) * yy + rng.random()))
+            rng.uniform(0.03, 0.08)
+            * np.sin(2 * np.pi * (rng.uniform(0.5, 2) * yy + rng.random()))
             * np.cos(2 * np.pi * (rng.uniform(0.5, 2) * xx + rng.random()))
             for _ in range(3)
         )
@@ -143,9 +146,7 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
             data = {k: npz[k] for k in npz.files}
     except Exception as err:  # a truncated or foreign file: numpy's error is not enough
         raise SiteDataError(f"'{p}' is not a readable .npz file ({err}); download it again.") from err
-    missing = [
-        f"{s}_{k}" for s in ("train", "test") for k in ("images", "labels") if f"{s}_{k}" not in data
-    ]
+    missing = [f"{s}_{k}" for s in ("train", "test") for k in ("images", "labels") if f"{s}_{k}" not in data]
     if missing:
         raise SiteDataError(f"'{p}' lacks the MedMNIST arrays {missing}; is it a MedMNIST file?")
     return data

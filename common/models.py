@@ -32,14 +32,23 @@ class CNN28(nn.Module):
         super().__init__()
 
         def block(cin: int, cout: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), _gn(cout), nn.ReLU(inplace=True)]
+            return [
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                _gn(cout),
+                nn.ReLU(inplace=True),
+            ]
 
         w = width
         self.features = nn.Sequential(
-            *block(in_channels, w), *block(w, w), nn.MaxPool2d(2),
-            *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
-            *block(2 * w, 4 * w), AvgMaxPool(),
-        )  # fmt: skip
+            *block(in_channels, w),
+            *block(w, w),
+            nn.MaxPool2d(2),
+            *block(w, 2 * w),
+            *block(2 * w, 2 * w),
+            nn.MaxPool2d(2),
+            *block(2 * w, 4 * w),
+            AvgMaxPool(),
+        )
         self.head = nn.Linear(8 * w, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -200,8 +200,7 @@ def _read_dataset(path: Path) -> Dataset:
     except Exception as exc:  # pydicom raises many types on malformed bytes
         raise BadImageFileError(
             path,
-            f"the DICOM file cannot be parsed ({type(exc).__name__}: {exc}): it is corrupt "
-            "or truncated",
+            f"the DICOM file cannot be parsed ({type(exc).__name__}: {exc}): it is corrupt or truncated",
             hint="Copy it again from the PACS or remove it from the site's data",
         ) from exc
 
@@ -212,8 +211,7 @@ def _read_dataset(path: Path) -> Dataset:
     if "TransferSyntaxUID" not in ds.file_meta:
         raise BadImageFileError(
             path,
-            "its File Meta Information has no Transfer Syntax UID, so the pixel data cannot "
-            "be decoded",
+            "its File Meta Information has no Transfer Syntax UID, so the pixel data cannot be decoded",
             hint="Re-export the file from the PACS",
         )
     return ds
@@ -273,8 +271,7 @@ def _frame_index(frame: FrameSpec, n_frames: int, path: Path, unit: str = "frame
     if not 0 <= frame < n_frames:
         raise BadImageFileError(
             path,
-            f"{unit} {frame} is out of range: the file has {n_frames} {unit}(s) "
-            f"(valid: 0..{n_frames - 1})",
+            f"{unit} {frame} is out of range: the file has {n_frames} {unit}(s) (valid: 0..{n_frames - 1})",
             hint=f"Use '{_FRAME_WORDS[0]}', '{_FRAME_WORDS[1]}' or '{_FRAME_WORDS[2]}', "
             "or an index in that range",
         )
@@ -296,17 +293,14 @@ def _decode_frame(ds: Dataset, index: int, path: Path) -> np.ndarray:
     if not decoder.is_available:
         raise BadImageFileError(
             path,
-            f"its pixel data is compressed as '{syntax.name}' ({syntax}) and no installed "
-            "plugin decodes it",
+            f"its pixel data is compressed as '{syntax.name}' ({syntax}) and no installed plugin decodes it",
             hint=_plugin_hint(decoder.missing_dependencies),
         )
     try:
         return pixel_array(ds, index=index)
     except Exception as exc:  # the plugins raise ValueError/RuntimeError/OSError
         if "less than expected" in str(exc):
-            raise _truncated(
-                path, what="the pixel data is shorter than Rows x Columns x frames"
-            ) from exc
+            raise _truncated(path, what="the pixel data is shorter than Rows x Columns x frames") from exc
         missing = decoder.missing_dependencies
         raise BadImageFileError(
             path,
@@ -542,9 +536,7 @@ def read_nifti(path: PathLike, *, slice_index: FrameSpec = "middle") -> np.ndarr
         import nibabel as nib
         from nibabel.filebasedimages import ImageFileError
     except ImportError as exc:
-        raise ImportError(
-            "Reading NIfTI needs nibabel, which is not installed: pip install nibabel"
-        ) from exc
+        raise ImportError("Reading NIfTI needs nibabel, which is not installed: pip install nibabel") from exc
 
     path = Path(path)
     try:
@@ -614,8 +606,7 @@ def read_labels_csv(path: PathLike, *, classes: list[str]) -> list[LabelRow]:
     except UnicodeDecodeError as exc:
         raise LabelFileError(
             path,
-            f"not UTF-8 text (byte {raw[exc.start : exc.start + 1]!r}); save the sheet as "
-            "'CSV UTF-8'",
+            f"not UTF-8 text (byte {raw[exc.start : exc.start + 1]!r}); save the sheet as 'CSV UTF-8'",
             line=raw[: exc.start].count(b"\n") + 1,
         ) from exc
     records = _records(csv.reader(io.StringIO(text, newline="")), path)
@@ -639,9 +630,7 @@ def read_labels_csv(path: PathLike, *, classes: list[str]) -> list[LabelRow]:
         )
     for required in ("patient_id", "label"):
         if required not in columns:
-            raise LabelFileError(
-                path, f"missing column (header has {columns})", line=1, column=required
-            )
+            raise LabelFileError(path, f"missing column (header has {columns})", line=1, column=required)
 
     rows: list[LabelRow] = []
     seen: dict[tuple[str, str], int] = {}
@@ -649,9 +638,7 @@ def read_labels_csv(path: PathLike, *, classes: list[str]) -> list[LabelRow]:
         if not any(v.strip() for v in record):
             continue  # blank line
         if len(record) != len(columns):
-            raise LabelFileError(
-                path, f"has {len(record)} values, the header has {len(columns)}", line=line
-            )
+            raise LabelFileError(path, f"has {len(record)} values, the header has {len(columns)}", line=line)
         values = {c: v.strip() for c, v in zip(columns, record, strict=True)}
         present = {k: values[k] for k in keys if values[k]}
         if not present:
@@ -733,8 +720,7 @@ def patient_split(
     """
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(
-            f"fractions={fractions!r}: expected three non-negative numbers (train, val, test) "
-            "that sum to 1"
+            f"fractions={fractions!r}: expected three non-negative numbers (train, val, test) that sum to 1"
         )
     by_patient: dict[str, list[int]] = defaultdict(list)
     for i, row in enumerate(rows):

@@ -16,8 +16,13 @@ from server.coordinator import Reporter, run_study
 from server.runconfig import study_from_run_config
 
 
-def make_server_app(study: StudyConfig | None = None, out_dir: str | Path | None = None,
-                    *, resume: bool = False, reporter: Reporter | None = None) -> ServerApp:  # fmt: skip
+def make_server_app(
+    study: StudyConfig | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+) -> ServerApp:
     server_app = ServerApp()
 
     @server_app.main()

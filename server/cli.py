@@ -1,7 +1,7 @@
 """The `fedward` command.
 
-    fedward simulate configs/demo.yaml --out runs/demo          # a whole study on this machine
-    fedward simulate configs/demo.yaml --out runs/demo --resume # continue after the last finished round
+fedward simulate configs/demo.yaml --out runs/demo          # a whole study on this machine
+fedward simulate configs/demo.yaml --out runs/demo --resume # continue after the last finished round
 """
 
 from __future__ import annotations
@@ -24,8 +24,12 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
         f"[bold]fedward[/] study '{study.name}': {study.data.num_sites if study.data.source != 'sites' else len(study.data.site_configs)} "
         f"sites, {study.rounds} rounds, model {study.model.name}, strategy {study.strategy.name} -> {args.out}"
     )
-    results = simulate(study, args.out, resume=args.resume, reporter=RichReporter(console), verbose=args.verbose)
-    console.print(f"results: {args.out}/results.json   model: {args.out}/final_model.pt   log: {args.out}/fedward.log")
+    results = simulate(
+        study, args.out, resume=args.resume, reporter=RichReporter(console), verbose=args.verbose
+    )
+    console.print(
+        f"results: {args.out}/results.json   model: {args.out}/final_model.pt   log: {args.out}/fedward.log"
+    )
     return 0 if results.get("status") == "completed" else 3
 
 

@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +68,14 @@ def make_strategy(study: StudyConfig) -> FedAvg:
     if s.name == "fedprox":
         return FedProx(proximal_mu=s.proximal_mu, **common)
     if s.name == "fedadam":
-        return FedAdam(eta=s.server_lr, eta_l=s.server_lr_local, beta_1=s.beta_1,
-                       beta_2=s.beta_2, tau=s.tau, **common)  # fmt: skip
+        return FedAdam(
+            eta=s.server_lr,
+            eta_l=s.server_lr_local,
+            beta_1=s.beta_1,
+            beta_2=s.beta_2,
+            tau=s.tau,
+            **common,
+        )
     return FedAvg(**common)
 
 
@@ -111,17 +118,19 @@ class Coordinator:
 
     def round_config(self) -> ConfigRecord:
         s = self.study
-        return ConfigRecord({
-            Cfg.LOCAL_EPOCHS: s.train.local_epochs,
-            Cfg.BATCH_SIZE: s.train.batch_size,
-            Cfg.LR: s.train.lr,
-            Cfg.OPTIMIZER: s.train.optimizer,
-            Cfg.AUGMENT: s.train.augment,
-            Cfg.MODEL: s.model.name,
-            Cfg.IN_CHANNELS: self.model_meta["in_channels"],
-            Cfg.NUM_CLASSES: self.model_meta["num_classes"],
-            Cfg.SEED: s.seed,
-        })  # fmt: skip
+        return ConfigRecord(
+            {
+                Cfg.LOCAL_EPOCHS: s.train.local_epochs,
+                Cfg.BATCH_SIZE: s.train.batch_size,
+                Cfg.LR: s.train.lr,
+                Cfg.OPTIMIZER: s.train.optimizer,
+                Cfg.AUGMENT: s.train.augment,
+                Cfg.MODEL: s.model.name,
+                Cfg.IN_CHANNELS: self.model_meta["in_channels"],
+                Cfg.NUM_CLASSES: self.model_meta["num_classes"],
+                Cfg.SEED: s.seed,
+            }
+        )
 
     def send(self, messages: Iterable[Message]) -> list[Message]:
         return list(self.grid.send_and_receive(list(messages), timeout=self.study.round_timeout_s))
@@ -165,8 +174,10 @@ class Coordinator:
         config = self.round_config()
         config[Cfg.SERVER_ROUND] = round_
         content = RecordDict({Rec.ARRAYS: arrays, Rec.CONFIG: config})
-        msgs = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n)
-                for n in self.grid.get_node_ids()]  # fmt: skip
+        msgs = [
+            Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n)
+            for n in self.grid.get_node_ids()
+        ]
         got = self.classify(self.send(msgs), None)
         summaries, eval_s = {}, {}
         for msg in got.ok:
@@ -174,16 +185,25 @@ class Coordinator:
             n_classes = self.model_meta["num_classes"]
             s = {
                 "n_test": int(m[Met.N_TEST]),
-                **{k: (None if float(m[key]) < 0 else float(m[key])) for k, key in (
-                    ("auc", Met.AUC), ("accuracy", Met.ACCURACY), ("sensitivity", Met.SENSITIVITY),
-                    ("specificity", Met.SPECIFICITY), ("balanced_accuracy", Met.BALANCED_ACCURACY))},
+                **{
+                    k: (None if float(m[key]) < 0 else float(m[key]))
+                    for k, key in (
+                        ("auc", Met.AUC),
+                        ("accuracy", Met.ACCURACY),
+                        ("sensitivity", Met.SENSITIVITY),
+                        ("specificity", Met.SPECIFICITY),
+                        ("balanced_accuracy", Met.BALANCED_ACCURACY),
+                    )
+                },
                 "confusion": np.asarray(m[Met.CONFUSION]).reshape(n_classes, n_classes),
                 "score_hist": np.asarray(m[Met.SCORE_HIST]).reshape(n_classes, 2, HIST_BINS),
-            }  # fmt: skip
+            }
             summaries[site_name(msg)] = s
             eval_s[site_name(msg)] = float(m[Met.EVAL_S])
-        sites = {name: public_metrics({k: (np.nan if v is None else v) for k, v in s.items()})
-                 for name, s in sorted(summaries.items())}  # fmt: skip
+        sites = {
+            name: public_metrics({k: (np.nan if v is None else v) for k, v in s.items()})
+            for name, s in sorted(summaries.items())
+        }
         pooled = public_metrics(pooled_summary(list(summaries.values()))) if summaries else {}
         return {"sites": sites, "pooled": pooled, "eval_s": eval_s, "failed": got.failed}
 
@@ -216,8 +236,12 @@ class Coordinator:
             return ck["round"] + 1, ArrayRecord(ck["arrays"]), ck["results"], ck["strategy_state"]
         data_probe = simulated_sites(study)[0] if study.data.source != "sites" else None
         classes = _classes_for(study, data_probe)
-        self.model_meta = {"model": study.model.name, "in_channels": 1, "num_classes": len(classes),
-                           "classes": classes}  # fmt: skip
+        self.model_meta = {
+            "model": study.model.name,
+            "in_channels": 1,
+            "num_classes": len(classes),
+            "classes": classes,
+        }
         model = build_model(study.model.name, in_channels=1, num_classes=len(classes), seed=study.seed)
         results = {
             "study": study.to_dict(),
@@ -265,24 +289,40 @@ class Coordinator:
             results["rounds"].append(record)
             self._add_timing(results, rnd, got, evaluation, round_s)
             results["timing"]["total_s"] = elapsed_before + time.perf_counter() - t_start
-            self.store.save_checkpoint(rnd, {
-                "round": rnd, "arrays": arrays.to_torch_state_dict(), "results": results,
-                "strategy_state": strategy_state(strategy), "study": study.to_dict(),
-                "model_meta": self.model_meta, "python_rng": random.getstate(),
-            })  # fmt: skip
+            self.store.save_checkpoint(
+                rnd,
+                {
+                    "round": rnd,
+                    "arrays": arrays.to_torch_state_dict(),
+                    "results": results,
+                    "strategy_state": strategy_state(strategy),
+                    "study": study.to_dict(),
+                    "model_meta": self.model_meta,
+                    "python_rng": random.getstate(),
+                },
+            )
             self.store.write_results(results)
             self.reporter.round_done(record, round_s)
         last = results["rounds"][-1] if results["rounds"] else results["initial"]
-        results["final"] = {"sites": last.get("sites", {}), "pooled": last.get("pooled", {}),
-                            "round": last.get("round", 0)}  # fmt: skip
+        results["final"] = {
+            "sites": last.get("sites", {}),
+            "pooled": last.get("pooled", {}),
+            "round": last.get("round", 0),
+        }
         if results["status"] == "running":
             results["status"] = "completed"
         results["timing"]["total_s"] = elapsed_before + time.perf_counter() - t_start
-        model = build_model(study.model.name, in_channels=self.model_meta["in_channels"],
-                            num_classes=self.model_meta["num_classes"])  # fmt: skip
+        model = build_model(
+            study.model.name,
+            in_channels=self.model_meta["in_channels"],
+            num_classes=self.model_meta["num_classes"],
+        )
         model.load_state_dict(arrays.to_torch_state_dict())
-        save_model(self.store.final_model_path, model, meta={
-            **self.model_meta, "round": results["final"]["round"], "study": study.to_dict()})  # fmt: skip
+        save_model(
+            self.store.final_model_path,
+            model,
+            meta={**self.model_meta, "round": results["final"]["round"], "study": study.to_dict()},
+        )
         self.store.write_results(results)
         self.reporter.finish(results)
         return results
@@ -292,23 +332,31 @@ class Coordinator:
         results["status"] = "stopped"
         results["stop_reason"] = reason
         results.setdefault("stopped_rounds", []).append(
-            {"round": rnd, "refused": got.refused, "failed": got.failed})
+            {"round": rnd, "refused": got.refused, "failed": got.failed}
+        )
 
     @staticmethod
     def _round_record(rnd: int, got: Replies, evaluation: dict) -> dict:
         train = {}
         for msg in got.ok:
             m = msg.content[Rec.METRICS]
-            train[site_name(msg)] = {"n_train": int(m[Met.NUM_EXAMPLES]), "loss": float(m[Met.TRAIN_LOSS]),
-                                     "train_s": float(m[Met.TRAIN_S])}  # fmt: skip
+            train[site_name(msg)] = {
+                "n_train": int(m[Met.NUM_EXAMPLES]),
+                "loss": float(m[Met.TRAIN_LOSS]),
+                "train_s": float(m[Met.TRAIN_S]),
+            }
         return {
             "round": rnd,
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "sites": evaluation["sites"],
             "pooled": evaluation["pooled"],
             "participants": sorted(train),
             "train": dict(sorted(train.items())),
             "refused": got.refused,
-            "failed": {**got.failed, **{k: f"evaluation: {v}" for k, v in evaluation["failed"].items()}},
+            "failed": {
+                **got.failed,
+                **{k: f"evaluation: {v}" for k, v in evaluation["failed"].items()},
+            },
         }
 
     @staticmethod
@@ -338,6 +386,12 @@ def _classes_for(study: StudyConfig, probe) -> list[str]:
     return load_site(study.data.site_configs[0]).data.classes
 
 
-def run_study(grid: Grid, study: StudyConfig, out_dir: str | Path, *, resume: bool = False,
-              reporter: Reporter | None = None) -> dict:  # fmt: skip
+def run_study(
+    grid: Grid,
+    study: StudyConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+) -> dict:
     return Coordinator(grid, study, out_dir, reporter).run(resume=resume)

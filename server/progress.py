@@ -22,9 +22,13 @@ class RichReporter(Reporter):
 
     def start(self, study: StudyConfig, first_round: int) -> None:
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), console=self.console, transient=True,
-        )  # fmt: skip
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+        )
         self.progress.start()
         self.task = self.progress.add_task("starting", total=study.rounds, completed=first_round - 1)
         self.total = study.rounds
@@ -58,8 +62,10 @@ def summary_table(results: dict) -> Table:
     """Per site (and pooled): test size, AUC before -> after, and the final threshold metrics."""
     final, initial = results.get("final", {}), results.get("initial", {})
     last = results["rounds"][-1] if results.get("rounds") else {}
-    table = Table(title=f"fedward: {results['study']['name']} after {final.get('round', 0)} rounds "
-                        f"({results.get('status')})")  # fmt: skip
+    table = Table(
+        title=f"fedward: {results['study']['name']} after {final.get('round', 0)} rounds "
+        f"({results.get('status')})"
+    )
     table.add_column("site", no_wrap=True)
     for col in ("train", "test", "AUC 0", "AUC", "acc", "sens", "spec", "bal acc"):
         table.add_column(col, justify="right", no_wrap=True)
@@ -71,10 +77,16 @@ def summary_table(results: dict) -> Table:
         if name == "pooled":
             n_train = sum(t["n_train"] for t in last.get("train", {}).values()) or None
         table.add_row(
-            f"[bold]{name}[/]" if name == "pooled" else name, str(n_train or "-"), str(m.get("n_test", "-")),
-            _fmt(init.get("auc")), _fmt(m.get("auc")), _fmt(m.get("accuracy")),
-            _fmt(m.get("sensitivity")), _fmt(m.get("specificity")), _fmt(m.get("balanced_accuracy")),
-        )  # fmt: skip
+            f"[bold]{name}[/]" if name == "pooled" else name,
+            str(n_train or "-"),
+            str(m.get("n_test", "-")),
+            _fmt(init.get("auc")),
+            _fmt(m.get("auc")),
+            _fmt(m.get("accuracy")),
+            _fmt(m.get("sensitivity")),
+            _fmt(m.get("specificity")),
+            _fmt(m.get("balanced_accuracy")),
+        )
     if results.get("stop_reason"):
         table.caption = f"stopped: {results['stop_reason']}"
     return table

@@ -53,9 +53,13 @@ def backend_config(study: StudyConfig) -> dict:
 
 
 def simulate(
-    study: StudyConfig, out_dir: str | Path, *, resume: bool = False, reporter: Reporter | None = None,
+    study: StudyConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    reporter: Reporter | None = None,
     verbose: bool = False,
-) -> dict:  # fmt: skip
+) -> dict:
     """Run `study` in simulation; returns the results dict also written to OUT_DIR/results.json."""
     from flwr.simulation import run_simulation
 

@@ -262,9 +262,7 @@ def test_frame_out_of_range_says_how_many_frames_there_are():
 
 def test_written_dicom_round_trips_with_rescale_and_window(tmp_path):
     stored = np.arange(4 * 6, dtype=np.uint16).reshape(4, 6) * 150  # up to 3450, 12 bits
-    path = write_dicom(
-        tmp_path / "rt.dcm", stored, slope=2.0, intercept=-1000.0, window=(500.0, 2000.0)
-    )
+    path = write_dicom(tmp_path / "rt.dcm", stored, slope=2.0, intercept=-1000.0, window=(500.0, 2000.0))
 
     image = read_dicom(path, apply_voi=False)
     shown = read_dicom(path).pixels
@@ -365,9 +363,7 @@ def test_labels_csv_missing_column_names_it(tmp_path):
 
 
 def test_labels_csv_unknown_label_lists_the_allowed_ones(tmp_path):
-    path = write_csv(
-        tmp_path, "sop_instance_uid,patient_id,label\n1.2.3,P1,normal\n1.2.4,P2,covid\n"
-    )
+    path = write_csv(tmp_path, "sop_instance_uid,patient_id,label\n1.2.3,P1,normal\n1.2.4,P2,covid\n")
 
     with pytest.raises(LabelFileError) as caught:
         read_labels_csv(path, classes=CLASSES)
@@ -429,9 +425,7 @@ def test_patient_split_keeps_each_patient_in_one_split_and_is_deterministic():
 def test_patient_split_respects_the_sites_split_column():
     rows = make_rows(20)
     fixed = {"P000": "test", "P001": "train"}
-    rows = [
-        LabelRow(r.file, None, r.patient_id, r.label, 0, fixed.get(r.patient_id), 0) for r in rows
-    ]
+    rows = [LabelRow(r.file, None, r.patient_id, r.label, 0, fixed.get(r.patient_id), 0) for r in rows]
 
     split = patient_split(rows, seed=0, fractions=(1.0, 0.0, 0.0))
 

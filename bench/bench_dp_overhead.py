@@ -1,0 +1,131 @@
+"""How much slower is a DP-SGD step than a plain one, per Opacus grad_sample_mode?
+
+Times one optimizer step (forward, backward, clip + noise, update) of the `cnn28` model on a fixed
+batch of 28x28 images, without DP and with DP in each mode, interleaved step by step in one run so
+that all modes see the same machine load. Prints the median per mode and its ratio to non-DP.
+
+    python bench/bench_dp_overhead.py [--steps 30] [--batch 64] [--threads 0] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from client.dp import make_private
+
+MODES = ("hooks", "ghost", "functorch")
+
+
+def build_cnn28() -> nn.Module:
+    try:
+        from common.models import build_model
+    except ImportError:  # the model zoo is not there yet: an equivalent GroupNorm CNN
+        from common.privacy import make_opacus_compatible
+
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+            return [conv, nn.GroupNorm(8, cout), nn.ReLU()]
+
+        torch.manual_seed(0)
+        return make_opacus_compatible(
+            nn.Sequential(
+                *block(1, 32),
+                *block(32, 32),
+                nn.MaxPool2d(2),
+                *block(32, 64),
+                *block(64, 64),
+                nn.MaxPool2d(2),
+                *block(64, 128),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Linear(128, 2),
+            )
+        )
+    return build_model("cnn28", in_channels=1, num_classes=2, seed=0)
+
+
+def make_step(mode: str | None, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Callable[[], None]:
+    """One training step of a fresh cnn28, plain (mode None) or DP-SGD in `mode`."""
+    model = build_cnn28().to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    criterion = nn.CrossEntropyLoss()
+    if mode is not None:
+        dp = make_private(
+            model=model,
+            optimizer=optimizer,
+            data_loader=DataLoader(TensorDataset(x, y), batch_size=len(x)),
+            criterion=criterion,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            grad_sample_mode=mode,
+            poisson_sampling=False,  # a fixed batch: we time the step, not the sampling
+        )
+        model, optimizer, criterion = dp.model, dp.optimizer, dp.criterion
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        criterion(model(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per mode")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per mode first")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    warnings.filterwarnings("ignore", module="opacus")  # secure RNG off, etc.
+    warnings.filterwarnings("ignore", message=".*poisson_sampling=False.*")
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 1, 28, 28, generator=g).to(device)
+    y = (torch.arange(args.batch) % 2).to(device)
+    steps: dict[str, Callable[[], None]] = {"no DP": make_step(None, x, y, device)}
+    for mode in MODES:
+        try:
+            steps[mode] = make_step(mode, x, y, device)
+            steps[mode]()
+        except Exception as e:  # a mode this torch/opacus cannot run: report it, time the rest
+            print(f"{mode}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+            steps.pop(mode, None)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for i in range(args.warmup + args.steps):
+        order = names[i % len(names) :] + names[: i % len(names)]  # rotate: no fixed position
+        for name in order:
+            sync()
+            t0 = time.perf_counter()
+            steps[name]()
+            sync()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+
+    base = statistics.median(times["no DP"])
+    threads = torch.get_num_threads()
+    print(f"cnn28, batch {args.batch}, {args.steps} steps per mode, {device} ({threads} threads)")
+    print(f"{'mode':<10} {'median ms':>10} {'p90 ms':>8} {'DP/no-DP':>9}")
+    for name, ts in times.items():
+        med, p90 = statistics.median(ts), statistics.quantiles(ts, n=10)[-1]
+        print(f"{name:<10} {med * 1e3:>10.1f} {p90 * 1e3:>8.1f} {med / base:>8.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Wrap a site's model, optimizer, data loader and loss for one round of DP-SGD with Opacus.
+
+`make_private` returns the same four objects, made private, plus the round's own RDP accountant;
+train with them as usual (same loop for every grad_sample_mode):
+
+    dp = make_private(model=model, optimizer=opt, data_loader=loader,
+                      criterion=nn.CrossEntropyLoss(), noise_multiplier=1.1, max_grad_norm=1.0)
+    for x, y in dp.data_loader:
+        dp.optimizer.zero_grad()
+        dp.criterion(dp.model(x), y).backward()   # ghost clipping: two backward passes inside
+        dp.optimizer.step()                       # clips, adds noise, counts the step
+    accountant.record_round(round=r, delta=policy.delta, **dp.spending())   # client.ledger
+
+Each call makes a fresh PrivacyEngine, so `dp.accountant` holds only this round's steps; the site's
+cumulative epsilon lives in the ledger (`client.ledger`), not here. Every optimizer step counts,
+including steps on an empty Poisson batch: do not skip those in the training loop (skipping one
+would reveal that the batch was empty and leave the step uncounted).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import RDPAccountant
+from opacus.optimizers import DPOptimizer
+from torch.utils.data import DataLoader
+
+from common.privacy import GRAD_SAMPLE_MODES, HistoryItem, PrivacyConfigError, rdp_epsilon
+
+
+@dataclass
+class PrivateTraining:
+    """The objects to train one DP round with, and what that round has spent so far."""
+
+    model: torch.nn.Module  # Opacus GradSampleModule wrapping the site's model
+    optimizer: DPOptimizer  # clips per-sample gradients, adds noise, steps the accountant
+    data_loader: DataLoader  # Poisson-sampled unless poisson_sampling=False
+    criterion: Callable[..., Any]  # ghost: Opacus's DPLossFastGradientClipping; else unchanged
+    accountant: RDPAccountant  # this round's steps only
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float  # 1 / batches per epoch: what the accountant counts each step with
+    grad_sample_mode: str
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken (and counted by the accountant) since `make_private`."""
+        return sum(steps for _, _, steps in self.accountant.history)
+
+    def history(self) -> list[HistoryItem]:
+        """This round's accountant history, [(noise_multiplier, sample_rate, steps), ...]."""
+        return [(float(nm), float(q), int(s)) for nm, q, s in self.accountant.history]
+
+    def epsilon(self, delta: float) -> float:
+        """Epsilon spent by this round alone; the study's total comes from the ledger."""
+        return rdp_epsilon(self.history(), delta=delta)
+
+    def unwrap(self) -> torch.nn.Module:
+        """Remove Opacus's hooks and return the site's own model (its weights, its state_dict keys).
+
+        Call once the round's training is done, before sending the weights or wrapping it again.
+        """
+        return self.model.to_standard_module()
+
+    def spending(self) -> dict[str, float | int]:
+        """This round as ledger fields: steps, sample_rate, noise_multiplier, max_grad_norm.
+
+        Raises:
+            RuntimeError: no step was taken, or the round mixed sample rates or noise levels
+                (e.g. gradient accumulation), which one ledger line cannot hold.
+        """
+        groups = {(nm, q) for nm, q, _ in self.history()}
+        if len(groups) != 1:
+            raise RuntimeError(
+                f"cannot record this round as one ledger entry: its accountant history is "
+                f"{self.accountant.history}; expected one (noise, sample rate) group, >= 1 step"
+            )
+        ((noise_multiplier, sample_rate),) = groups
+        return {
+            "steps": self.steps,
+            "sample_rate": sample_rate,
+            "noise_multiplier": noise_multiplier,
+            "max_grad_norm": float(self.max_grad_norm),
+        }
+
+
+def make_private(
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader,
+    criterion: Callable[..., Any],
+    noise_multiplier: float,
+    max_grad_norm: float,
+    poisson_sampling: bool = True,
+    grad_sample_mode: str = "ghost",
+    secure_mode: bool = False,
+) -> PrivateTraining:
+    """Make `model`, `optimizer`, `data_loader` and `criterion` private for one round.
+
+    `optimizer` must hold exactly `model`'s parameters, and `model` must already be
+    Opacus-compatible (`common.privacy.make_opacus_compatible`). With secure_mode=False Opacus warns
+    that its noise is not cryptographically secure; with poisson_sampling=False the accounted
+    epsilon is only an approximation, and this function warns too.
+
+    Raises:
+        PrivacyConfigError: a setting is out of range, or ghost clipping gets a loss that does not
+            average over the batch (reduction must be "mean").
+        opacus.validators.errors.UnsupportedModuleError: the model has layers Opacus cannot train.
+    """
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise PrivacyConfigError(
+            f"grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, got {grad_sample_mode!r}"
+        )
+    if not noise_multiplier > 0:
+        raise PrivacyConfigError(f"noise_multiplier must be > 0, got {noise_multiplier}")
+    if not max_grad_norm > 0:
+        raise PrivacyConfigError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+    if grad_sample_mode == "ghost" and getattr(criterion, "reduction", "mean") != "mean":
+        raise PrivacyConfigError(
+            f"ghost clipping needs a loss with reduction='mean', got {criterion.reduction!r}; "
+            "pass e.g. nn.CrossEntropyLoss() or use grad_sample_mode='hooks'"
+        )
+    if not poisson_sampling:
+        warnings.warn(
+            "poisson_sampling=False: batches are not Poisson-sampled, so the RDP epsilon recorded "
+            "for this round is an approximation, not a guarantee.",
+            stacklevel=2,
+        )
+
+    engine = PrivacyEngine(accountant="rdp", secure_mode=secure_mode)  # warns if not secure
+    private = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=data_loader,
+        criterion=criterion,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        poisson_sampling=poisson_sampling,
+        grad_sample_mode=grad_sample_mode,
+    )
+    if grad_sample_mode == "ghost":  # Opacus returns (module, optimizer, criterion, data_loader)
+        dp_model, dp_optimizer, dp_criterion, dp_loader = private
+    else:  # (module, optimizer, data_loader): the loss is used unchanged
+        dp_model, dp_optimizer, dp_loader = private
+        dp_criterion = criterion
+    return PrivateTraining(
+        model=dp_model,
+        optimizer=dp_optimizer,
+        data_loader=dp_loader,
+        criterion=dp_criterion,
+        accountant=engine.accountant,
+        noise_multiplier=float(noise_multiplier),
+        max_grad_norm=float(max_grad_norm),
+        sample_rate=1.0 / len(dp_loader),  # as PrivacyEngine.make_private computes it
+        grad_sample_mode=grad_sample_mode,
+    )

@@ -1,0 +1,309 @@
+"""The site's privacy ledger: an append-only record of every round's privacy spending.
+
+One JSON object per line, one line per trained round, in `<state_dir>/privacy-ledger.jsonl`:
+
+    {"round": 3, "attempt": 1, "steps": 40, "sample_rate": 0.025, "noise_multiplier": 1.1,
+     "max_grad_norm": 1.0, "delta": 1e-05, "epsilon": 1.93, "time": "2025-01-01T12:00:00+00:00"}
+
+`epsilon` is the cumulative epsilon (at that line's `delta`) after the round. The ledger, not any
+process's memory, is the truth: `epsilon(delta)` recomputes it from all lines with a fresh Opacus
+RDPAccountant, so a restarted site continues from where the last process stopped.
+
+Contract for callers: append a round's entry right after training and BEFORE its update leaves the
+site. `append` returns only once the line is fsync'd, so every update that was ever sent is on disk,
+and a round whose update is then lost still counts (spending always counts). A round trained again
+after a lost update is appended with `attempt` = previous attempt + 1; both attempts count.
+Appending a round already recorded without a new attempt number raises `LedgerError`.
+
+Damaged files: a line that is not a valid entry raises `LedgerError` naming the file and line,
+except a torn last line (no final newline: the process died inside `append`). Under the contract
+above, that round's update never left the site, so the torn line is ignored with a `LedgerWarning`
+and cut off by the next `append`. A last line without a newline that is still a complete, valid
+entry is counted (when in doubt, count the spending).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
+from pathlib import Path
+
+from client.policy import SitePolicy
+from common.privacy import HistoryItem, PrivacyRequest, rdp_epsilon
+
+LEDGER_FILENAME = "privacy-ledger.jsonl"
+
+
+class LedgerError(Exception):
+    """The privacy ledger is damaged, or an append would double-count or reorder rounds."""
+
+
+class LedgerWarning(UserWarning):
+    """The ledger had a torn last line (a crash inside `append`); it was not counted."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LedgerEntry:
+    """One round's privacy spending at one site."""
+
+    round: int  # the coordinator's server round
+    steps: int  # optimizer steps actually taken (each one spends privacy)
+    sample_rate: float  # Poisson sampling rate: batch size / examples at the site
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float
+    epsilon: float  # cumulative epsilon at `delta` after this round
+    time: str  # ISO 8601, UTC
+    attempt: int = 1  # > 1: the round was trained again after an earlier attempt's update was lost
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.round < 0:
+            problems.append(f"round must be >= 0, got {self.round}")
+        if self.attempt < 1:
+            problems.append(f"attempt must be >= 1, got {self.attempt}")
+        if self.steps < 1:
+            problems.append(f"steps must be >= 1, got {self.steps}")
+        if not 0 < self.sample_rate <= 1:
+            problems.append(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if not self.noise_multiplier > 0:
+            problems.append(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
+        if not self.max_grad_norm > 0:
+            problems.append(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if not 0 < self.delta < 1:
+            problems.append(f"delta must be in (0, 1), got {self.delta}")
+        if not (self.epsilon >= 0 and math.isfinite(self.epsilon)):
+            problems.append(f"epsilon must be finite and >= 0, got {self.epsilon}")
+        if problems:
+            raise LedgerError("invalid ledger entry: " + "; ".join(problems))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: object) -> LedgerEntry:
+        """Parse one decoded JSON line; raises LedgerError on missing keys or wrong types."""
+        if not isinstance(data, dict):
+            raise LedgerError(f"expected a JSON object, got {type(data).__name__}")
+        missing = [f.name for f in fields(cls) if f.name not in data and f.name != "attempt"]
+        if missing:
+            raise LedgerError(f"missing keys {missing}")
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            if f.name not in data:
+                continue
+            value = data[f.name]
+            if f.name == "time":
+                ok = isinstance(value, str)
+            elif f.name in _INT_FIELDS:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, int | float) and not isinstance(value, bool)
+                value = float(value) if ok else value
+            if not ok:
+                raise LedgerError(f"{f.name!r} has the wrong type: {value!r}")
+            values[f.name] = value
+        return cls(**values)
+
+
+_INT_FIELDS = ("round", "attempt", "steps")
+
+
+class PrivacyLedger:
+    """Append-only JSON-lines file of `LedgerEntry`s; see the module docstring for the rules."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"PrivacyLedger({str(self.path)!r})"
+
+    def _read(self, *, warn: bool = True) -> tuple[list[LedgerEntry], int, bool]:
+        """Entries, byte length of the intact part, and whether that part lacks a final newline."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return [], 0, False
+        entries: list[LedgerEntry] = []
+        lines = data.split(b"\n")
+        tail = lines.pop()  # b"" when the file ends with a newline
+        offset = 0
+        for lineno, raw in enumerate(lines, start=1):
+            offset += len(raw) + 1
+            if raw.strip():
+                entries.append(self._parse(raw, lineno, entries))
+        if not tail.strip():
+            return entries, len(data), False
+        lineno = len(lines) + 1
+        try:
+            entries.append(self._parse(tail, lineno, entries))
+            return entries, len(data), True
+        except LedgerError as e:
+            if warn:
+                warnings.warn(
+                    f"{self.path}:{lineno}: torn last line ignored ({e}); the process stopped "
+                    f"while appending, before that round's update left the site. The next append "
+                    f"removes it. Torn bytes: {tail[:200]!r}",
+                    LedgerWarning,
+                    stacklevel=3,
+                )
+            return entries, offset, False
+
+    def _parse(self, raw: bytes, lineno: int, previous: list[LedgerEntry]) -> LedgerEntry:
+        where = f"{self.path}:{lineno}"
+        try:
+            entry = LedgerEntry.from_dict(json.loads(raw.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError, LedgerError) as e:
+            raise LedgerError(
+                f"{where}: not a valid privacy ledger entry ({e}). The ledger is the record of "
+                "this site's privacy spending: restore it from a backup rather than delete it."
+            ) from None
+        if previous:
+            problem = _order_problem(previous[-1], entry)
+            if problem:
+                raise LedgerError(f"{where}: {problem}")
+        return entry
+
+    def entries(self) -> list[LedgerEntry]:
+        """All recorded entries, oldest first.
+
+        Raises:
+            LedgerError: a line (other than a torn last one) is not a valid entry, or rounds are
+                out of order; the message names the file and line.
+        """
+        return self._read()[0]
+
+    def append(self, entry: LedgerEntry) -> None:
+        """Write `entry` as a new line; returns only once it is flushed and fsync'd to disk.
+
+        Raises:
+            LedgerError: `entry` does not come strictly after the last recorded (round, attempt).
+        """
+        entries, intact, needs_newline = self._read()
+        if entries:
+            problem = _order_problem(entries[-1], entry)
+            if problem:
+                raise LedgerError(f"{self.path}: cannot append: {problem}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        created = not self.path.exists()
+        with open(self.path, "ab") as f:
+            if f.tell() > intact:  # a torn last line, already reported by _read: cut it off
+                f.truncate(intact)
+            line = ("\n" if needs_newline else "") + entry.to_json() + "\n"
+            f.write(line.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        if created:
+            _fsync_dir(self.path.parent)
+
+    def history(self) -> list[HistoryItem]:
+        """The Opacus RDP accountant history: [(noise_multiplier, sample_rate, steps), ...]."""
+        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries()]
+
+    def epsilon(self, delta: float) -> float:
+        """Cumulative epsilon at `delta` over every recorded round (fresh RDPAccountant)."""
+        return rdp_epsilon(self.history(), delta=delta)
+
+
+def _order_problem(last: LedgerEntry, new: LedgerEntry) -> str | None:
+    if new.round > last.round:
+        if new.attempt != 1:
+            return f"round {new.round} is new, so its attempt must be 1, got {new.attempt}"
+        return None
+    if new.round == last.round:
+        if new.attempt == last.attempt + 1:
+            return None
+        return (
+            f"round {new.round} attempt {last.attempt} is already recorded; a round is never "
+            f"counted twice by accident. If its update was lost and the site trained it again, "
+            f"record it with attempt={last.attempt + 1} (both attempts' spending counts)"
+        )
+    return f"round {new.round} comes after round {last.round}: rounds must increase"
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a newly created file's directory entry durable (POSIX; a no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class SiteAccountant:
+    """Privacy accounting for one site, kept in `<state_dir>/privacy-ledger.jsonl`.
+
+    Holds nothing in memory: every question re-reads the ledger, so a new process over the same
+    state folder continues the epsilon of the last one.
+    """
+
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        self.state_dir = Path(state_dir)
+        self.ledger = PrivacyLedger(self.state_dir / LEDGER_FILENAME)
+
+    def history(self) -> list[HistoryItem]:
+        return self.ledger.history()
+
+    def epsilon(self, delta: float) -> float:
+        return self.ledger.epsilon(delta)
+
+    def refusal(
+        self,
+        policy: SitePolicy,
+        request: PrivacyRequest,
+        *,
+        sample_rate: float,
+        steps: int,
+    ) -> str | None:
+        """Why the site refuses to train a round of `steps` steps under `request`, or None."""
+        return policy.check(request) or policy.would_exceed_budget(
+            self.history(),
+            noise_multiplier=request.noise_multiplier,
+            sample_rate=sample_rate,
+            steps=steps,
+        )
+
+    def record_round(
+        self,
+        *,
+        round: int,
+        steps: int,
+        sample_rate: float,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        delta: float,
+        retry: bool = False,
+    ) -> LedgerEntry:
+        """Append a trained round (before its update is sent) and return the entry written.
+
+        `retry=True` records a second training of the last recorded round (its update was lost):
+        the new attempt's spending is added to the old one's.
+        """
+        entries = self.ledger.entries()
+        attempt = 1
+        if retry and entries and entries[-1].round == round:
+            attempt = entries[-1].attempt + 1
+        history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
+        history.append((float(noise_multiplier), float(sample_rate), int(steps)))
+        entry = LedgerEntry(
+            round=int(round),
+            attempt=attempt,
+            steps=int(steps),
+            sample_rate=float(sample_rate),
+            noise_multiplier=float(noise_multiplier),
+            max_grad_norm=float(max_grad_norm),
+            delta=float(delta),
+            epsilon=rdp_epsilon(history, delta=delta),
+            time=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        self.ledger.append(entry)
+        return entry

@@ -1,0 +1,63 @@
+"""Study configs are read strictly: a wrong key, file, model or strategy is named before training."""
+
+from pathlib import Path
+
+import pytest
+
+from common.config import ConfigError, load_study, simulated_sites
+from common.data import SiteDataError, load_site_data
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_configs_load(root, medmnist_dir):
+    for name in ("demo", "pneumoniamnist", "breastmnist"):
+        study = load_study(root / "configs" / f"{name}.yaml", data_dir=str(medmnist_dir))
+        assert study.name == name
+        assert len(simulated_sites(study)) == study.data.num_sites
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    path = _write(tmp_path, "data:\n  partition:\n    alfa: 0.3\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'data\.partition\.alfa'.*Did you mean 'alpha'"):
+        load_study(path)
+
+
+def test_missing_data_file_names_the_file_and_the_override(tmp_path):
+    path = _write(tmp_path, "data:\n  source: medmnist\n  dataset: pneumoniamnist\n  data_dir: /nowhere\n")
+    with pytest.raises(ConfigError, match=r"/nowhere/pneumoniamnist\.npz.*FEDWARD_DATA"):
+        load_study(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("model:\n  name: resnet999\n", "model.name"),
+        ("strategy:\n  name: fedsomething\n", "strategy.name"),
+        ("rounds: 0\n", "rounds"),
+        ("train:\n  lr: fast\n", "train.lr"),
+        ("min_sites: 5\n", "min_sites"),
+    ],
+)
+def test_bad_values_name_their_key(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_study(_write(tmp_path, text))
+
+
+def test_overrides_win_over_environment_and_file(tmp_path, monkeypatch, medmnist_dir):
+    path = _write(tmp_path, "data:\n  source: medmnist\n  dataset: breastmnist\n  data_dir: /nowhere\n")
+    monkeypatch.setenv("FEDWARD_DATA", str(medmnist_dir))
+    assert load_study(path).data.data_dir == str(medmnist_dir)
+    study = load_study(path, rounds=7, num_sites=2, data_dir=str(medmnist_dir))
+    assert (study.rounds, study.data.num_sites) == (7, 2)
+
+
+def test_site_without_training_images_is_refused(tmp_path):
+    path = _write(tmp_path, "data:\n  num_sites: 2\n  synthetic:\n    train_per_site: 0\n")
+    site = simulated_sites(load_study(path))[0]
+    with pytest.raises(SiteDataError, match="site 'hospital-a' has no training images"):
+        load_site_data(site)

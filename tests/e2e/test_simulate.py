@@ -1,0 +1,120 @@
+"""`fedward simulate` end to end with Flower's simulation engine: contract, learning, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT, run_fedward
+
+METRICS = {"n_test", "auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy"}
+
+
+def _check_metrics(block: dict, sites: set[str]) -> None:
+    assert set(block["sites"]) == sites
+    for m in [*block["sites"].values(), block["pooled"]]:
+        assert METRICS <= set(m)
+        assert m["n_test"] > 0
+        for key in METRICS - {"n_test"}:
+            assert m[key] is None or 0.0 <= m[key] <= 1.0
+
+
+@pytest.mark.slow
+def test_demo_two_sites_two_rounds_follows_the_results_contract(tmp_path):
+    out = tmp_path / "demo"
+    proc = run_fedward("simulate", "configs/demo.yaml", "--out", str(out), "--rounds", "2", "--sites", "2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "pooled" in proc.stdout and "hospital-b" in proc.stdout  # the summary table
+
+    results = json.loads((out / "results.json").read_text())
+    sites = {"hospital-a", "hospital-b"}
+    assert results["status"] == "completed"
+    assert results["study"]["rounds"] == 2 and results["study"]["data"]["num_sites"] == 2
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    for block in (results["initial"], results["final"], *results["rounds"]):
+        _check_metrics(block, sites)
+    assert results["rounds"][-1]["participants"] == sorted(sites)
+    pooled_n = results["final"]["pooled"]["n_test"]
+    assert pooled_n == sum(m["n_test"] for m in results["final"]["sites"].values()) == 300
+    assert results["final"]["pooled"]["auc"] > results["initial"]["pooled"]["auc"]
+
+    timing = results["timing"]
+    assert timing["total_s"] > 0 and len(timing["round_s"]) == 2
+    assert set(timing["train_s"]) == sites and all(len(v) == 2 for v in timing["train_s"].values())
+
+    from common.models import load_model
+
+    model, meta = load_model(out / "final_model.pt")
+    assert meta["model"] == "cnn28" and meta["round"] == 2 and meta["study"]["name"] == "demo"
+    assert len(list((out / "checkpoints").glob("round-*.pt"))) == 2
+    assert "round 2" in (out / "fedward.log").read_text()
+
+
+@pytest.mark.slow
+def test_pneumoniamnist_three_sites_label_skew_reaches_auc_090(tmp_path, medmnist_dir):
+    out = tmp_path / "pneumonia"
+    proc = run_fedward(
+        "simulate",
+        "configs/pneumoniamnist.yaml",
+        "--out",
+        str(out),
+        "--rounds",
+        "3",
+        "--data-dir",
+        str(medmnist_dir),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["final"]["pooled"]["n_test"] == 624  # the whole official test split
+    assert len(results["final"]["sites"]) == 3
+    assert results["final"]["pooled"]["auc"] >= 0.90
+
+
+@pytest.mark.slow
+def test_resume_after_a_killed_run_finishes_without_repeating_rounds(tmp_path):
+    out = tmp_path / "resume"
+    args = ["simulate", "configs/demo.yaml", "--out", str(out), "--rounds", "3", "--sites", "2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", *args],
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    first = out / "checkpoints" / "round-0001.pt"
+    deadline = time.time() + 300
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, Ray's workers included
+    proc.wait()
+    assert first.exists(), "the run never finished round 1"
+    before = json.loads((out / "results.json").read_text())
+    done_before = [r["round"] for r in before["rounds"]]
+    assert before["status"] == "running" and 1 <= len(done_before) < 3
+
+    resumed = run_fedward(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    after = json.loads((out / "results.json").read_text())
+    assert after["status"] == "completed"
+    assert [r["round"] for r in after["rounds"]] == [1, 2, 3]
+    # finished rounds are kept as they were, not trained again
+    assert after["rounds"][: len(done_before)] == before["rounds"]
+    assert after["initial"] == before["initial"]
+    log = (out / "fedward.log").read_text()
+    assert f"resuming after round {done_before[-1]}" in log
+    assert len(after["timing"]["round_s"]) == 3
+
+
+def test_bad_config_is_reported_before_any_training(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name: cnn28\n  depth: 3\n")
+    proc = run_fedward("simulate", str(bad), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert "unknown key 'model.depth'" in proc.stdout
+    assert not (tmp_path / "out").exists()
