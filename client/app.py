@@ -20,6 +20,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import guard
+from client.dp import make_private
 from client.train import device, make_optimizer, predict, train_epochs, train_loader
 from common.config import SiteConfig, load_site
 from common.data import SiteData, load_site_data
@@ -81,30 +83,79 @@ def _reply(msg: Message, site: str, records: dict) -> Message:
 
 def handle_train(msg: Message, rt: SiteRuntime) -> Message:
     cfg = msg.content[Rec.CONFIG]
+    rnd = int(cfg[Cfg.SERVER_ROUND])
+    plan = None
+    if bool(cfg.get(Cfg.DP_ENABLED, False)):
+        plan, refusal = guard.plan_round(cfg, rt.config, len(rt.data.train_y))
+        if refusal:
+            log.warning(refusal)
+            return _refuse(msg, rt, refusal)
     model = rt.model_for(cfg)
     model.load_state_dict(msg.content[Rec.ARRAYS].to_torch_state_dict())
-    rnd = int(cfg[Cfg.SERVER_ROUND])
     seed = int(cfg.get(Cfg.SEED, 0)) * 1000 + rnd
     loader = train_loader(rt.data.train_x, rt.data.train_y, int(cfg[Cfg.BATCH_SIZE]), seed)
     optimizer = make_optimizer(model, str(cfg[Cfg.OPTIMIZER]), float(cfg[Cfg.LR]))
-    result = train_epochs(
-        model,
-        loader,
-        optimizer,
-        epochs=int(cfg[Cfg.LOCAL_EPOCHS]),
-        proximal_mu=float(cfg.get(Cfg.PROXIMAL_MU, 0.0)),
-        use_augment=bool(cfg.get(Cfg.AUGMENT, False)),
-        seed=seed,
-    )
-    metrics = MetricRecord(
-        {
-            Met.NUM_EXAMPLES: len(rt.data.train_y),
-            Met.TRAIN_LOSS: result.loss,
-            Met.TRAIN_S: result.seconds,
-        }
-    )
+    criterion = torch.nn.CrossEntropyLoss()
+    dp, entry = None, None
+    if plan is not None:
+        model.train()  # Opacus wraps a model in training mode
+        r = plan.request
+        dp = make_private(
+            model=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            criterion=criterion,
+            noise_multiplier=r.noise_multiplier,
+            max_grad_norm=r.max_grad_norm,
+            poisson_sampling=r.poisson_sampling,
+            grad_sample_mode=r.grad_sample_mode,
+            secure_mode=r.secure_mode,
+        )
+        model, loader, optimizer, criterion = dp.model, dp.data_loader, dp.optimizer, dp.criterion
+    try:
+        result = train_epochs(
+            model,
+            loader,
+            optimizer,
+            criterion=criterion,
+            epochs=int(cfg[Cfg.LOCAL_EPOCHS]),
+            proximal_mu=float(cfg.get(Cfg.PROXIMAL_MU, 0.0)),
+            use_augment=bool(cfg.get(Cfg.AUGMENT, False)),
+            seed=seed,
+            private=dp is not None,
+        )
+    finally:
+        if dp is not None:  # count every step taken, even if training broke off
+            if dp.steps:
+                entry = guard.record_round(plan, dp)
+            rt.model = model = dp.unwrap()
+    metrics = {
+        Met.NUM_EXAMPLES: len(rt.data.train_y),
+        Met.TRAIN_LOSS: result.loss,
+        Met.TRAIN_S: result.seconds,
+    }
+    if entry is not None:
+        metrics.update(
+            {
+                Met.EPSILON: plan.accountant.epsilon(entry.delta),
+                Met.DELTA: entry.delta,
+                Met.NOISE_MULTIPLIER: entry.noise_multiplier,
+                Met.STEPS: entry.steps,
+                Met.SAMPLE_RATE: entry.sample_rate,
+            }
+        )
     log.info("site %s round %d: loss %.4f in %.1fs", rt.config.site, rnd, result.loss, result.seconds)
-    return _reply(msg, rt.config.site, {Rec.ARRAYS: ArrayRecord(model.state_dict()), Rec.METRICS: metrics})
+    records = {Rec.ARRAYS: ArrayRecord(model.state_dict()), Rec.METRICS: MetricRecord(metrics)}
+    return _reply(msg, rt.config.site, records)
+
+
+def _refuse(msg: Message, rt: SiteRuntime, reason: str) -> Message:
+    epsilon, delta = guard.spent(rt.config)
+    metrics = MetricRecord({Met.NUM_EXAMPLES: 0, Met.EPSILON: epsilon, Met.DELTA: delta, Met.STEPS: 0})
+    content = RecordDict(
+        {Rec.METRICS: metrics, Rec.SITE: ConfigRecord({Site.NAME: rt.config.site, Site.REFUSED: reason})}
+    )
+    return Message(content, reply_to=msg)
 
 
 def handle_evaluate(msg: Message, rt: SiteRuntime) -> Message:

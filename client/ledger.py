@@ -59,6 +59,7 @@ class LedgerEntry:
     epsilon: float  # cumulative epsilon at `delta` after this round
     time: str  # ISO 8601, UTC
     attempt: int = 1  # > 1: the round was trained again after an earlier attempt's update was lost
+    study: str = ""  # the study (run) this round belongs to; round order is checked per study
 
     def __post_init__(self) -> None:
         problems = []
@@ -89,7 +90,7 @@ class LedgerEntry:
         """Parse one decoded JSON line; raises LedgerError on missing keys or wrong types."""
         if not isinstance(data, dict):
             raise LedgerError(f"expected a JSON object, got {type(data).__name__}")
-        missing = [f.name for f in fields(cls) if f.name not in data and f.name != "attempt"]
+        missing = [f.name for f in fields(cls) if f.name not in data and f.name not in ("attempt", "study")]
         if missing:
             raise LedgerError(f"missing keys {missing}")
         values: dict[str, object] = {}
@@ -97,7 +98,7 @@ class LedgerEntry:
             if f.name not in data:
                 continue
             value = data[f.name]
-            if f.name == "time":
+            if f.name in ("time", "study"):
                 ok = isinstance(value, str)
             elif f.name in _INT_FIELDS:
                 ok = isinstance(value, int) and not isinstance(value, bool)
@@ -162,6 +163,7 @@ class PrivacyLedger:
                 f"{where}: not a valid privacy ledger entry ({e}). The ledger is the record of "
                 "this site's privacy spending: restore it from a backup rather than delete it."
             ) from None
+        previous = [e for e in previous if e.study == entry.study]
         if previous:
             problem = _order_problem(previous[-1], entry)
             if problem:
@@ -184,6 +186,7 @@ class PrivacyLedger:
             LedgerError: `entry` does not come strictly after the last recorded (round, attempt).
         """
         entries, intact, needs_newline = self._read()
+        entries = [e for e in entries if e.study == entry.study]
         if entries:
             problem = _order_problem(entries[-1], entry)
             if problem:
@@ -282,6 +285,7 @@ class SiteAccountant:
         max_grad_norm: float,
         delta: float,
         retry: bool = False,
+        study: str = "",
     ) -> LedgerEntry:
         """Append a trained round (before its update is sent) and return the entry written.
 
@@ -290,8 +294,9 @@ class SiteAccountant:
         """
         entries = self.ledger.entries()
         attempt = 1
-        if retry and entries and entries[-1].round == round:
-            attempt = entries[-1].attempt + 1
+        same_study = [e for e in entries if e.study == study]
+        if retry and same_study and same_study[-1].round == round:
+            attempt = same_study[-1].attempt + 1
         history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
         history.append((float(noise_multiplier), float(sample_rate), int(steps)))
         entry = LedgerEntry(
@@ -304,6 +309,7 @@ class SiteAccountant:
             delta=float(delta),
             epsilon=rdp_epsilon(history, delta=delta),
             time=datetime.now(UTC).isoformat(timespec="seconds"),
+            study=study,
         )
         self.ledger.append(entry)
         return entry

@@ -53,8 +53,13 @@ def train_epochs(
     proximal_mu: float = 0.0,
     use_augment: bool = False,
     seed: int = 0,
+    private: bool = False,
 ) -> TrainResult:
-    """Run `epochs` local epochs; with proximal_mu > 0 add FedProx's (mu/2)||w - w_global||^2."""
+    """Run `epochs` local epochs; with proximal_mu > 0 add FedProx's (mu/2)||w - w_global||^2.
+
+    With `private=True` the model, optimizer, loader and criterion are Opacus's (client.dp): every
+    batch is stepped, an empty Poisson batch included, since each step is counted as spent.
+    """
     dev = next(model.parameters()).device
     criterion = criterion or nn.CrossEntropyLoss()
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
@@ -63,7 +68,7 @@ def train_epochs(
     t0, total, n, steps = time.perf_counter(), 0.0, 0, 0
     for _ in range(epochs):
         for xb, yb in loader:
-            if len(yb) == 0:  # Poisson sampling may draw an empty batch
+            if len(yb) == 0 and not private:
                 continue
             xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
             if use_augment:

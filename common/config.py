@@ -68,6 +68,7 @@ class TrainConfig:
     local_epochs: int = 1
     batch_size: int = 64
     lr: float = 1e-3
+    lr_decay: float = 1.0  # the learning rate of round r is lr * lr_decay ** (r - 1)
     optimizer: str = "adam"  # adam | sgd
     augment: bool = False  # random flips and small shifts during local training
 
@@ -280,6 +281,7 @@ def validate_study(study: StudyConfig) -> None:
         ("train.local_epochs", study.train.local_epochs),
         ("train.batch_size", study.train.batch_size),
         ("train.lr", study.train.lr),
+        ("train.lr_decay", study.train.lr_decay),
         ("data.partition.alpha", study.data.partition.alpha),
         ("privacy.delta", study.privacy.delta),
         ("privacy.max_grad_norm", study.privacy.max_grad_norm),
@@ -307,6 +309,13 @@ def validate_study(study: StudyConfig) -> None:
             )
     if study.data.source == "sites" and not study.data.site_configs:
         raise ConfigError(f"{p}: 'data.source' is 'sites' but 'data.site_configs' is empty.")
+    if study.privacy.enabled and study.strategy.name == "fedprox":
+        raise ConfigError(
+            f"{p}: 'strategy.name' fedprox is not available with privacy (its proximal term is not "
+            f"clipped per sample); use fedavg or fedadam with 'privacy.enabled: true'."
+        )
+    if study.privacy.enabled and study.privacy.noise_multiplier < 0:
+        raise ConfigError(f"{p}: 'privacy.noise_multiplier' must be >= 0 (0 derives it from target_epsilon).")
 
 
 def medmnist_path(study: StudyConfig) -> Path:
@@ -325,10 +334,30 @@ def site_names(study: StudyConfig) -> list[str]:
     return names
 
 
-def simulated_sites(study: StudyConfig) -> list[SiteConfig]:
-    """The site configs of a simulated study, in partition order (site i is partition i)."""
-    if study.data.source == "sites":
-        return [load_site(path) for path in study.data.site_configs]
+def simulated_sites(study: StudyConfig, state_root: str | Path | None = None) -> list[SiteConfig]:
+    """The site configs of a simulated study, in partition order (site i is partition i).
+
+    With `data.source: sites` each site is its own site config file. Otherwise the data of site i is
+    partition i of the study's data set, and when `data.site_configs` is given, the i-th file's site
+    name, privacy policy and state_dir apply to site i (its `data` section is not used). A site
+    without a state_dir keeps its privacy ledger under `state_root/<site>`.
+    """
+    sites = _partition_sites(study) if study.data.source != "sites" else []
+    base = Path(study.source_path).parent if study.source_path else Path.cwd()
+    for i, path in enumerate(study.data.site_configs):
+        own = load_site(path if Path(path).is_absolute() or Path(path).exists() else base / path)
+        if study.data.source == "sites":
+            sites.append(own)
+        elif i < len(sites):
+            sites[i].site, sites[i].privacy, sites[i].state_dir = own.site, own.privacy, own.state_dir
+            sites[i].source_path = own.source_path
+    for site in sites:
+        if not site.state_dir and state_root is not None:
+            site.state_dir = str(Path(state_root) / site.site)
+    return sites
+
+
+def _partition_sites(study: StudyConfig) -> list[SiteConfig]:
     sites = []
     for i, name in enumerate(site_names(study)):
         part = SitePartition(

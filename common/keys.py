@@ -30,6 +30,9 @@ class Cfg(StrEnum):
     IN_CHANNELS = "in-channels"
     SEED = "seed"
     AUGMENT = "augment"
+    STUDY_ID = "study-id"  # name + run id: rounds in a site's privacy ledger are kept per study
+    DP_ENABLED = "dp-enabled"  # the other privacy keys: common.privacy.PrivacyKey
+    PLANNED_ROUNDS = "planned-rounds"  # for deriving the noise of the whole study at the site
 
 
 class Met(StrEnum):
@@ -45,6 +48,11 @@ class Met(StrEnum):
     SENSITIVITY = "sensitivity"
     SPECIFICITY = "specificity"
     BALANCED_ACCURACY = "balanced-accuracy"
+    EPSILON = "epsilon"  # cumulative, over every round in the site's privacy ledger
+    DELTA = "delta"
+    NOISE_MULTIPLIER = "noise-multiplier"
+    STEPS = "steps"
+    SAMPLE_RATE = "sample-rate"
     CONFUSION = "confusion"  # flattened C x C confusion matrix (counts)
     SCORE_HIST = "score-hist"  # flattened C x 2 x B histogram of scores (counts)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ from common.config import ConfigError, StudyConfig, simulated_sites
 from common.keys import Cfg, Met, Rec, Site
 from common.metrics import HIST_BINS, pooled_summary, public_metrics
 from common.models import build_model, save_model
+from common.privacy import PrivacyKey
 from server.store import RunStore
 
 log = logging.getLogger("fedward.coordinator")
@@ -54,6 +56,7 @@ class Replies:
     ok: list[Message] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    privacy: dict[str, dict] = field(default_factory=dict)  # site -> epsilon, delta, noise, steps
 
 
 def make_strategy(study: StudyConfig) -> FedAvg:
@@ -100,6 +103,14 @@ def check_update(update: ArrayRecord | None, reference: ArrayRecord) -> str | No
     return None
 
 
+def short_reason(reason: str) -> str:
+    """The useful end of a ClientApp's error (Flower sends the whole traceback)."""
+    text = reason.replace("\\n", "\n")
+    if "Message:" in text:
+        text = text.rsplit("Message:", 1)[1]
+    return " ".join(text.split())[-400:].strip(" '\">}")
+
+
 def site_name(msg: Message) -> str:
     rec = msg.content.config_records.get(Rec.SITE) if not msg.has_error() else None
     return str(rec[Site.NAME]) if rec else f"node-{msg.metadata.src_node_id}"
@@ -113,24 +124,44 @@ class Coordinator:
         self.n_sites = len(simulated_sites(study)) if study.data.source == "sites" else study.data.num_sites
         self.node_site: dict[int, str] = {}
         self.model_meta: dict = {}
+        self.study_id = ""
 
     # ------------------------------------------------------------------ messages
 
-    def round_config(self) -> ConfigRecord:
+    def round_config(self, round_: int = 1) -> ConfigRecord:
         s = self.study
         return ConfigRecord(
             {
                 Cfg.LOCAL_EPOCHS: s.train.local_epochs,
                 Cfg.BATCH_SIZE: s.train.batch_size,
-                Cfg.LR: s.train.lr,
+                Cfg.LR: s.train.lr * s.train.lr_decay ** max(round_ - 1, 0),
                 Cfg.OPTIMIZER: s.train.optimizer,
                 Cfg.AUGMENT: s.train.augment,
                 Cfg.MODEL: s.model.name,
                 Cfg.IN_CHANNELS: self.model_meta["in_channels"],
                 Cfg.NUM_CLASSES: self.model_meta["num_classes"],
                 Cfg.SEED: s.seed,
+                Cfg.STUDY_ID: self.study_id,
+                Cfg.PLANNED_ROUNDS: s.rounds,
+                Cfg.DP_ENABLED: s.privacy.enabled,
+                **(self.privacy_config() if s.privacy.enabled else {}),
             }
         )
+
+    def privacy_config(self) -> dict:
+        """The privacy request every site checks against its own policy before training."""
+        p = self.study.privacy
+        config = {
+            PrivacyKey.MAX_GRAD_NORM: p.max_grad_norm,
+            PrivacyKey.DELTA: p.delta,
+            PrivacyKey.TARGET_EPSILON: p.target_epsilon,
+            PrivacyKey.GRAD_SAMPLE_MODE: p.grad_sample_mode,
+            PrivacyKey.POISSON_SAMPLING: p.poisson_sampling,
+            PrivacyKey.SECURE_MODE: p.secure_mode,
+        }
+        if p.noise_multiplier > 0:  # else each site derives it for the whole planned study
+            config[PrivacyKey.NOISE_MULTIPLIER] = p.noise_multiplier
+        return {str(k): v for k, v in config.items()}
 
     def send(self, messages: Iterable[Message]) -> list[Message]:
         return list(self.grid.send_and_receive(list(messages), timeout=self.study.round_timeout_s))
@@ -152,9 +183,17 @@ class Coordinator:
             name = site_name(msg)
             self.node_site[msg.metadata.src_node_id] = name
             if msg.has_error():
-                out.failed[name] = msg.error.reason
+                out.failed[name] = short_reason(msg.error.reason)
                 log.warning("site %s failed: %s", name, msg.error.reason)
                 continue
+            metrics = msg.content.metric_records.get(Rec.METRICS)
+            if metrics is not None and Met.EPSILON in metrics:
+                out.privacy[name] = {
+                    "epsilon": float(metrics[Met.EPSILON]),
+                    "delta": float(metrics[Met.DELTA]),
+                    "noise_multiplier": float(metrics.get(Met.NOISE_MULTIPLIER, 0.0)) or None,
+                    "steps": int(metrics[Met.STEPS]),
+                }
             refused = str(msg.content[Rec.SITE].get(Site.REFUSED, ""))
             if refused:
                 out.refused[name] = refused
@@ -231,6 +270,7 @@ class Coordinator:
                     f"checkpoint's in {changed}; use the same config or a new --out folder."
                 )
             self.model_meta = ck["model_meta"]
+            self.study_id = ck["results"]["study_id"]
             log.info("resuming after round %d from %s", ck["round"], self.store.dir)
             random.setstate(ck["python_rng"])
             return ck["round"] + 1, ArrayRecord(ck["arrays"]), ck["results"], ck["strategy_state"]
@@ -243,7 +283,9 @@ class Coordinator:
             "classes": classes,
         }
         model = build_model(study.model.name, in_channels=1, num_classes=len(classes), seed=study.seed)
+        self.study_id = f"{study.name}-{uuid.uuid4().hex[:8]}"
         results = {
+            "study_id": self.study_id,
             "study": study.to_dict(),
             "status": "running",
             "rounds": [],
@@ -270,7 +312,7 @@ class Coordinator:
         for rnd in range(first, study.rounds + 1):
             t0 = time.perf_counter()
             self.reporter.phase(rnd, "training")
-            messages = strategy.configure_train(rnd, arrays, self.round_config(), self.grid)
+            messages = strategy.configure_train(rnd, arrays, self.round_config(rnd), self.grid)
             got = self.classify(self.send(messages), arrays)
             if len(got.ok) < study.min_sites:
                 reason = (
@@ -286,6 +328,8 @@ class Coordinator:
             evaluation = self.evaluate_all(rnd, arrays)
             round_s = time.perf_counter() - t0
             record = self._round_record(rnd, got, evaluation)
+            if study.privacy.enabled:
+                self._add_privacy(results, record, got)
             results["rounds"].append(record)
             self._add_timing(results, rnd, got, evaluation, round_s)
             results["timing"]["total_s"] = elapsed_before + time.perf_counter() - t_start
@@ -334,6 +378,23 @@ class Coordinator:
         results.setdefault("stopped_rounds", []).append(
             {"round": rnd, "refused": got.refused, "failed": got.failed}
         )
+
+    @staticmethod
+    def _add_privacy(results: dict, record: dict, got: Replies) -> None:
+        """Per site: epsilon spent so far, delta, this round's noise and steps, and any refusal."""
+        previous = results["rounds"][-1]["sites"] if results["rounds"] else {}
+        for site, metrics in record["sites"].items():
+            known = got.privacy.get(site)
+            before = previous.get(site, {})
+            metrics.update(
+                {
+                    "epsilon": known["epsilon"] if known else before.get("epsilon", 0.0),
+                    "delta": known["delta"] if known else before.get("delta"),
+                    "noise_multiplier": known["noise_multiplier"] if known else None,
+                    "steps": known["steps"] if known else 0,
+                    "refused": got.refused.get(site),
+                }
+            )
 
     @staticmethod
     def _round_record(rnd: int, got: Replies, evaluation: dict) -> dict:

@@ -39,7 +39,10 @@ class RichReporter(Reporter):
             self.progress.update(self.task, description=f"{label}: {text}")
 
     def round_done(self, record: dict, round_s: float) -> None:
-        sites = "  ".join(f"{name} {_fmt(m['auc'])}" for name, m in record["sites"].items())
+        sites = "  ".join(
+            f"{name} {_fmt(m['auc'])}" + (f" ε{m['epsilon']:.2f}" if m.get("epsilon") is not None else "")
+            for name, m in record["sites"].items()
+        )
         extra = ""
         if record.get("refused"):
             extra += f"  [yellow]refused: {', '.join(record['refused'])}[/]"
@@ -67,7 +70,10 @@ def summary_table(results: dict) -> Table:
         f"({results.get('status')})"
     )
     table.add_column("site", no_wrap=True)
-    for col in ("train", "test", "AUC 0", "AUC", "acc", "sens", "spec", "bal acc"):
+    private = bool(results["study"].get("privacy", {}).get("enabled"))
+    for col in ("train", "test", "AUC 0", "AUC", "acc", "sens", "spec", "bal acc") + (
+        ("ε",) if private else ()
+    ):
         table.add_column(col, justify="right", no_wrap=True)
     rows = [(name, m) for name, m in final.get("sites", {}).items()]
     rows.append(("pooled", final.get("pooled", {})))
@@ -86,6 +92,7 @@ def summary_table(results: dict) -> Table:
             _fmt(m.get("sensitivity")),
             _fmt(m.get("specificity")),
             _fmt(m.get("balanced_accuracy")),
+            *((_fmt(m.get("epsilon"), 2) if name != "pooled" else "",) if private else ()),
         )
     if results.get("stop_reason"):
         table.caption = f"stopped: {results['stop_reason']}"

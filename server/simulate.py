@@ -22,9 +22,13 @@ from server.coordinator import Reporter
 log = logging.getLogger("fedward.simulate")
 
 
-def preflight(study: StudyConfig) -> list:
-    """Load every simulated site's data once before any training: bad input fails here, named."""
-    sites = simulated_sites(study)
+def preflight(study: StudyConfig, out_dir: Path) -> list:
+    """Load every simulated site's data once before any training: bad input fails here, named.
+
+    Simulated sites keep their state (privacy ledger) in OUT_DIR/sites/<site> unless their own
+    site config names a state_dir.
+    """
+    sites = simulated_sites(study, state_root=out_dir / "sites")
     for site in sites:
         try:
             load_site_data(site)
@@ -67,14 +71,14 @@ def simulate(
     from server.app import make_server_app
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    sites = preflight(study)
+    out = Path(out_dir)
+    sites = preflight(study, out)
     config = backend_config(study)
     os.environ["FEDWARD_SITE_THREADS"] = str(config["client_resources"]["num_cpus"])
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
         warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     stale = results_path.stat().st_mtime_ns if results_path.exists() else None

@@ -228,6 +228,7 @@ def test_ledger_round_trip_and_append_is_fsynced(tmp_path, monkeypatch):
     assert [json.loads(line)["round"] for line in lines] == [1, 2]
     assert set(json.loads(lines[0])) == {
         "round",
+        "study",
         "attempt",
         "steps",
         "sample_rate",
@@ -417,3 +418,14 @@ def test_ghost_clipping_refuses_a_summed_loss():
             noise_multiplier=1.0,
             max_grad_norm=1.0,
         )
+
+
+def test_round_order_is_checked_per_study_and_epsilon_counts_every_study(tmp_path):
+    accountant = SiteAccountant(tmp_path)
+    spend = dict(steps=10, sample_rate=0.05, noise_multiplier=1.0, max_grad_norm=1.0, delta=DELTA)
+    accountant.record_round(round=1, study="first", **spend)
+    accountant.record_round(round=2, study="first", **spend)
+    accountant.record_round(round=1, study="second", **spend)  # a new study starts at round 1
+    with pytest.raises(LedgerError):
+        accountant.record_round(round=1, study="second", **spend)
+    assert accountant.epsilon(DELTA) == pytest.approx(rdp_epsilon([(1.0, 0.05, 10)] * 3, delta=DELTA))

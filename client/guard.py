@@ -1,0 +1,84 @@
+"""The site's privacy guard: decides whether a round may be trained, and counts it when it is.
+
+Before training, the coordinator's request (from the round's ConfigRecord) is checked against the
+site's own policy (its site config, which the coordinator cannot change) and against the budget left
+in the site's privacy ledger. A refused round trains nothing and says why. A trained round is
+written to the ledger (flushed to disk) before its update leaves the site.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from client.dp import PrivateTraining
+from client.ledger import LedgerEntry, SiteAccountant
+from client.policy import SitePolicy
+from common.config import SiteConfig
+from common.keys import Cfg
+from common.privacy import PrivacyKey, PrivacyRequest, derive_noise_multiplier
+
+
+@dataclass
+class PrivateRound:
+    request: PrivacyRequest
+    policy: SitePolicy
+    accountant: SiteAccountant
+    sample_rate: float
+    steps: int  # planned: local epochs x batches per epoch (Poisson: expected batches)
+    round: int
+    study_id: str
+
+
+def policy_of(site: SiteConfig) -> SitePolicy:
+    return SitePolicy(**dataclasses.asdict(site.privacy))
+
+
+def plan_round(cfg: Mapping, site: SiteConfig, n_train: int) -> tuple[PrivateRound | None, str | None]:
+    """(the round's plan, None) when the site may train it privately, or (None, refusal reason)."""
+    if not site.state_dir:
+        return None, (
+            f"site '{site.site}' has no state_dir in its site config: the privacy ledger needs a "
+            f"folder that outlives the process"
+        )
+    batches = math.ceil(n_train / int(cfg[Cfg.BATCH_SIZE]))
+    sample_rate, steps = 1.0 / batches, int(cfg[Cfg.LOCAL_EPOCHS]) * batches
+    settings = dict(cfg)
+    if PrivacyKey.NOISE_MULTIPLIER not in settings:  # derive for the whole planned study
+        settings[PrivacyKey.NOISE_MULTIPLIER] = derive_noise_multiplier(
+            target_epsilon=float(cfg[PrivacyKey.TARGET_EPSILON]),
+            delta=float(cfg[PrivacyKey.DELTA]),
+            sample_rate=sample_rate,
+            steps_total=int(cfg[Cfg.PLANNED_ROUNDS]) * steps,
+        )
+    request = PrivacyRequest.from_config(settings)
+    policy, accountant = policy_of(site), SiteAccountant(site.state_dir)
+    refusal = accountant.refusal(policy, request, sample_rate=sample_rate, steps=steps)
+    if refusal:
+        return None, f"site '{site.site}' refuses round {cfg[Cfg.SERVER_ROUND]}: {refusal}"
+    return PrivateRound(
+        request,
+        policy,
+        accountant,
+        sample_rate,
+        steps,
+        int(cfg[Cfg.SERVER_ROUND]),
+        str(cfg.get(Cfg.STUDY_ID, "")),
+    ), None
+
+
+def record_round(plan: PrivateRound, dp: PrivateTraining) -> LedgerEntry:
+    """Write the round's real spending to the ledger; a round trained again counts again."""
+    retry = any(e.study == plan.study_id and e.round == plan.round for e in plan.accountant.ledger.entries())
+    return plan.accountant.record_round(
+        round=plan.round, study=plan.study_id, delta=plan.policy.delta, retry=retry, **dp.spending()
+    )
+
+
+def spent(site: SiteConfig) -> tuple[float, float]:
+    """(epsilon, delta) spent so far at this site, over its whole ledger, at the site's delta."""
+    if not site.state_dir:
+        return 0.0, site.privacy.delta
+    return SiteAccountant(site.state_dir).epsilon(site.privacy.delta), site.privacy.delta
