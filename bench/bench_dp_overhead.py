@@ -20,35 +20,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.dp import make_private
+from common.models import build_model
 
 MODES = ("hooks", "ghost", "functorch")
 
 
 def build_cnn28() -> nn.Module:
-    try:
-        from common.models import build_model
-    except ImportError:  # the model zoo is not there yet: an equivalent GroupNorm CNN
-        from common.privacy import make_opacus_compatible
-
-        def block(cin: int, cout: int) -> list[nn.Module]:
-            conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
-            return [conv, nn.GroupNorm(8, cout), nn.ReLU()]
-
-        torch.manual_seed(0)
-        return make_opacus_compatible(
-            nn.Sequential(
-                *block(1, 32),
-                *block(32, 32),
-                nn.MaxPool2d(2),
-                *block(32, 64),
-                *block(64, 64),
-                nn.MaxPool2d(2),
-                *block(64, 128),
-                nn.AdaptiveAvgPool2d(1),
-                nn.Flatten(),
-                nn.Linear(128, 2),
-            )
-        )
     return build_model("cnn28", in_channels=1, num_classes=2, seed=0)
 
 

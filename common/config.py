@@ -262,7 +262,7 @@ def load_study(
 
 
 def validate_study(study: StudyConfig) -> None:
-    from common.models import MODELS  # late: models import torch
+    from common.models import MIN_INPUT_SIZE, MODELS  # late: models import torch
 
     p = study.source_path or "study config"
     _choice(study.data.source, ("synthetic", "medmnist", "sites"), "data.source", p)
@@ -307,6 +307,19 @@ def validate_study(study: StudyConfig) -> None:
                 f"'data.data_dir', the {DATA_ENV} environment variable or --data-dir at the folder "
                 f"that holds it (for example ../shared/data)."
             )
+    size = None
+    if study.data.source == "synthetic":
+        size = study.data.synthetic.image_size
+    elif study.data.source == "medmnist":
+        from common.data import load_npz
+
+        size = int(load_npz(str(medmnist_path(study)))["train_images"].shape[1])
+    needed = MIN_INPUT_SIZE.get(study.model.name, 0)
+    if size is not None and size < needed:
+        raise ConfigError(
+            f"{p}: 'model.name' {study.model.name} needs images of at least {needed}x{needed} pixels, "
+            f"but this study's are {size}x{size}; use cnn28, resnet10 or resnet18 for small images."
+        )
     if study.data.source == "sites" and not study.data.site_configs:
         raise ConfigError(f"{p}: 'data.source' is 'sites' but 'data.site_configs' is empty.")
     if study.privacy.enabled and study.strategy.name == "fedprox":

@@ -93,6 +93,10 @@ MODELS: dict[str, Callable[[int, int], nn.Module]] = {
 }
 
 
+# Networks made for larger images downsample 28x28 inputs to nothing: the smallest size each accepts.
+MIN_INPUT_SIZE = {"densenet121": 32, "efficientnet-b0": 32}
+
+
 def build_model(name: str, *, in_channels: int = 1, num_classes: int = 2, seed: int = 0) -> nn.Module:
     """Build `name` with seeded initial weights, made Opacus-compatible (BatchNorm -> GroupNorm)."""
     from common.privacy import make_opacus_compatible

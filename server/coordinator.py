@@ -108,7 +108,7 @@ def short_reason(reason: str) -> str:
     text = reason.replace("\\n", "\n")
     if "Message:" in text:
         text = text.rsplit("Message:", 1)[1]
-    return " ".join(text.split())[-400:].strip(" '\">}")
+    return " ".join(text.split())[-400:].strip(" '\"<>[]}")
 
 
 def site_name(msg: Message) -> str:

@@ -79,7 +79,11 @@ def test_pneumoniamnist_three_sites_label_skew_reaches_auc_090(tmp_path, medmnis
 @pytest.mark.slow
 def test_resume_after_a_killed_run_finishes_without_repeating_rounds(tmp_path):
     out = tmp_path / "resume"
-    args = ["simulate", "configs/demo.yaml", "--out", str(out), "--rounds", "3", "--sites", "2"]
+    config = tmp_path / "fedadam.yaml"  # FedAdam: its server-side moments must survive the restart
+    config.write_text(
+        "name: resume\nrounds: 3\ndata: {num_sites: 2}\nstrategy: {name: fedadam, server_lr: 0.01}\n"
+    )
+    args = ["simulate", str(config), "--out", str(out)]
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", *args],
         cwd=ROOT,
@@ -109,6 +113,10 @@ def test_resume_after_a_killed_run_finishes_without_repeating_rounds(tmp_path):
     log = (out / "fedward.log").read_text()
     assert f"resuming after round {done_before[-1]}" in log
     assert len(after["timing"]["round_s"]) == 3
+    import torch
+
+    checkpoint = torch.load(out / "checkpoints" / "round-0003.pt", weights_only=False)
+    assert set(checkpoint["strategy_state"]) == {"m_t", "v_t"}
 
 
 def test_bad_config_is_reported_before_any_training(tmp_path):
