@@ -9,6 +9,7 @@ written to the ledger (flushed to disk) before its update leaves the site.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -54,6 +55,11 @@ def plan_round(cfg: Mapping, site: SiteConfig, n_train: int) -> tuple[PrivateRou
             steps_total=int(cfg[Cfg.PLANNED_ROUNDS]) * steps,
         )
     request = PrivacyRequest.from_config(settings)
+    if request.secure_mode and importlib.util.find_spec("torchcsprng") is None:
+        return None, (
+            f"site '{site.site}' cannot train with secure_mode: Opacus needs the torchcsprng package "
+            f"for cryptographically secure noise and this site does not have it installed"
+        )
     policy, accountant = policy_of(site), SiteAccountant(site.state_dir)
     refusal = accountant.refusal(policy, request, sample_rate=sample_rate, steps=steps)
     if refusal:

@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 120)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # the run's INFO lines go to its log file only
+        handler.setLevel(logging.WARNING)
     try:
         return args.func(args, console)
     except ConfigError as err:

@@ -44,9 +44,7 @@ class Reporter:
 
     def start(self, study: StudyConfig, first_round: int) -> None: ...
     def phase(self, round_: int, text: str) -> None: ...
-    def round_done(self, record: dict, round_s: float) -> None:
-        pooled = record["pooled"]
-        log.info("round %d: pooled AUC %s in %.1fs", record["round"], pooled.get("auc"), round_s)
+    def round_done(self, record: dict, round_s: float) -> None: ...
 
     def finish(self, results: dict) -> None: ...
 
@@ -346,6 +344,12 @@ class Coordinator:
                 },
             )
             self.store.write_results(results)
+            log.info(
+                "round %d/%d done in %.1fs: pooled AUC %s; sites %s; trained: %s; refused: %s; failed: %s",
+                rnd, study.rounds, round_s, record["pooled"].get("auc"),
+                {k: v["auc"] for k, v in record["sites"].items()}, record["participants"],
+                record["refused"] or "none", record["failed"] or "none",
+            )  # fmt: skip
             self.reporter.round_done(record, round_s)
         last = results["rounds"][-1] if results["rounds"] else results["initial"]
         results["final"] = {
