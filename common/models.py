@@ -85,6 +85,7 @@ def _monai_efficientnet_b0(in_channels: int, num_classes: int) -> nn.Module:
 
 MODELS: dict[str, Callable[[int, int], nn.Module]] = {
     "cnn28": lambda c, k: CNN28(c, k),
+    "cnn28-small": lambda c, k: CNN28(c, k, width=16),
     "cnn28-wide": lambda c, k: CNN28(c, k, width=48),
     "resnet10": _monai_resnet(10),
     "resnet18": _monai_resnet(18),

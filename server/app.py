@@ -22,6 +22,7 @@ def make_server_app(
     *,
     resume: bool = False,
     reporter: Reporter | None = None,
+    n_sites: int | None = None,
 ) -> ServerApp:
     server_app = ServerApp()
 
@@ -34,6 +35,7 @@ def make_server_app(
             out_dir or str(rc.get("out-dir", "runs/flwr")),
             resume=resume or bool(rc.get("resume", False)),
             reporter=reporter,
+            n_sites=n_sites,
         )
 
     return server_app

@@ -115,11 +115,20 @@ def site_name(msg: Message) -> str:
 
 
 class Coordinator:
-    def __init__(self, grid: Grid, study: StudyConfig, out_dir: str | Path, reporter: Reporter | None = None):
+    def __init__(
+        self,
+        grid: Grid,
+        study: StudyConfig,
+        out_dir: str | Path,
+        reporter: Reporter | None = None,
+        n_sites: int | None = None,
+    ):
         self.grid, self.study = grid, study
         self.store = RunStore(out_dir)
         self.reporter = reporter or Reporter()
-        self.n_sites = len(simulated_sites(study)) if study.data.source == "sites" else study.data.num_sites
+        self.n_sites = n_sites or (
+            len(simulated_sites(study)) if study.data.source == "sites" else study.data.num_sites
+        )
         self.node_site: dict[int, str] = {}
         self.model_meta: dict = {}
         self.study_id = ""
@@ -458,5 +467,7 @@ def run_study(
     *,
     resume: bool = False,
     reporter: Reporter | None = None,
+    n_sites: int | None = None,
 ) -> dict:
-    return Coordinator(grid, study, out_dir, reporter).run(resume=resume)
+    """Run a study over `grid`; `n_sites` (default: the study's) is how many sites to wait for."""
+    return Coordinator(grid, study, out_dir, reporter, n_sites=n_sites).run(resume=resume)

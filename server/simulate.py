@@ -63,8 +63,12 @@ def simulate(
     resume: bool = False,
     reporter: Reporter | None = None,
     verbose: bool = False,
+    sites: list | None = None,
 ) -> dict:
-    """Run `study` in simulation; returns the results dict also written to OUT_DIR/results.json."""
+    """Run `study` in simulation; returns the results dict also written to OUT_DIR/results.json.
+
+    `sites` (SiteConfigs) replaces the study's own sites, e.g. all sites but one for leave-one-out.
+    """
     from flwr.simulation import run_simulation
 
     from client.app import make_client_app
@@ -72,7 +76,7 @@ def simulate(
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     out = Path(out_dir)
-    sites = preflight(study, out)
+    sites = preflight(study, out) if sites is None else sites
     config = backend_config(study)
     os.environ["FEDWARD_SITE_THREADS"] = str(config["client_resources"]["num_cpus"])
     if not verbose:
@@ -83,7 +87,7 @@ def simulate(
     results_path = out / "results.json"
     stale = results_path.stat().st_mtime_ns if results_path.exists() else None
     run_simulation(
-        server_app=make_server_app(study, out, resume=resume, reporter=reporter),
+        server_app=make_server_app(study, out, resume=resume, reporter=reporter, n_sites=len(sites)),
         client_app=make_client_app(sites),
         num_supernodes=len(sites),
         backend_config=config,
