@@ -20,6 +20,7 @@ import torch
 from monai.transforms import AdjustContrast, GaussianSmooth
 
 from common.config import SiteConfig, SitePartition
+from common.sources import FOLDER_FORMATS, load_folder_site
 
 
 class SiteDataError(ValueError):
@@ -221,7 +222,11 @@ def _site_data(site: str, splits: dict, classes: list[str]) -> SiteData:
     )
 
 
-LOADERS = {"synthetic": synthetic_site, "medmnist": medmnist_site}
+LOADERS = {
+    "synthetic": synthetic_site,
+    "medmnist": medmnist_site,
+    **dict.fromkeys(FOLDER_FORMATS, load_folder_site),
+}
 
 
 def load_site_data(config: SiteConfig) -> SiteData:
