@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,7 @@ from common.data import SiteData, load_site_data
 from common.keys import Cfg, Met, Rec, Site
 from common.metrics import site_summary
 from common.models import build_model
+from common.transforms import augment_fn
 
 log = logging.getLogger("fedward.site")
 _RUNTIMES: dict[str, SiteRuntime] = {}  # per process: data and model stay loaded across rounds
@@ -39,6 +41,7 @@ class SiteRuntime:
     data: SiteData
     model: torch.nn.Module | None = None
     model_key: tuple = ()
+    augment: Callable | None = None  # the site's own training augmentation (site config)
 
     def model_for(self, cfg: ConfigRecord) -> torch.nn.Module:
         key = (str(cfg[Cfg.MODEL]), int(cfg[Cfg.IN_CHANNELS]), int(cfg[Cfg.NUM_CLASSES]))
@@ -72,7 +75,9 @@ def runtime_for(config: SiteConfig) -> SiteRuntime:
         cpus = os.environ.get("FEDWARD_SITE_THREADS")
         if cpus:
             torch.set_num_threads(int(cpus))
-        _RUNTIMES[key] = SiteRuntime(config=config, data=load_site_data(config))
+        _RUNTIMES[key] = SiteRuntime(
+            config=config, data=load_site_data(config), augment=augment_fn(config.data)
+        )
     return _RUNTIMES[key]
 
 
@@ -121,6 +126,7 @@ def handle_train(msg: Message, rt: SiteRuntime) -> Message:
             epochs=int(cfg[Cfg.LOCAL_EPOCHS]),
             proximal_mu=float(cfg.get(Cfg.PROXIMAL_MU, 0.0)),
             use_augment=bool(cfg.get(Cfg.AUGMENT, False)),
+            augment_fn=rt.augment,
             seed=seed,
             private=dp is not None,
         )

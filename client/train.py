@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +53,7 @@ def train_epochs(
     criterion: nn.Module | None = None,
     proximal_mu: float = 0.0,
     use_augment: bool = False,
+    augment_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     seed: int = 0,
     private: bool = False,
 ) -> TrainResult:
@@ -59,7 +61,10 @@ def train_epochs(
 
     With `private=True` the model, optimizer, loader and criterion are Opacus's (client.dp): every
     batch is stepped, an empty Poisson batch included, since each step is counted as spent.
+    `augment_fn` (the site's own augmentation, common.transforms) wins over `use_augment` (the
+    study's simple flips and shifts).
     """
+    batch_augment = augment_fn or (augment if use_augment else None)
     dev = next(model.parameters()).device
     criterion = criterion or nn.CrossEntropyLoss()
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
@@ -71,8 +76,8 @@ def train_epochs(
             if len(yb) == 0 and not private:
                 continue
             xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
-            if use_augment:
-                xb = augment(xb, gen)
+            if batch_augment is not None:
+                xb = batch_augment(xb, gen)
             optimizer.zero_grad(set_to_none=True)
             loss = criterion(model(xb), yb)
             if global_params is not None:

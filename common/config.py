@@ -462,6 +462,10 @@ def _validate_site_data(data: SiteDataConfig, p: str) -> None:
             f"{p}: 'data.window' is {data.window}; use [center, width] with width > 0 in modality "
             f"units (e.g. [40, 400] for a CT soft-tissue window), or [] for the file's own window."
         )
+    if data.window and data.format == "image":
+        raise ConfigError(
+            f"{p}: 'data.window' applies to dicom and nifti; PNG/JPEG images are already grey levels."
+        )
     frame = data.frame
     if isinstance(frame, bool) or not (
         (isinstance(frame, int) and frame >= 0) or frame in ("first", "middle", "last")

@@ -424,10 +424,16 @@ def _problem(err: BadImageFileError) -> str:
 def _decode(config: SiteConfig, root: Path, files: list[str], report: SourceReport) -> dict[str, dict]:
     """Read and preprocess `files` (cached); unreadable ones go to report.bad. rel -> sample."""
     key = settings_key(config.data)
-    items = []
+    items, present = [], []
     for rel in files:
-        st = (root / rel).stat()
+        try:
+            st = (root / rel).stat()
+        except OSError as err:  # gone since the folder was listed, or unreadable
+            report.bad.append(BadFile(rel, "file not found", f"'{root / rel}' cannot be opened ({err})"))
+            continue
         items.append({"image": str(root / rel), "stamp": f"{st.st_size}:{st.st_mtime_ns}", "settings": key})
+        present.append(rel)
+    files = present
     folder = cache_dir(config)
     ds = PersistentDataset(items, transform=build_transforms(config.data, "eval"), cache_dir=folder)
     out, current = {}, set()

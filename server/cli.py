@@ -11,6 +11,7 @@ import logging
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 from common.config import ConfigError, load_study
 
@@ -33,6 +34,12 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
     return 0 if results.get("status") == "completed" else 3
 
 
+def _site_check(args: argparse.Namespace, console: Console) -> int:
+    from client.check import main as check_main
+
+    return check_main([args.site_config, *(["--all"] if args.all else [])])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedward", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     sim.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(func=_simulate)
+
+    site = sub.add_parser("site", help="what a site operator runs at the hospital")
+    site_sub = site.add_subparsers(dest="site_command", required=True)
+    check = site_sub.add_parser(
+        "check", help="is this site's data usable? (images, labels, splits, bad files)"
+    )
+    check.add_argument("site_config", help="the site config YAML")
+    check.add_argument("--all", action="store_true", help="list every problem, not only the first ones")
+    check.set_defaults(func=_site_check)
     return parser
 
 
@@ -57,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, console)
     except ConfigError as err:
-        console.print(f"[red]error:[/] {err}", highlight=False)
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         return 2
 
 

@@ -55,6 +55,7 @@ class Replies:
     refused: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     privacy: dict[str, dict] = field(default_factory=dict)  # site -> epsilon, delta, noise, steps
+    silent: set[int] = field(default_factory=set)  # nodes that did not answer within round_timeout_s
 
 
 def make_strategy(study: StudyConfig) -> FedAvg:
@@ -184,11 +185,20 @@ class Coordinator:
             time.sleep(0.5)
         return nodes
 
-    def classify(self, replies: list[Message], reference: ArrayRecord | None) -> Replies:
+    def classify(self, replies: list[Message], reference: ArrayRecord | None, sent: list[Message]) -> Replies:
+        """Sort replies into usable, refused and failed; a site that sent nothing back in time failed."""
         out = Replies()
+        dst = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+        answered = {m.metadata.reply_to_message_id for m in replies}
+        for node in sorted(dst[i] for i in dst.keys() - answered):  # e.g. a killed SuperNode
+            name = self.node_site.get(node, f"node-{node}")
+            out.silent.add(node)
+            out.failed[name] = f"no reply within round_timeout_s={self.study.round_timeout_s:g}s"
+            log.warning("site %s: %s", name, out.failed[name])
         for msg in replies:
-            name = site_name(msg)
-            self.node_site[msg.metadata.src_node_id] = name
+            node = dst.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            name = site_name(msg) if not msg.has_error() else self.node_site.get(node, f"node-{node}")
+            self.node_site[node] = name
             if msg.has_error():
                 out.failed[name] = short_reason(msg.error.reason)
                 log.warning("site %s failed: %s", name, msg.error.reason)
@@ -215,7 +225,8 @@ class Coordinator:
             out.ok.append(msg)
         return out
 
-    def evaluate_all(self, round_: int, arrays: ArrayRecord) -> dict:
+    def evaluate_all(self, round_: int, arrays: ArrayRecord, skip: set[int] = frozenset()) -> dict:
+        """Evaluate at every connected site but those in `skip` (silent in this round's training)."""
         self.reporter.phase(round_, "evaluating at every site")
         config = self.round_config()
         config[Cfg.SERVER_ROUND] = round_
@@ -223,8 +234,9 @@ class Coordinator:
         msgs = [
             Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n)
             for n in self.grid.get_node_ids()
+            if n not in skip
         ]
-        got = self.classify(self.send(msgs), None)
+        got = self.classify(self.send(msgs), None, msgs)
         summaries, eval_s = {}, {}
         for msg in got.ok:
             m = msg.content[Rec.METRICS]
@@ -281,15 +293,14 @@ class Coordinator:
             log.info("resuming after round %d from %s", ck["round"], self.store.dir)
             random.setstate(ck["python_rng"])
             return ck["round"] + 1, ArrayRecord(ck["arrays"]), ck["results"], ck["strategy_state"]
-        data_probe = simulated_sites(study)[0] if study.data.source != "sites" else None
-        classes = _classes_for(study, data_probe)
+        classes, channels = _classes_and_channels(simulated_sites(study)[0])
         self.model_meta = {
             "model": study.model.name,
-            "in_channels": 1,
+            "in_channels": channels,
             "num_classes": len(classes),
             "classes": classes,
         }
-        model = build_model(study.model.name, in_channels=1, num_classes=len(classes), seed=study.seed)
+        model = build_model(study.model.name, in_channels=channels, num_classes=len(classes), seed=study.seed)
         self.study_id = f"{study.name}-{uuid.uuid4().hex[:8]}"
         results = {
             "study_id": self.study_id,
@@ -319,8 +330,8 @@ class Coordinator:
         for rnd in range(first, study.rounds + 1):
             t0 = time.perf_counter()
             self.reporter.phase(rnd, "training")
-            messages = strategy.configure_train(rnd, arrays, self.round_config(rnd), self.grid)
-            got = self.classify(self.send(messages), arrays)
+            messages = list(strategy.configure_train(rnd, arrays, self.round_config(rnd), self.grid))
+            got = self.classify(self.send(messages), arrays, messages)
             if len(got.ok) < study.min_sites:
                 reason = (
                     f"round {rnd}: only {len(got.ok)} site(s) returned a usable update "
@@ -332,7 +343,7 @@ class Coordinator:
             new_arrays, _ = strategy.aggregate_train(rnd, got.ok)
             if new_arrays is not None:
                 arrays = new_arrays
-            evaluation = self.evaluate_all(rnd, arrays)
+            evaluation = self.evaluate_all(rnd, arrays, skip=got.silent)
             round_s = time.perf_counter() - t0
             record = self._round_record(rnd, got, evaluation)
             if study.privacy.enabled:
@@ -446,18 +457,17 @@ class Coordinator:
                 series.append(round(values[site], 4) if site in values else None)
 
 
-def _classes_for(study: StudyConfig, probe) -> list[str]:
-    if study.data.source == "synthetic":
-        return ["normal", "finding"]
-    if study.data.source == "medmnist":
+def _classes_and_channels(site) -> tuple[list[str], int]:
+    """The model's classes and input channels, from the study's first site (all sites agree)."""
+    if site.data.format == "synthetic":
+        return ["normal", "finding"], 1
+    if site.data.format == "medmnist":
         from common.data import load_npz
 
-        data = load_npz(probe.data.path)
+        data = load_npz(site.data.path)
         n = int(max(data["train_labels"].max(), data["test_labels"].max()) + 1)
-        return [str(c) for c in range(n)]
-    from common.config import load_site
-
-    return load_site(study.data.site_configs[0]).data.classes
+        return site.data.classes or [str(c) for c in range(n)], 1
+    return list(site.data.classes), int(site.data.preprocess.channels)
 
 
 def run_study(

@@ -28,12 +28,25 @@ def preflight(study: StudyConfig, out_dir: Path) -> list:
     Simulated sites keep their state (privacy ledger) in OUT_DIR/sites/<site> unless their own
     site config names a state_dir.
     """
+    from common.models import MIN_INPUT_SIZE
+
     sites = simulated_sites(study, state_root=out_dir / "sites")
     for site in sites:
         try:
-            load_site_data(site)
+            data = load_site_data(site)
         except SiteDataError as err:
             raise ConfigError(f"{study.source_path}: {err}") from err
+        if site.data.classes and sites[0].data.classes and site.data.classes != sites[0].data.classes:
+            raise ConfigError(
+                f"{study.source_path}: site '{site.site}' lists classes {site.data.classes} but site "
+                f"'{sites[0].site}' lists {sites[0].data.classes}; every site must list the same classes."
+            )
+        needed = MIN_INPUT_SIZE.get(study.model.name, 0)
+        if min(data.train_x.shape[-2:]) < needed:
+            raise ConfigError(
+                f"{study.source_path}: 'model.name' {study.model.name} needs images of at least "
+                f"{needed}x{needed} pixels; site '{site.site}' gives {tuple(data.train_x.shape[-2:])}."
+            )
     return sites
 
 

@@ -1,0 +1,66 @@
+"""What leaves a site: model arrays and aggregate metrics only, never file names, patient ids or
+per-image values. The real ClientApp handlers answer real Flower Messages for a DICOM site."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import handle_evaluate, handle_train, runtime_for
+from common.config import load_site
+from common.keys import Cfg, Rec, Site
+from common.models import build_model
+from tests.common.test_sources import write_dicom_site
+
+
+@pytest.fixture
+def site(tmp_path):
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    return load_site(write_dicom_site(tmp_path / "site", name="hospital-x", patients=8, size=32, seed=3))
+
+
+def _config(rnd: int) -> ConfigRecord:
+    return ConfigRecord({Cfg.SERVER_ROUND: rnd, Cfg.LOCAL_EPOCHS: 1, Cfg.BATCH_SIZE: 8, Cfg.LR: 1e-3,
+                         Cfg.OPTIMIZER: "adam", Cfg.MODEL: "cnn28", Cfg.IN_CHANNELS: 1, Cfg.NUM_CLASSES: 2,
+                         Cfg.SEED: 0})  # fmt: skip
+
+
+def _strings(content: RecordDict) -> list[str]:
+    out = list(content.keys())
+    for record in content.values():
+        for key, value in record.items():
+            out.append(key)
+            out += [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)]
+    return out
+
+
+def test_site_replies_carry_only_arrays_and_aggregate_numbers(site):
+    rt = runtime_for(site)
+    arrays = ArrayRecord(build_model("cnn28").state_dict())
+    train = Message(RecordDict({Rec.ARRAYS: arrays, Rec.CONFIG: _config(1)}), dst_node_id=1,
+                    message_type=MessageType.TRAIN)  # fmt: skip
+    evaluate = Message(RecordDict({Rec.ARRAYS: arrays, Rec.CONFIG: _config(1)}), dst_node_id=1,
+                       message_type=MessageType.EVALUATE)  # fmt: skip
+    replies = [handle_train(train, rt).content, handle_evaluate(evaluate, rt).content]
+
+    sheet = (Path(site.source_path).parent / site.data.labels).read_text().splitlines()[1:]
+    private = {cell for line in sheet for cell in line.split(",")[:2] if cell}  # file, patient_id
+    assert len(private) > 10
+    n_test = len(rt.data.test_y)
+    for content in replies:
+        for name, record in content.items():
+            assert isinstance(record, ArrayRecord | MetricRecord | ConfigRecord), name
+            if isinstance(record, ConfigRecord):  # the site's name and a refusal reason, nothing else
+                assert set(record.keys()) == {Site.NAME, Site.REFUSED}
+            if isinstance(record, MetricRecord):
+                for key, value in record.items():
+                    values = value if isinstance(value, list) else [value]
+                    assert all(isinstance(v, int | float) for v in values), key
+                    assert len(values) != n_test, f"{key} looks like one value per test image"
+        text = " ".join(_strings(content))
+        assert not any(p in text for p in private)
+    assert replies[0][Rec.SITE][Site.NAME] == "hospital-x"
+    assert set(replies[1][Rec.METRICS].keys()) >= {"auc", "n-test", "confusion", "score-hist"}
