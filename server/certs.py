@@ -7,14 +7,20 @@ writes one folder per party, so each gets only what it needs:
     OUT_DIR/ca/ca.crt, ca.key                         the CA; keep ca.key offline (it signs server certs)
     OUT_DIR/superlink/ca.crt, server.pem, server.key  the coordinator's TLS certificate and key
     OUT_DIR/superlink/supernodes/<site>.pub           public keys the coordinator registers
+    OUT_DIR/superlink/superexec.secret                shared by the SuperLink and its SuperExec
     OUT_DIR/sites/<site>/ca.crt, auth.key, auth.pub   what hospital <site> needs to connect
+    OUT_DIR/sites/<site>/superexec.secret             shared by the site's SuperNode and SuperExec
 
-TLS: the SuperLink's certificate names every host name and address given with `--hosts` (default
-localhost, 127.0.0.1, ::1) and is signed by the CA that each site trusts. SuperNode authentication:
+TLS: the SuperLink's certificate names every host name and address given with `--hosts`, always
+with localhost, 127.0.0.1 and ::1 (where the SuperExec beside the SuperLink reaches it), and is signed
+by the CA that each site trusts. SuperNode authentication:
 each site signs its requests with its own EC P-384 key (OpenSSH format, as Flower reads it); the
 SuperLink accepts only sites whose public key was registered (`flwr supernode register`).
 
-Private keys are written owner-only (0600). Existing keys are kept and reused (so adding a site later
+The SuperExec secrets authenticate the process that runs fedward's apps to its SuperLink or SuperNode
+when they run in separate containers (`--isolation process`, as in deploy/compose and deploy/k8s).
+
+Private keys and secrets are written owner-only (0600). Existing keys are kept and reused (so adding a site later
 signs nothing new and changes no other party's files); `--force` replaces them.
 """
 
@@ -25,6 +31,7 @@ import datetime
 import ipaddress
 import os
 import re
+import secrets
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -61,6 +68,7 @@ class Credentials:
     site_pubs: dict[str, Path] = field(default_factory=dict)  # site -> auth.pub
     site_cas: dict[str, Path] = field(default_factory=dict)  # site -> ca.crt
     registered_pubs: dict[str, Path] = field(default_factory=dict)  # site -> superlink/supernodes/<site>.pub
+    superexec_secrets: dict[str, Path] = field(default_factory=dict)  # "superlink" or site -> secret file
     made: list[Path] = field(default_factory=list)
     kept: list[Path] = field(default_factory=list)
 
@@ -82,9 +90,13 @@ def parse_sites(text: str) -> list[str]:
 
 
 def parse_hosts(text: str) -> list[x509.GeneralName]:
-    """'localhost,10.0.0.5' -> SAN entries: an IP address where it parses as one, else a DNS name."""
+    """'coordinator.example.org,10.0.0.5' -> SAN entries (an IP address where it parses as one, else a
+    DNS name), after localhost, 127.0.0.1 and ::1, which are always named."""
     names: list[x509.GeneralName] = []
-    for h in (h.strip() for h in text.split(",")):
+    given = [h.strip() for h in text.split(",")]
+    if not any(given):
+        raise CertsError("--hosts is empty: give the SuperLink's host names and addresses")
+    for h in dict.fromkeys([*DEFAULT_HOSTS, *given]):
         if not h:
             continue
         try:
@@ -93,8 +105,6 @@ def parse_hosts(text: str) -> list[x509.GeneralName]:
             if not re.match(r"^[A-Za-z0-9*]([A-Za-z0-9.-]*[A-Za-z0-9])?$", h):
                 raise CertsError(f"--hosts: '{h}' is neither an IP address nor a host name") from None
             names.append(x509.DNSName(h))
-    if not names:
-        raise CertsError("--hosts is empty: give the SuperLink's host names and addresses")
     return names
 
 
@@ -113,6 +123,16 @@ def _write(path: Path, data: bytes, *, private: bool) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _secret(path: Path, force: bool, c: Credentials) -> Path:
+    """A random shared secret (64 hex digits), kept when it exists unless `force`."""
+    if path.exists() and not force:
+        c.kept.append(path)
+    else:
+        _write(path, secrets.token_hex(32).encode(), private=True)
+        c.made.append(path)
+    return path
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -192,7 +212,7 @@ def make_server_cert(
     hosts: list[x509.GeneralName],
     days: int,
 ) -> x509.Certificate:
-    first = hosts[0].value
+    first = next((h.value for h in hosts if str(h.value) not in DEFAULT_HOSTS), hosts[0].value)
     return (
         x509.CertificateBuilder()
         .subject_name(_name(f"fedward superlink {first}"))
@@ -309,6 +329,7 @@ def make_credentials(
     else:
         c.kept.append(c.server_cert)
     _write(c.superlink_ca, ca_pem, private=False)
+    c.superexec_secrets["superlink"] = _secret(out / "superlink" / "superexec.secret", force, c)
 
     # one authentication key pair per site
     for site in sites:
@@ -333,6 +354,7 @@ def make_credentials(
         _write(registered, pub, private=False)
         _write(ca_path, ca_pem, private=False)
         c.site_keys[site], c.site_pubs[site], c.site_cas[site] = key_path, pub_path, ca_path
+        c.superexec_secrets[site] = _secret(folder / "superexec.secret", force, c)
         c.registered_pubs[site] = registered
     return c
 
@@ -367,7 +389,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hosts",
         default=None,
-        help=f"comma-separated host names and IP addresses of the SuperLink (default: {','.join(DEFAULT_HOSTS)})",
+        help=f"comma-separated host names and IP addresses the sites use to reach the SuperLink "
+        f"({', '.join(DEFAULT_HOSTS)} are always included)",
     )
     parser.add_argument("--days", type=int, default=DEFAULT_DAYS, help="validity of new certificates")
     parser.add_argument("--force", action="store_true", help="replace existing keys and certificates")

@@ -61,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("site_config", help="the site config YAML")
     check.add_argument("--all", action="store_true", help="list every problem, not only the first ones")
     check.set_defaults(func=_site_check)
+
+    from server import certs, deploy
+
+    cp = sub.add_parser("certs", help="make a CA, the SuperLink's TLS certificate and one key pair per site")
+    certs.add_arguments(cp)
+    cp.set_defaults(func=lambda args, console: certs.run(args))
+    dp = sub.add_parser(
+        "deploy-local", help="SuperLink + one SuperNode per site on 127.0.0.1 (TLS, auth), run a study, stop"
+    )
+    deploy.add_arguments(dp)
+    dp.set_defaults(func=lambda args, console: deploy.run(args))
     return parser
 
 
@@ -73,6 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, console)
     except ConfigError as err:
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
+        return 2
+    except Exception as err:
+        from server.deploy import DeploymentError
+
+        if not isinstance(err, DeploymentError):
+            raise
         console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         return 2
 
