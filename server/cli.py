@@ -40,6 +40,18 @@ def _site_check(args: argparse.Namespace, console: Console) -> int:
     return check_main([args.site_config, *(["--all"] if args.all else [])])
 
 
+def _study(args: argparse.Namespace, console: Console) -> int:
+    from server.study import cli
+
+    return cli(args, console)
+
+
+def _report(args: argparse.Namespace, console: Console) -> int:
+    from server.report import cli
+
+    return cli(args, console)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedward", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     sim.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(func=_simulate)
+    st = sub.add_parser(
+        "study", help="federated vs local-only vs centralized vs leave-one-site-out, with a report"
+    )
+    st.add_argument("config", help="study config YAML, e.g. configs/study-demo.yaml")
+    st.add_argument("--out", required=True, help="folder for study.json, report.html, plots and the runs")
+    st.add_argument("--rounds", type=int, help="override the number of rounds")
+    st.add_argument("--sites", type=int, help="override the number of sites")
+    st.add_argument("--data-dir", help="folder of data files (overrides FEDWARD_DATA and the config)")
+    st.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
+    st.set_defaults(func=_study)
+    rep = sub.add_parser("report", help="rebuild report.html and the plots from a run folder's JSON")
+    rep.add_argument("dir", help="the --out folder of a `fedward study` or `fedward simulate` run")
+    rep.set_defaults(func=_report)
 
     site = sub.add_parser("site", help="what a site operator runs at the hospital")
     site_sub = site.add_subparsers(dest="site_command", required=True)

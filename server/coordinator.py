@@ -32,7 +32,7 @@ from common.privacy import PrivacyKey
 from server.store import RunStore
 
 log = logging.getLogger("fedward.coordinator")
-RESUME_IGNORED_KEYS = {"rounds", "source_path", "round_timeout_s"}
+RESUME_IGNORED_KEYS = {"rounds", "source_path", "round_timeout_s", "study"}
 
 
 class StudyStopped(RuntimeError):

@@ -1,0 +1,140 @@
+"""Federated against local-only, federated with privacy and centralized, per site, in one run.
+
+    python bench/bench_study.py --data-dir ../shared/data [--rounds N] [--datasets pneumoniamnist breastmnist]
+
+For each data set (configs/<name>.yaml as shipped, with 3 sites, label skew and acquisition shift on:
+each site's images as if from its own scanner), runs `fedward study` with privacy compared (the DP
+runs at target epsilon 8 per site) and prints the test AUC of every model on every site's test data
+and on all test data pooled: each site's local-only model, the federated model, the federated model
+with privacy (and its largest site epsilon) and the centralized model. Then the targets, measured:
+
+  1. the federated model beats every local-only model on every site's test data
+  2. pooled, the federated model is within 1 AUC point of centralized
+  3. the worst site under federation is within 3 AUC points of the pooled AUC
+
+`--leave-one-out` adds the leave-one-site-out federations (3 more runs per data set). Each study's
+folder (study.json, report.html) is kept under --out, a temporary folder by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rich.console import Console  # noqa: E402
+
+from common.config import load_study  # noqa: E402
+from server.study import run_comparison  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def study_for(dataset: str, args: argparse.Namespace):
+    study = load_study(
+        ROOT / "configs" / f"{dataset}.yaml", rounds=args.rounds, num_sites=3, data_dir=args.data_dir
+    )
+    study.data.partition.scheme = "label_skew"
+    study.data.partition.acquisition_shift = True
+    study.privacy.enabled = False  # the study as configured; compare_privacy adds the DP runs
+    study.privacy.target_epsilon = 8.0
+    study.study.compare_privacy = True
+    study.study.local = True
+    study.study.centralized = True
+    study.study.leave_one_out = args.leave_one_out
+    return study
+
+
+def report(dataset: str, doc: dict, wall: float) -> bool:
+    s = doc["study"]
+    sites, models = doc["sites"], doc["models"]
+    test_sets = [*sites, "pooled"]
+    columns = [(f"local:{x}", f"{x} alone") for x in sites]
+    columns += [("federated", "federated"), ("federated-dp", "fed. DP"), ("centralized", "centralized")]
+    print(
+        f"\n== {dataset}: {len(sites)} sites, label skew alpha {s['data']['partition']['alpha']} + acquisition "
+        f"shift, {s['rounds']} rounds x {s['train']['local_epochs']} local epochs, {s['model']['name']}; "
+        f"DP target epsilon {s['privacy']['target_epsilon']:g}; {wall / 60:.1f} min"
+    )
+    width = max(14, *(len(label) + 2 for _, label in columns))
+    print(f"  {'test data':<12}{'n':>6}" + "".join(f"{label:>{width}}" for _, label in columns))
+    for t in test_sets:
+        n = (
+            sum(i["n_test"] for i in doc["site_info"].values())
+            if t == "pooled"
+            else doc["site_info"][t]["n_test"]
+        )
+        cells = []
+        for key, _ in columns:
+            auc = models[key]["eval"].get(t, {}).get("auc")
+            cells.append(f"{'-' if auc is None else f'{auc:.4f}':>{width}}")
+        print(f"  {t:<12}{n:>6}" + "".join(cells))
+    own = doc["comparison"]["rows"]["pooled"]["local"]["auc"]
+    eps = max(e for e in models["federated-dp"]["epsilon"].values() if e is not None)
+    print(
+        f"  {'(each site its own local model, pooled)':<40} {own:.4f};  largest site epsilon with DP {eps:.2f}"
+    )
+
+    fed = {t: models["federated"]["eval"][t]["auc"] for t in test_sets}
+    margins = [fed[t] - models[f"local:{x}"]["eval"][t]["auc"] for t in sites for x in sites]
+    central = models["centralized"]["eval"]["pooled"]["auc"]
+    worst = min(sites, key=lambda t: fed[t])
+    checks = [
+        (
+            "federated beats every local-only model on every site's test data",
+            min(margins) > 0,
+            f"smallest margin {min(margins) * 100:+.1f} points",
+        ),
+        (
+            "pooled: federated within 1 AUC point of centralized",
+            fed["pooled"] >= central - 0.01,
+            f"{fed['pooled']:.4f} vs {central:.4f} ({(fed['pooled'] - central) * 100:+.1f} points)",
+        ),
+        (
+            "worst site under federation within 3 points of the pooled AUC",
+            fed[worst] >= fed["pooled"] - 0.03,
+            f"{worst} {fed[worst]:.4f} vs pooled {fed['pooled']:.4f} ({(fed[worst] - fed['pooled']) * 100:+.1f} points)",
+        ),
+        ("DP runs within epsilon 8 per site", eps <= 8.0 + 1e-6, f"largest {eps:.2f}"),
+    ]
+    for text, ok, detail in checks:
+        print(f"  [{'met' if ok else 'MISSED'}] {text}: {detail}")
+    return all(ok for _, ok, _ in checks)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", default=os.environ.get("FEDWARD_DATA", "../shared/data"))
+    parser.add_argument("--datasets", nargs="+", default=["pneumoniamnist", "breastmnist"])
+    parser.add_argument("--rounds", type=int, help="override the configs' rounds (a quick check)")
+    parser.add_argument(
+        "--leave-one-out", action="store_true", help="also run the leave-one-site-out federations"
+    )
+    parser.add_argument(
+        "--out", default="", help="keep each study in OUT/<dataset> (default: a temporary folder)"
+    )
+    args = parser.parse_args()
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="fedward-bench-study-"))
+    console = Console(stderr=True)  # progress to stderr; the figures to stdout
+    met = {}
+    for dataset in args.datasets:
+        t0 = time.perf_counter()
+        doc = run_comparison(study_for(dataset, args), out / dataset, console=console)
+        met[dataset] = report(dataset, doc, time.perf_counter() - t0)
+        print(f"  report: {out / dataset / 'report.html'}")
+    print(
+        "\nall targets met"
+        if all(met.values())
+        else f"\ntargets missed for: {[d for d, ok in met.items() if not ok]}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
