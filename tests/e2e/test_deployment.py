@@ -194,7 +194,9 @@ def test_deploy_local_runs_two_rounds_over_tls_with_all_three_sites(tmp_path, si
 def test_a_site_killed_mid_round_does_not_stop_the_study_and_rejoins(deployment, tmp_path):
     ensure_online(deployment)
     timeout_s = 45.0  # longer than a healthy round phase here
-    study = write_study(tmp_path / "kill.yaml", rounds=2, timeout_s=timeout_s)
+    # 3 rounds: a killed SuperNode stays "online" at the SuperLink for up to a minute (two missed
+    # heartbeats), so the round after the kill may still address the dead node; the one after it not
+    study = write_study(tmp_path / "kill.yaml", rounds=3, timeout_s=timeout_s)
     victim = deployment.services["supernode-hospital-c"]
     mark = len(victim.log_text())
 
@@ -214,13 +216,13 @@ def test_a_site_killed_mid_round_does_not_stop_the_study_and_rejoins(deployment,
     assert run.proc.returncode == 0, run.tail()
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["status"] == "completed"
-    first, second = results["rounds"]
+    first, *later = results["rounds"]
     assert first["participants"] == ["hospital-a", "hospital-b"]
     assert "hospital-c" in first["failed"]
     assert results["timing"]["round_s"][0] < 2 * timeout_s  # waited for the dead site once, not twice
     assert rejoined and rejoined[0].alive()
-    assert second["participants"] == SITES  # back in the next round
-    assert sorted(second["sites"]) == SITES
+    assert later[-1]["participants"] == SITES  # back in a later round
+    assert sorted(later[-1]["sites"]) == SITES and sorted(results["final"]["sites"]) == SITES
 
 
 @pytest.mark.slow
