@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client import guard
-from client.dp import make_private
+from client.dp import make_private_for
 from client.train import device, make_optimizer, predict, train_epochs, train_loader
 from common.config import SiteConfig, load_site
 from common.data import SiteData, load_site_data
@@ -103,18 +103,8 @@ def handle_train(msg: Message, rt: SiteRuntime) -> Message:
     criterion = torch.nn.CrossEntropyLoss()
     dp, entry = None, None
     if plan is not None:
-        model.train()  # Opacus wraps a model in training mode
-        r = plan.request
-        dp = make_private(
-            model=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            criterion=criterion,
-            noise_multiplier=r.noise_multiplier,
-            max_grad_norm=r.max_grad_norm,
-            poisson_sampling=r.poisson_sampling,
-            grad_sample_mode=r.grad_sample_mode,
-            secure_mode=r.secure_mode,
+        dp = make_private_for(
+            plan.request, model=model, optimizer=optimizer, data_loader=loader, criterion=criterion
         )
         model, loader, optimizer, criterion = dp.model, dp.data_loader, dp.optimizer, dp.criterion
     try:

@@ -30,7 +30,7 @@ from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
-from common.privacy import GRAD_SAMPLE_MODES, HistoryItem, PrivacyConfigError, rdp_epsilon
+from common.privacy import GRAD_SAMPLE_MODES, HistoryItem, PrivacyConfigError, PrivacyRequest, rdp_epsilon
 
 
 @dataclass
@@ -159,4 +159,27 @@ def make_private(
         max_grad_norm=float(max_grad_norm),
         sample_rate=1.0 / len(dp_loader),  # as PrivacyEngine.make_private computes it
         grad_sample_mode=grad_sample_mode,
+    )
+
+
+def make_private_for(
+    request: PrivacyRequest,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader,
+    criterion: Callable[..., Any],
+) -> PrivateTraining:
+    """`make_private` with the settings of a coordinator's `PrivacyRequest` (model put in training mode)."""
+    model.train()  # Opacus wraps a model in training mode
+    return make_private(
+        model=model,
+        optimizer=optimizer,
+        data_loader=data_loader,
+        criterion=criterion,
+        noise_multiplier=request.noise_multiplier,
+        max_grad_norm=request.max_grad_norm,
+        poisson_sampling=request.poisson_sampling,
+        grad_sample_mode=request.grad_sample_mode,
+        secure_mode=request.secure_mode,
     )

@@ -43,13 +43,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from torch import nn
 
-from client.dp import make_private
+from client.dp import make_private_for
 from client.train import device, make_optimizer, predict, train_epochs, train_loader
 from common.config import ConfigError, SiteConfig, StudyConfig, load_study, simulated_sites
 from common.data import SiteData, load_site_data
 from common.metrics import public_metrics, site_summary
 from common.models import build_model, load_model, save_model
-from common.privacy import derive_noise_multiplier, rdp_epsilon
+from common.privacy import PrivacyRequest, derive_noise_multiplier, rdp_epsilon
 from common.uncertainty import bootstrap_intervals, calibration, paired_difference, roc_points
 from server.coordinator import Reporter
 from server.simulate import backend_config, preflight, simulate
@@ -398,17 +398,16 @@ def train_alone(
         optimizer = make_optimizer(model, t.optimizer, t.lr * t.lr_decay ** (rnd - 1))
         criterion, dp, trainee = nn.CrossEntropyLoss(), None, model
         if private:
-            model.train()
-            dp = make_private(
-                model=model,
-                optimizer=optimizer,
-                data_loader=loader,
-                criterion=criterion,
+            request = PrivacyRequest(
                 noise_multiplier=noise,
                 max_grad_norm=p.max_grad_norm,
-                poisson_sampling=p.poisson_sampling,
+                delta=p.delta,
                 grad_sample_mode=p.grad_sample_mode,
+                poisson_sampling=p.poisson_sampling,
                 secure_mode=p.secure_mode,
+            )
+            dp = make_private_for(
+                request, model=model, optimizer=optimizer, data_loader=loader, criterion=criterion
             )
             trainee, loader, optimizer, criterion = dp.model, dp.data_loader, dp.optimizer, dp.criterion
         r0 = time.perf_counter()
