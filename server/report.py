@@ -668,14 +668,11 @@ def cli(args: argparse.Namespace, console=None) -> int:
     return 0
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dir", help="the --out folder of a `fedward study` or `fedward simulate` run")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedward report", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return cli(parser.parse_args(argv))
+    """`python -m server.report DIR`: the same as `fedward report DIR`."""
+    from server.cli import main as fedward
+
+    return fedward(["report", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -875,30 +875,11 @@ def cli(args: argparse.Namespace, console: Console) -> int:
     return 0 if doc["status"] == "completed" else 3
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="study config YAML, e.g. configs/study-demo.yaml")
-    parser.add_argument("--out", required=True, help="folder for study.json, report.html, plots and runs")
-    parser.add_argument("--rounds", type=int, help="override the number of rounds")
-    parser.add_argument("--sites", type=int, help="override the number of sites")
-    parser.add_argument("--data-dir", help="folder of data files (overrides FEDWARD_DATA and the config)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
-
-
 def main(argv: list[str] | None = None) -> int:
-    import logging
+    """`python -m server.study ...`: the same as `fedward study ...`."""
+    from server.cli import main as fedward
 
-    parser = argparse.ArgumentParser(prog="fedward study", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    console = Console(width=None if sys.stdout.isatty() else 120)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.setLevel(logging.WARNING)
-    try:
-        return cli(args, console)
-    except ConfigError as err:
-        console.print(f"[red]error:[/] {err}", highlight=False)
-        return 2
+    return fedward(["study", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
