@@ -27,7 +27,8 @@ def test_unknown_key_is_named_with_a_suggestion(tmp_path):
         load_study(path)
 
 
-def test_missing_data_file_names_the_file_and_the_override(tmp_path):
+def test_missing_data_file_names_the_file_and_the_override(tmp_path, monkeypatch):
+    monkeypatch.delenv("FEDWARD_DATA", raising=False)  # CI sets it, and it would override data_dir
     path = _write(tmp_path, "data:\n  source: medmnist\n  dataset: pneumoniamnist\n  data_dir: /nowhere\n")
     with pytest.raises(ConfigError, match=r"/nowhere/pneumoniamnist\.npz.*FEDWARD_DATA"):
         load_study(path)
