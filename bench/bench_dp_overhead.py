@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client.dp import make_private
-from common.models import build_model
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from client.dp import make_private  # noqa: E402
+from common.models import build_model  # noqa: E402
 
 MODES = ("hooks", "ghost", "functorch")
 

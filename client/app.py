@@ -88,6 +88,13 @@ def _reply(msg: Message, site: str, records: dict) -> Message:
 
 def handle_train(msg: Message, rt: SiteRuntime) -> Message:
     cfg = msg.content[Rec.CONFIG]
+    if not bool(cfg.get(Cfg.DP_ENABLED, False)):
+        return _train(msg, rt, cfg)
+    with guard.site_lock(rt.config):  # budget check to ledger line: one training at a time per ledger
+        return _train(msg, rt, cfg)
+
+
+def _train(msg: Message, rt: SiteRuntime, cfg) -> Message:
     rnd = int(cfg[Cfg.SERVER_ROUND])
     plan = None
     if bool(cfg.get(Cfg.DP_ENABLED, False)):

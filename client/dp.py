@@ -19,9 +19,10 @@ would reveal that the batch was empty and leave the step uncounted).
 
 from __future__ import annotations
 
+import types
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
+import client.grad_sample  # noqa: F401  (registers the faster Conv2d per-sample gradients)
 from common.privacy import GRAD_SAMPLE_MODES, HistoryItem, PrivacyConfigError, PrivacyRequest, rdp_epsilon
 
 
@@ -46,6 +48,8 @@ class PrivateTraining:
     max_grad_norm: float
     sample_rate: float  # 1 / batches per epoch: what the accountant counts each step with
     grad_sample_mode: str
+    # hooks mode: conv layers whose forward skips the (unused) batch weight gradient; see below
+    detached: list[torch.nn.Module] = field(default_factory=list)
 
     @property
     def steps(self) -> int:
@@ -65,6 +69,9 @@ class PrivateTraining:
 
         Call once the round's training is done, before sending the weights or wrapping it again.
         """
+        for layer in self.detached:
+            layer.__dict__.pop("forward", None)
+        self.detached = []
         return self.model.to_standard_module()
 
     def spending(self) -> dict[str, float | int]:
@@ -144,6 +151,7 @@ def make_private(
         poisson_sampling=poisson_sampling,
         grad_sample_mode=grad_sample_mode,
     )
+    detached = _skip_batch_weight_grads(model) if grad_sample_mode == "hooks" else []
     if grad_sample_mode == "ghost":  # Opacus returns (module, optimizer, criterion, data_loader)
         dp_model, dp_optimizer, dp_criterion, dp_loader = private
     else:  # (module, optimizer, data_loader): the loss is used unchanged
@@ -159,7 +167,30 @@ def make_private(
         max_grad_norm=float(max_grad_norm),
         sample_rate=1.0 / len(dp_loader),  # as PrivacyEngine.make_private computes it
         grad_sample_mode=grad_sample_mode,
+        detached=detached,
     )
+
+
+def _conv_forward_without_weight_grad(self: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    if (
+        not x.requires_grad
+    ):  # the first layer: its output needs the weights in the graph to get a backward hook
+        return self._conv_forward(x, self.weight, self.bias)
+    bias = None if self.bias is None else self.bias.detach()
+    return self._conv_forward(x, self.weight.detach(), bias)
+
+
+def _skip_batch_weight_grads(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """In `hooks` mode DP-SGD never uses the batch gradient autograd computes for a weight: Opacus's
+    hooks compute per-sample gradients from the layer's input and output gradient, and the DP
+    optimizer replaces `.grad` with the clipped, noised sum of those. For Conv2d layers that batch
+    weight gradient is a large share of the backward pass, so their forward uses detached weights
+    (the input gradient still flows). Not for ghost clipping, whose second backward pass needs it.
+    `PrivateTraining.unwrap` restores the layers' own forward."""
+    layers = [m for m in model.modules() if type(m) is torch.nn.Conv2d and "forward" not in m.__dict__]
+    for layer in layers:
+        layer.forward = types.MethodType(_conv_forward_without_weight_grad, layer)
+    return layers
 
 
 def make_private_for(

@@ -8,6 +8,7 @@ written to the ledger (flushed to disk) before its update leaves the site.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import math
@@ -31,6 +32,15 @@ class PrivateRound:
     steps: int  # planned: local epochs x batches per epoch (Poisson: expected batches)
     round: int
     study_id: str
+
+
+def site_lock(site: SiteConfig):
+    """Context manager: the site's ledger lock, to hold from `plan_round` to `record_round` so that
+    concurrent trainings at one site (two studies sharing its ledger) cannot overspend its budget.
+    A site without a state_dir has no ledger (its private rounds are refused): nothing to lock."""
+    if not site.state_dir:
+        return contextlib.nullcontext()
+    return SiteAccountant(site.state_dir).ledger.locked()
 
 
 def policy_of(site: SiteConfig) -> SitePolicy:

@@ -15,6 +15,12 @@ and a round whose update is then lost still counts (spending always counts). A r
 after a lost update is appended with `attempt` = previous attempt + 1; both attempts count.
 Appending a round already recorded without a new attempt number raises `LedgerError`.
 
+Concurrent writers: `PrivacyLedger.locked()` holds an exclusive lock (`flock` on
+`privacy-ledger.jsonl.lock`) that every `append` also takes. A site holds it from its budget check to
+its ledger line (`client.guard.site_lock`), so two processes training at one site at once (two studies
+sharing a ledger) cannot both pass the check on the same remaining budget: the second one waits, then
+sees the first one's spending. The lock is re-entrant within a process.
+
 Damaged files: a line that is not a valid entry raises `LedgerError` naming the file and line,
 except a torn last line (no final newline: the process died inside `append`). Under the contract
 above, that round's update never left the site, so the torn line is ignored with a `LedgerWarning`
@@ -24,10 +30,14 @@ entry is counted (when in doubt, count the spending).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -113,6 +123,10 @@ class LedgerEntry:
 
 _INT_FIELDS = ("round", "attempt", "steps")
 
+# per ledger path: (a lock for this process's threads, [depth, fd of the held flock])
+_LOCKS: dict[str, tuple[threading.RLock, list[int]]] = {}
+_LOCKS_MUTEX = threading.Lock()
+
 
 class PrivacyLedger:
     """Append-only JSON-lines file of `LedgerEntry`s; see the module docstring for the rules."""
@@ -122,6 +136,33 @@ class PrivacyLedger:
 
     def __repr__(self) -> str:
         return f"PrivacyLedger({str(self.path)!r})"
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold this ledger's exclusive lock (blocking; re-entrant within this process)."""
+        key = str(self.path.resolve())
+        with _LOCKS_MUTEX:
+            thread_lock, _ = _LOCKS.setdefault(key, (threading.RLock(), [0, -1]))
+        with thread_lock:
+            state = _LOCKS[key][1]
+            if state[0] == 0:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                state[1] = fd
+            state[0] += 1
+            try:
+                yield
+            finally:
+                state[0] -= 1
+                if state[0] == 0:
+                    fcntl.flock(state[1], fcntl.LOCK_UN)
+                    os.close(state[1])
+                    state[1] = -1
 
     def _read(self, *, warn: bool = True) -> tuple[list[LedgerEntry], int, bool]:
         """Entries, byte length of the intact part, and whether that part lacks a final newline."""
@@ -185,6 +226,10 @@ class PrivacyLedger:
         Raises:
             LedgerError: `entry` does not come strictly after the last recorded (round, attempt).
         """
+        with self.locked():
+            self._append(entry)
+
+    def _append(self, entry: LedgerEntry) -> None:
         entries, intact, needs_newline = self._read()
         entries = [e for e in entries if e.study == entry.study]
         if entries:
@@ -292,6 +337,30 @@ class SiteAccountant:
         `retry=True` records a second training of the last recorded round (its update was lost):
         the new attempt's spending is added to the old one's.
         """
+        with self.ledger.locked():
+            return self._record_round(
+                round=round,
+                steps=steps,
+                sample_rate=sample_rate,
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=max_grad_norm,
+                delta=delta,
+                retry=retry,
+                study=study,
+            )
+
+    def _record_round(
+        self,
+        *,
+        round: int,
+        steps: int,
+        sample_rate: float,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        delta: float,
+        retry: bool,
+        study: str,
+    ) -> LedgerEntry:
         entries = self.ledger.entries()
         attempt = 1
         same_study = [e for e in entries if e.study == study]

@@ -37,6 +37,7 @@ class PartitionConfig:
     alpha: float = 0.5  # Dirichlet concentration for label_skew: smaller = more skewed
     acquisition_shift: bool = False  # each site's images look as if from a different scanner
     min_train_per_site: int = 20  # redraw the Dirichlet split until every site has this many
+    min_test_per_class: int = 0  # ... and this many test images of every class (per-site AUC needs both)
 
 
 @dataclass
@@ -147,6 +148,7 @@ class SitePartition:
     alpha: float = 0.5
     acquisition_shift: bool = False
     min_train_per_site: int = 20
+    min_test_per_class: int = 0
     seed: int = 0
 
 
@@ -425,6 +427,7 @@ def _partition_sites(study: StudyConfig) -> list[SiteConfig]:
             alpha=study.data.partition.alpha,
             acquisition_shift=study.data.partition.acquisition_shift,
             min_train_per_site=study.data.partition.min_train_per_site,
+            min_test_per_class=study.data.partition.min_test_per_class,
             seed=study.seed,
         )
         if study.data.source == "medmnist":

@@ -153,6 +153,11 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
     return data
 
 
+def _shares(n: int, props: np.ndarray) -> np.ndarray:
+    """How many of n items each site gets for these proportions (rounded cumulative bounds)."""
+    return np.diff(np.concatenate([[0], np.round(np.cumsum(props) * n).astype(int)]))
+
+
 def partition_indices(labels: dict[str, np.ndarray], part: SitePartition) -> dict[str, np.ndarray]:
     """This site's indices into each split. Label skew uses one Dirichlet draw per class, applied
     alike to train, val and test, so a site with few positives in training has few in test."""
@@ -162,15 +167,23 @@ def partition_indices(labels: dict[str, np.ndarray], part: SitePartition) -> dic
     if part.scheme == "iid":
         props = np.full((len(classes), n_sites), 1.0 / n_sites)
     else:
+        test = labels.get("test", np.zeros(0, dtype=np.int64))
         for _ in range(1000):
             props = rng.dirichlet(np.full(n_sites, part.alpha), size=len(classes))
-            counts = [(labels["train"] == c).sum() * props[i] for i, c in enumerate(classes)]
-            if np.sum(counts, axis=0).min() >= part.min_train_per_site:
+            train = np.sum(
+                [_shares((labels["train"] == c).sum(), props[i]) for i, c in enumerate(classes)], axis=0
+            )
+            tests = [_shares((test == c).sum(), props[i]) for i, c in enumerate(classes)]
+            if (
+                train.min() >= part.min_train_per_site
+                and min(t.min() for t in tests) >= part.min_test_per_class
+            ):
                 break
         else:
             raise SiteDataError(
                 f"no label-skew split with alpha={part.alpha} gives every one of {n_sites} sites "
-                f"{part.min_train_per_site} training images; raise alpha or lower the number of sites."
+                f"{part.min_train_per_site} training images and {part.min_test_per_class} test images of "
+                "every class; raise alpha, lower those minimums or the number of sites."
             )
     out = {}
     for split, y in labels.items():
@@ -178,9 +191,8 @@ def partition_indices(labels: dict[str, np.ndarray], part: SitePartition) -> dic
         for i, c in enumerate(classes):
             idx = np.flatnonzero(y == c)
             idx = idx[np.random.default_rng([part.seed, 99, i, len(y)]).permutation(len(idx))]
-            bounds = np.round(np.cumsum(props[i]) * len(idx)).astype(int)
-            start = 0 if part.index == 0 else bounds[part.index - 1]
-            mine.append(idx[start : bounds[part.index]])
+            bounds = np.concatenate([[0], np.cumsum(_shares(len(idx), props[i]))])
+            mine.append(idx[bounds[part.index] : bounds[part.index + 1]])
         out[split] = np.sort(np.concatenate(mine))
     return out
 

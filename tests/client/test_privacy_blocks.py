@@ -261,6 +261,16 @@ def test_ledger_epsilon_equals_a_fresh_rdp_accountant_fed_the_same_steps(tmp_pat
     assert acc.history() == [(1.0, 0.02, 50), (1.2, 0.02, 50), (1.2, 0.025, 40)]
 
 
+def test_rdp_epsilon_merges_repeated_rounds_exactly_as_opacus_counts_them():
+    """rdp_epsilon sums the steps of entries with the same (noise, rate): RDP is linear in steps."""
+    history = [(2.6, 0.5, 2), (1.1, 0.05, 40)] * 15 + [(2.6, 0.5, 1), (0.9, 0.1, 7)]
+    reference = RDPAccountant()
+    reference.history = list(history)
+    assert rdp_epsilon(history, delta=DELTA) == pytest.approx(reference.get_epsilon(delta=DELTA), rel=1e-12)
+    assert rdp_epsilon(history[:1], delta=DELTA) < rdp_epsilon(history[:3], delta=DELTA)
+    assert rdp_epsilon([], delta=DELTA) == 0.0
+
+
 def test_epsilon_after_three_rounds_exceeds_epsilon_after_one(tmp_path):
     acc = SiteAccountant(tmp_path)
     eps_1 = record(acc, 1).epsilon

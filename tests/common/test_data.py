@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from common.config import StudyConfig, simulated_sites
-from common.data import load_npz, load_site_data
+from common.data import SiteDataError, load_npz, load_site_data
 
 
 def _study(medmnist_dir, **partition) -> StudyConfig:
@@ -35,6 +35,18 @@ def test_label_skew_applies_the_same_class_shares_to_train_and_test(medmnist_dir
     test_share /= test_share.sum(1, keepdims=True)
     np.testing.assert_allclose(train_share, test_share, atol=0.02)
     assert train_share.std(axis=1).max() > 0.1  # the sites really differ
+
+
+def test_min_test_per_class_redraws_until_every_site_can_measure_auc(medmnist_dir):
+    def smallest_test_class(**kw):
+        sites = [load_site_data(c) for c in simulated_sites(_study(medmnist_dir, scheme="label_skew", **kw))]
+        assert sum(len(d.test_y) for d in sites) == 624  # still an exact partition
+        return min(int((d.test_y == c).sum()) for d in sites for c in (0, 1))
+
+    assert smallest_test_class(alpha=0.5) < 10  # the first draw for seed 0 leaves a site 4 positives
+    assert smallest_test_class(alpha=0.5, min_test_per_class=20) >= 20
+    with pytest.raises(SiteDataError, match=r"alpha=0\.5.*300 test images of every class.*raise alpha"):
+        smallest_test_class(alpha=0.5, min_test_per_class=300)
 
 
 def test_acquisition_shift_changes_train_and_test_alike_and_is_deterministic(medmnist_dir):

@@ -1,0 +1,61 @@
+"""Per-sample gradients of Conv2d layers as one grouped convolution (faster than Opacus's default).
+
+Opacus computes a Conv2d layer's per-sample weight gradients by unfolding the layer's input (a copy
+k*k times its size) and multiplying it with the output gradients sample by sample. The same numbers are
+the weight gradient of a *grouped* convolution: stack the batch along the channels (input 1 x (n*c_in)
+x H x W, output gradient 1 x (n*c_out) x H' x W', groups = n * groups) and ask the convolution's own
+backward for its weight gradient, which comes out n*c_out x c_in/groups x kh x kw: sample by sample.
+That runs on oneDNN / cuDNN kernels without the unfolded copy; on the 28x28 `cnn28` model it is several
+times faster than the unfold path (bench/bench_dp_overhead.py).
+
+Registered for nn.Conv2d on import (client.dp imports this module), for Opacus's per-sample hooks
+(`hooks`) and for fast gradient clipping (`ghost`). Layers it does not cover (string padding such as
+"same", a padding mode other than zeros) fall back to Opacus's own sampler. Tests check both give the
+same per-sample gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+from opacus.grad_sample.conv import compute_conv_grad_sample
+from opacus.grad_sample.utils import register_grad_sampler
+from torch import nn
+
+
+def _covered(layer: nn.Conv2d) -> bool:
+    return isinstance(layer.padding, tuple) and layer.padding_mode == "zeros" and type(layer) is nn.Conv2d
+
+
+@register_grad_sampler(nn.Conv2d)
+def conv2d_grad_sample(
+    layer: nn.Conv2d, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients {param: n x *param.shape} of a Conv2d layer (Opacus's sampler signature)."""
+    if not _covered(layer):
+        return compute_conv_grad_sample(layer, activations, backprops)
+    x = activations[0].to(backprops.dtype)
+    n = x.shape[0]
+    out: dict[nn.Parameter, torch.Tensor] = {}
+    if n == 0:
+        return compute_conv_grad_sample(layer, activations, backprops)
+    if layer.weight.requires_grad:
+        c_out, c_in_g, kh, kw = layer.weight.shape
+        weight_shape = (n * c_out, c_in_g, kh, kw)
+        grad = torch.ops.aten.convolution_backward(
+            backprops.reshape(1, n * c_out, *backprops.shape[2:]),
+            x.reshape(1, n * x.shape[1], *x.shape[2:]),
+            # only the weight's shape is used for a weight gradient: a broadcast view, no memory
+            layer.weight.new_zeros(()).expand(weight_shape),
+            None,
+            list(layer.stride),
+            list(layer.padding),
+            list(layer.dilation),
+            False,
+            [0, 0],
+            n * layer.groups,
+            [False, True, False],
+        )[1]
+        out[layer.weight] = grad.view(n, c_out, c_in_g, kh, kw)
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = backprops.sum(dim=(2, 3))
+    return out
