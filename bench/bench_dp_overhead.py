@@ -3,6 +3,8 @@
 Times one optimizer step (forward, backward, clip + noise, update) of the `cnn28` model on a fixed
 batch of 28x28 images, without DP and with DP in each mode, interleaved step by step in one run so
 that all modes see the same machine load. Prints the median per mode and its ratio to non-DP.
+`opacus-hooks` is Opacus's hooks mode as shipped; `hooks`, `ghost`, `functorch` are as fedward runs
+them (client.grad_sample's Conv2d sampler; in `hooks`, no unused batch weight gradients).
 
     python bench/bench_dp_overhead.py [--steps 30] [--batch 64] [--threads 0] [--device cpu]
 """
@@ -15,29 +17,46 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from opacus import GradSampleModule  # noqa: E402
+from opacus.grad_sample.conv import compute_conv_grad_sample  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from client.dp import make_private  # noqa: E402
 from common.models import build_model  # noqa: E402
 
-MODES = ("hooks", "ghost", "functorch")
+MODES = ("opacus-hooks", "hooks", "ghost", "functorch")
 
 
 def build_cnn28() -> nn.Module:
     return build_model("cnn28", in_channels=1, num_classes=2, seed=0)
 
 
+@contextmanager
+def opacus_conv_sampler():
+    """Opacus's own Conv2d per-sample gradients (unfold), as shipped, instead of client.grad_sample's."""
+    ours = GradSampleModule.GRAD_SAMPLERS[nn.Conv2d]
+    GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] = compute_conv_grad_sample
+    try:
+        yield
+    finally:
+        GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] = ours
+
+
 def make_step(mode: str | None, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Callable[[], None]:
-    """One training step of a fresh cnn28, plain (mode None) or DP-SGD in `mode`."""
+    """One training step of a fresh cnn28: plain (mode None), DP-SGD as fedward runs it in `mode`,
+    or "opacus-hooks": Opacus's hooks mode as shipped (its unfold conv sampler, autograd's batch
+    weight gradients computed and thrown away)."""
     model = build_cnn28().to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     criterion = nn.CrossEntropyLoss()
+    as_shipped = mode == "opacus-hooks"
     if mode is not None:
         dp = make_private(
             model=model,
@@ -46,15 +65,19 @@ def make_step(mode: str | None, x: torch.Tensor, y: torch.Tensor, device: torch.
             criterion=criterion,
             noise_multiplier=1.0,
             max_grad_norm=1.0,
-            grad_sample_mode=mode,
+            grad_sample_mode="hooks" if as_shipped else mode,
             poisson_sampling=False,  # a fixed batch: we time the step, not the sampling
         )
+        if as_shipped:
+            for layer in dp.detached:
+                layer.__dict__.pop("forward")
         model, optimizer, criterion = dp.model, dp.optimizer, dp.criterion
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        criterion(model(x), y).backward()
-        optimizer.step()
+        with opacus_conv_sampler() if as_shipped else nullcontext():
+            optimizer.zero_grad(set_to_none=True)
+            criterion(model(x), y).backward()
+            optimizer.step()
 
     return step
 

@@ -1,12 +1,15 @@
 """Federated against local-only, federated with privacy and centralized, per site, in one run.
 
-    python bench/bench_study.py --data-dir ../shared/data [--rounds N] [--datasets pneumoniamnist breastmnist]
+    python bench/bench_study.py --data-dir ../shared/data [--seeds 3] [--rounds N] [--datasets ...]
 
 For each data set (configs/<name>.yaml as shipped, with 3 sites, label skew and acquisition shift on:
 each site's images as if from its own scanner), runs `fedward study` with privacy compared (the DP
-runs at target epsilon 8 per site) and prints the test AUC of every model on every site's test data
-and on all test data pooled: each site's local-only model, the federated model, the federated model
-with privacy (and its largest site epsilon) and the centralized model. Then the targets, measured:
+runs at target epsilon 8 per site), once per training seed (--seeds, on the same split: per-site
+test sets are small, so one seed's AUC differences are mostly noise), and prints the median over seeds
+of the test AUC of every model on every site's test data and on all test data pooled: each site's
+local-only model, the federated model, the federated model with privacy (and its largest site
+epsilon) and the centralized model. Then the targets, measured on
+those medians (and how many seeds meet each alone):
 
   1. the federated model beats every local-only model on every site's test data
   2. pooled, the federated model is within 1 AUC point of centralized
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -53,47 +57,19 @@ def study_for(dataset: str, args: argparse.Namespace):
     return study
 
 
-def report(dataset: str, doc: dict, wall: float) -> bool:
-    s = doc["study"]
-    sites, models = doc["sites"], doc["models"]
-    test_sets = [*sites, "pooled"]
-    columns = [(f"local:{x}", f"{x} alone") for x in sites]
-    columns += [("federated", "federated"), ("federated-dp", "fed. DP"), ("centralized", "centralized")]
-    print(
-        f"\n== {dataset}: {len(sites)} sites, label skew alpha {s['data']['partition']['alpha']} + acquisition "
-        f"shift, {s['rounds']} rounds x {s['train']['local_epochs']} local epochs, {s['model']['name']}; "
-        f"DP target epsilon {s['privacy']['target_epsilon']:g}; {wall / 60:.1f} min"
-    )
-    width = max(14, *(len(label) + 2 for _, label in columns))
-    print(f"  {'test data':<12}{'n':>6}" + "".join(f"{label:>{width}}" for _, label in columns))
-    for t in test_sets:
-        n = (
-            sum(i["n_test"] for i in doc["site_info"].values())
-            if t == "pooled"
-            else doc["site_info"][t]["n_test"]
-        )
-        cells = []
-        for key, _ in columns:
-            auc = models[key]["eval"].get(t, {}).get("auc")
-            cells.append(f"{'-' if auc is None else f'{auc:.4f}':>{width}}")
-        print(f"  {t:<12}{n:>6}" + "".join(cells))
-    cis = [
-        f"{t} [{ci[0]:.3f}, {ci[1]:.3f}]"
-        for t in test_sets
-        if (ci := models["federated"]["eval"].get(t, {}).get("ci", {}).get("auc"))
-    ]
-    print(f"  federated AUC, 95% bootstrap intervals: {'; '.join(cis)}")
-    own = doc["comparison"]["rows"]["pooled"]["local"]["auc"]
-    eps = max(e for e in models["federated-dp"]["epsilon"].values() if e is not None)
-    print(
-        f"  {'(each site its own local model, pooled)':<40} {own:.4f};  largest site epsilon with DP {eps:.2f}"
-    )
+def _auc(doc: dict, key: str, test_set: str) -> float | None:
+    return doc["models"][key]["eval"].get(test_set, {}).get("auc")
 
-    fed = {t: models["federated"]["eval"][t]["auc"] for t in test_sets}
-    margins = [fed[t] - models[f"local:{x}"]["eval"][t]["auc"] for t in sites for x in sites]
-    central = models["centralized"]["eval"]["pooled"]["auc"]
+
+def _targets(doc: dict) -> list[tuple[str, bool, str]]:
+    """The issue's targets, measured on one study."""
+    sites = doc["sites"]
+    fed = {t: _auc(doc, "federated", t) for t in [*sites, "pooled"]}
+    margins = [fed[t] - _auc(doc, f"local:{x}", t) for t in sites for x in sites]
+    central = _auc(doc, "centralized", "pooled")
     worst = min(sites, key=lambda t: fed[t])
-    checks = [
+    eps = max(e for e in doc["models"]["federated-dp"]["epsilon"].values() if e is not None)
+    return [
         (
             "federated beats every local-only model on every site's test data",
             min(margins) > 0,
@@ -111,9 +87,61 @@ def report(dataset: str, doc: dict, wall: float) -> bool:
         ),
         ("DP runs within epsilon 8 per site", eps <= 8.0 + 1e-6, f"largest {eps:.2f}"),
     ]
-    for text, ok, detail in checks:
-        print(f"  [{'met' if ok else 'MISSED'}] {text}: {detail}")
-    return all(ok for _, ok, _ in checks)
+
+
+def report(dataset: str, docs: list[dict], wall: float) -> bool:
+    """Print the median over seeds of every model's AUC on every test set, then the targets: measured
+    on the medians, and how many seeds meet each on their own."""
+    doc = docs[0]
+    s = doc["study"]
+    sites = doc["sites"]
+    test_sets = [*sites, "pooled"]
+    columns = [(f"local:{x}", f"{x} alone") for x in sites]
+    columns += [("federated", "federated"), ("federated-dp", "fed. DP"), ("centralized", "centralized")]
+    seeds = [d["study"]["seed"] for d in docs]
+    print(
+        f"\n== {dataset}: {len(sites)} sites, label skew alpha {s['data']['partition']['alpha']} + acquisition "
+        f"shift, {s['rounds']} rounds x {s['train']['local_epochs']} local epochs, {s['model']['name']}; "
+        f"DP target epsilon {s['privacy']['target_epsilon']:g}; training seeds {seeds} on one split; "
+        f"{wall / 60:.1f} min"
+    )
+    if len(docs) > 1:
+        print("  test AUC, median over the seeds:")
+    width = max(14, *(len(label) + 2 for _, label in columns))
+    print(f"  {'test data':<12}{'n':>6}" + "".join(f"{label:>{width}}" for _, label in columns))
+    median_doc = {"sites": sites, "models": {}}
+    for key, _ in columns:
+        evals = {}
+        for t in test_sets:
+            values = [a for d in docs if (a := _auc(d, key, t)) is not None]
+            evals[t] = {"auc": statistics.median(values)} if values else {}
+        epsilon = {}
+        if key == "federated-dp":  # the largest epsilon any seed spent, per site
+            for site in sites:
+                spent = [e for d in docs if (e := d["models"][key]["epsilon"].get(site)) is not None]
+                epsilon[site] = max(spent) if spent else None
+        median_doc["models"][key] = {"eval": evals, "epsilon": epsilon}
+    for t in test_sets:
+        info = doc["site_info"]
+        n = sum(i["n_test"] for i in info.values()) if t == "pooled" else info[t]["n_test"]
+        cells = []
+        for key, _ in columns:
+            auc = median_doc["models"][key]["eval"][t].get("auc")
+            cells.append(f"{'-' if auc is None else f'{auc:.4f}':>{width}}")
+        print(f"  {t:<12}{n:>6}" + "".join(cells))
+    for d in docs:
+        cis = [
+            f"{t} [{ci[0]:.3f}, {ci[1]:.3f}]"
+            for t in test_sets
+            if (ci := d["models"]["federated"]["eval"].get(t, {}).get("ci", {}).get("auc"))
+        ]
+        print(f"  seed {d['study']['seed']}: federated AUC, 95% bootstrap intervals: {'; '.join(cis)}")
+
+    per_seed = [_targets(d) for d in docs]
+    for i, (text, ok, detail) in enumerate(_targets(median_doc)):
+        met = sum(targets[i][1] for targets in per_seed)
+        print(f"  [{'met' if ok else 'MISSED'}] {text}: {detail}  (met by {met} of {len(docs)} seeds alone)")
+    return all(ok for _, ok, _ in _targets(median_doc))
 
 
 def main() -> int:
@@ -121,6 +149,9 @@ def main() -> int:
     parser.add_argument("--data-dir", default=os.environ.get("FEDWARD_DATA", "../shared/data"))
     parser.add_argument("--datasets", nargs="+", default=["pneumoniamnist", "breastmnist"])
     parser.add_argument("--rounds", type=int, help="override the configs' rounds (a quick check)")
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="training seeds per data set (same split); medians are reported"
+    )
     parser.add_argument(
         "--leave-one-out", action="store_true", help="also run the leave-one-site-out federations"
     )
@@ -134,9 +165,14 @@ def main() -> int:
     met = {}
     for dataset in args.datasets:
         t0 = time.perf_counter()
-        doc = run_comparison(study_for(dataset, args), out / dataset, console=console)
-        met[dataset] = report(dataset, doc, time.perf_counter() - t0)
-        print(f"  report: {out / dataset / 'report.html'}")
+        docs = []
+        for seed in range(args.seeds):
+            study = study_for(dataset, args)
+            study.seed, study.data.partition.seed = seed, 0  # same sites and split, another training seed
+            folder = out / dataset / f"seed-{seed}"
+            docs.append(run_comparison(study, folder, console=console))
+        met[dataset] = report(dataset, docs, time.perf_counter() - t0)
+        print(f"  reports: {out / dataset}/seed-*/report.html")
     print(
         "\nall targets met"
         if all(met.values())

@@ -38,6 +38,7 @@ class PartitionConfig:
     acquisition_shift: bool = False  # each site's images look as if from a different scanner
     min_train_per_site: int = 20  # redraw the Dirichlet split until every site has this many
     min_test_per_class: int = 0  # ... and this many test images of every class (per-site AUC needs both)
+    seed: int | None = None  # seed of the split; None: the study's seed
 
 
 @dataclass
@@ -428,7 +429,7 @@ def _partition_sites(study: StudyConfig) -> list[SiteConfig]:
             acquisition_shift=study.data.partition.acquisition_shift,
             min_train_per_site=study.data.partition.min_train_per_site,
             min_test_per_class=study.data.partition.min_test_per_class,
-            seed=study.seed,
+            seed=study.seed if study.data.partition.seed is None else study.data.partition.seed,
         )
         if study.data.source == "medmnist":
             data = SiteDataConfig(format="medmnist", path=str(medmnist_path(study)), partition=part)
