@@ -16,12 +16,14 @@ those medians (and how many seeds meet each alone):
   3. the worst site under federation is within 3 AUC points of the pooled AUC
 
 `--leave-one-out` adds the leave-one-site-out federations (3 more runs per data set). Each study's
-folder (study.json, report.html) is kept under --out, a temporary folder by default.
+folder (study.json, report.html) is kept under --out (OUT/<dataset>/seed-<k>), a temporary folder by
+default; a completed study found there is reused, so a run cut short can be continued.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -170,6 +172,11 @@ def main() -> int:
             study = study_for(dataset, args)
             study.seed, study.data.partition.seed = seed, 0  # same sites and split, another training seed
             folder = out / dataset / f"seed-{seed}"
+            done = folder / "study.json"
+            if done.exists() and json.loads(done.read_text()).get("status") == "completed":
+                print(f"  {dataset} seed {seed}: reusing the completed study in {folder}", file=sys.stderr)
+                docs.append(json.loads(done.read_text()))
+                continue
             docs.append(run_comparison(study, folder, console=console))
         met[dataset] = report(dataset, docs, time.perf_counter() - t0)
         print(f"  reports: {out / dataset}/seed-*/report.html")

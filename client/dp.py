@@ -34,6 +34,13 @@ from torch.utils.data import DataLoader
 import client.grad_sample  # noqa: F401  (registers the faster Conv2d per-sample gradients)
 from common.privacy import GRAD_SAMPLE_MODES, HistoryItem, PrivacyConfigError, PrivacyRequest, rdp_epsilon
 
+# Opacus's per-sample hooks sit on every layer, the first one too, whose input (the images) needs no
+# gradient: torch then warns once per backward pass. Expected, and harmless: silence it.
+warnings.filterwarnings(
+    "ignore",
+    message="Full backward hook is firing when gradients are computed with respect to module outputs",
+)
+
 
 @dataclass
 class PrivateTraining:
