@@ -337,48 +337,25 @@ class SiteAccountant:
         `retry=True` records a second training of the last recorded round (its update was lost):
         the new attempt's spending is added to the old one's.
         """
-        with self.ledger.locked():
-            return self._record_round(
-                round=round,
-                steps=steps,
-                sample_rate=sample_rate,
-                noise_multiplier=noise_multiplier,
-                max_grad_norm=max_grad_norm,
-                delta=delta,
-                retry=retry,
+        with self.ledger.locked():  # read the ledger and append to it as one step
+            entries = self.ledger.entries()
+            attempt = 1
+            same_study = [e for e in entries if e.study == study]
+            if retry and same_study and same_study[-1].round == round:
+                attempt = same_study[-1].attempt + 1
+            history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
+            history.append((float(noise_multiplier), float(sample_rate), int(steps)))
+            entry = LedgerEntry(
+                round=int(round),
+                attempt=attempt,
+                steps=int(steps),
+                sample_rate=float(sample_rate),
+                noise_multiplier=float(noise_multiplier),
+                max_grad_norm=float(max_grad_norm),
+                delta=float(delta),
+                epsilon=rdp_epsilon(history, delta=delta),
+                time=datetime.now(UTC).isoformat(timespec="seconds"),
                 study=study,
             )
-
-    def _record_round(
-        self,
-        *,
-        round: int,
-        steps: int,
-        sample_rate: float,
-        noise_multiplier: float,
-        max_grad_norm: float,
-        delta: float,
-        retry: bool,
-        study: str,
-    ) -> LedgerEntry:
-        entries = self.ledger.entries()
-        attempt = 1
-        same_study = [e for e in entries if e.study == study]
-        if retry and same_study and same_study[-1].round == round:
-            attempt = same_study[-1].attempt + 1
-        history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
-        history.append((float(noise_multiplier), float(sample_rate), int(steps)))
-        entry = LedgerEntry(
-            round=int(round),
-            attempt=attempt,
-            steps=int(steps),
-            sample_rate=float(sample_rate),
-            noise_multiplier=float(noise_multiplier),
-            max_grad_norm=float(max_grad_norm),
-            delta=float(delta),
-            epsilon=rdp_epsilon(history, delta=delta),
-            time=datetime.now(UTC).isoformat(timespec="seconds"),
-            study=study,
-        )
-        self.ledger.append(entry)
-        return entry
+            self.ledger.append(entry)
+            return entry
