@@ -23,7 +23,7 @@ from flwr.clientapp import ClientApp
 
 from client import guard
 from client.dp import make_private_for
-from client.train import device, make_optimizer, predict, train_epochs, train_loader
+from client.train import device, make_criterion, make_optimizer, predict, train_epochs, train_loader
 from common.config import SiteConfig, load_site
 from common.data import SiteData, load_site_data
 from common.keys import Cfg, Met, Rec, Site
@@ -107,7 +107,8 @@ def _train(msg: Message, rt: SiteRuntime, cfg) -> Message:
     seed = int(cfg.get(Cfg.SEED, 0)) * 1000 + rnd
     loader = train_loader(rt.data.train_x, rt.data.train_y, int(cfg[Cfg.BATCH_SIZE]), seed)
     optimizer = make_optimizer(model, str(cfg[Cfg.OPTIMIZER]), float(cfg[Cfg.LR]))
-    criterion = torch.nn.CrossEntropyLoss()
+    balanced = bool(cfg.get(Cfg.CLASS_BALANCE, False))
+    criterion = make_criterion(rt.data.train_y, int(cfg[Cfg.NUM_CLASSES]), balanced).to(device())
     dp, entry = None, None
     if plan is not None:
         dp = make_private_for(

@@ -49,6 +49,11 @@ def policy_of(site: SiteConfig) -> SitePolicy:
 
 def plan_round(cfg: Mapping, site: SiteConfig, n_train: int) -> tuple[PrivateRound | None, str | None]:
     """(the round's plan, None) when the site may train it privately, or (None, refusal reason)."""
+    if bool(cfg.get(Cfg.CLASS_BALANCE, False)):
+        return None, (
+            f"site '{site.site}' refuses round {cfg[Cfg.SERVER_ROUND]}: a class-balanced loss (weights "
+            "counted on the site's data) is not private; the study must turn train.class_balance off"
+        )
     if not site.state_dir:
         return None, (
             f"site '{site.site}' has no state_dir in its site config: the privacy ledger needs a "

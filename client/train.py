@@ -39,6 +39,32 @@ def make_optimizer(model: nn.Module, name: str, lr: float) -> torch.optim.Optimi
     return torch.optim.Adam(model.parameters(), lr=lr)
 
 
+class BalancedCrossEntropy(nn.CrossEntropyLoss):
+    """Cross-entropy with each sample's loss weighted by a fixed weight of its class, averaged over
+    the batch (not over the weights, unlike `CrossEntropyLoss(weight=...)`), so that one sample's
+    loss never depends on the rest of the batch. Honours `reduction` as Opacus sets it."""
+
+    def __init__(self, class_weights: torch.Tensor):
+        super().__init__()
+        self.register_buffer("class_weights", class_weights.float())
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        losses = nn.functional.cross_entropy(logits, target, reduction="none") * self.class_weights[target]
+        if self.reduction == "none":
+            return losses
+        return losses.sum() if self.reduction == "sum" else losses.mean()
+
+
+def make_criterion(train_y: torch.Tensor, num_classes: int, balanced: bool) -> nn.Module:
+    """The training loss: plain cross-entropy, or class-balanced (weights n / (classes x n_class),
+    counted on these training labels; a class absent here gets weight 0)."""
+    if not balanced:
+        return nn.CrossEntropyLoss()
+    counts = torch.bincount(train_y.long().flatten(), minlength=num_classes).double()
+    weights = torch.where(counts > 0, counts.sum() / (int((counts > 0).sum()) * counts.clamp(min=1)), 0.0)
+    return BalancedCrossEntropy(weights)
+
+
 def train_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=g)

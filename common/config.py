@@ -73,6 +73,9 @@ class TrainConfig:
     lr_decay: float = 1.0  # the learning rate of round r is lr * lr_decay ** (r - 1)
     optimizer: str = "adam"  # adam | sgd
     augment: bool = False  # random flips and small shifts during local training
+    # weight each class's loss by n / (classes x n_class), counted on the training images where the
+    # model trains (each site its own); not with privacy (the weights would depend on every sample)
+    class_balance: bool = False
 
 
 @dataclass
@@ -374,6 +377,12 @@ def validate_study(study: StudyConfig) -> None:
         raise ConfigError(
             f"{p}: 'strategy.name' fedprox is not available with privacy (its proximal term is not "
             f"clipped per sample); use fedavg or fedadam with 'privacy.enabled: true'."
+        )
+    if study.privacy.enabled and study.train.class_balance:
+        raise ConfigError(
+            f"{p}: 'train.class_balance' is not available with privacy: class weights counted on a "
+            "site's data make every sample's gradient depend on the others, which DP-SGD's accounting "
+            "does not cover; set 'train.class_balance: false' with 'privacy.enabled: true'."
         )
     if study.privacy.enabled and study.privacy.noise_multiplier < 0:
         raise ConfigError(f"{p}: 'privacy.noise_multiplier' must be >= 0 (0 derives it from target_epsilon).")

@@ -30,6 +30,7 @@ class Cfg(StrEnum):
     IN_CHANNELS = "in-channels"
     SEED = "seed"
     AUGMENT = "augment"
+    CLASS_BALANCE = "class-balance"  # class-weighted loss, weights from the site's own labels
     STUDY_ID = "study-id"  # name + run id: rounds in a site's privacy ledger are kept per study
     DP_ENABLED = "dp-enabled"  # the other privacy keys: common.privacy.PrivacyKey
     PLANNED_ROUNDS = "planned-rounds"  # for deriving the noise of the whole study at the site

@@ -145,6 +145,7 @@ class Coordinator:
                 Cfg.LR: s.train.lr * s.train.lr_decay ** max(round_ - 1, 0),
                 Cfg.OPTIMIZER: s.train.optimizer,
                 Cfg.AUGMENT: s.train.augment,
+                Cfg.CLASS_BALANCE: s.train.class_balance,
                 Cfg.MODEL: s.model.name,
                 Cfg.IN_CHANNELS: self.model_meta["in_channels"],
                 Cfg.NUM_CLASSES: self.model_meta["num_classes"],

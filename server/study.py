@@ -44,7 +44,7 @@ from rich.table import Table
 from torch import nn
 
 from client.dp import make_private_for
-from client.train import device, make_optimizer, predict, train_epochs, train_loader
+from client.train import device, make_criterion, make_optimizer, predict, train_epochs, train_loader
 from common.config import ConfigError, SiteConfig, StudyConfig, load_study, simulated_sites
 from common.data import SiteData, load_site_data
 from common.metrics import public_metrics, site_summary
@@ -87,8 +87,12 @@ def variants(study: StudyConfig) -> list[str]:
 
 
 def with_privacy(study: StudyConfig, private: bool) -> StudyConfig:
+    """The study with privacy on or off; a class-balanced loss is not private, so the private runs
+    train with the plain loss (study.json's settings say so)."""
     out = copy.deepcopy(study)
     out.privacy.enabled = private
+    if private:
+        out.train.class_balance = False
     return out
 
 
@@ -396,7 +400,9 @@ def train_alone(
         seed = study.seed * 1000 + rnd
         loader = train_loader(x, y, t.batch_size, seed)
         optimizer = make_optimizer(model, t.optimizer, t.lr * t.lr_decay ** (rnd - 1))
-        criterion, dp, trainee = nn.CrossEntropyLoss(), None, model
+        balanced = t.class_balance and not private  # never with privacy (common.config)
+        criterion = make_criterion(y, num_classes, balanced).to(device())
+        dp, trainee = None, model
         if private:
             request = PrivacyRequest(
                 noise_multiplier=noise,
@@ -585,6 +591,10 @@ class ComparisonRun:
                 "calibration_bins": study.study.calibration_bins,
                 "seed": study.seed,
                 "epochs": study.rounds * study.train.local_epochs,
+                "class_balance": {
+                    "without privacy": study.train.class_balance,
+                    "with privacy": False,  # never: the weights would be counted on private data
+                },
             },
             "parts": [p.key for p in self.parts],
             "models": {},
