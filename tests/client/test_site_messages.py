@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -64,3 +65,29 @@ def test_site_replies_carry_only_arrays_and_aggregate_numbers(site):
         assert not any(p in text for p in private)
     assert replies[0][Rec.SITE][Site.NAME] == "hospital-x"
     assert set(replies[1][Rec.METRICS].keys()) >= {"auc", "n-test", "confusion", "score-hist"}
+
+
+def test_site_trains_with_its_own_class_balance_when_asked(site, monkeypatch):
+    """The round config's class-balance flag reaches the site's loss, weighted by the site's own labels."""
+    import client.app as app
+
+    rt = runtime_for(site)
+    seen = []
+    real = app.make_criterion
+
+    def spy(train_y, num_classes, balanced):
+        crit = real(train_y, num_classes, balanced)
+        seen.append((balanced, getattr(crit, "class_weights", None)))
+        return crit
+
+    monkeypatch.setattr(app, "make_criterion", spy)
+    arrays = ArrayRecord(build_model("cnn28").state_dict())
+    for balanced in (False, True):
+        config = _config(1)
+        config[Cfg.CLASS_BALANCE] = balanced
+        msg = Message(RecordDict({Rec.ARRAYS: arrays, Rec.CONFIG: config}), dst_node_id=1,
+                      message_type=MessageType.TRAIN)  # fmt: skip
+        assert Rec.ARRAYS in handle_train(msg, rt).content
+    assert [b for b, _ in seen] == [False, True]
+    counts = torch.bincount(rt.data.train_y, minlength=2).double()
+    assert torch.allclose(seen[1][1].double(), counts.sum() / (2 * counts))
