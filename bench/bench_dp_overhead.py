@@ -69,8 +69,7 @@ def make_step(mode: str | None, x: torch.Tensor, y: torch.Tensor, device: torch.
             poisson_sampling=False,  # a fixed batch: we time the step, not the sampling
         )
         if as_shipped:
-            for layer in dp.detached:
-                layer.__dict__.pop("forward")
+            dp.keep_batch_weight_grads()
         model, optimizer, criterion = dp.model, dp.optimizer, dp.criterion
 
     def step() -> None:

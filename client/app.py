@@ -92,13 +92,13 @@ def handle_train(msg: Message, rt: SiteRuntime) -> Message:
     private = bool(cfg.get(Cfg.DP_ENABLED, False))
     # with privacy, the budget check to the ledger line is one step: one training at a time per ledger
     with guard.site_lock(rt.config) if private else contextlib.nullcontext():
-        return _train(msg, rt, cfg)
+        return _train(msg, rt, cfg, private)
 
 
-def _train(msg: Message, rt: SiteRuntime, cfg) -> Message:
+def _train(msg: Message, rt: SiteRuntime, cfg, private: bool) -> Message:
     rnd = int(cfg[Cfg.SERVER_ROUND])
     plan = None
-    if bool(cfg.get(Cfg.DP_ENABLED, False)):
+    if private:
         plan, refusal = guard.plan_round(cfg, rt.config, len(rt.data.train_y))
         if refusal:
             log.warning(refusal)

@@ -76,10 +76,14 @@ class PrivateTraining:
 
         Call once the round's training is done, before sending the weights or wrapping it again.
         """
+        self.keep_batch_weight_grads()
+        return self.model.to_standard_module()
+
+    def keep_batch_weight_grads(self) -> None:
+        """Give the conv layers back their own forward (see `_skip_batch_weight_grads`)."""
         for layer in self.detached:
             layer.__dict__.pop("forward", None)
         self.detached = []
-        return self.model.to_standard_module()
 
     def spending(self) -> dict[str, float | int]:
         """This round as ledger fields: steps, sample_rate, noise_multiplier, max_grad_norm.
@@ -179,9 +183,9 @@ def make_private(
 
 
 def _conv_forward_without_weight_grad(self: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    if (
-        not x.requires_grad
-    ):  # the first layer: its output needs the weights in the graph to get a backward hook
+    # the first layer (its input needs no gradient): without the weights in the graph its output would
+    # need no gradient either, and Opacus's backward hook would never fire
+    if not x.requires_grad:
         return self._conv_forward(x, self.weight, self.bias)
     bias = None if self.bias is None else self.bias.detach()
     return self._conv_forward(x, self.weight.detach(), bias)

@@ -394,24 +394,26 @@ def train_alone(
             sample_rate=1.0 / batches,
             steps_total=study.rounds * t.local_epochs * batches,
         )
+    balanced = t.class_balance and not private  # never with privacy (common.config)
+    loss_fn = make_criterion(y, num_classes, balanced).to(device())
+    request = None
+    if private:
+        request = PrivacyRequest(
+            noise_multiplier=noise,
+            max_grad_norm=p.max_grad_norm,
+            delta=p.delta,
+            grad_sample_mode=p.grad_sample_mode,
+            poisson_sampling=p.poisson_sampling,
+            secure_mode=p.secure_mode,
+        )
     history, epsilons, losses = [], [], []
     t0 = time.perf_counter()
     for rnd in range(1, study.rounds + 1):
         seed = study.seed * 1000 + rnd
         loader = train_loader(x, y, t.batch_size, seed)
         optimizer = make_optimizer(model, t.optimizer, t.lr * t.lr_decay ** (rnd - 1))
-        balanced = t.class_balance and not private  # never with privacy (common.config)
-        criterion = make_criterion(y, num_classes, balanced).to(device())
-        dp, trainee = None, model
+        criterion, dp, trainee = loss_fn, None, model
         if private:
-            request = PrivacyRequest(
-                noise_multiplier=noise,
-                max_grad_norm=p.max_grad_norm,
-                delta=p.delta,
-                grad_sample_mode=p.grad_sample_mode,
-                poisson_sampling=p.poisson_sampling,
-                secure_mode=p.secure_mode,
-            )
             dp = make_private_for(
                 request, model=model, optimizer=optimizer, data_loader=loader, criterion=criterion
             )
