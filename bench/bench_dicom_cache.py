@@ -26,7 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.config import SiteConfig, SiteDataConfig  # noqa: E402
+from common.schema import SiteConfig, SiteDataConfig  # noqa: E402
 from common.sources import scan_site  # noqa: E402
 
 TARGET = 10.0

@@ -26,11 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from client.dp import make_private  # noqa: E402
 from client.train import make_optimizer, predict, train_epochs, train_loader  # noqa: E402
-from common.config import load_study, simulated_sites  # noqa: E402
+from common.config import load_study  # noqa: E402
 from common.data import load_site_data  # noqa: E402
 from common.metrics import pooled_summary, site_summary  # noqa: E402
 from common.models import build_model  # noqa: E402
 from common.privacy import derive_noise_multiplier  # noqa: E402
+from common.simulated import simulated_sites  # noqa: E402
 
 
 def run_rounds(study, sites, device: torch.device, rounds: int) -> tuple[list[float], float]:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rich.console import Console  # noqa: E402
 
 from common.config import load_study  # noqa: E402
-from server.study import run_comparison  # noqa: E402
+from server.study.run import run_comparison  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,8 +24,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from common.config import ConfigError, SiteConfig, load_site
+from common.config import ConfigError, load_site
 from common.readers import SPLITS
+from common.schema import SiteConfig
 from common.sources import FOLDER_FORMATS, SourceReport, scan_site, site_paths, stats
 
 SHOWN = 20  # problems listed per kind unless --all
@@ -60,7 +61,8 @@ def check_site(config: SiteConfig) -> SiteCheck:
         shape = tuple(report.images.shape[1:]) if report.images is not None else ()
         return SiteCheck(config, classes, counts, patients, stats(report), shape, report, report.reasons())
 
-    from common.data import SiteDataError, load_site_data
+    from common.data import load_site_data
+    from common.sitedata import SiteDataError
 
     try:
         data = load_site_data(config)

@@ -32,7 +32,8 @@ from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
 import client.grad_sample  # noqa: F401  (registers the faster Conv2d per-sample gradients)
-from common.privacy import GRAD_SAMPLE_MODES, HistoryItem, PrivacyConfigError, PrivacyRequest, rdp_epsilon
+from common.privacy import HistoryItem, PrivacyConfigError, PrivacyRequest
+from common.schema import DEFAULT_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES
 
 # Opacus's per-sample hooks sit on every layer, the first one too, whose input (the images) needs no
 # gradient: torch then warns once per backward pass. Expected, and harmless: silence it.
@@ -66,10 +67,6 @@ class PrivateTraining:
     def history(self) -> list[HistoryItem]:
         """This round's accountant history, [(noise_multiplier, sample_rate, steps), ...]."""
         return [(float(nm), float(q), int(s)) for nm, q, s in self.accountant.history]
-
-    def epsilon(self, delta: float) -> float:
-        """Epsilon spent by this round alone; the study's total comes from the ledger."""
-        return rdp_epsilon(self.history(), delta=delta)
 
     def unwrap(self) -> torch.nn.Module:
         """Remove Opacus's hooks and return the site's own model (its weights, its state_dict keys).
@@ -116,13 +113,13 @@ def make_private(
     noise_multiplier: float,
     max_grad_norm: float,
     poisson_sampling: bool = True,
-    grad_sample_mode: str = "ghost",
+    grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
     secure_mode: bool = False,
 ) -> PrivateTraining:
     """Make `model`, `optimizer`, `data_loader` and `criterion` private for one round.
 
     `optimizer` must hold exactly `model`'s parameters, and `model` must already be
-    Opacus-compatible (`common.privacy.make_opacus_compatible`). With secure_mode=False Opacus warns
+    Opacus-compatible (`common.opacus_compat.make_opacus_compatible`). With secure_mode=False Opacus warns
     that its noise is not cryptographically secure; with poisson_sampling=False the accounted
     epsilon is only an approximation, and this function warns too.
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from client.dp import PrivateTraining
 from client.ledger import LedgerEntry, SiteAccountant
 from client.policy import SitePolicy
-from common.config import SiteConfig
-from common.keys import Cfg
-from common.privacy import PrivacyKey, PrivacyRequest, derive_noise_multiplier
+from common.privacy import PrivacyRequest
+from common.round import RoundPlan
+from common.schema import SiteConfig
 
 
 @dataclass
@@ -47,11 +47,14 @@ def policy_of(site: SiteConfig) -> SitePolicy:
     return SitePolicy(**dataclasses.asdict(site.privacy))
 
 
-def plan_round(cfg: Mapping, site: SiteConfig, n_train: int) -> tuple[PrivateRound | None, str | None]:
-    """(the round's plan, None) when the site may train it privately, or (None, refusal reason)."""
-    if bool(cfg.get(Cfg.CLASS_BALANCE, False)):
+def plan_round(
+    cfg: Mapping, plan: RoundPlan, site: SiteConfig, n_train: int
+) -> tuple[PrivateRound | None, str | None]:
+    """(the round's private plan, None) when the site may train `plan` privately under the privacy
+    request in `cfg` (the round's ConfigRecord), or (None, the reason it refuses)."""
+    if plan.class_balance:
         return None, (
-            f"site '{site.site}' refuses round {cfg[Cfg.SERVER_ROUND]}: a class-balanced loss (weights "
+            f"site '{site.site}' refuses round {plan.round}: a class-balanced loss (weights "
             "counted on the site's data) is not private; the study must turn train.class_balance off"
         )
     if not site.state_dir:
@@ -59,17 +62,11 @@ def plan_round(cfg: Mapping, site: SiteConfig, n_train: int) -> tuple[PrivateRou
             f"site '{site.site}' has no state_dir in its site config: the privacy ledger needs a "
             f"folder that outlives the process"
         )
-    batches = math.ceil(n_train / int(cfg[Cfg.BATCH_SIZE]))
-    sample_rate, steps = 1.0 / batches, int(cfg[Cfg.LOCAL_EPOCHS]) * batches
-    settings = dict(cfg)
-    if PrivacyKey.NOISE_MULTIPLIER not in settings:  # derive for the whole planned study
-        settings[PrivacyKey.NOISE_MULTIPLIER] = derive_noise_multiplier(
-            target_epsilon=float(cfg[PrivacyKey.TARGET_EPSILON]),
-            delta=float(cfg[PrivacyKey.DELTA]),
-            sample_rate=sample_rate,
-            steps_total=int(cfg[Cfg.PLANNED_ROUNDS]) * steps,
-        )
-    request = PrivacyRequest.from_config(settings)
+    batches = math.ceil(n_train / plan.batch_size)
+    sample_rate, steps = 1.0 / batches, plan.local_epochs * batches
+    request = PrivacyRequest.from_config(
+        cfg, sample_rate=sample_rate, steps_total=plan.planned_rounds * steps
+    )
     if request.secure_mode and importlib.util.find_spec("torchcsprng") is None:
         return None, (
             f"site '{site.site}' cannot train with secure_mode: Opacus needs the torchcsprng package "
@@ -78,16 +75,8 @@ def plan_round(cfg: Mapping, site: SiteConfig, n_train: int) -> tuple[PrivateRou
     policy, accountant = policy_of(site), SiteAccountant(site.state_dir)
     refusal = accountant.refusal(policy, request, sample_rate=sample_rate, steps=steps)
     if refusal:
-        return None, f"site '{site.site}' refuses round {cfg[Cfg.SERVER_ROUND]}: {refusal}"
-    return PrivateRound(
-        request,
-        policy,
-        accountant,
-        sample_rate,
-        steps,
-        int(cfg[Cfg.SERVER_ROUND]),
-        str(cfg.get(Cfg.STUDY_ID, "")),
-    ), None
+        return None, f"site '{site.site}' refuses round {plan.round}: {refusal}"
+    return PrivateRound(request, policy, accountant, sample_rate, steps, plan.round, plan.study_id), None
 
 
 def record_round(plan: PrivateRound, dp: PrivateTraining) -> LedgerEntry:

@@ -12,7 +12,7 @@ to refuse, or None to go ahead, so the caller can send the reason back instead o
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from common.privacy import HistoryItem, PrivacyRequest, rdp_epsilon
@@ -31,13 +31,6 @@ class SitePolicy:
     min_noise_multiplier: float  # refuse rounds asking for less noise than this
     max_grad_norm: float  # refuse rounds asking for a larger clipping bound than this
 
-    CONFIG_KEYS = {
-        "max_epsilon": "max-epsilon",
-        "delta": "delta",
-        "min_noise_multiplier": "min-noise-multiplier",
-        "max_grad_norm": "max-grad-norm",
-    }
-
     def __post_init__(self) -> None:
         if not self.max_epsilon > 0:
             raise SitePolicyError(f"max_epsilon must be > 0, got {self.max_epsilon}")
@@ -47,32 +40,6 @@ class SitePolicy:
             raise SitePolicyError(f"min_noise_multiplier must be >= 0, got {self.min_noise_multiplier}")
         if not self.max_grad_norm > 0:
             raise SitePolicyError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, object], *, source: str = "site config") -> SitePolicy:
-        """Build the policy from kebab-case keys (`max-epsilon`, `delta`, ...) in a site config.
-
-        Raises:
-            SitePolicyError: naming `source` and the key that is missing or not a number.
-        """
-        values: dict[str, float] = {}
-        for field, key in cls.CONFIG_KEYS.items():
-            if key not in config:
-                raise SitePolicyError(
-                    f"{source}: privacy policy has no {key!r}; set all of "
-                    f"{', '.join(cls.CONFIG_KEYS.values())}"
-                )
-            value = config[key]
-            if isinstance(value, bool) or not isinstance(value, int | float | str):
-                raise SitePolicyError(f"{source}: {key!r} must be a number, got {value!r}")
-            try:
-                values[field] = float(value)
-            except ValueError:
-                raise SitePolicyError(f"{source}: {key!r} must be a number, got {value!r}") from None
-        try:
-            return cls(**values)
-        except SitePolicyError as e:
-            raise SitePolicyError(f"{source}: {e}") from None
 
     def check(self, request: PrivacyRequest) -> str | None:
         """Why this site refuses `request`, or None when it is at least as strict as the policy."""

@@ -1,4 +1,11 @@
-"""Local training and prediction at a site: plain PyTorch, no Flower, testable on its own."""
+"""The one training recipe: a round of local training, with or without DP-SGD, and prediction.
+
+`train_round(model, x, y, plan)` is what every model in fedward is trained with: the ClientApp's rounds
+(client.site), a study's local-only and centralized references (server.study) and the benchmarks. It
+builds the round's loader, optimizer and loss from the `RoundPlan` (common.round), wraps them with
+Opacus when given a `PrivacyRequest`, trains `plan.local_epochs` epochs and hands back the site's own
+model. Plain PyTorch, no Flower, testable on its own.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from client.dp import PrivateTraining, make_private_for
+from common.privacy import PrivacyRequest
+from common.round import RoundPlan
 
 
 def device() -> torch.device:
@@ -117,6 +128,76 @@ def train_epochs(
             n += len(yb)
             steps += 1
     return TrainResult(loss=total / max(n, 1), num_examples=n, steps=steps, seconds=time.perf_counter() - t0)
+
+
+@dataclass
+class RoundResult:
+    model: nn.Module  # the site's own model (Opacus's wrapper removed), holding the trained weights
+    loss: float  # mean training loss over the round's batches
+    num_examples: int
+    steps: int
+    seconds: float
+
+
+def round_seed(plan: RoundPlan) -> int:
+    """The seed of a round's batch order and augmentation."""
+    return plan.seed * 1000 + plan.round
+
+
+def train_round(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    plan: RoundPlan,
+    *,
+    augment_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    privacy: PrivacyRequest | None = None,
+    on_private_steps: Callable[[PrivateTraining], None] | None = None,
+) -> RoundResult:
+    """One round of local training of `model` on (x, y) as `plan` says.
+
+    A fresh optimizer at the round's learning rate, the plan's loss (class-balanced from these labels
+    when asked), FedProx's proximal term when `plan.proximal_mu` > 0, `augment_fn` (a site's own
+    augmentation) or the plan's simple flips and shifts. With `privacy`, DP-SGD with Opacus
+    (client.dp): `on_private_steps(dp)` is called once training stops, even if it broke off, whenever
+    a step was taken, so the caller can count the spending before anything leaves the site.
+    """
+    seed = round_seed(plan)
+    loader = train_loader(x, y, plan.batch_size, seed)
+    optimizer = make_optimizer(model, plan.optimizer, plan.lr)
+    criterion = make_criterion(y, plan.num_classes, plan.class_balance).to(next(model.parameters()).device)
+    dp = None
+    trainee = model
+    if privacy is not None:
+        dp = make_private_for(
+            privacy, model=model, optimizer=optimizer, data_loader=loader, criterion=criterion
+        )
+        trainee, loader, optimizer, criterion = dp.model, dp.data_loader, dp.optimizer, dp.criterion
+    try:
+        result = train_epochs(
+            trainee,
+            loader,
+            optimizer,
+            criterion=criterion,
+            epochs=plan.local_epochs,
+            proximal_mu=plan.proximal_mu,
+            use_augment=plan.augment,
+            augment_fn=augment_fn,
+            seed=seed,
+            private=dp is not None,
+        )
+    finally:
+        if dp is not None:
+            if dp.steps and on_private_steps is not None:
+                on_private_steps(dp)
+            model = dp.unwrap()
+    return RoundResult(
+        model=model,
+        loss=result.loss,
+        num_examples=result.num_examples,
+        steps=result.steps,
+        seconds=result.seconds,
+    )
 
 
 @torch.no_grad()

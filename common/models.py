@@ -13,6 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.opacus_compat import make_opacus_compatible
+from common.schema import MODEL_NAMES
+
 
 def _gn(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(8, channels), channels)
@@ -94,14 +97,11 @@ MODELS: dict[str, Callable[[int, int], nn.Module]] = {
 }
 
 
-# Networks made for larger images downsample 28x28 inputs to nothing: the smallest size each accepts.
-MIN_INPUT_SIZE = {"densenet121": 32, "efficientnet-b0": 32}
+assert tuple(MODELS) == MODEL_NAMES, "common.schema.MODEL_NAMES lists the model zoo's names"
 
 
 def build_model(name: str, *, in_channels: int = 1, num_classes: int = 2, seed: int = 0) -> nn.Module:
     """Build `name` with seeded initial weights, made Opacus-compatible (BatchNorm -> GroupNorm)."""
-    from common.privacy import make_opacus_compatible
-
     if name not in MODELS:
         raise ValueError(f"unknown model '{name}'; choose one of: {', '.join(MODELS)}")
     torch.manual_seed(seed)

@@ -1,13 +1,14 @@
 """Differential-privacy settings both sides share: what the coordinator asks, and how it is counted.
 
-The coordinator sends a `PrivacyRequest` to every site each round inside the round's ConfigRecord
-(`to_config` / `from_config`); each site checks it against its own policy (`client.policy`)
-before it trains. Epsilon is always counted with Opacus's RDP accountant over the whole study: noise
-from `derive_noise_multiplier` must be given the study's total number of steps, not one round's.
+The coordinator asks for privacy in every round's ConfigRecord; `request_config(study.privacy)` is the
+one place those keys (`PrivacyKey`) are made. A site reads them back with
+`PrivacyRequest.from_config(config, sample_rate=..., steps_total=...)`, deriving the noise for the
+whole study when the coordinator names none, then checks the request against its own policy
+(`client.policy`) before it trains. Epsilon is always counted with Opacus's RDP accountant over
+every step a site has taken (`rdp_epsilon`).
 
-    >>> request = PrivacyRequest(noise_multiplier=1.1, max_grad_norm=1.0, delta=1e-5)
-    >>> PrivacyRequest.from_config(request.to_config()) == request
-    True
+    config = request_config(study.privacy)            # coordinator
+    request = PrivacyRequest.from_config(config, sample_rate=0.05, steps_total=200)   # site
 """
 
 from __future__ import annotations
@@ -19,22 +20,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
-import torch
-from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
-from opacus.validators import ModuleValidator
-from opacus.validators.errors import UnsupportedModuleError
 
-GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch", "ew")
+from common.schema import DEFAULT_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES, PrivacyConfig
 
 # One accountant step group, as Opacus's RDPAccountant.history holds it.
 HistoryItem = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
-
-
-class IncompatibleModelError(ValueError):
-    """The model cannot be trained with Opacus, even after `ModuleValidator.fix`."""
 
 
 class PrivacyConfigError(ValueError):
@@ -47,92 +40,32 @@ class PrivacyKey(StrEnum):
     Prefixed with `dp-` so they can share one ConfigRecord with the training keys.
     """
 
-    NOISE_MULTIPLIER = "dp-noise-multiplier"
+    NOISE_MULTIPLIER = "dp-noise-multiplier"  # absent: each site derives it from the target
     MAX_GRAD_NORM = "dp-max-grad-norm"
     DELTA = "dp-delta"
-    TARGET_EPSILON = "dp-target-epsilon"  # absent when the study sets the noise directly
+    TARGET_EPSILON = "dp-target-epsilon"
     GRAD_SAMPLE_MODE = "dp-grad-sample-mode"
     POISSON_SAMPLING = "dp-poisson-sampling"
     SECURE_MODE = "dp-secure-mode"
 
 
-def make_opacus_compatible(model: torch.nn.Module) -> torch.nn.Module:
-    """Return a copy of `model` that Opacus can train: BatchNorm becomes GroupNorm, and so on.
+def request_config(privacy: PrivacyConfig) -> dict[str, int | float | str | bool]:
+    """The coordinator's privacy request for a round, as ConfigRecord values.
 
-    `ModuleValidator.fix` replaces the layers it knows how to replace, deterministically, so the
-    coordinator and every site that fix the same architecture get the same state_dict keys and
-    shapes. In-place operations on layer outputs, which Opacus's hooks cannot train through, are
-    made out-of-place (same weights, same outputs). The result is then validated (in training
-    mode; the mode is restored afterwards).
-
-    Raises:
-        IncompatibleModelError: a layer that Opacus cannot fix remains; the message lists
-            Opacus's own reasons.
+    With `privacy.noise_multiplier` 0 no noise is named: each site derives its own for the whole
+    planned study at its own sample rate (`PrivacyRequest.from_config`).
     """
-    fixed = ModuleValidator.fix(model)
-    _remove_inplace_ops(fixed)
-    was_training = fixed.training
-    fixed.train()
-    try:
-        ModuleValidator.validate(fixed, strict=True)
-    except UnsupportedModuleError as e:
-        errors = e.args[0] if e.args and isinstance(e.args[0], list) else [e]
-        reasons = "\n".join(f"  - {err}" for err in errors)
-        raise IncompatibleModelError(
-            f"{type(model).__name__} cannot be trained with differential privacy, even after "
-            f"opacus.validators.ModuleValidator.fix:\n{reasons}\n"
-            "Replace these layers (e.g. BatchNorm -> GroupNorm, LSTM -> opacus.layers.DPLSTM, "
-            "no frozen-statistics layers) or choose another model in the study config."
-        ) from e
-    finally:
-        fixed.train(was_training)
-    return fixed
-
-
-def _remove_inplace_ops(model: torch.nn.Module) -> None:
-    """Stop in-place writes to the outputs of trainable layers; weights and keys are unchanged.
-
-    Opacus computes per-sample gradients with full backward hooks, and PyTorch forbids modifying a
-    hooked layer's output in place ("Output 0 of BackwardHookFunctionBackward is a view and is
-    being modified inplace", pytorch/pytorch#61519). `ModuleValidator.validate` does not catch
-    this; training fails at its first step. So activations with `inplace=True` become
-    out-of-place, and MONAI's ResNet blocks (`out += residual`) get an out-of-place forward.
-    """
-    for module in model.modules():
-        if getattr(module, "inplace", None) is True:
-            module.inplace = False
-        if type(module) in _OUT_OF_PLACE:
-            module.__class__ = _OUT_OF_PLACE[type(module)]
-
-
-def _resnet_forward(block: ResNetBlock | ResNetBottleneck, x: torch.Tensor) -> torch.Tensor:
-    """MONAI's ResNetBlock / ResNetBottleneck forward, with `out + residual` instead of `+=`."""
-    convs = 3 if isinstance(block, ResNetBottleneck) else 2
-    out = x
-    for i in range(1, convs + 1):
-        out = getattr(block, f"bn{i}")(getattr(block, f"conv{i}")(out))
-        if i < convs:
-            out = block.act(out)
-    residual = x if block.downsample is None else block.downsample(x)
-    return block.act(out + residual)
-
-
-class OutOfPlaceResNetBlock(ResNetBlock):
-    """monai.networks.nets.resnet.ResNetBlock that Opacus's backward hooks can train."""
-
-    forward = _resnet_forward
-
-
-class OutOfPlaceResNetBottleneck(ResNetBottleneck):
-    """monai.networks.nets.resnet.ResNetBottleneck that Opacus's backward hooks can train."""
-
-    forward = _resnet_forward
-
-
-_OUT_OF_PLACE: dict[type, type] = {
-    ResNetBlock: OutOfPlaceResNetBlock,
-    ResNetBottleneck: OutOfPlaceResNetBottleneck,
-}
+    config: dict[str, int | float | str | bool] = {
+        PrivacyKey.MAX_GRAD_NORM: float(privacy.max_grad_norm),
+        PrivacyKey.DELTA: float(privacy.delta),
+        PrivacyKey.TARGET_EPSILON: float(privacy.target_epsilon),
+        PrivacyKey.GRAD_SAMPLE_MODE: privacy.grad_sample_mode,
+        PrivacyKey.POISSON_SAMPLING: privacy.poisson_sampling,
+        PrivacyKey.SECURE_MODE: privacy.secure_mode,
+    }
+    if privacy.noise_multiplier > 0:
+        config[PrivacyKey.NOISE_MULTIPLIER] = float(privacy.noise_multiplier)
+    return {str(k): v for k, v in config.items()}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,7 +76,7 @@ class PrivacyRequest:
     max_grad_norm: float  # per-sample clipping bound (L2)
     delta: float  # the delta epsilon is reported at; well below 1 / (examples at a site)
     target_epsilon: float | None = None  # the study's whole-study target, for reports only
-    grad_sample_mode: str = "ghost"  # how Opacus gets per-sample gradient norms
+    grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE  # how Opacus gets per-sample gradients
     poisson_sampling: bool = True  # False breaks the assumptions of the RDP accountant
     secure_mode: bool = False  # cryptographically secure noise; needs torchcsprng
 
@@ -165,23 +98,13 @@ class PrivacyRequest:
                 f"got {self.grad_sample_mode!r}"
             )
 
-    def to_config(self) -> dict[str, int | float | str | bool]:
-        """The settings as ConfigRecord values (kebab-case keys; an unset target is left out)."""
-        config: dict[str, int | float | str | bool] = {
-            PrivacyKey.NOISE_MULTIPLIER: float(self.noise_multiplier),
-            PrivacyKey.MAX_GRAD_NORM: float(self.max_grad_norm),
-            PrivacyKey.DELTA: float(self.delta),
-            PrivacyKey.GRAD_SAMPLE_MODE: self.grad_sample_mode,
-            PrivacyKey.POISSON_SAMPLING: self.poisson_sampling,
-            PrivacyKey.SECURE_MODE: self.secure_mode,
-        }
-        if self.target_epsilon is not None:
-            config[PrivacyKey.TARGET_EPSILON] = float(self.target_epsilon)
-        return {str(k): v for k, v in config.items()}
-
     @classmethod
-    def from_config(cls, config: Mapping[str, object]) -> PrivacyRequest:
-        """Read the settings back from a ConfigRecord (other keys in it are ignored).
+    def from_config(
+        cls, config: Mapping[str, object], *, sample_rate: float, steps_total: int
+    ) -> PrivacyRequest:
+        """The request in a round's ConfigRecord (other keys are ignored). Without a noise multiplier
+        the noise is derived for `steps_total` steps at `sample_rate` (the whole planned study at this
+        site) to stay within the request's target epsilon.
 
         Raises:
             PrivacyConfigError: a required key is missing or a value has the wrong type.
@@ -192,7 +115,7 @@ class PrivacyRequest:
                 if required:
                     raise PrivacyConfigError(
                         f"the round's config has no {key!r}: the coordinator must send it "
-                        "(PrivacyRequest.to_config)"
+                        "(common.privacy.request_config)"
                     )
                 return None
             value = config[key]
@@ -206,14 +129,26 @@ class PrivacyRequest:
                 raise PrivacyConfigError(f"{key!r} must be true or false, got {value!r}")
             return value
 
-        mode = config.get(PrivacyKey.GRAD_SAMPLE_MODE, "ghost")
+        mode = config.get(PrivacyKey.GRAD_SAMPLE_MODE, DEFAULT_GRAD_SAMPLE_MODE)
         if not isinstance(mode, str):
             raise PrivacyConfigError(f"{PrivacyKey.GRAD_SAMPLE_MODE!r} must be text, got {mode!r}")
+        delta = number(PrivacyKey.DELTA)
+        target = number(PrivacyKey.TARGET_EPSILON, required=False)
+        noise = number(PrivacyKey.NOISE_MULTIPLIER, required=False)
+        if noise is None:
+            if target is None:
+                raise PrivacyConfigError(
+                    f"the round's config names neither {PrivacyKey.NOISE_MULTIPLIER!r} nor "
+                    f"{PrivacyKey.TARGET_EPSILON!r}: the site cannot tell how much noise to add"
+                )
+            noise = derive_noise_multiplier(
+                target_epsilon=target, delta=delta, sample_rate=sample_rate, steps_total=steps_total
+            )
         return cls(
-            noise_multiplier=number(PrivacyKey.NOISE_MULTIPLIER),
+            noise_multiplier=noise,
             max_grad_norm=number(PrivacyKey.MAX_GRAD_NORM),
-            delta=number(PrivacyKey.DELTA),
-            target_epsilon=number(PrivacyKey.TARGET_EPSILON, required=False),
+            delta=delta,
+            target_epsilon=target,
             grad_sample_mode=mode,
             poisson_sampling=flag(PrivacyKey.POISSON_SAMPLING, True),
             secure_mode=flag(PrivacyKey.SECURE_MODE, False),

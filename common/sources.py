@@ -37,18 +37,15 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from monai.data import PersistentDataset
 from monai.utils import convert_to_tensor
 
-from common.config import SiteConfig, SiteDataConfig
 from common.readers import SPLITS, BadImageFileError, LabelFileError, LabelRow, patient_split, read_labels_csv
+from common.schema import SiteConfig, SiteDataConfig
+from common.sitedata import SiteData, SiteDataError
 from common.transforms import build_transforms, settings_key
-
-if TYPE_CHECKING:
-    from common.data import SiteData
 
 log = logging.getLogger("fedward.site")
 
@@ -141,8 +138,6 @@ class SourceReport:
         )
 
     def to_site_data(self) -> SiteData:
-        from common.data import SiteData  # late: common.data imports this module
-
         assert self.images is not None and self.usable, "to_site_data needs a usable report"
         parts = {}
         for split in SPLITS:
@@ -179,8 +174,6 @@ def _describe(bad: BadFile) -> str:
 
 def load_folder_site(config: SiteConfig) -> SiteData:
     """LOADERS entry for dicom, image and nifti: the site's data, or SiteDataError saying why not."""
-    from common.data import SiteDataError
-
     report = scan_site(config)
     log_report(report)
     if not report.usable:

@@ -51,8 +51,8 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_tensor
 
-from common.config import AugmentConfig, PreprocessConfig, SiteDataConfig
 from common.readers import read_dicom, read_image, read_nifti
+from common.schema import AugmentConfig, PreprocessConfig, SiteDataConfig
 
 PHASES = ("train", "eval", "predict")
 READER_VERSION = 1  # bump when reading or preprocessing changes, so cached images are made again

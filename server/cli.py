@@ -9,28 +9,30 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 
 from common.config import ConfigError, load_study
+from common.simulated import num_sites
 
 
 def _simulate(args: argparse.Namespace, console: Console) -> int:
     from server.progress import RichReporter
+    from server.run_folder import FINAL_MODEL_FILE, LOG_FILE, RESULTS_FILE
     from server.simulate import simulate
 
     study = load_study(args.config, rounds=args.rounds, num_sites=args.sites, data_dir=args.data_dir)
     console.print(
-        f"[bold]fedward[/] study '{study.name}': {study.data.num_sites if study.data.source != 'sites' else len(study.data.site_configs)} "
+        f"[bold]fedward[/] study '{study.name}': {num_sites(study)} "
         f"sites, {study.rounds} rounds, model {study.model.name}, strategy {study.strategy.name} -> {args.out}"
     )
+    out = Path(args.out)
     results = simulate(
         study, args.out, resume=args.resume, reporter=RichReporter(console), verbose=args.verbose
     )
-    console.print(
-        f"results: {args.out}/results.json   model: {args.out}/final_model.pt   log: {args.out}/fedward.log"
-    )
+    console.print(f"results: {out / RESULTS_FILE}   model: {out / FINAL_MODEL_FILE}   log: {out / LOG_FILE}")
     return 0 if results.get("status") == "completed" else 3
 
 
@@ -41,7 +43,7 @@ def _site_check(args: argparse.Namespace, console: Console) -> int:
 
 
 def _study(args: argparse.Namespace, console: Console) -> int:
-    from server.study import cli
+    from server.study.run import cli
 
     return cli(args, console)
 

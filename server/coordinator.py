@@ -1,8 +1,8 @@
 """The coordinator's round loop: train with a Flower strategy, evaluate the global model at every site.
 
-`run_study(grid, study, out_dir)` drives a whole study over any Flower Grid (simulation or deployment).
-Each round it asks the strategy (Flower's FedAvg, FedProx or FedAdam) to configure training, sends the
-messages, checks every update (finite, right keys and shapes), lets the strategy aggregate, then sends
+`run_study(grid, study, out_dir, ...)` drives a whole study over any Flower Grid (simulation or
+deployment). Each round it asks the strategy (Flower's FedAvg, FedProx or FedAdam) to configure training,
+sends the messages, sorts and checks the replies (server.replies), lets the strategy aggregate, then sends
 the new global model to every connected site for evaluation. Site identity is kept from each reply's
 `site` record all the way to results.json. After each round it writes a checkpoint and results.json,
 so `resume=True` continues after the last finished round.
@@ -14,8 +14,6 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,11 +22,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from common.config import ConfigError, StudyConfig, simulated_sites
-from common.keys import Cfg, Met, Rec, Site
+from common.config import ConfigError
+from common.keys import Cfg, Met, Rec
 from common.metrics import HIST_BINS, pooled_summary, public_metrics
 from common.models import build_model, save_model
-from common.privacy import PrivacyKey
+from common.privacy import request_config
+from common.round import RoundPlan
+from common.schema import StudyConfig
+from server.replies import Replies, classify, site_name
+from server.run_folder import Results, RoundRecord, new_results
 from server.store import RunStore
 
 log = logging.getLogger("fedward.coordinator")
@@ -47,15 +49,6 @@ class Reporter:
     def round_done(self, record: dict, round_s: float) -> None: ...
 
     def finish(self, results: dict) -> None: ...
-
-
-@dataclass
-class Replies:
-    ok: list[Message] = field(default_factory=list)
-    refused: dict[str, str] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
-    privacy: dict[str, dict] = field(default_factory=dict)  # site -> epsilon, delta, noise, steps
-    silent: set[int] = field(default_factory=set)  # nodes that did not answer within round_timeout_s
 
 
 def make_strategy(study: StudyConfig) -> FedAvg:
@@ -86,94 +79,54 @@ def strategy_state(strategy: FedAvg) -> dict:
     return {k: getattr(strategy, k) for k in ("m_t", "v_t") if getattr(strategy, k, None) is not None}
 
 
-def check_update(update: ArrayRecord | None, reference: ArrayRecord) -> str | None:
-    """Why a site's update cannot be aggregated (missing, wrong keys or shapes, NaN), or None."""
-    if update is None:
-        return "the reply carries no model arrays"
-    if set(update.keys()) != set(reference.keys()):
-        diff = sorted(set(update.keys()) ^ set(reference.keys()))[:5]
-        return f"its arrays do not match the global model's (keys differ: {diff})"
-    for key, arr in update.items():
-        values = arr.numpy()
-        if tuple(values.shape) != tuple(reference[key].shape):
-            return f"array '{key}' has shape {values.shape}, expected {tuple(reference[key].shape)}"
-        if not np.isfinite(values).all():
-            return f"array '{key}' contains NaN or infinite values"
-    return None
-
-
-def short_reason(reason: str) -> str:
-    """The useful end of a ClientApp's error (Flower sends the whole traceback)."""
-    text = reason.replace("\\n", "\n")
-    if "Message:" in text:
-        text = text.rsplit("Message:", 1)[1]
-    return " ".join(text.split())[-400:].strip(" '\"<>[]}")
-
-
-def site_name(msg: Message) -> str:
-    rec = msg.content.config_records.get(Rec.SITE) if not msg.has_error() else None
-    return str(rec[Site.NAME]) if rec else f"node-{msg.metadata.src_node_id}"
-
-
 class Coordinator:
+    """One study over `grid`: `classes` and `in_channels` say what model to build, `n_sites` how many
+    sites to wait for before round 1."""
+
     def __init__(
         self,
         grid: Grid,
         study: StudyConfig,
         out_dir: str | Path,
+        *,
+        classes: list[str],
+        in_channels: int,
+        n_sites: int,
         reporter: Reporter | None = None,
-        n_sites: int | None = None,
     ):
-        self.grid, self.study = grid, study
+        self.grid, self.study, self.n_sites = grid, study, n_sites
         self.store = RunStore(out_dir)
         self.reporter = reporter or Reporter()
-        self.n_sites = n_sites or (
-            len(simulated_sites(study)) if study.data.source == "sites" else study.data.num_sites
-        )
         self.node_site: dict[int, str] = {}
-        self.model_meta: dict = {}
+        self.model_meta = {
+            "model": study.model.name,
+            "in_channels": int(in_channels),
+            "num_classes": len(classes),
+            "classes": list(classes),
+        }
         self.study_id = ""
 
     # ------------------------------------------------------------------ messages
 
     def round_config(self, round_: int = 1) -> ConfigRecord:
-        s = self.study
-        return ConfigRecord(
-            {
-                Cfg.LOCAL_EPOCHS: s.train.local_epochs,
-                Cfg.BATCH_SIZE: s.train.batch_size,
-                Cfg.LR: s.train.lr * s.train.lr_decay ** max(round_ - 1, 0),
-                Cfg.OPTIMIZER: s.train.optimizer,
-                Cfg.AUGMENT: s.train.augment,
-                Cfg.CLASS_BALANCE: s.train.class_balance,
-                Cfg.MODEL: s.model.name,
-                Cfg.IN_CHANNELS: self.model_meta["in_channels"],
-                Cfg.NUM_CLASSES: self.model_meta["num_classes"],
-                Cfg.SEED: s.seed,
-                Cfg.STUDY_ID: self.study_id,
-                Cfg.PLANNED_ROUNDS: s.rounds,
-                Cfg.DP_ENABLED: s.privacy.enabled,
-                **(self.privacy_config() if s.privacy.enabled else {}),
-            }
+        """The round's ConfigRecord: its RoundPlan and, with privacy, the privacy request."""
+        plan = RoundPlan.from_study(
+            self.study,
+            round_,
+            in_channels=self.model_meta["in_channels"],
+            num_classes=self.model_meta["num_classes"],
+            study_id=self.study_id,
         )
+        privacy = request_config(self.study.privacy) if self.study.privacy.enabled else {}
+        return ConfigRecord({**plan.to_config(), **privacy})
 
-    def privacy_config(self) -> dict:
-        """The privacy request every site checks against its own policy before training."""
-        p = self.study.privacy
-        config = {
-            PrivacyKey.MAX_GRAD_NORM: p.max_grad_norm,
-            PrivacyKey.DELTA: p.delta,
-            PrivacyKey.TARGET_EPSILON: p.target_epsilon,
-            PrivacyKey.GRAD_SAMPLE_MODE: p.grad_sample_mode,
-            PrivacyKey.POISSON_SAMPLING: p.poisson_sampling,
-            PrivacyKey.SECURE_MODE: p.secure_mode,
-        }
-        if p.noise_multiplier > 0:  # else each site derives it for the whole planned study
-            config[PrivacyKey.NOISE_MULTIPLIER] = p.noise_multiplier
-        return {str(k): v for k, v in config.items()}
+    def send(self, messages: list[Message]) -> list[Message]:
+        return list(self.grid.send_and_receive(messages, timeout=self.study.round_timeout_s))
 
-    def send(self, messages: Iterable[Message]) -> list[Message]:
-        return list(self.grid.send_and_receive(list(messages), timeout=self.study.round_timeout_s))
+    def classify(self, replies: list[Message], sent: list[Message], reference: ArrayRecord | None) -> Replies:
+        return classify(
+            replies, sent, reference=reference, node_site=self.node_site, timeout_s=self.study.round_timeout_s
+        )
 
     def wait_for_sites(self, timeout_s: float = 600.0) -> list[int]:
         t0 = time.time()
@@ -186,50 +139,10 @@ class Coordinator:
             time.sleep(0.5)
         return nodes
 
-    def classify(self, replies: list[Message], reference: ArrayRecord | None, sent: list[Message]) -> Replies:
-        """Sort replies into usable, refused and failed; a site that sent nothing back in time failed."""
-        out = Replies()
-        dst = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
-        answered = {m.metadata.reply_to_message_id for m in replies}
-        for node in sorted(dst[i] for i in dst.keys() - answered):  # e.g. a killed SuperNode
-            name = self.node_site.get(node, f"node-{node}")
-            out.silent.add(node)
-            out.failed[name] = f"no reply within round_timeout_s={self.study.round_timeout_s:g}s"
-            log.warning("site %s: %s", name, out.failed[name])
-        for msg in replies:
-            node = dst.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
-            name = site_name(msg) if not msg.has_error() else self.node_site.get(node, f"node-{node}")
-            self.node_site[node] = name
-            if msg.has_error():
-                out.failed[name] = short_reason(msg.error.reason)
-                log.warning("site %s failed: %s", name, msg.error.reason)
-                continue
-            metrics = msg.content.metric_records.get(Rec.METRICS)
-            if metrics is not None and Met.EPSILON in metrics:
-                out.privacy[name] = {
-                    "epsilon": float(metrics[Met.EPSILON]),
-                    "delta": float(metrics[Met.DELTA]),
-                    "noise_multiplier": float(metrics.get(Met.NOISE_MULTIPLIER, 0.0)) or None,
-                    "steps": int(metrics[Met.STEPS]),
-                }
-            refused = str(msg.content[Rec.SITE].get(Site.REFUSED, ""))
-            if refused:
-                out.refused[name] = refused
-                log.warning("site %s refused: %s", name, refused)
-                continue
-            if reference is not None:
-                problem = check_update(msg.content.array_records.get(Rec.ARRAYS), reference)
-                if problem:
-                    out.failed[name] = f"update rejected: {problem}"
-                    log.warning("site %s: update rejected: %s", name, problem)
-                    continue
-            out.ok.append(msg)
-        return out
-
     def evaluate_all(self, round_: int, arrays: ArrayRecord, skip: set[int] = frozenset()) -> dict:
         """Evaluate at every connected site but those in `skip` (silent in this round's training)."""
         self.reporter.phase(round_, "evaluating at every site")
-        config = self.round_config()
+        config = self.round_config(max(round_, 1))
         config[Cfg.SERVER_ROUND] = round_
         content = RecordDict({Rec.ARRAYS: arrays, Rec.CONFIG: config})
         msgs = [
@@ -237,28 +150,9 @@ class Coordinator:
             for n in self.grid.get_node_ids()
             if n not in skip
         ]
-        got = self.classify(self.send(msgs), None, msgs)
-        summaries, eval_s = {}, {}
-        for msg in got.ok:
-            m = msg.content[Rec.METRICS]
-            n_classes = self.model_meta["num_classes"]
-            s = {
-                "n_test": int(m[Met.N_TEST]),
-                **{
-                    k: (None if float(m[key]) < 0 else float(m[key]))
-                    for k, key in (
-                        ("auc", Met.AUC),
-                        ("accuracy", Met.ACCURACY),
-                        ("sensitivity", Met.SENSITIVITY),
-                        ("specificity", Met.SPECIFICITY),
-                        ("balanced_accuracy", Met.BALANCED_ACCURACY),
-                    )
-                },
-                "confusion": np.asarray(m[Met.CONFUSION]).reshape(n_classes, n_classes),
-                "score_hist": np.asarray(m[Met.SCORE_HIST]).reshape(n_classes, 2, HIST_BINS),
-            }
-            summaries[site_name(msg)] = s
-            eval_s[site_name(msg)] = float(m[Met.EVAL_S])
+        got = self.classify(self.send(msgs), msgs, None)
+        summaries = {site_name(msg): self._summary(msg.content[Rec.METRICS]) for msg in got.ok}
+        eval_s = {site_name(msg): float(msg.content[Rec.METRICS][Met.EVAL_S]) for msg in got.ok}
         sites = {
             name: public_metrics({k: (np.nan if v is None else v) for k, v in s.items()})
             for name, s in sorted(summaries.items())
@@ -266,112 +160,130 @@ class Coordinator:
         pooled = public_metrics(pooled_summary(list(summaries.values()))) if summaries else {}
         return {"sites": sites, "pooled": pooled, "eval_s": eval_s, "failed": got.failed}
 
+    def _summary(self, m) -> dict:
+        """A site's evaluation reply as common.metrics' summary (None where undefined)."""
+        n_classes = self.model_meta["num_classes"]
+        named = (
+            ("auc", Met.AUC),
+            ("accuracy", Met.ACCURACY),
+            ("sensitivity", Met.SENSITIVITY),
+            ("specificity", Met.SPECIFICITY),
+            ("balanced_accuracy", Met.BALANCED_ACCURACY),
+        )
+        return {
+            "n_test": int(m[Met.N_TEST]),
+            **{k: (None if float(m[key]) < 0 else float(m[key])) for k, key in named},
+            "confusion": np.asarray(m[Met.CONFUSION]).reshape(n_classes, n_classes),
+            "score_hist": np.asarray(m[Met.SCORE_HIST]).reshape(n_classes, 2, HIST_BINS),
+        }
+
     # ------------------------------------------------------------------ the study
 
-    def run(self, *, resume: bool = False) -> dict:
+    def run(self, *, resume: bool = False) -> Results:
         handler = self.store.attach_log()
         try:
             return self._run(resume)
         finally:
             RunStore.detach_log(handler)
 
-    def _initial_state(self, resume: bool) -> tuple[int, ArrayRecord, dict, dict]:
-        study = self.study
+    def _run(self, resume: bool) -> Results:
+        t_start = time.perf_counter()
+        first, arrays, results, strat_state = self._initial_state(resume)
+        elapsed_before = results["timing"]["total_s"]
+        strategy = make_strategy(self.study)
+        for k, v in strat_state.items():
+            setattr(strategy, k, v)
+        self.wait_for_sites()
+        self.reporter.start(self.study, first)
+        if first == 1:
+            initial = self.evaluate_all(0, arrays)
+            results["initial"] = {"sites": initial["sites"], "pooled": initial["pooled"]}
+            self.store.write_results(results)
+        for rnd in range(first, self.study.rounds + 1):
+            t0 = time.perf_counter()
+            new_arrays = self._round(rnd, strategy, arrays, results)
+            if new_arrays is None:
+                break
+            arrays = new_arrays
+            results["timing"]["total_s"] = elapsed_before + time.perf_counter() - t_start
+            self._save(rnd, arrays, results, strategy)
+            self.reporter.round_done(results["rounds"][-1], results["timing"]["round_s"][-1])
+            log.debug("round %d took %.1fs", rnd, time.perf_counter() - t0)
+        results["timing"]["total_s"] = elapsed_before + time.perf_counter() - t_start
+        self._finish(results, arrays)
+        return results
+
+    def _round(self, rnd: int, strategy: FedAvg, arrays: ArrayRecord, results: Results) -> ArrayRecord | None:
+        """Train round `rnd` and evaluate its model everywhere; the new global arrays, or None when the
+        study had to stop (too few usable updates: results say why)."""
+        t0 = time.perf_counter()
+        self.reporter.phase(rnd, "training")
+        messages = list(strategy.configure_train(rnd, arrays, self.round_config(rnd), self.grid))
+        got = self.classify(self.send(messages), messages, arrays)
+        if len(got.ok) < self.study.min_sites:
+            reason = (
+                f"round {rnd}: only {len(got.ok)} site(s) returned a usable update "
+                f"(refused: {got.refused or 'none'}; failed: {got.failed or 'none'}); "
+                f"the study needs at least min_sites={self.study.min_sites}"
+            )
+            stop(results, reason, rnd, got)
+            return None
+        new_arrays, _ = strategy.aggregate_train(rnd, got.ok)
+        arrays = new_arrays if new_arrays is not None else arrays
+        evaluation = self.evaluate_all(rnd, arrays, skip=got.silent)
+        round_s = time.perf_counter() - t0
+        record = round_record(rnd, got, evaluation)
+        if self.study.privacy.enabled:
+            add_privacy(results, record, got)
+        results["rounds"].append(record)
+        add_timing(results, rnd, got, evaluation, round_s)
+        log.info(
+            "round %d/%d done in %.1fs: pooled AUC %s; sites %s; trained: %s; refused: %s; failed: %s",
+            rnd, self.study.rounds, round_s, record["pooled"].get("auc"),
+            {k: v["auc"] for k, v in record["sites"].items()}, record["participants"],
+            record["refused"] or "none", record["failed"] or "none",
+        )  # fmt: skip
+        return arrays
+
+    def _initial_state(self, resume: bool) -> tuple[int, ArrayRecord, Results, dict]:
+        """(first round, global arrays, results so far, strategy state): from the newest checkpoint when
+        resuming, else a fresh model and empty results."""
         ck = self.store.load_latest_checkpoint() if resume else None
         if resume and ck is None:
             log.warning("--resume: no checkpoint in %s; starting from round 1", self.store.dir)
         if ck is not None:
-            old = {k: v for k, v in ck["study"].items() if k not in RESUME_IGNORED_KEYS}
-            new = {k: v for k, v in study.to_dict().items() if k not in RESUME_IGNORED_KEYS}
-            changed = sorted(k for k in new if old.get(k) != new.get(k))
-            if changed:
-                raise ConfigError(
-                    f"cannot resume in {self.store.dir}: the study config differs from the "
-                    f"checkpoint's in {changed}; use the same config or a new --out folder."
-                )
+            check_resumable(ck["study"], self.study, self.store.dir)
             self.model_meta = ck["model_meta"]
             self.study_id = ck["results"]["study_id"]
             log.info("resuming after round %d from %s", ck["round"], self.store.dir)
             random.setstate(ck["python_rng"])
             return ck["round"] + 1, ArrayRecord(ck["arrays"]), ck["results"], ck["strategy_state"]
-        classes, channels = _classes_and_channels(simulated_sites(study)[0])
-        self.model_meta = {
-            "model": study.model.name,
-            "in_channels": channels,
-            "num_classes": len(classes),
-            "classes": classes,
-        }
-        model = build_model(study.model.name, in_channels=channels, num_classes=len(classes), seed=study.seed)
-        self.study_id = f"{study.name}-{uuid.uuid4().hex[:8]}"
-        results = {
-            "study_id": self.study_id,
-            "study": study.to_dict(),
-            "status": "running",
-            "rounds": [],
-            "initial": {},
-            "final": {},
-            "timing": {"total_s": 0.0, "round_s": [], "train_s": {}, "eval_s": {}},
-        }
-        return 1, ArrayRecord(model.state_dict()), results, {}
+        meta = self.model_meta
+        model = build_model(
+            self.study.model.name,
+            in_channels=meta["in_channels"],
+            num_classes=meta["num_classes"],
+            seed=self.study.seed,
+        )
+        self.study_id = f"{self.study.name}-{uuid.uuid4().hex[:8]}"
+        return 1, ArrayRecord(model.state_dict()), new_results(self.study_id, self.study.to_dict()), {}
 
-    def _run(self, resume: bool) -> dict:
-        study = self.study
-        t_start = time.perf_counter()
-        first, arrays, results, strat_state = self._initial_state(resume)
-        elapsed_before = results["timing"]["total_s"]
-        strategy = make_strategy(study)
-        for k, v in strat_state.items():
-            setattr(strategy, k, v)
-        self.wait_for_sites()
-        self.reporter.start(study, first)
-        if first == 1:
-            initial = self.evaluate_all(0, arrays)
-            results["initial"] = {"sites": initial["sites"], "pooled": initial["pooled"]}
-            self.store.write_results(results)
-        for rnd in range(first, study.rounds + 1):
-            t0 = time.perf_counter()
-            self.reporter.phase(rnd, "training")
-            messages = list(strategy.configure_train(rnd, arrays, self.round_config(rnd), self.grid))
-            got = self.classify(self.send(messages), arrays, messages)
-            if len(got.ok) < study.min_sites:
-                reason = (
-                    f"round {rnd}: only {len(got.ok)} site(s) returned a usable update "
-                    f"(refused: {got.refused or 'none'}; failed: {got.failed or 'none'}); "
-                    f"the study needs at least min_sites={study.min_sites}"
-                )
-                self._stop(results, reason, rnd, got)
-                break
-            new_arrays, _ = strategy.aggregate_train(rnd, got.ok)
-            if new_arrays is not None:
-                arrays = new_arrays
-            evaluation = self.evaluate_all(rnd, arrays, skip=got.silent)
-            round_s = time.perf_counter() - t0
-            record = self._round_record(rnd, got, evaluation)
-            if study.privacy.enabled:
-                self._add_privacy(results, record, got)
-            results["rounds"].append(record)
-            self._add_timing(results, rnd, got, evaluation, round_s)
-            results["timing"]["total_s"] = elapsed_before + time.perf_counter() - t_start
-            self.store.save_checkpoint(
-                rnd,
-                {
-                    "round": rnd,
-                    "arrays": arrays.to_torch_state_dict(),
-                    "results": results,
-                    "strategy_state": strategy_state(strategy),
-                    "study": study.to_dict(),
-                    "model_meta": self.model_meta,
-                    "python_rng": random.getstate(),
-                },
-            )
-            self.store.write_results(results)
-            log.info(
-                "round %d/%d done in %.1fs: pooled AUC %s; sites %s; trained: %s; refused: %s; failed: %s",
-                rnd, study.rounds, round_s, record["pooled"].get("auc"),
-                {k: v["auc"] for k, v in record["sites"].items()}, record["participants"],
-                record["refused"] or "none", record["failed"] or "none",
-            )  # fmt: skip
-            self.reporter.round_done(record, round_s)
+    def _save(self, rnd: int, arrays: ArrayRecord, results: Results, strategy: FedAvg) -> None:
+        self.store.save_checkpoint(
+            rnd,
+            {
+                "round": rnd,
+                "arrays": arrays.to_torch_state_dict(),
+                "results": results,
+                "strategy_state": strategy_state(strategy),
+                "study": self.study.to_dict(),
+                "model_meta": self.model_meta,
+                "python_rng": random.getstate(),
+            },
+        )
+        self.store.write_results(results)
+
+    def _finish(self, results: Results, arrays: ArrayRecord) -> None:
         last = results["rounds"][-1] if results["rounds"] else results["initial"]
         results["final"] = {
             "sites": last.get("sites", {}),
@@ -380,95 +292,94 @@ class Coordinator:
         }
         if results["status"] == "running":
             results["status"] = "completed"
-        results["timing"]["total_s"] = elapsed_before + time.perf_counter() - t_start
+        meta = self.model_meta
         model = build_model(
-            study.model.name,
-            in_channels=self.model_meta["in_channels"],
-            num_classes=self.model_meta["num_classes"],
+            self.study.model.name, in_channels=meta["in_channels"], num_classes=meta["num_classes"]
         )
         model.load_state_dict(arrays.to_torch_state_dict())
         save_model(
             self.store.final_model_path,
             model,
-            meta={**self.model_meta, "round": results["final"]["round"], "study": study.to_dict()},
+            meta={**meta, "round": results["final"]["round"], "study": self.study.to_dict()},
         )
         self.store.write_results(results)
         self.reporter.finish(results)
-        return results
 
-    def _stop(self, results: dict, reason: str, rnd: int, got: Replies) -> None:
-        log.error("study stopped: %s", reason)
-        results["status"] = "stopped"
-        results["stop_reason"] = reason
-        results.setdefault("stopped_rounds", []).append(
-            {"round": rnd, "refused": got.refused, "failed": got.failed}
+
+# ----------------------------------------------------------------------------- results.json records
+
+
+def check_resumable(saved: dict, study: StudyConfig, where: Path) -> None:
+    """Raise ConfigError when `study` differs from the checkpoint's study (other than rounds)."""
+    old = {k: v for k, v in saved.items() if k not in RESUME_IGNORED_KEYS}
+    new = {k: v for k, v in study.to_dict().items() if k not in RESUME_IGNORED_KEYS}
+    changed = sorted(k for k in new if old.get(k) != new.get(k))
+    if changed:
+        raise ConfigError(
+            f"cannot resume in {where}: the study config differs from the "
+            f"checkpoint's in {changed}; use the same config or a new --out folder."
         )
 
-    @staticmethod
-    def _add_privacy(results: dict, record: dict, got: Replies) -> None:
-        """Per site: epsilon spent so far, delta, this round's noise and steps, and any refusal."""
-        previous = results["rounds"][-1]["sites"] if results["rounds"] else {}
-        for site, metrics in record["sites"].items():
-            known = got.privacy.get(site)
-            before = previous.get(site, {})
-            metrics.update(
-                {
-                    "epsilon": known["epsilon"] if known else before.get("epsilon", 0.0),
-                    "delta": known["delta"] if known else before.get("delta"),
-                    "noise_multiplier": known["noise_multiplier"] if known else None,
-                    "steps": known["steps"] if known else 0,
-                    "refused": got.refused.get(site),
-                }
-            )
 
-    @staticmethod
-    def _round_record(rnd: int, got: Replies, evaluation: dict) -> dict:
-        train = {}
-        for msg in got.ok:
-            m = msg.content[Rec.METRICS]
-            train[site_name(msg)] = {
-                "n_train": int(m[Met.NUM_EXAMPLES]),
-                "loss": float(m[Met.TRAIN_LOSS]),
-                "train_s": float(m[Met.TRAIN_S]),
+def stop(results: Results, reason: str, rnd: int, got: Replies) -> None:
+    log.error("study stopped: %s", reason)
+    results["status"] = "stopped"
+    results["stop_reason"] = reason
+    results.setdefault("stopped_rounds", []).append(
+        {"round": rnd, "refused": got.refused, "failed": got.failed}
+    )
+
+
+def add_privacy(results: Results, record: RoundRecord, got: Replies) -> None:
+    """Per site: epsilon spent so far, delta, this round's noise and steps, and any refusal. A site
+    that reported nothing this round keeps its last epsilon."""
+    previous = results["rounds"][-1]["sites"] if results["rounds"] else {}
+    for site, metrics in record["sites"].items():
+        known = got.privacy.get(site)
+        before = previous.get(site, {})
+        metrics.update(
+            {
+                "epsilon": known["epsilon"] if known else before.get("epsilon", 0.0),
+                "delta": known["delta"] if known else before.get("delta"),
+                "noise_multiplier": known["noise_multiplier"] if known else None,
+                "steps": known["steps"] if known else 0,
+                "refused": got.refused.get(site),
             }
-        return {
-            "round": rnd,
-            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "sites": evaluation["sites"],
-            "pooled": evaluation["pooled"],
-            "participants": sorted(train),
-            "train": dict(sorted(train.items())),
-            "refused": got.refused,
-            "failed": {
-                **got.failed,
-                **{k: f"evaluation: {v}" for k, v in evaluation["failed"].items()},
-            },
+        )
+
+
+def round_record(rnd: int, got: Replies, evaluation: dict) -> RoundRecord:
+    train = {}
+    for msg in got.ok:
+        m = msg.content[Rec.METRICS]
+        train[site_name(msg)] = {
+            "n_train": int(m[Met.NUM_EXAMPLES]),
+            "loss": float(m[Met.TRAIN_LOSS]),
+            "train_s": float(m[Met.TRAIN_S]),
         }
-
-    @staticmethod
-    def _add_timing(results: dict, rnd: int, got: Replies, evaluation: dict, round_s: float) -> None:
-        timing = results["timing"]
-        timing["round_s"].append(round(round_s, 4))
-        trained = {site_name(m): float(m.content[Rec.METRICS][Met.TRAIN_S]) for m in got.ok}
-        n_before = rnd - 1
-        for key, values in (("train_s", trained), ("eval_s", evaluation["eval_s"])):
-            for site in set(timing[key]) | set(values):
-                series = timing[key].setdefault(site, [None] * n_before)
-                series += [None] * (n_before - len(series))
-                series.append(round(values[site], 4) if site in values else None)
+    return {
+        "round": rnd,
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "sites": evaluation["sites"],
+        "pooled": evaluation["pooled"],
+        "participants": sorted(train),
+        "train": dict(sorted(train.items())),
+        "refused": got.refused,
+        "failed": {**got.failed, **{k: f"evaluation: {v}" for k, v in evaluation["failed"].items()}},
+    }
 
 
-def _classes_and_channels(site) -> tuple[list[str], int]:
-    """The model's classes and input channels, from the study's first site (all sites agree)."""
-    if site.data.format == "synthetic":
-        return ["normal", "finding"], 1
-    if site.data.format == "medmnist":
-        from common.data import load_npz
-
-        data = load_npz(site.data.path)
-        n = int(max(data["train_labels"].max(), data["test_labels"].max()) + 1)
-        return site.data.classes or [str(c) for c in range(n)], 1
-    return list(site.data.classes), int(site.data.preprocess.channels)
+def add_timing(results: Results, rnd: int, got: Replies, evaluation: dict, round_s: float) -> None:
+    """Append the round's wall time and each site's train and eval seconds (None where it did not)."""
+    timing = results["timing"]
+    timing["round_s"].append(round(round_s, 4))
+    trained = {site_name(m): float(m.content[Rec.METRICS][Met.TRAIN_S]) for m in got.ok}
+    n_before = rnd - 1
+    for key, values in (("train_s", trained), ("eval_s", evaluation["eval_s"])):
+        for site in set(timing[key]) | set(values):
+            series = timing[key].setdefault(site, [None] * n_before)
+            series += [None] * (n_before - len(series))
+            series.append(round(values[site], 4) if site in values else None)
 
 
 def run_study(
@@ -476,9 +387,14 @@ def run_study(
     study: StudyConfig,
     out_dir: str | Path,
     *,
+    classes: list[str],
+    in_channels: int,
+    n_sites: int,
     resume: bool = False,
     reporter: Reporter | None = None,
-    n_sites: int | None = None,
-) -> dict:
-    """Run a study over `grid`; `n_sites` (default: the study's) is how many sites to wait for."""
-    return Coordinator(grid, study, out_dir, reporter, n_sites=n_sites).run(resume=resume)
+) -> Results:
+    """Run a study over `grid`, waiting for `n_sites` sites; the model has `classes` and `in_channels`."""
+    coordinator = Coordinator(
+        grid, study, out_dir, classes=classes, in_channels=in_channels, n_sites=n_sites, reporter=reporter
+    )
+    return coordinator.run(resume=resume)

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.config import StudyConfig
+from common.schema import StudyConfig
 from server.coordinator import Reporter
 
 

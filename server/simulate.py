@@ -2,7 +2,7 @@
 
 Every simulated site is one virtual SuperNode running the same ClientApp a hospital runs. By default
 each site gets all CPU cores and sites take turns (a round's wall time is then the sum of the sites'
-work plus Flower's own share, which `bench/bench_overhead.py` measures); a GPU is used when present.
+work plus Flower's own share, which `bench/bench_fedavg.py` measures); a GPU is used when present.
 """
 
 from __future__ import annotations
@@ -15,9 +15,13 @@ from pathlib import Path
 
 import torch
 
-from common.config import ConfigError, StudyConfig, simulated_sites
-from common.data import SiteDataError, load_site_data
+from common.config import ConfigError
+from common.data import load_site_data
+from common.schema import MIN_INPUT_SIZE, StudyConfig
+from common.simulated import simulated_sites
+from common.sitedata import SiteDataError
 from server.coordinator import Reporter
+from server.run_folder import LOG_FILE, RESULTS_FILE
 
 log = logging.getLogger("fedward.simulate")
 
@@ -28,8 +32,6 @@ def preflight(study: StudyConfig, out_dir: Path) -> list:
     Simulated sites keep their state (privacy ledger) in OUT_DIR/sites/<site> unless their own
     site config names a state_dir.
     """
-    from common.models import MIN_INPUT_SIZE
-
     sites = simulated_sites(study, state_root=out_dir / "sites")
     for site in sites:
         try:
@@ -97,7 +99,7 @@ def simulate(
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
         warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
     out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.json"
+    results_path = out / RESULTS_FILE
     stale = results_path.stat().st_mtime_ns if results_path.exists() else None
     run_simulation(
         server_app=make_server_app(study, out, resume=resume, reporter=reporter, n_sites=len(sites)),
@@ -107,8 +109,8 @@ def simulate(
         verbose_logging=verbose,
     )
     if not results_path.exists() or results_path.stat().st_mtime_ns == stale:
-        raise RuntimeError(f"the simulation ended without writing {results_path}; see {out / 'fedward.log'}")
+        raise RuntimeError(f"the simulation ended without writing {results_path}; see {out / LOG_FILE}")
     results = json.loads(results_path.read_text())
     if results.get("status") == "running":
-        raise RuntimeError(f"the study did not finish; see {out / 'fedward.log'}")
+        raise RuntimeError(f"the study did not finish; see {out / LOG_FILE}")
     return results

@@ -8,8 +8,10 @@ from torch import nn
 
 from client import guard
 from client.train import BalancedCrossEntropy, make_criterion
-from common.config import ConfigError, SiteConfig, StudyConfig, validate_study
-from common.keys import Cfg
+from common.config import ConfigError, validate_study
+from common.round import RoundPlan
+from common.schema import SiteConfig, StudyConfig
+from tests.plans import round_config
 
 
 def test_weights_make_each_class_count_equally():
@@ -45,6 +47,8 @@ def test_never_with_privacy(tmp_path):
     study.train.class_balance, study.privacy.enabled = True, True
     with pytest.raises(ConfigError, match=r"train\.class_balance.*privacy"):
         validate_study(study)
-    cfg = {Cfg.CLASS_BALANCE: True, Cfg.SERVER_ROUND: 1, Cfg.BATCH_SIZE: 8, Cfg.LOCAL_EPOCHS: 1}
-    plan, refusal = guard.plan_round(cfg, SiteConfig(site="h", state_dir=str(tmp_path)), 100)
+    cfg = round_config(class_balance=True, dp_enabled=True)
+    plan, refusal = guard.plan_round(
+        cfg, RoundPlan.from_config(cfg), SiteConfig(site="h", state_dir=str(tmp_path)), 100
+    )
     assert plan is None and "class-balanced loss" in refusal

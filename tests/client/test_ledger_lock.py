@@ -8,9 +8,9 @@ import time
 
 from client import guard
 from client.ledger import SiteAccountant
-from common.config import SiteConfig, SitePolicyConfig
 from common.keys import Cfg
 from common.privacy import PrivacyKey, rdp_epsilon
+from common.schema import SiteConfig, SitePolicyConfig
 
 N_TRAIN, BATCH, NOISE = 1000, 50, 1.0
 

@@ -27,14 +27,14 @@ from client.ledger import (
     PrivacyLedger,
     SiteAccountant,
 )
-from client.policy import SitePolicy, SitePolicyError
+from client.policy import SitePolicy
+from common.opacus_compat import IncompatibleModelError, make_opacus_compatible
 from common.privacy import (
-    IncompatibleModelError,
     PrivacyConfigError,
     PrivacyRequest,
     derive_noise_multiplier,
-    make_opacus_compatible,
     rdp_epsilon,
+    request_config,
 )
 
 DELTA = 1e-5
@@ -54,30 +54,50 @@ def policy(**overrides) -> SitePolicy:
 # --- common.privacy -------------------------------------------------------------------------
 
 
-def test_privacy_request_travels_in_a_flower_config_record():
+def test_the_coordinators_privacy_request_travels_in_a_flower_config_record():
     from flwr.app import ConfigRecord
 
-    request = PrivacyRequest(
+    from common.schema import PrivacyConfig
+
+    asked = PrivacyConfig(
+        enabled=True,
+        noise_multiplier=1.1,
+        max_grad_norm=0.5,
+        delta=1e-6,
+        target_epsilon=4.0,
+        secure_mode=True,
+    )
+    record_ = ConfigRecord(request_config(asked))
+    back = PrivacyRequest.from_config(dict(record_) | {"lr": 0.01}, sample_rate=0.1, steps_total=10)
+
+    assert back == PrivacyRequest(
         noise_multiplier=1.1, max_grad_norm=0.5, delta=1e-6, target_epsilon=4.0, secure_mode=True
     )
+    assert all(isinstance(v, int | float | str | bool) for v in request_config(asked).values())
 
-    record_ = ConfigRecord(request.to_config())
-    back = PrivacyRequest.from_config(dict(record_) | {"lr": 0.01})  # shares the round's record
 
-    assert back == request
-    assert all(isinstance(v, int | float | str | bool) for v in request.to_config().values())
-    assert (
-        "dp-target-epsilon"
-        not in PrivacyRequest(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5).to_config()
+def test_without_a_noise_multiplier_the_site_derives_it_for_the_whole_study():
+    from common.schema import PrivacyConfig
+
+    config = request_config(PrivacyConfig(enabled=True, target_epsilon=3.0, delta=1e-5))
+    assert "dp-noise-multiplier" not in config
+
+    request = PrivacyRequest.from_config(config, sample_rate=0.02, steps_total=500)
+
+    assert request.noise_multiplier == derive_noise_multiplier(
+        target_epsilon=3.0, delta=1e-5, sample_rate=0.02, steps_total=500
     )
+    assert rdp_epsilon([(request.noise_multiplier, 0.02, 500)], delta=1e-5) <= 3.0 + 0.01
 
 
 def test_privacy_request_rejects_missing_and_invalid_settings():
-    config = PrivacyRequest(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5).to_config()
+    from common.schema import PrivacyConfig
+
+    config = request_config(PrivacyConfig(enabled=True, noise_multiplier=1.0))
     del config["dp-max-grad-norm"]
 
     with pytest.raises(PrivacyConfigError, match="dp-max-grad-norm"):
-        PrivacyRequest.from_config(config)
+        PrivacyRequest.from_config(config, sample_rate=0.1, steps_total=10)
     with pytest.raises(PrivacyConfigError, match="grad_sample_mode"):
         PrivacyRequest(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, grad_sample_mode="x")
     with pytest.raises(PrivacyConfigError, match="noise_multiplier"):
@@ -175,14 +195,6 @@ def test_policy_accepts_settings_at_its_limits():
     request = PrivacyRequest(noise_multiplier=0.8, max_grad_norm=1.5, delta=1e-5)
 
     assert policy().check(request) is None
-
-
-def test_policy_from_site_config_names_the_missing_key():
-    config = {"max-epsilon": 8, "delta": 1e-5, "min-noise-multiplier": 0.8, "max-grad-norm": 1.5}
-
-    assert SitePolicy.from_config(config) == policy()
-    with pytest.raises(SitePolicyError, match="site-a.toml.*'max-grad-norm'"):
-        SitePolicy.from_config(config | {"max-grad-norm": "big"}, source="site-a.toml")
 
 
 def test_budget_refusal_when_the_next_round_would_exceed_max_epsilon(tmp_path):
@@ -384,8 +396,8 @@ def test_tiny_dp_training_run_counts_its_steps_and_spends_epsilon(mode, tmp_path
     entry = SiteAccountant(tmp_path).record_round(round=1, delta=DELTA, **dp.spending())
 
     assert dp.steps == 3 and dp.sample_rate == pytest.approx(1 / 3)
-    assert dp.epsilon(DELTA) > 0
-    assert entry.epsilon == pytest.approx(dp.epsilon(DELTA))
+    assert rdp_epsilon(dp.history(), delta=DELTA) > 0
+    assert entry.epsilon == pytest.approx(rdp_epsilon(dp.history(), delta=DELTA))
     assert (entry.steps, entry.noise_multiplier, entry.max_grad_norm) == (3, 1.0, 1.0)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert list(dp.unwrap().state_dict()) == keys
@@ -427,6 +439,7 @@ def test_ghost_clipping_refuses_a_summed_loss():
             criterion=nn.CrossEntropyLoss(reduction="sum"),
             noise_multiplier=1.0,
             max_grad_norm=1.0,
+            grad_sample_mode="ghost",
         )
 
 

@@ -4,8 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, load_study, simulated_sites
-from common.data import SiteDataError, load_site_data
+from common.config import ConfigError, load_study
+from common.data import load_site_data
+from common.simulated import simulated_sites
+from common.sitedata import SiteDataError
 
 
 def _write(tmp_path: Path, text: str) -> Path:

@@ -3,8 +3,11 @@
 import numpy as np
 import pytest
 
-from common.config import StudyConfig, simulated_sites
-from common.data import SiteDataError, load_npz, load_site_data
+from common.data import load_site_data
+from common.medmnist import load_npz
+from common.schema import StudyConfig
+from common.simulated import simulated_sites
+from common.sitedata import SiteDataError
 
 
 def _study(medmnist_dir, **partition) -> StudyConfig:

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from common.config import ConfigError, load_study
-from common.models import MIN_INPUT_SIZE, MODELS, build_model, load_model, save_model
+from common.models import MODELS, build_model, load_model, save_model
+from common.schema import MIN_INPUT_SIZE
 
 
 @pytest.mark.parametrize("name", list(MODELS))

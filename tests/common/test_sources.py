@@ -24,8 +24,10 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from common.config import ConfigError, SiteConfig, SiteDataConfig, load_site
-from common.data import SiteDataError, load_site_data
+from common.config import ConfigError, load_site
+from common.data import load_site_data
+from common.schema import SiteConfig, SiteDataConfig
+from common.sitedata import SiteDataError
 from common.sources import preprocess_file, scan_site
 from common.transforms import augment_fn, build_transforms
 

@@ -4,9 +4,10 @@ import pytest
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from common.config import StudyConfig
 from common.models import build_model
-from server.coordinator import check_update, make_strategy, short_reason
+from common.schema import StudyConfig
+from server.coordinator import make_strategy
+from server.replies import check_update, short_reason
 
 
 @pytest.fixture

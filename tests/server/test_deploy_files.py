@@ -201,7 +201,8 @@ def test_dockerfile_builds_on_flowers_superexec_image_of_the_pinned_version():
 
 
 def test_local_deployment_site_configs_are_the_studys_partitions():
-    from common.config import load_study, simulated_sites
+    from common.config import load_study
+    from common.simulated import simulated_sites
 
     study = load_study(DEPLOY / "local" / "study.yaml")
     simulated = simulated_sites(study)

@@ -21,7 +21,8 @@ from common.uncertainty import (
     weighted_binary_auc,
 )
 from server.report import ReportError, build_report, load_run, main, plain_summary
-from server.study import Part, StudyProgress
+from server.study.plan import Part
+from server.study.progress import StudyProgress
 
 
 def _scores(n: int, n_classes: int, signal: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -226,9 +227,11 @@ def test_report_of_a_folder_without_a_run_says_what_to_give(tmp_path, capsys):
 
 
 def test_study_section_is_checked_and_chooses_the_runs(tmp_path):
-    from common.config import ConfigError, load_study, simulated_sites
+    from common.config import ConfigError, load_study
     from common.data import load_site_data
-    from server.study import plan, run_comparison, validate_comparison, variants
+    from common.simulated import simulated_sites
+    from server.study.plan import plan, validate_comparison, variants
+    from server.study.run import run_comparison
 
     base = "rounds: 3\ndata: {num_sites: 3, synthetic: {train_per_site: 40, test_per_site: 20}}\n"
     config = tmp_path / "study.yaml"

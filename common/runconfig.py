@@ -1,10 +1,15 @@
-"""The Flower run config (`[tool.flwr.app.config]` in pyproject.toml) turned into a study."""
+"""The Flower run config (`[tool.flwr.app.config]` in pyproject.toml) turned into a study config.
+
+Used by the ServerApp (`flwr run .`) and, in simulation through `flwr run .`, by the ClientApp to
+find its simulated site; in a deployment a site never reads the study from the run config.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from common.config import PROJECT_ROOT, StudyConfig, load_study
+from common.config import PROJECT_ROOT, load_study
+from common.schema import StudyConfig
 
 
 def resolve_path(value: str) -> Path:

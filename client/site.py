@@ -1,0 +1,172 @@
+"""A hospital site at work: its data, model, policy and ledger, and what it does when asked.
+
+`SiteRuntime.train(config, weights)` and `SiteRuntime.evaluate(config, weights)` take plain values (the
+round's ConfigRecord as a dict, the global weights as a state dict) and return a `SiteReply` of plain
+values: no Flower here, so the ClientApp (client.app) only converts Messages, and the training path can
+be driven and tested without an engine.
+
+Training: the round's `RoundPlan` (common.round) plus, with privacy, the guard's check of the request
+against the site's own policy and budget (client.guard), then the one recipe (client.train.train_round);
+the ledger line is written before the reply is made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from client import guard
+from client.dp import PrivateTraining
+from client.train import device, predict, train_round
+from common.data import load_site_data
+from common.keys import Met
+from common.metrics import site_summary
+from common.models import build_model
+from common.round import RoundPlan
+from common.schema import SiteConfig
+from common.sitedata import SiteData
+from common.transforms import augment_fn
+
+log = logging.getLogger("fedward.site")
+THREADS_ENV = "FEDWARD_SITE_THREADS"  # simulation: CPU threads per site process
+
+
+@dataclass
+class SiteReply:
+    """What a site sends back: its name, aggregate metrics, the model weights when it trained, or
+    the reason it refused."""
+
+    site: str
+    metrics: dict[str, int | float | list[int]]
+    weights: dict[str, torch.Tensor] | None = None
+    refused: str = ""
+
+
+@dataclass
+class SiteRuntime:
+    """One site's loaded data and model, kept across rounds in a long-lived process."""
+
+    config: SiteConfig
+    data: SiteData
+    model: torch.nn.Module | None = None
+    model_key: tuple = ()
+    augment: Callable | None = None  # the site's own training augmentation (site config)
+
+    @classmethod
+    def load(cls, config: SiteConfig) -> SiteRuntime:
+        """Read the site's data (raises common.sitedata.SiteDataError naming what is wrong)."""
+        return cls(config=config, data=load_site_data(config), augment=augment_fn(config.data))
+
+    def model_for(self, plan: RoundPlan, weights: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+        """The site's model of the plan's architecture, holding `weights`."""
+        key = (plan.model, plan.in_channels, plan.num_classes)
+        if self.model is None or key != self.model_key:
+            self.model = build_model(plan.model, in_channels=key[1], num_classes=key[2]).to(device())
+            self.model_key = key
+        self.model.load_state_dict(dict(weights))
+        return self.model
+
+    # ------------------------------------------------------------------ train
+
+    def train(self, config: Mapping[str, object], weights: Mapping[str, torch.Tensor]) -> SiteReply:
+        """One round of local training as the coordinator's `config` asks, within the site's policy."""
+        plan = RoundPlan.from_config(config)
+        # with privacy, the budget check to the ledger line is one step: one training at a time per ledger
+        lock = guard.site_lock(self.config) if plan.dp_enabled else contextlib.nullcontext()
+        with lock:
+            return self._train(plan, config, weights)
+
+    def _train(self, plan: RoundPlan, config: Mapping, weights: Mapping[str, torch.Tensor]) -> SiteReply:
+        private_round, request = None, None
+        if plan.dp_enabled:
+            private_round, refusal = guard.plan_round(config, plan, self.config, len(self.data.train_y))
+            if refusal:
+                log.warning(refusal)
+                return self.refusal(refusal)
+            request = private_round.request
+        model = self.model_for(plan, weights)
+        entries = []
+
+        def record(dp: PrivateTraining) -> None:  # before anything leaves the site
+            entries.append(guard.record_round(private_round, dp))
+
+        result = train_round(
+            model,
+            self.data.train_x,
+            self.data.train_y,
+            plan,
+            augment_fn=self.augment,
+            privacy=request,
+            on_private_steps=record,
+        )
+        self.model = result.model
+        metrics: dict = {
+            Met.NUM_EXAMPLES: len(self.data.train_y),
+            Met.TRAIN_LOSS: result.loss,
+            Met.TRAIN_S: result.seconds,
+        }
+        if entries:
+            entry = entries[0]
+            metrics |= {
+                Met.EPSILON: private_round.accountant.epsilon(entry.delta),
+                Met.DELTA: entry.delta,
+                Met.NOISE_MULTIPLIER: entry.noise_multiplier,
+                Met.STEPS: entry.steps,
+                Met.SAMPLE_RATE: entry.sample_rate,
+            }
+        log.info(
+            "site %s round %d: loss %.4f in %.1fs", self.config.site, plan.round, result.loss, result.seconds
+        )
+        return SiteReply(self.config.site, metrics, weights=result.model.state_dict())
+
+    def refusal(self, reason: str) -> SiteReply:
+        epsilon, delta = guard.spent(self.config)
+        metrics = {Met.NUM_EXAMPLES: 0, Met.EPSILON: epsilon, Met.DELTA: delta, Met.STEPS: 0}
+        return SiteReply(self.config.site, metrics, refused=reason)
+
+    # ------------------------------------------------------------------ evaluate
+
+    def evaluate(self, config: Mapping[str, object], weights: Mapping[str, torch.Tensor]) -> SiteReply:
+        """Test `weights` on the site's test data; only aggregates go back (common.metrics)."""
+        plan = RoundPlan.from_config(config)
+        model = self.model_for(plan, weights)
+        t0 = time.perf_counter()
+        summary = site_summary(self.data.test_y.numpy(), predict(model, self.data.test_x))
+        metrics = {
+            Met.NUM_EXAMPLES: summary["n_test"],
+            Met.N_TEST: summary["n_test"],
+            Met.AUC: _num(summary["auc"]),
+            Met.ACCURACY: _num(summary["accuracy"]),
+            Met.SENSITIVITY: _num(summary["sensitivity"]),
+            Met.SPECIFICITY: _num(summary["specificity"]),
+            Met.BALANCED_ACCURACY: _num(summary["balanced_accuracy"]),
+            Met.CONFUSION: summary["confusion"].reshape(-1).tolist(),
+            Met.SCORE_HIST: summary["score_hist"].reshape(-1).tolist(),
+            Met.EVAL_S: time.perf_counter() - t0,
+        }
+        return SiteReply(self.config.site, metrics)
+
+
+def _num(x: float) -> float:
+    return -1.0 if np.isnan(x) else float(x)  # MetricRecord has no NaN; -1 marks "undefined"
+
+
+_RUNTIMES: dict[str, SiteRuntime] = {}  # per process: data and model stay loaded across rounds
+
+
+def runtime_for(config: SiteConfig) -> SiteRuntime:
+    """This process's runtime for `config`, loaded on first use."""
+    key = f"{config.site}:{config.source_path}:{config.data}"
+    if key not in _RUNTIMES:
+        threads = os.environ.get(THREADS_ENV)
+        if threads:
+            torch.set_num_threads(int(threads))
+        _RUNTIMES[key] = SiteRuntime.load(config)
+    return _RUNTIMES[key]

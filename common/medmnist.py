@@ -1,0 +1,100 @@
+"""MedMNIST `.npz` files, read directly (no `medmnist` package), and their partition among simulated sites.
+
+Every simulated site computes its own indices from its site config (seed, index, number of sites),
+so all sites of a study agree on the split without talking to each other.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from common.scanners import acquire, scanner_for
+from common.schema import SiteConfig, SitePartition
+from common.sitedata import SiteData, SiteDataError, site_data_from_arrays
+
+
+@functools.lru_cache(maxsize=4)
+def load_npz(path: str) -> dict[str, np.ndarray]:
+    """All arrays of a MedMNIST .npz file (cached per process: every simulated site shares it)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SiteDataError(
+            f"MedMNIST file '{p}' does not exist; point the study's data_dir (or FEDWARD_DATA, or "
+            f"--data-dir) at the folder that holds it."
+        )
+    try:
+        with np.load(p) as npz:
+            data = {k: npz[k] for k in npz.files}
+    except Exception as err:  # a truncated or foreign file: numpy's error is not enough
+        raise SiteDataError(f"'{p}' is not a readable .npz file ({err}); download it again.") from err
+    missing = [f"{s}_{k}" for s in ("train", "test") for k in ("images", "labels") if f"{s}_{k}" not in data]
+    if missing:
+        raise SiteDataError(f"'{p}' lacks the MedMNIST arrays {missing}; is it a MedMNIST file?")
+    return data
+
+
+def _shares(n: int, props: np.ndarray) -> np.ndarray:
+    """How many of n items each site gets for these proportions (rounded cumulative bounds)."""
+    return np.diff(np.concatenate([[0], np.round(np.cumsum(props) * n).astype(int)]))
+
+
+def partition_indices(labels: dict[str, np.ndarray], part: SitePartition) -> dict[str, np.ndarray]:
+    """This site's indices into each split. Label skew uses one Dirichlet draw per class, applied
+    alike to train, val and test, so a site with few positives in training has few in test."""
+    rng = np.random.default_rng([part.seed, 1234])
+    n_sites = part.num_sites
+    classes = np.unique(labels["train"])
+    if part.scheme == "iid":
+        props = np.full((len(classes), n_sites), 1.0 / n_sites)
+    else:
+        test = labels.get("test", np.zeros(0, dtype=np.int64))
+        for _ in range(1000):
+            props = rng.dirichlet(np.full(n_sites, part.alpha), size=len(classes))
+            train = np.sum(
+                [_shares((labels["train"] == c).sum(), props[i]) for i, c in enumerate(classes)], axis=0
+            )
+            tests = [_shares((test == c).sum(), props[i]) for i, c in enumerate(classes)]
+            if (
+                train.min() >= part.min_train_per_site
+                and min(t.min() for t in tests) >= part.min_test_per_class
+            ):
+                break
+        else:
+            raise SiteDataError(
+                f"no label-skew split with alpha={part.alpha} gives every one of {n_sites} sites "
+                f"{part.min_train_per_site} training images and {part.min_test_per_class} test images of "
+                "every class; raise alpha, lower those minimums or the number of sites."
+            )
+    out = {}
+    for split, y in labels.items():
+        mine = []
+        for i, c in enumerate(classes):
+            idx = np.flatnonzero(y == c)
+            idx = idx[np.random.default_rng([part.seed, 99, i, len(y)]).permutation(len(idx))]
+            bounds = np.concatenate([[0], np.cumsum(_shares(len(idx), props[i]))])
+            mine.append(idx[bounds[part.index] : bounds[part.index + 1]])
+        out[split] = np.sort(np.concatenate(mine))
+    return out
+
+
+def medmnist_site(config: SiteConfig) -> SiteData:
+    data = load_npz(config.data.path)
+    part = config.data.partition
+    splits_present = [s for s in ("train", "val", "test") if f"{s}_images" in data]
+    labels = {s: data[f"{s}_labels"].reshape(-1).astype(np.int64) for s in splits_present}
+    idx = partition_indices(labels, part)
+    rng = np.random.default_rng([part.seed, part.index, 11])
+    splits = {}
+    for s in splits_present:
+        imgs = data[f"{s}_images"][idx[s]].astype(np.float32) / 255.0
+        if imgs.ndim == 4:  # colour MedMNIST sets: N x H x W x 3 -> grey
+            imgs = imgs.mean(axis=-1)
+        if part.acquisition_shift:
+            imgs = acquire(imgs, scanner_for(part.index), rng)
+        splits[s] = (imgs, labels[s][idx[s]])
+    n_classes = int(max(labels["train"].max(), labels["test"].max()) + 1)
+    classes = config.data.classes or [str(c) for c in range(n_classes)]
+    return site_data_from_arrays(config.site, splits, classes)

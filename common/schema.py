@@ -1,0 +1,207 @@
+"""The config schema: typed dataclasses for a study config and a site config, with their defaults.
+
+A *study config* (configs/*.yaml) is read once on the coordinator; it says what to train, how, for how
+many rounds, and, in simulation, which sites exist. A *site config* lives at a hospital and holds the
+site's own facts: its data and its privacy policy, which the coordinator cannot override.
+
+Reading them from YAML, strictly, is `common.config`'s job; this module only says what they hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+# The choices some keys allow, here so that loading a config needs neither torch nor Opacus.
+MODEL_NAMES = ("cnn28", "cnn28-small", "cnn28-wide", "resnet10", "resnet18", "densenet121", "efficientnet-b0")
+MIN_INPUT_SIZE = {"densenet121": 32, "efficientnet-b0": 32}  # networks for large images need >= this
+GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch", "ew")  # Opacus's per-sample gradient modes
+DEFAULT_GRAD_SAMPLE_MODE = "hooks"  # the fastest on cnn28 (bench/bench_dp_overhead.py)
+
+# ----------------------------------------------------------------------------- study config
+
+
+@dataclass
+class PartitionConfig:
+    scheme: str = "iid"  # iid | label_skew: how each class's images are divided among sites
+    alpha: float = 0.5  # Dirichlet concentration for label_skew: smaller = more skewed
+    acquisition_shift: bool = False  # each site's images look as if from a different scanner
+    min_train_per_site: int = 20  # redraw the Dirichlet split until every site has this many
+    min_test_per_class: int = 0  # ... and this many test images of every class (per-site AUC needs both)
+    seed: int | None = None  # seed of the split; None: the study's seed
+
+
+@dataclass
+class SyntheticConfig:
+    train_per_site: int = 300
+    test_per_site: int = 150
+    image_size: int = 28
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | medmnist | sites (one site config file per site)
+    num_sites: int = 3
+    site_names: list[str] = field(default_factory=list)  # default: hospital-a, hospital-b, ...
+    dataset: str = ""  # medmnist: pneumoniamnist | breastmnist | any <name>.npz in data_dir
+    data_dir: str = ""  # medmnist: folder of the .npz files (FEDWARD_DATA / --data-dir override)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    site_configs: list[str] = field(default_factory=list)  # source=sites: site config YAML paths
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn28"  # see common.models.MODELS
+
+
+@dataclass
+class TrainConfig:
+    local_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 1e-3
+    lr_decay: float = 1.0  # the learning rate of round r is lr * lr_decay ** (r - 1)
+    optimizer: str = "adam"  # adam | sgd
+    augment: bool = False  # random flips and small shifts during local training
+    # weight each class's loss by n / (classes x n_class), counted on the training images where the
+    # model trains (each site its own); not with privacy (the weights would depend on every sample)
+    class_balance: bool = False
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "fedavg"  # fedavg | fedprox | fedadam (Flower's own strategies)
+    proximal_mu: float = 0.01  # fedprox: weight of the proximal term
+    server_lr: float = 0.01  # fedadam: eta, the server-side learning rate
+    server_lr_local: float = 0.01  # fedadam: eta_l (only logged by Flower)
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool = False
+    target_epsilon: float = 8.0  # for the whole study, per site
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    noise_multiplier: float = 0.0  # 0: derive from target_epsilon over rounds x local epochs
+    grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE  # one of GRAD_SAMPLE_MODES
+    poisson_sampling: bool = True
+    secure_mode: bool = False
+
+
+@dataclass
+class SimulationConfig:
+    client_cpus: int = 0  # CPU cores per simulated site; 0: all cores (sites run one at a time)
+    client_gpus: float = -1.0  # GPU share per simulated site; -1: 1.0 when a GPU is present
+
+
+@dataclass
+class ComparisonConfig:
+    """`fedward study` (server/study.py): what runs beside the federated study, on the same sites."""
+
+    compare_privacy: bool = False  # also federate (and train locally) the other way: with / without DP
+    local: bool = True  # each site alone: rounds x local_epochs epochs, same lr schedule and DP budget
+    centralized: bool = True  # all training data pooled on one machine (the upper reference)
+    leave_one_out: bool = True  # for each site k: federate without k, test on k (needs >= 2 sites)
+    bootstrap_samples: int = 1000  # resamples per 95% confidence interval (stratified by class)
+    calibration_bins: int = 10  # equal-width bins of the expected calibration error
+
+
+@dataclass
+class StudyConfig:
+    name: str = "study"
+    seed: int = 0
+    rounds: int = 5
+    min_sites: int = 2  # a round needs this many sites; fewer ends the study, saying why
+    round_timeout_s: float = 900.0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    study: ComparisonConfig = field(default_factory=ComparisonConfig)
+    source_path: str = ""  # where this config was read from (set by the loader)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- site config
+
+
+@dataclass
+class SitePartition:
+    """Which share of a shared data set a simulated site holds (computed the same at every site)."""
+
+    index: int = 0
+    num_sites: int = 1
+    scheme: str = "iid"
+    alpha: float = 0.5
+    acquisition_shift: bool = False
+    min_train_per_site: int = 20
+    min_test_per_class: int = 0
+    seed: int = 0
+
+
+@dataclass
+class PreprocessConfig:
+    """How each image becomes a model input: the same at training, evaluation and prediction
+    (common.transforms). Order: scale to size, intensity (percentiles, normalize), pad or crop, channels."""
+
+    size: list[int] = field(default_factory=lambda: [128, 128])  # [H, W]; [] keeps the files' size
+    spatial: str = "resize"  # resize (stretch to size) | fit (keep aspect ratio, pad) | crop_or_pad
+    percentiles: list[float] = field(default_factory=list)  # [low, high], e.g. [0.5, 99.5]: clip first
+    normalize: str = "none"  # none | minmax (each image to [0, 1]) | zscore (each image to mean 0, sd 1)
+    channels: int = 1  # 1, or 3 (the grey image repeated, for 3-channel networks)
+
+
+@dataclass
+class AugmentConfig:
+    """Random changes to training images only (MONAI dictionary transforms); all off by default.
+    Each transform that is switched on is applied to an image with probability `prob`."""
+
+    prob: float = 0.5
+    flip: list[int] = field(default_factory=list)  # axes to flip: 0 = up-down, 1 = left-right
+    rotate_deg: float = 0.0  # rotate by up to +- this many degrees
+    zoom: list[float] = field(default_factory=list)  # [min, max] zoom factor, e.g. [0.9, 1.1]
+    intensity: float = 0.0  # scale by 1 + U(-x, x), then shift by U(-x, x)
+    noise_std: float = 0.0  # standard deviation of added Gaussian noise
+
+
+@dataclass
+class SiteDataConfig:
+    format: str = "synthetic"  # synthetic | medmnist | dicom | image | nifti
+    path: str = ""  # medmnist: the .npz file
+    root: str = ""  # dicom/image/nifti: folder of files (relative: to the site config's folder)
+    labels: str = ""  # dicom/image/nifti: labels CSV (relative: to the site config's folder)
+    classes: list[str] = field(default_factory=list)
+    on_bad_file: str = "skip"  # skip (leave the file out, report it) | fail (the data cannot be used)
+    window: list[float] = field(default_factory=list)  # [center, width] in modality units (CT: HU)
+    frame: int | str = "middle"  # multi-frame DICOM / NIfTI volume: 0-based index, first, middle, last
+    split_seed: int = 0  # patients are drawn into train/val/test with this seed
+    split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])  # train, val, test
+    cache: bool = True  # keep decoded, preprocessed images in <state_dir>/cache
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    partition: SitePartition = field(default_factory=SitePartition)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class SitePolicyConfig:
+    max_epsilon: float = 10.0
+    delta: float = 1e-5
+    min_noise_multiplier: float = 0.5
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class SiteConfig:
+    site: str = "site"
+    data: SiteDataConfig = field(default_factory=SiteDataConfig)
+    privacy: SitePolicyConfig = field(default_factory=SitePolicyConfig)
+    state_dir: str = ""  # ledger, accountant history, cache; "" = a temporary folder
+    source_path: str = ""

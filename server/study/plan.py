@@ -1,0 +1,104 @@
+"""What a `fedward study` runs: its parts, in order, and the variants of the federated study.
+
+A part is one federated run (`federated`, `federated-dp`, `leave-one-out:<site>`) or one kind of
+in-process training (`local`, `local-dp`, `centralized`); `plan` lists them from the study config's
+`study` section, each with the training work it holds (rounds x local epochs x images) for the
+estimate of the time left.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from common.config import ConfigError
+from common.schema import StudyConfig
+from common.sitedata import SiteData
+from server.run_folder import Variant, model_key
+
+
+def validate_comparison(study: StudyConfig) -> None:
+    """The `study` section's values; raises ConfigError naming the key."""
+    p, c = study.source_path or "study config", study.study
+    if c.bootstrap_samples < 100:
+        raise ConfigError(
+            f"{p}: 'study.bootstrap_samples' is {c.bootstrap_samples}; a 95% interval needs at least "
+            f"100 resamples (1000 is the default)."
+        )
+    if c.calibration_bins < 2:
+        raise ConfigError(
+            f"{p}: 'study.calibration_bins' is {c.calibration_bins}; use 2 or more (10 is usual)."
+        )
+    if c.compare_privacy and study.strategy.name == "fedprox":
+        raise ConfigError(
+            f"{p}: 'study.compare_privacy' needs a strategy that works with privacy; 'strategy.name' "
+            f"fedprox does not (use fedavg or fedadam)."
+        )
+
+
+def variants(study: StudyConfig) -> list[str]:
+    """The federated runs: the study as configured first, then the other way when comparing privacy."""
+    first = Variant.FEDERATED_DP if study.privacy.enabled else Variant.FEDERATED
+    other = Variant.FEDERATED if first == Variant.FEDERATED_DP else Variant.FEDERATED_DP
+    return [first, other] if study.study.compare_privacy else [first]
+
+
+def with_privacy(study: StudyConfig, private: bool) -> StudyConfig:
+    """The study with privacy on or off; a class-balanced loss is not private, so the private runs
+    train with the plain loss (study.json's settings say so)."""
+    out = copy.deepcopy(study)
+    out.privacy.enabled = private
+    if private:
+        out.train.class_balance = False
+    return out
+
+
+@dataclass
+class Part:
+    """One part of a study: a federated run, local training at every site, centralized, one left out."""
+
+    key: str  # federated | federated-dp | local | local-dp | centralized | leave-one-out:<site>
+    label: str
+    units: float  # training work: rounds x local epochs x training images
+    simulation: bool
+    private: bool
+    rounds: int
+
+
+def plan(study: StudyConfig, data: dict[str, SiteData]) -> list[Part]:
+    c, epochs = study.study, study.rounds * study.train.local_epochs
+    n = {s: len(d.train_y) for s, d in data.items()}
+    total = sum(n.values())
+    parts = [
+        Part(
+            v,
+            "federated" + (" with privacy" if v == Variant.FEDERATED_DP else ""),
+            epochs * total,
+            True,
+            v == Variant.FEDERATED_DP,
+            study.rounds,
+        )
+        for v in variants(study)
+    ]
+    if c.local:
+        for v in variants(study):
+            key = Variant.LOCAL_DP if v == Variant.FEDERATED_DP else Variant.LOCAL
+            label = "local-only" + (" with privacy" if v == Variant.FEDERATED_DP else "")
+            parts.append(Part(key, label, epochs * total, False, v == Variant.FEDERATED_DP, study.rounds))
+    if c.centralized:
+        parts.append(
+            Part(Variant.CENTRALIZED, "centralized (pooled data)", epochs * total, False, False, study.rounds)
+        )
+    if c.leave_one_out and len(data) >= 2:
+        for s in data:
+            parts.append(
+                Part(
+                    model_key(Variant.LEAVE_ONE_OUT, s),
+                    f"leave out {s}",
+                    epochs * (total - n[s]),
+                    True,
+                    study.privacy.enabled,
+                    study.rounds,
+                )
+            )
+    return parts

@@ -1,0 +1,45 @@
+"""One Ray session for all the federations of a `fedward study`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
+from common.schema import StudyConfig
+from server.simulate import backend_config
+
+
+@contextlib.contextmanager
+def one_ray_session(study: StudyConfig) -> Iterator[None]:
+    """Run all of the study's federations in one Ray session.
+
+    Flower starts Ray for every simulation and shuts it down at the end (8-10 s each on 2 cores); a
+    study runs up to 2 + (number of sites) federations. So Ray is started once here, with the
+    settings `server.simulate.backend_config` gives Flower; Flower's Ray backend then finds it up and
+    skips `ray.init`, and its `ray.shutdown()` after each simulation is deferred to the study's end.
+    Each simulation still starts and ends its own site processes (Ray actors).
+    """
+    import ray
+
+    config = backend_config(study)
+    threads = str(config["client_resources"]["num_cpus"])
+    os.environ["FEDWARD_SITE_THREADS"] = threads
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    if ray.is_initialized():  # someone else's session: leave it as it is
+        yield
+        return
+    pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(
+        runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "FEDWARD_SITE_THREADS": threads}},
+        **config["init_args"],
+    )
+    shutdown = ray.shutdown
+    ray.shutdown = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        ray.shutdown = shutdown
+        shutdown()
