@@ -128,26 +128,7 @@ def make_private(
             average over the batch (reduction must be "mean").
         opacus.validators.errors.UnsupportedModuleError: the model has layers Opacus cannot train.
     """
-    if grad_sample_mode not in GRAD_SAMPLE_MODES:
-        raise PrivacyConfigError(
-            f"grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, got {grad_sample_mode!r}"
-        )
-    if not noise_multiplier > 0:
-        raise PrivacyConfigError(f"noise_multiplier must be > 0, got {noise_multiplier}")
-    if not max_grad_norm > 0:
-        raise PrivacyConfigError(f"max_grad_norm must be > 0, got {max_grad_norm}")
-    if grad_sample_mode == "ghost" and getattr(criterion, "reduction", "mean") != "mean":
-        raise PrivacyConfigError(
-            f"ghost clipping needs a loss with reduction='mean', got {criterion.reduction!r}; "
-            "pass e.g. nn.CrossEntropyLoss() or use grad_sample_mode='hooks'"
-        )
-    if not poisson_sampling:
-        warnings.warn(
-            "poisson_sampling=False: batches are not Poisson-sampled, so the RDP epsilon recorded "
-            "for this round is an approximation, not a guarantee.",
-            stacklevel=2,
-        )
-
+    _check_settings(grad_sample_mode, noise_multiplier, max_grad_norm, criterion, poisson_sampling)
     engine = PrivacyEngine(accountant="rdp", secure_mode=secure_mode)  # warns if not secure
     private = engine.make_private(
         module=model,
@@ -177,6 +158,30 @@ def make_private(
         grad_sample_mode=grad_sample_mode,
         detached=detached,
     )
+
+
+def _check_settings(
+    grad_sample_mode: str, noise_multiplier: float, max_grad_norm: float, criterion, poisson_sampling: bool
+) -> None:
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise PrivacyConfigError(
+            f"grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, got {grad_sample_mode!r}"
+        )
+    if not noise_multiplier > 0:
+        raise PrivacyConfigError(f"noise_multiplier must be > 0, got {noise_multiplier}")
+    if not max_grad_norm > 0:
+        raise PrivacyConfigError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+    if grad_sample_mode == "ghost" and getattr(criterion, "reduction", "mean") != "mean":
+        raise PrivacyConfigError(
+            f"ghost clipping needs a loss with reduction='mean', got {criterion.reduction!r}; "
+            "pass e.g. nn.CrossEntropyLoss() or use grad_sample_mode='hooks'"
+        )
+    if not poisson_sampling:
+        warnings.warn(
+            "poisson_sampling=False: batches are not Poisson-sampled, so the RDP epsilon recorded "
+            "for this round is an approximation, not a guarantee.",
+            stacklevel=3,
+        )
 
 
 def _conv_forward_without_weight_grad(self: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

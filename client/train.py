@@ -9,6 +9,7 @@ model. Plain PyTorch, no Flower, testable on its own.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,9 +23,14 @@ from client.dp import PrivateTraining, make_private_for
 from common.privacy import PrivacyRequest
 from common.round import RoundPlan
 
+DEVICE_ENV = "FEDWARD_DEVICE"  # e.g. "cpu" to keep a site with a GPU on its CPU
+
 
 def device() -> torch.device:
-    """The site's accelerator when it has one, else the CPU."""
+    """The site's accelerator when it has one, else the CPU; FEDWARD_DEVICE chooses explicitly."""
+    chosen = os.environ.get(DEVICE_ENV)
+    if chosen:
+        return torch.device(chosen)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

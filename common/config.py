@@ -127,7 +127,14 @@ def load_study(
 
 
 def validate_study(study: StudyConfig) -> None:
+    """Every check a study config gets before anything runs; raises ConfigError naming the key."""
     p = study.source_path or "study config"
+    _validate_choices(study, p)
+    _validate_sites(study, p)
+    _validate_privacy(study, p)
+
+
+def _validate_choices(study: StudyConfig, p: str) -> None:
     _choice(study.data.source, ("synthetic", "medmnist", "sites"), "data.source", p)
     _choice(study.data.partition.scheme, ("iid", "label_skew"), "data.partition.scheme", p)
     _choice(study.model.name, MODEL_NAMES, "model.name", p)
@@ -147,6 +154,14 @@ def validate_study(study: StudyConfig) -> None:
         ("round_timeout_s", study.round_timeout_s),
     ]:
         _positive(value, key, p)
+    if not study.privacy.delta < 1:
+        raise ConfigError(
+            f"{p}: 'privacy.delta' is {study.privacy.delta}; delta is a probability of failure and must "
+            f"be in (0, 1), far below 1 / (images at a site), e.g. 1e-5."
+        )
+
+
+def _validate_sites(study: StudyConfig, p: str) -> None:
     n = len(study.data.site_configs) if study.data.source == "sites" else study.data.num_sites
     if n < 1:
         raise ConfigError(f"{p}: a study needs at least one site ('data.num_sites' is {n}).")
@@ -174,6 +189,9 @@ def validate_study(study: StudyConfig) -> None:
         )
     if study.data.source == "sites" and not study.data.site_configs:
         raise ConfigError(f"{p}: 'data.source' is 'sites' but 'data.site_configs' is empty.")
+
+
+def _validate_privacy(study: StudyConfig, p: str) -> None:
     if study.privacy.enabled and study.strategy.name == "fedprox":
         raise ConfigError(
             f"{p}: 'strategy.name' fedprox is not available with privacy (its proximal term is not "

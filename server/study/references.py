@@ -56,8 +56,7 @@ def train_alone(
     t0 = time.perf_counter()
     for rnd in range(1, study.rounds + 1):
         plan = RoundPlan.from_study(study, rnd, in_channels=in_channels, num_classes=num_classes)
-        if private:
-            plan = replace(plan, class_balance=False, dp_enabled=True)
+        plan = replace(plan, class_balance=False, dp_enabled=True) if private else plan
         r0 = time.perf_counter()
         result = train_round(
             model,
@@ -73,7 +72,7 @@ def train_alone(
         epsilons.append(rdp_epsilon(history, delta=report_delta) if private else None)
         if on_round is not None:
             on_round(rnd, time.perf_counter() - r0)
-    info = {
+    return model.eval(), {
         "n_train": int(len(y)),
         "epochs": study.rounds * study.train.local_epochs,
         "loss_by_round": losses,
@@ -84,4 +83,3 @@ def train_alone(
         "epsilon_by_round": epsilons if private else None,
         "train_s": round(time.perf_counter() - t0, 3),
     }
-    return model.eval(), info

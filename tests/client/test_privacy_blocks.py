@@ -117,7 +117,9 @@ def test_derive_noise_multiplier_meets_the_whole_study_target():
 
     eps = rdp_epsilon([(sigma_study, 0.02, study)], delta=DELTA)
     assert 3.0 - 0.01 <= eps <= 3.0
-    assert sigma_study > sigma_round * 1.2  # 10x the steps needs clearly more noise (1.3x)
+    # the noise of one round, kept for ten, would overspend: the whole study needs more
+    assert rdp_epsilon([(sigma_round, 0.02, study)], delta=DELTA) > 3.0
+    assert sigma_study > sigma_round
 
 
 def test_make_opacus_compatible_on_monai_resnet_is_deterministic_and_trainable():
@@ -289,8 +291,8 @@ def test_epsilon_after_three_rounds_exceeds_epsilon_after_one(tmp_path):
     record(acc, 2)
     eps_3 = record(acc, 3).epsilon
 
-    assert 0 < eps_1 < eps_3
-    assert eps_3 > 1.2 * eps_1  # RDP composition: sublinear (1.27x), never flat
+    assert eps_3 == pytest.approx(rdp_epsilon([(1.0, 0.02, 50)] * 3, delta=DELTA))
+    assert 0 < eps_1 < eps_3 <= 3 * eps_1  # composition: more than one round, at most three times it
 
 
 def test_a_restarted_site_continues_its_epsilon(tmp_path):

@@ -73,7 +73,12 @@ def test_pneumoniamnist_three_sites_label_skew_reaches_auc_090(tmp_path, medmnis
     results = json.loads((out / "results.json").read_text())
     assert results["final"]["pooled"]["n_test"] == 624  # the whole official test split
     assert len(results["final"]["sites"]) == 3
-    assert results["final"]["pooled"]["auc"] >= 0.90
+    auc = results["final"]["pooled"]["auc"]
+    assert auc >= 0.90, (
+        f"pooled AUC {auc}: 3 rounds of this study should land near the published centralized "
+        "ResNet-18 figure (0.944, MedMNIST v2); 0.90 is a floor that says it learned, with room for "
+        "the noise of a short run"
+    )
 
 
 @pytest.mark.slow

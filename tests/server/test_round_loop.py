@@ -1,0 +1,243 @@
+"""The coordinator's round loop over a Grid of our own: real sites (the ClientApp's handlers on small
+synthetic sites) next to sites that send NaN, refuse, fail or stay silent, without Ray or a SuperLink.
+
+What is checked is what lands in results.json: who trained, who failed and why, who was not asked to
+evaluate, the privacy columns, the timing series, stopping below min_sites, and resuming."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterable
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import handle_evaluate, handle_train
+from client.site import SiteRuntime
+from common.config import ConfigError
+from common.keys import Met, Rec, Site
+from common.schema import SiteConfig, SiteDataConfig, SitePartition, StudyConfig, SyntheticConfig
+from server.coordinator import run_study
+from server.run_folder import RESULTS_FILE
+
+Behaviour = Callable[[Message], Message | None]  # None: the site stays silent
+
+
+class LocalGrid(Grid):
+    """A Grid whose nodes answer in this process; message ids as Flower's InMemoryGrid sets them."""
+
+    def __init__(self, nodes: dict[int, Behaviour]):
+        self.nodes = nodes
+        self.asked: list[tuple[str, int]] = []  # (message type, node) of every message sent
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            self.asked.append((msg.metadata.message_type, msg.metadata.dst_node_id))
+            reply = self.nodes[msg.metadata.dst_node_id](msg)
+            if reply is not None:
+                replies.append(reply)
+        return replies
+
+    # the rest of Grid's interface is not used by the coordinator
+    def set_run(self, run_id: int) -> None: ...
+    def run(self): ...
+    def create_message(self, *args, **kwargs): ...
+    def push_messages(self, messages): ...
+    def pull_messages(self, message_ids): ...
+
+
+def honest(name: str, index: int, state_dir: str = "") -> Behaviour:
+    data = SiteDataConfig(
+        format="synthetic",
+        partition=SitePartition(index=index, num_sites=3),
+        synthetic=SyntheticConfig(train_per_site=32, test_per_site=16),
+    )
+    runtime = SiteRuntime.load(SiteConfig(site=name, data=data, state_dir=state_dir))
+
+    def answer(msg: Message) -> Message:
+        if msg.metadata.message_type == MessageType.TRAIN:
+            return handle_train(msg, runtime)
+        return handle_evaluate(msg, runtime)
+
+    return answer
+
+
+def sends_nan(name: str, index: int) -> Behaviour:
+    real = honest(name, index)
+
+    def answer(msg: Message) -> Message:
+        reply = real(msg)
+        if msg.metadata.message_type == MessageType.TRAIN:
+            state = reply.content[Rec.ARRAYS].to_torch_state_dict()
+            state["head.weight"][0, 0] = float("nan")
+            reply.content[Rec.ARRAYS] = ArrayRecord(state)
+        return reply
+
+    return answer
+
+
+def silent_in_training(name: str, index: int) -> Behaviour:
+    real = honest(name, index)
+    return lambda msg: None if msg.metadata.message_type == MessageType.TRAIN else real(msg)
+
+
+def refuses(name: str, index: int, epsilon: float) -> Behaviour:
+    """Refuses to train (as a site whose budget is spent), evaluates as usual."""
+    real = honest(name, index)
+
+    def answer(msg: Message) -> Message:
+        if msg.metadata.message_type == MessageType.EVALUATE:
+            return real(msg)
+        metrics = MetricRecord({Met.NUM_EXAMPLES: 0, Met.EPSILON: epsilon, Met.DELTA: 1e-5, Met.STEPS: 0})
+        site = ConfigRecord({Site.NAME: name, Site.REFUSED: "privacy budget: spent"})
+        return Message(RecordDict({Rec.METRICS: metrics, Rec.SITE: site}), reply_to=msg)
+
+    return answer
+
+
+def crashes(msg: Message) -> Message:
+    return Message(
+        Error(code=0, reason="Traceback ...\nMessage: site 'hospital-x' cannot read its data"), reply_to=msg
+    )
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+
+
+def _study(rounds: int = 2, min_sites: int = 1) -> StudyConfig:
+    study = StudyConfig(name="loop", rounds=rounds, min_sites=min_sites)
+    study.model.name = "cnn28-small"
+    study.train.batch_size = 16
+    return study
+
+
+def _run(grid: LocalGrid, study: StudyConfig, out, resume: bool = False) -> dict:
+    run_study(
+        grid, study, out, classes=["normal", "finding"], in_channels=1, n_sites=len(grid.nodes), resume=resume
+    )
+    return json.loads((out / RESULTS_FILE).read_text())
+
+
+def test_a_nan_update_and_a_silent_site_are_named_and_left_out(tmp_path):
+    grid = LocalGrid(
+        {1: honest("hospital-a", 0), 2: sends_nan("hospital-b", 1), 3: silent_in_training("hospital-c", 2)}
+    )
+
+    results = _run(grid, _study(rounds=2), tmp_path)
+
+    assert results["status"] == "completed"
+    for record in results["rounds"]:
+        assert record["participants"] == ["hospital-a"]
+        assert "NaN" in record["failed"]["hospital-b"] and "head.weight" in record["failed"]["hospital-b"]
+        assert record["failed"]["hospital-c"].startswith("no reply within round_timeout_s")
+        # the silent site is not asked to evaluate the round it missed; the NaN site is
+        assert set(record["sites"]) == {"hospital-a", "hospital-b"}
+    evaluations = [node for kind, node in grid.asked if kind == MessageType.EVALUATE]
+    assert evaluations.count(3) == 1  # the initial model only
+    timing = results["timing"]  # per round; a site that never took part in a round has no series
+    assert all(t > 0 for t in timing["train_s"]["hospital-a"]) and len(timing["train_s"]["hospital-a"]) == 2
+    assert "hospital-b" not in timing["train_s"] and "hospital-c" not in timing["train_s"]
+    assert "hospital-c" not in timing["eval_s"] and len(timing["eval_s"]["hospital-b"]) == 2
+    assert len(timing["round_s"]) == 2
+
+
+def test_too_few_usable_updates_stop_the_study_saying_why(tmp_path):
+    grid = LocalGrid({1: honest("hospital-a", 0), 2: crashes})
+
+    results = _run(grid, _study(rounds=3, min_sites=2), tmp_path)
+
+    assert results["status"] == "stopped"
+    assert "min_sites=2" in results["stop_reason"] and "cannot read its data" in results["stop_reason"]
+    assert results["rounds"] == [] and results["final"]["round"] == 0
+    assert (tmp_path / "final_model.pt").is_file()
+
+
+def test_privacy_columns_per_site_and_a_refusal_that_stops_nothing(tmp_path):
+    grid = LocalGrid(
+        {
+            1: honest("hospital-a", 0, state_dir=str(tmp_path / "a")),
+            2: refuses("hospital-b", 1, epsilon=2.5),
+            3: honest("hospital-c", 2),  # no state_dir: no ledger, so it refuses itself
+        }
+    )
+    study = _study(rounds=2)
+    study.privacy.enabled = True
+
+    results = _run(grid, study, tmp_path / "run")
+
+    assert results["status"] == "completed"
+    first, second = results["rounds"]
+    assert first["participants"] == second["participants"] == ["hospital-a"]
+    a1, a2 = first["sites"]["hospital-a"], second["sites"]["hospital-a"]
+    assert 0 < a1["epsilon"] < a2["epsilon"] and a1["steps"] == 2 and a1["refused"] is None
+    assert a1["noise_multiplier"] > 0 and a1["delta"] == study.privacy.delta
+    b = second["sites"]["hospital-b"]
+    assert (b["epsilon"], b["steps"], b["refused"]) == (2.5, 0, "privacy budget: spent")
+    assert "state_dir" in second["sites"]["hospital-c"]["refused"]
+    assert results["final"]["sites"]["hospital-a"]["epsilon"] == a2["epsilon"]
+
+
+def test_a_study_where_every_site_refuses_stops_at_round_one(tmp_path):
+    grid = LocalGrid({1: honest("hospital-a", 0), 2: refuses("hospital-b", 1, epsilon=2.5)})
+    study = _study(rounds=1)
+    study.privacy.enabled = True  # hospital-a has no state_dir: it refuses too, with its own reason
+
+    results = _run(grid, study, tmp_path)
+
+    assert results["status"] == "stopped"
+    stopped = results["stopped_rounds"][0]["refused"]
+    assert stopped["hospital-b"] == "privacy budget: spent"
+    assert "state_dir" in stopped["hospital-a"]
+
+
+def test_resume_continues_after_the_last_round_and_refuses_a_changed_study(tmp_path):
+    def grid() -> LocalGrid:
+        return LocalGrid({1: honest("hospital-a", 0), 2: honest("hospital-b", 1)})
+
+    first = _run(grid(), _study(rounds=1), tmp_path)
+    resumed = _run(grid(), _study(rounds=2), tmp_path, resume=True)  # rounds may grow
+
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2]
+    assert resumed["rounds"][0] == first["rounds"][0]  # round 1 kept, not trained again
+    assert resumed["study_id"] == first["study_id"]
+    changed = _study(rounds=3)
+    changed.train.lr = 0.5
+    with pytest.raises(ConfigError, match=r"differs from the checkpoint's in \['train'\]"):
+        _run(grid(), changed, tmp_path, resume=True)
+
+
+def test_the_global_model_is_the_size_weighted_mean_of_the_updates(tmp_path):
+    from common.models import build_model
+
+    grid = LocalGrid({1: honest("hospital-a", 0), 2: honest("hospital-b", 1)})
+    sent = {}
+    for node, behaviour in list(grid.nodes.items()):
+
+        def spy(msg, behaviour=behaviour, node=node):
+            reply = behaviour(msg)
+            if msg.metadata.message_type == MessageType.TRAIN:
+                sent[node] = reply.content[Rec.ARRAYS].to_torch_state_dict()
+            return reply
+
+        grid.nodes[node] = spy
+
+    _run(grid, _study(rounds=1), tmp_path)
+
+    model = build_model("cnn28-small")
+    blob = torch.load(tmp_path / "final_model.pt", weights_only=False)
+    model.load_state_dict(blob["state_dict"])
+    expected = (sent[1]["head.weight"] + sent[2]["head.weight"]) / 2  # 32 training images each
+    assert torch.allclose(model.state_dict()["head.weight"], expected, atol=1e-6)
