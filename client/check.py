@@ -25,9 +25,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from common.config import ConfigError, load_site
-from common.readers import SPLITS
+from common.labels import SPLITS
 from common.schema import SiteConfig
-from common.sources import FOLDER_FORMATS, SourceReport, scan_site, site_paths, stats
+from common.sources import FOLDER_FORMATS, Sample, SourceReport, scan_site, site_paths
 
 SHOWN = 20  # problems listed per kind unless --all
 
@@ -82,90 +82,35 @@ def _counter(c: Counter, limit: int = 6) -> str:
     return ", ".join(parts) or "-"
 
 
-def render(check: SiteCheck, console: Console, *, show_all: bool = False) -> None:
-    """Print the check as rich tables and a verdict line."""
-    cfg = check.config
-    d = cfg.data
-    if d.format in FOLDER_FORMATS:
-        root, labels = site_paths(cfg)
-        where = f"{root} (labels {labels})"
-    else:
-        where = d.path or "generated"
+def stats(report: SourceReport) -> dict[str, Counter]:
+    """What the check shows about the images: modality, stored size, spacing, frames."""
 
-    console.print(
-        f"[bold]site[/] {escape(cfg.site)}   [bold]format[/] {d.format}   [bold]data[/] {escape(where)}",
-        highlight=False,
-    )
-    console.print(
-        f"[bold]on_bad_file[/] {d.on_bad_file}   [bold]config[/] {escape(cfg.source_path or '-')}",
-        highlight=False,
-    )
+    def spacing(s: Sample) -> str:
+        return f"{s.spacing[0]:.3g} x {s.spacing[1]:.3g} mm" if s.spacing else "unknown"
+
+    return {
+        "modality": Counter(s.modality or "-" for s in report.samples),
+        "size": Counter("x".join(map(str, s.orig_size)) for s in report.samples),
+        "spacing": Counter(spacing(s) for s in report.samples),
+        "frames": Counter(str(s.n_frames) for s in report.samples),
+    }
+
+
+def render(check: SiteCheck, console: Console, *, show_all: bool = False) -> None:
+    """Print the check as rich tables and a verdict line: `usable: N images[; K skipped]`, or
+    `NOT usable:` and the reasons."""
+    _print_header(check, console)
     nothing_read = check.report is not None and not check.report.samples
     if check.counts and not nothing_read:
-        table = Table(title="images per label and split", title_justify="left")
-        table.add_column("label")
-        for split in (*SPLITS, "total"):
-            table.add_column(split, justify="right")
-        for k, name in enumerate(check.classes):
-            per = [check.counts[s][k] for s in SPLITS]
-            table.add_row(escape(name), *map(str, per), str(sum(per)))
-        totals = [sum(check.counts[s]) for s in SPLITS]
-        table.add_row("[bold]all[/]", *map(str, totals), str(sum(totals)), end_section=True)
-        pats = check.patients
-        table.add_row(
-            "patients", *(str(pats.get(s)) if pats.get(s) is not None else "-" for s in (*SPLITS, "all"))
-        )
-        console.print(table)
-
+        console.print(_counts_table(check))
     if (check.input_shape or check.facts) and not nothing_read:
-        table = Table(title="images", title_justify="left", show_header=False)
-        table.add_column(style="bold")
-        table.add_column()
-        for key, label in (("modality", "modalities"), ("size", "stored size"), ("spacing", "pixel spacing")):
-            if key in check.facts:
-                table.add_row(label, escape(_counter(check.facts[key])))
-        frames = check.facts.get("frames")
-        if frames and set(frames) != {"1"}:
-            table.add_row("frames per file", f"{_counter(frames)}; frame used: {d.frame}")
-        if check.input_shape:
-            pre = d.preprocess
-            how = f"{pre.spatial}, normalize {pre.normalize}" if d.format in FOLDER_FORMATS else "as stored"
-            table.add_row("model input", f"{' x '.join(map(str, check.input_shape))} ({how})")
-        if check.report is not None:
-            r = check.report
-            table.add_row("read", f"{r.decoded} decoded, {r.from_cache} from the cache, in {r.seconds:.1f}s")
-        console.print(table)
-
+        console.print(_images_table(check))
     r = check.report
     if r is not None and (r.bad or r.unlabelled or r.split_conflicts or r.notes):
-        table = Table(title="problems", title_justify="left")
-        table.add_column("file")
-        table.add_column("line", justify="right")
-        table.add_column("problem")
-        table.add_column("detail", overflow="fold")
-        limit = None if show_all else SHOWN
-        for bad in r.bad[:limit]:
-            table.add_row(escape(bad.file), str(bad.line or ""), f"[red]{bad.problem}[/]", escape(bad.detail))
-        if limit and len(r.bad) > limit:
-            table.add_row(f"... {len(r.bad) - limit} more", "", "", "run with --all to list them")
-        for patient, splits in sorted(r.split_conflicts.items())[:limit]:
-            table.add_row(f"patient {escape(patient)}", "", "[red]in two splits[/]", " and ".join(splits))
-        shown = r.unlabelled[: limit or len(r.unlabelled)]
-        for name in shown:
-            table.add_row(
-                escape(name),
-                "",
-                "[yellow]no label row[/]",
-                "in the folder but not in the label sheet: not used",
-            )
-        if len(r.unlabelled) > len(shown):
-            table.add_row(f"... {len(r.unlabelled) - len(shown)} more", "", "[yellow]no label row[/]", "")
-        for note in r.notes:
-            table.add_row("", "", "[yellow]note[/]", escape(note))
-        console.print(table)
+        console.print(_problems_table(r, None if show_all else SHOWN))
         kinds = Counter(b.problem for b in r.bad)
         if kinds:
-            verb = "skipped" if d.on_bad_file == "skip" else "bad"
+            verb = "skipped" if check.config.data.on_bad_file == "skip" else "bad"
             console.print(f"{verb}: {len(r.bad)} file(s) or row(s): {_counter(kinds, 10)}", highlight=False)
 
     if check.usable:
@@ -176,6 +121,91 @@ def render(check: SiteCheck, console: Console, *, show_all: bool = False) -> Non
         console.print("[bold red]NOT usable[/]:", highlight=False)
         for reason in check.errors:
             console.print(f"  - {escape(reason)}", highlight=False)
+
+
+def _print_header(check: SiteCheck, console: Console) -> None:
+    """Which site, format, data, policy and config the check is about."""
+    cfg = check.config
+    d = cfg.data
+    if d.format in FOLDER_FORMATS:
+        root, labels = site_paths(cfg)
+        where = f"{root} (labels {labels})"
+    else:
+        where = d.path or "generated"
+    console.print(
+        f"[bold]site[/] {escape(cfg.site)}   [bold]format[/] {d.format}   [bold]data[/] {escape(where)}",
+        highlight=False,
+    )
+    console.print(
+        f"[bold]on_bad_file[/] {d.on_bad_file}   [bold]config[/] {escape(cfg.source_path or '-')}",
+        highlight=False,
+    )
+
+
+def _counts_table(check: SiteCheck) -> Table:
+    """Images per label and split, then patients per split."""
+    table = Table(title="images per label and split", title_justify="left")
+    table.add_column("label")
+    for split in (*SPLITS, "total"):
+        table.add_column(split, justify="right")
+    for k, name in enumerate(check.classes):
+        per = [check.counts[s][k] for s in SPLITS]
+        table.add_row(escape(name), *map(str, per), str(sum(per)))
+    totals = [sum(check.counts[s]) for s in SPLITS]
+    table.add_row("[bold]all[/]", *map(str, totals), str(sum(totals)), end_section=True)
+    pats = check.patients
+    table.add_row(
+        "patients", *(str(pats.get(s)) if pats.get(s) is not None else "-" for s in (*SPLITS, "all"))
+    )
+    return table
+
+
+def _images_table(check: SiteCheck) -> Table:
+    """Modalities, stored sizes, spacing, frames, the model input and how the images were read."""
+    d = check.config.data
+    table = Table(title="images", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, label in (("modality", "modalities"), ("size", "stored size"), ("spacing", "pixel spacing")):
+        if key in check.facts:
+            table.add_row(label, escape(_counter(check.facts[key])))
+    frames = check.facts.get("frames")
+    if frames and set(frames) != {"1"}:
+        table.add_row("frames per file", f"{_counter(frames)}; frame used: {d.frame}")
+    if check.input_shape:
+        pre = d.preprocess
+        how = f"{pre.spatial}, normalize {pre.normalize}" if d.format in FOLDER_FORMATS else "as stored"
+        table.add_row("model input", f"{' x '.join(map(str, check.input_shape))} ({how})")
+    if check.report is not None:
+        r = check.report
+        table.add_row("read", f"{r.decoded} decoded, {r.from_cache} from the cache, in {r.seconds:.1f}s")
+    return table
+
+
+def _problems_table(r: SourceReport, limit: int | None) -> Table:
+    """Every bad file or row, patient in two splits, unlabelled file and note (the first `limit`
+    of each kind; None: all)."""
+    table = Table(title="problems", title_justify="left")
+    table.add_column("file")
+    table.add_column("line", justify="right")
+    table.add_column("problem")
+    table.add_column("detail", overflow="fold")
+    for bad in r.bad[:limit]:
+        table.add_row(escape(bad.file), str(bad.line or ""), f"[red]{bad.problem}[/]", escape(bad.detail))
+    if limit and len(r.bad) > limit:
+        table.add_row(f"... {len(r.bad) - limit} more", "", "", "run with --all to list them")
+    for patient, splits in sorted(r.split_conflicts.items())[:limit]:
+        table.add_row(f"patient {escape(patient)}", "", "[red]in two splits[/]", " and ".join(splits))
+    shown = r.unlabelled[: limit or len(r.unlabelled)]
+    for name in shown:
+        table.add_row(
+            escape(name), "", "[yellow]no label row[/]", "in the folder but not in the label sheet: not used"
+        )
+    if len(r.unlabelled) > len(shown):
+        table.add_row(f"... {len(r.unlabelled) - len(shown)} more", "", "[yellow]no label row[/]", "")
+    for note in r.notes:
+        table.add_row("", "", "[yellow]note[/]", escape(note))
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:

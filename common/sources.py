@@ -1,40 +1,37 @@
 """A hospital's own files as site data: DICOM, PNG/JPEG or NIfTI in a folder, plus a labels CSV.
 
-`scan_site(config)` does all the work and never stops at a bad file: it reads the label sheet
-(common.readers.read_labels_csv), finds each row's file (by `file` path or by SOP Instance UID),
-reads and preprocesses every image once (common.transforms, `eval` phase), splits by patient
-(common.readers.patient_split with `data.split_seed` and `data.split_fractions`, or the sheet's
-own `split` column) and returns a `SourceReport`: the usable samples and their tensors, and
-everything that was wrong, file by file. `load_folder_site(config)` is the `LOADERS` entry for
-the formats dicom, image and nifti: it logs the skipped files and returns `SiteData`, or raises
-`SiteDataError` when the data cannot be used (`SourceReport.usable`).
+`scan_site(config)` never stops at a bad file: it reads the label sheet (common.labels), finds
+each row's file (by `file` path or SOP Instance UID), reads and preprocesses every image once
+(common.transforms.build_transforms, with the reader common.readers has for `data.format`),
+splits by patient and returns a `SourceReport`: the usable samples and their tensors, and what
+was wrong, file by file. `load_folder_site(config)`, the `LOADERS` entry of the formats dicom,
+image and nifti, logs the skipped files and returns `SiteData`, or raises `SiteDataError`.
 
-What makes a file or row bad (left out and reported with `on_bad_file: skip`; with `fail` any of
-them makes the data unusable): a file that is corrupt or truncated, not DICOM (or not an image /
-NIfTI), has no pixel data or a compression no installed plugin decodes, a row whose file does
-not exist, a label that is empty or not in `data.classes`, and a second copy of an image already
-used (same bytes, or same SOP Instance UID). What makes the data unusable whatever the policy: a
-missing folder or sheet, a sheet with a structural error, a patient whose rows the sheet puts in
-two splits, images of different sizes with `preprocess.size: []`, no training or no test image.
+Bad files and rows (left out and reported with `on_bad_file: skip`; with `fail` any of them makes
+the data unusable): a file the reader refuses (`BadImageFileError.problem` says why), a row whose
+file does not exist, a label that is empty or not in `data.classes`, a second copy of an image
+(same bytes or SOP Instance UID). Unusable whatever the policy: a missing folder or sheet, a
+broken sheet, a patient in two splits, images of different sizes with `preprocess.size: []`, no
+training or no test image.
 
-Caching: decoded, preprocessed images are kept in `<state_dir>/cache/images` with MONAI's
-PersistentDataset, one file per image, keyed by the file's path, size and modification time and
-by the reading and preprocessing settings (`common.transforms.settings_key`), so a restarted
-site (or the next process of a simulation) does not decode its DICOM files again. Entries no
-longer used are removed. Without a state_dir (or with `data.cache: false`) nothing is cached.
+Cache: decoded, preprocessed images are kept in `<state_dir>/cache/images` (MONAI's
+PersistentDataset, one file per image) keyed by the file's path, size and modification time and
+by `common.transforms.settings_key`. Site configs may share a state_dir: a scan lists the entries
+its site config uses in `<state_dir>/cache/index/<key>.json` (key: the config's path and image
+folder) and removes only entries no index lists; the index of a site config or image folder that
+no longer exists goes too. No state_dir (or `data.cache: false`): no cache.
 
     python -c "from common.config import load_site; from common.sources import scan_site; print(scan_site(load_site('site.yaml')).summary())"
 """
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import io
+import hashlib
+import json
 import logging
 import os
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,16 +39,17 @@ import torch
 from monai.data import PersistentDataset
 from monai.utils import convert_to_tensor
 
-from common.readers import SPLITS, BadImageFileError, LabelFileError, LabelRow, patient_split, read_labels_csv
+from common.labels import SPLITS, LabelFileError, LabelRow, label_problem, read_labels_csv, split_rows
+from common.readers import FORMATS, BadImageFileError, SiteImageReader, reader_for
 from common.schema import SiteConfig, SiteDataConfig
 from common.sitedata import SiteData, SiteDataError
 from common.transforms import build_transforms, settings_key
 
 log = logging.getLogger("fedward.site")
 
-FOLDER_FORMATS = ("dicom", "image", "nifti")
-_SUFFIXES = {"image": (".png", ".jpg", ".jpeg"), "nifti": (".nii", ".nii.gz")}
+FOLDER_FORMATS = FORMATS  # dicom, image, nifti: a folder of files read by common.readers
 CACHE_SUBDIR = Path("cache") / "images"
+INDEX_SUBDIR = Path("cache") / "index"  # one JSON file per site config: the cache entries it uses
 
 
 @dataclass
@@ -119,11 +117,7 @@ class SourceReport:
         return out
 
     def count(self, split: str, label_index: int | None = None) -> int:
-        return sum(
-            1
-            for s in self.samples
-            if s.split == split and (label_index is None or s.label_index == label_index)
-        )
+        return sum(1 for s in self.samples if s.split == split and label_index in (None, s.label_index))
 
     def patients(self, split: str | None = None) -> set[str]:
         return {s.patient_id for s in self.samples if split is None or s.split == split}
@@ -139,26 +133,26 @@ class SourceReport:
 
     def to_site_data(self) -> SiteData:
         assert self.images is not None and self.usable, "to_site_data needs a usable report"
-        parts = {}
+        x, y = {}, {}
         for split in SPLITS:
             idx = [i for i, s in enumerate(self.samples) if s.split == split]
-            y = torch.tensor([self.samples[i].label_index for i in idx], dtype=torch.int64)
-            parts[split] = (self.images[idx].contiguous(), y)
-        has_val = len(parts["val"][1]) > 0
+            x[split] = self.images[idx].contiguous()
+            y[split] = torch.tensor([self.samples[i].label_index for i in idx], dtype=torch.int64)
         notes = list(self.notes)
         if self.bad:
             notes.append(
                 f"skipped {len(self.bad)} bad file(s) or row(s) (on_bad_file: skip): "
                 + ", ".join(f"{b.file} ({b.problem})" for b in self.bad)
             )
+        has_val = len(y["val"]) > 0
         return SiteData(
             site=self.site,
-            train_x=parts["train"][0],
-            train_y=parts["train"][1],
-            test_x=parts["test"][0],
-            test_y=parts["test"][1],
-            val_x=parts["val"][0] if has_val else None,
-            val_y=parts["val"][1] if has_val else None,
+            train_x=x["train"],
+            train_y=y["train"],
+            test_x=x["test"],
+            test_y=y["test"],
+            val_x=x["val"] if has_val else None,
+            val_y=y["val"] if has_val else None,
             classes=list(self.classes),
             notes=notes,
         )
@@ -167,9 +161,6 @@ class SourceReport:
 def _describe(bad: BadFile) -> str:
     where = f" (labels line {bad.line})" if bad.line else ""
     return f"{bad.file}{where}: {bad.problem}"
-
-
-# ----------------------------------------------------------------------------- loading
 
 
 def load_folder_site(config: SiteConfig) -> SiteData:
@@ -215,6 +206,7 @@ def site_paths(config: SiteConfig) -> tuple[Path, Path]:
 
 
 def cache_dir(config: SiteConfig) -> Path | None:
+    """Where the site's decoded images are kept; None when it keeps none."""
     if not config.data.cache or not config.state_dir:
         return None
     return Path(config.state_dir).expanduser() / CACHE_SUBDIR
@@ -240,76 +232,9 @@ def scan_site(config: SiteConfig) -> SourceReport:
         report.fatal.append(f"label sheet: {err}")
         return report
 
-    on_disk = _list_files(root, data.format, exclude=labels)
-    by_row, wanted = _files_for_rows(rows, root, bad_rows, report)
-    uid_rows = [i for i, r in enumerate(rows) if r.file is None and i not in bad_rows]
-    candidates = sorted(set(on_disk) - set(wanted)) if uid_rows else []
-    decoded = _decode(config, root, sorted(set(wanted) | set(candidates)), report)
-
-    if uid_rows:  # rows that name only a SOP Instance UID: find it among the other files
-        by_uid = {}
-        for rel in candidates:
-            if rel in decoded and decoded[rel]["sop_instance_uid"]:
-                by_uid.setdefault(decoded[rel]["sop_instance_uid"], rel)
-        for i in uid_rows:
-            uid = rows[i].sop_instance_uid
-            if uid in by_uid:
-                by_row[i] = by_uid[uid]
-            else:
-                report.bad.append(
-                    BadFile(
-                        uid,
-                        "file not found",
-                        f"no readable file in '{root}' has SOP Instance UID {uid}",
-                        rows[i].line,
-                    )
-                )
-    used = set(by_row.values())
-    report.unlabelled = [rel for rel in on_disk if rel not in used and rel not in _bad_files(report)]
-
+    by_row, decoded = _find_and_read(config, report, rows, bad_rows)
     split_of = _splits(rows, data, report)
-    keep: list[int] = []
-    seen_sha: dict[str, str] = {}
-    seen_uid: dict[str, str] = {}
-    for i in sorted(by_row, key=lambda i: rows[i].line):
-        rel, row = by_row[i], rows[i]
-        item = decoded.get(rel)
-        if item is None:
-            continue  # unreadable: already reported
-        first = seen_sha.get(item["sha1"]) or (
-            item["sop_instance_uid"] and seen_uid.get(item["sop_instance_uid"])
-        )
-        if first:
-            report.bad.append(
-                BadFile(
-                    rel,
-                    "duplicate",
-                    f"the same image as '{first}' (same bytes or SOP Instance UID); remove one",
-                    row.line,
-                )
-            )
-            continue
-        seen_sha[item["sha1"]] = rel
-        if item["sop_instance_uid"]:
-            seen_uid[item["sop_instance_uid"]] = rel
-        keep.append(i)
-        report.samples.append(
-            Sample(
-                file=rel,
-                patient_id=row.patient_id,
-                label=row.label,
-                label_index=row.label_index,
-                split=split_of[i],
-                line=row.line,
-                modality=str(item["modality"]),
-                orig_size=tuple(int(v) for v in item["orig_size"]),
-                spacing=tuple(float(v) for v in item["spacing"]),
-                n_frames=int(item["n_frames"]),
-                sop_instance_uid=str(item["sop_instance_uid"]),
-                file_patient_id=str(item["file_patient_id"]),
-                sha1=str(item["sha1"]),
-            )
-        )
+    keep = _take_samples(report, rows, by_row, decoded, split_of)
     line_of = {rel: rows[i].line for i, rel in by_row.items()}
     for bad in report.bad:  # a file that failed to decode: point at the row that names it
         bad.line = bad.line or line_of.get(bad.file)
@@ -320,48 +245,52 @@ def scan_site(config: SiteConfig) -> SourceReport:
     return report
 
 
-def _bad_files(report: SourceReport) -> set[str]:
-    return {b.file for b in report.bad}
-
-
 def _read_rows(path: Path, data: SiteDataConfig, report: SourceReport) -> tuple[list[LabelRow], set[int]]:
-    """The label sheet's rows, and the indices of rows left out. With on_bad_file: skip, a row whose label is empty or not in
-    `classes` is reported and left out of training (it still takes part in the patient split,
-    so correcting it later moves no other patient); with fail it raises LabelFileError."""
+    """The label sheet's rows, and the indices of rows left out. With on_bad_file: skip, a row
+    whose label is empty or not in `classes` is reported and left out of training (it still
+    takes part in the patient split, so correcting it later moves no other patient); with fail
+    it raises LabelFileError."""
     classes = list(data.classes)
-    if data.on_bad_file == "fail":
-        return read_labels_csv(path, classes=classes), set()
-    extra = sorted(_label_values(path) - set(classes))
-    rows = read_labels_csv(path, classes=classes + extra)
-    bad_rows = set()
-    for i, row in enumerate(rows):
-        if row.label_index >= len(classes):
-            name = row.file or row.sop_instance_uid or "?"
-            if row.label:
-                problem, detail = "unknown label", f"label '{row.label}' is not one of {classes}"
-            else:
-                problem, detail = "missing label", "the row has no label"
-            report.bad.append(
-                BadFile(name, problem, detail + "; fix the row or the site's classes", row.line)
-            )
-            bad_rows.add(i)
+    rows = read_labels_csv(path, classes=classes, strict=data.on_bad_file == "fail")
+    bad_rows = {i for i, row in enumerate(rows) if row.label_index < 0}
+    for i in sorted(bad_rows):
+        row = rows[i]
+        problem, detail = label_problem(row, classes)
+        report.bad.append(BadFile(row.file or row.sop_instance_uid or "?", problem, detail, row.line))
     return rows, bad_rows
 
 
-def _label_values(path: Path) -> set[str]:
-    """Every value of the sheet's `label` column (read_labels_csv reports the sheet's errors)."""
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-        reader = csv.reader(io.StringIO(text, newline=""))
-        header = [h.strip().lower() for h in next(reader, [])]
-        col = header.index("label")
-        return {r[col].strip() for r in reader if len(r) == len(header) and any(v.strip() for v in r)}
-    except (UnicodeDecodeError, csv.Error, ValueError):
-        return set()
+def _find_and_read(
+    config: SiteConfig, report: SourceReport, rows: list[LabelRow], bad_rows: set[int]
+) -> tuple[dict[int, str], dict[str, dict]]:
+    """Row index -> file, and file -> read sample, for every row whose file exists and reads;
+    fills report.bad (files missing or unreadable) and report.unlabelled (files no row names)."""
+    root = report.root
+    on_disk = _list_files(root, reader_for(config.data), exclude=report.labels)
+    by_row, wanted = _files_for_rows(rows, root, bad_rows, report)
+    uid_rows = [i for i, r in enumerate(rows) if r.file is None and i not in bad_rows]
+    candidates = sorted(set(on_disk) - set(wanted)) if uid_rows else []
+    decoded = _decode(config, root, sorted(set(wanted) | set(candidates)), report)
+
+    by_uid: dict[str, str] = {}  # rows that name only a SOP Instance UID: find it among the others
+    for rel in candidates:
+        if rel in decoded and decoded[rel]["sop_instance_uid"]:
+            by_uid.setdefault(decoded[rel]["sop_instance_uid"], rel)
+    for i in uid_rows:
+        uid = str(rows[i].sop_instance_uid)
+        if uid in by_uid:
+            by_row[i] = by_uid[uid]
+        else:
+            detail = f"no readable file in '{root}' has SOP Instance UID {uid}"
+            report.bad.append(BadFile(uid, "file not found", detail, rows[i].line))
+
+    used, bad_files = set(by_row.values()), {b.file for b in report.bad}
+    report.unlabelled = [rel for rel in on_disk if rel not in used and rel not in bad_files]
+    return by_row, decoded
 
 
-def _list_files(root: Path, fmt: str, *, exclude: Path) -> list[str]:
-    """Files under `root` a site of this format would read, relative, sorted; hidden files,
+def _list_files(root: Path, reader: SiteImageReader, *, exclude: Path) -> list[str]:
+    """Files under `root` the site's reader takes (by suffix), relative, sorted; hidden files,
     DICOMDIR and the label sheet itself are left out."""
     out = []
     skip = exclude.resolve()
@@ -371,11 +300,8 @@ def _list_files(root: Path, fmt: str, *, exclude: Path) -> list[str]:
             if name.startswith(".") or name.upper() == "DICOMDIR":
                 continue
             p = Path(dirpath) / name
-            if p.resolve() == skip:
-                continue
-            if fmt in _SUFFIXES and not name.lower().endswith(_SUFFIXES[fmt]):
-                continue
-            out.append(p.relative_to(root).as_posix())
+            if p.resolve() != skip and reader.verify_suffix(p):
+                out.append(p.relative_to(root).as_posix())
     return sorted(out)
 
 
@@ -399,19 +325,47 @@ def _files_for_rows(
     return by_row, wanted
 
 
-_PROBLEMS = (
-    ("not a DICOM file", "not DICOM"),
-    ("has no pixel data", "no pixel data"),
-    ("truncated", "truncated"),
-    ("no installed plugin", "unsupported compression"),
-    ("no pixel data decoder", "unsupported compression"),
-    ("not an image PIL can read", "not an image"),
-    ("not a NIfTI file", "not NIfTI"),
-)
-
-
-def _problem(err: BadImageFileError) -> str:
-    return next((short for text, short in _PROBLEMS if text in err.reason), "corrupt")
+def _take_samples(
+    report: SourceReport, rows: list[LabelRow], by_row: dict[int, str], decoded: dict, split_of: list[str]
+) -> list[int]:
+    """Add a Sample per readable row, in sheet order; a second copy of an image (same bytes or
+    SOP Instance UID) is reported instead. Returns the rows taken."""
+    keep: list[int] = []
+    seen_sha: dict[str, str] = {}
+    seen_uid: dict[str, str] = {}
+    for i in sorted(by_row, key=lambda i: rows[i].line):
+        rel, row = by_row[i], rows[i]
+        item = decoded.get(rel)
+        if item is None:
+            continue  # unreadable: already reported
+        uid = item["sop_instance_uid"]
+        first = seen_sha.get(item["sha1"]) or (uid and seen_uid.get(uid))
+        if first:
+            detail = f"the same image as '{first}' (same bytes or SOP Instance UID); remove one"
+            report.bad.append(BadFile(rel, "duplicate", detail, row.line))
+            continue
+        seen_sha[item["sha1"]] = rel
+        if uid:
+            seen_uid[uid] = rel
+        keep.append(i)
+        report.samples.append(
+            Sample(
+                file=rel,
+                patient_id=row.patient_id,
+                label=row.label,
+                label_index=row.label_index,
+                split=split_of[i],
+                line=row.line,
+                modality=str(item["modality"]),
+                orig_size=tuple(int(v) for v in item["orig_size"]),
+                spacing=tuple(float(v) for v in item["spacing"]),
+                n_frames=int(item["n_frames"]),
+                sop_instance_uid=str(uid),
+                file_patient_id=str(item["file_patient_id"]),
+                sha1=str(item["sha1"]),
+            )
+        )
+    return keep
 
 
 def _decode(config: SiteConfig, root: Path, files: list[str], report: SourceReport) -> dict[str, dict]:
@@ -426,75 +380,83 @@ def _decode(config: SiteConfig, root: Path, files: list[str], report: SourceRepo
             continue
         items.append({"image": str(root / rel), "stamp": f"{st.st_size}:{st.st_mtime_ns}", "settings": key})
         present.append(rel)
-    files = present
     folder = cache_dir(config)
-    ds = PersistentDataset(items, transform=build_transforms(config.data, "eval"), cache_dir=folder)
-    out, current = {}, set()
-    for i, rel in enumerate(files):
-        cached = None
-        if folder is not None:
+    ds = PersistentDataset(items, transform=build_transforms(config.data), cache_dir=folder)
+    out, entries = {}, set()
+    for i, rel in enumerate(present):
+        hit = False
+        if folder is not None:  # the name PersistentDataset gives the item's cache file
             cached = folder / f"{ds.hash_func(items[i]).decode('utf-8')}{ds.transform_hash}.pt"
-            current.add(cached.name)
+            entries.add(cached.name)
             hit = cached.is_file()
         try:
-            sample = ds[i]
+            out[rel] = ds[i]
         except MemoryError:
             raise
         except Exception as exc:  # one bad file must not stop the site: report it
-            err = _root_cause(exc)
-            if isinstance(err, BadImageFileError):
-                detail = str(err).removeprefix(f"{root / rel}: ")
-                report.bad.append(BadFile(rel, _problem(err), detail))
-            elif isinstance(err, FileNotFoundError):
-                report.bad.append(BadFile(rel, "file not found", f"'{root / rel}' disappeared while reading"))
-            else:
-                report.bad.append(BadFile(rel, "corrupt", f"cannot be read ({type(err).__name__}: {err})"))
+            report.bad.append(_unreadable(rel, root / rel, exc))
             continue
-        if cached is not None and hit:
-            report.from_cache += 1
-        else:
-            report.decoded += 1
-        out[rel] = sample
+        report.from_cache += hit
+        report.decoded += not hit
     if folder is not None and folder.is_dir():
-        for old in folder.glob("*.pt"):
-            if old.name not in current:
-                old.unlink(missing_ok=True)
+        _update_cache(config, root, folder, entries)
     return out
 
 
-def _root_cause(exc: BaseException) -> BaseException:
-    """MONAI wraps a transform's error in RuntimeError('applying transform ...'); unwrap it."""
-    seen = exc
-    while seen.__cause__ is not None:
-        if isinstance(seen, BadImageFileError):
-            return seen
-        seen = seen.__cause__
-    return seen
+def _unreadable(rel: str, path: Path, exc: BaseException) -> BadFile:
+    """The report's line for a file whose reading raised `exc`. MONAI wraps a transform's error in
+    RuntimeError('applying transform ...'): the reader's own error is among its causes."""
+    err = exc
+    while err.__cause__ is not None and not isinstance(err, BadImageFileError):
+        err = err.__cause__
+    if isinstance(err, BadImageFileError):
+        return BadFile(rel, err.problem, str(err).removeprefix(f"{path}: "))
+    if isinstance(err, FileNotFoundError):
+        return BadFile(rel, "file not found", f"'{path}' disappeared while reading")
+    return BadFile(rel, "corrupt", f"cannot be read ({type(err).__name__}: {err})")
+
+
+def _update_cache(config: SiteConfig, root: Path, cache: Path, entries: set[str]) -> None:
+    """Write this site config's index (keyed by its path and image folder): the cache files its
+    scan used; then remove the cache files no index lists. The index of a site config or image
+    folder that no longer exists goes first; one that cannot be read keeps nothing."""
+    folder = Path(config.state_dir).expanduser() / INDEX_SUBDIR
+    folder.mkdir(parents=True, exist_ok=True)
+    source = str(Path(config.source_path).expanduser().resolve()) if config.source_path else ""
+    image_root = str(root.resolve())
+    key = hashlib.sha256(json.dumps([source, image_root]).encode()).hexdigest()[:16]
+    index = {"site": config.site, "site_config": source, "root": image_root, "entries": sorted(entries)}
+    tmp = folder / f".{key}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(index, indent=1))
+    os.replace(tmp, folder / f"{key}.json")  # a scan reading the indexes meanwhile sees all or none
+
+    needed: set[str] = set()
+    for path in folder.glob("*.json"):
+        try:
+            index = json.loads(path.read_text())
+            config_path, images, listed = index["site_config"], Path(index["root"]), set(index["entries"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if (config_path and not Path(config_path).is_file()) or not images.is_dir():
+            path.unlink(missing_ok=True)
+        else:
+            needed |= listed
+    for old in cache.glob("*.pt"):
+        if old.name not in needed:
+            old.unlink(missing_ok=True)
 
 
 def _splits(rows: list[LabelRow], data: SiteDataConfig, report: SourceReport) -> list[str]:
     """Each row's split, by patient. All rows count (bad ones too), so fixing a bad file or label
     later does not move any other patient. Patients the sheet puts in two splits are fatal."""
-    given: dict[str, set[str]] = defaultdict(set)
-    for row in rows:
-        if row.split:
-            given[row.patient_id].add(row.split)
-    report.split_conflicts = {p: sorted(s) for p, s in given.items() if len(s) > 1}
+    fractions = tuple(float(f) for f in data.split_fractions)
+    split_of, report.split_conflicts = split_rows(rows, seed=data.split_seed, fractions=fractions)  # type: ignore[arg-type]
     if report.split_conflicts:
         names = ", ".join(f"{p} ({'/'.join(s)})" for p, s in sorted(report.split_conflicts.items())[:5])
         report.fatal.append(
             f"{len(report.split_conflicts)} patient(s) have rows in more than one split in the sheet's "
             f"'split' column: {names}; one patient must stay in one split"
         )
-        rows = [
-            dataclasses.replace(r, split=None) if r.patient_id in report.split_conflicts else r for r in rows
-        ]
-    fractions = tuple(float(f) for f in data.split_fractions)
-    assignment = patient_split(rows, seed=data.split_seed, fractions=fractions)  # type: ignore[arg-type]
-    split_of = [""] * len(rows)
-    for split, indices in assignment.items():
-        for i in indices:
-            split_of[i] = split
     return split_of
 
 
@@ -532,40 +494,4 @@ def _final_checks(report: SourceReport) -> None:
         )
 
 
-def preprocess_file(path: str | os.PathLike[str], data: SiteDataConfig) -> torch.Tensor:
-    """One file as the model sees it (the `predict` phase): C x H x W float32.
-    Raises common.readers.BadImageFileError for a file that cannot be read."""
-    try:
-        out = build_transforms(data, "predict")({"image": str(path)})["image"]
-    except Exception as exc:
-        err = _root_cause(exc)
-        if isinstance(err, BadImageFileError):
-            raise err from None  # the reader's message, not MONAI's wrapper
-        raise
-    return convert_to_tensor(out, track_meta=False, dtype=torch.float32)
-
-
-def stats(report: SourceReport) -> dict[str, Counter]:
-    """What the site check shows about the images: modality, stored size, spacing, frames."""
-
-    def spacing(s: Sample) -> str:
-        return f"{s.spacing[0]:.3g} x {s.spacing[1]:.3g} mm" if s.spacing else "unknown"
-
-    return {
-        "modality": Counter(s.modality or "-" for s in report.samples),
-        "size": Counter("x".join(map(str, s.orig_size)) for s in report.samples),
-        "spacing": Counter(spacing(s) for s in report.samples),
-        "frames": Counter(str(s.n_frames) for s in report.samples),
-    }
-
-
-__all__ = [
-    "FOLDER_FORMATS",
-    "BadFile",
-    "Sample",
-    "SourceReport",
-    "load_folder_site",
-    "preprocess_file",
-    "scan_site",
-    "stats",
-]
+__all__ = ["FOLDER_FORMATS", "BadFile", "Sample", "SourceReport", "load_folder_site", "scan_site"]

@@ -1,24 +1,21 @@
 """MONAI dictionary transforms built from a site config: reading, preprocessing, augmentation.
 
-Samples are dictionaries: `image` (a file path before reading, then a 1 x H x W or C x H x W array),
-`label`, `patient_id`. `build_transforms(data, phase)` is the one place where a site's pipeline is
-made, one `Compose` per phase:
+Samples are dictionaries: `image` (a file path before reading, then a 1 x H x W or C x H x W array)
+and the facts read from the file (modality, patient id and SOP Instance UID in the file, spacing,
+stored size, frames, SHA-1). Two parts, each built in one place:
 
-=========  =====================================================================================
-phase      transforms
-=========  =====================================================================================
-eval       read the file (common.readers) -> scale -> percentile clip -> normalize ->
-           pad or crop -> channels
-predict    the same as eval (a model sees a new image exactly as it saw its test images)
-train      eval, then the random augmentation of `data.augment` (flips, rotation, zoom,
-           intensity, noise)
-=========  =====================================================================================
+- `build_transforms(data)`: the deterministic pipeline, one `Compose`, the same for training,
+  evaluation and prediction (a model sees a new image exactly as it saw its test images):
+  read the file (`LoadSiteImaged`, with the reader of `data.format` from common.readers) ->
+  scale -> percentile clip -> normalize -> pad or crop -> channels.
+- `augment_fn(data)`: the random augmentation of `data.augment` (flips, rotation, zoom,
+  intensity, noise), called by the training loop on training batches as
+  `augment(batch_x, generator) -> batch_x`.
 
 A site reads and preprocesses every image once, before training (common.sources caches the
-deterministic part on disk); the random part is applied to training batches by `augment_fn`,
-which the training loop calls as `augment(batch_x, generator) -> batch_x`.
+deterministic part on disk, keyed by `settings_key`).
 
-    python -c "from common.transforms import build_transforms; from common.config import SiteDataConfig; print(build_transforms(SiteDataConfig(format='dicom'), 'train'))"
+    python -c "from common.transforms import build_transforms; from common.schema import SiteDataConfig; print([type(t).__name__ for t in build_transforms(SiteDataConfig(format='dicom')).transforms])"
 """
 
 from __future__ import annotations
@@ -51,70 +48,39 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_tensor
 
-from common.readers import read_dicom, read_image, read_nifti
+from common.readers import reader_for
 from common.schema import AugmentConfig, PreprocessConfig, SiteDataConfig
 
-PHASES = ("train", "eval", "predict")
 READER_VERSION = 1  # bump when reading or preprocessing changes, so cached images are made again
-
-# What LoadSiteImaged adds beside `image` (all plain values, so a cached sample loads with
-# torch.load(weights_only=True)).
-META_KEYS = ("modality", "file_patient_id", "sop_instance_uid", "spacing", "orig_size", "n_frames", "sha1")
 
 
 class LoadSiteImaged(MapTransform):
-    """Read `image` (a path) with common.readers into a float32 1 x H x W array, and record the
-    file's facts a site check reports: modality, patient id and SOP Instance UID in the file,
-    pixel spacing, size, number of frames and the SHA-1 of the file's bytes.
-
-    dicom: modality LUT, then `window` (else the file's VOI LUT / window), MONOCHROME1 inverted,
-    frame `frame`; pixels in [0, 1]. image: PNG/JPEG grey in [0, 1]. nifti: slice `frame` of the
-    volume, mapped through `window` when given, else its own min..max, to [0, 1].
-    Unreadable files raise common.readers.BadImageFileError.
+    """Read `image` (a path) with the site's reader (common.readers.reader_for) into a float32
+    1 x H x W array in [0, 1], and record the file's facts a site check reports: modality,
+    patient id and SOP Instance UID in the file, pixel spacing, size, number of frames and the
+    SHA-1 of the file's bytes. The facts are plain values (str, int, lists), so a cached sample
+    loads with torch.load(weights_only=True). Unreadable files raise common.readers.BadImageFileError.
     """
 
-    def __init__(self, fmt: str, *, frame: int | str = "middle", window: list[float] | None = None) -> None:
+    def __init__(self, data: SiteDataConfig) -> None:
         super().__init__(keys="image")
-        if fmt not in ("dicom", "image", "nifti"):
-            raise ValueError(f"format {fmt!r}: LoadSiteImaged reads dicom, image or nifti files")
-        self.fmt = fmt
-        self.frame = frame
-        self.window = tuple(float(v) for v in window) if window else None
+        self.reader = reader_for(data)
 
     def __call__(self, data: dict) -> dict:
         d = dict(data)
         path = Path(d["image"])
-        meta = {k: "" for k in META_KEYS} | {"spacing": [], "orig_size": [], "n_frames": 1}
-        if self.fmt == "dicom":
-            img = read_dicom(path, frame=self.frame, window=self.window)
-            pixels = img.pixels
-            meta.update(
-                modality=img.modality,
-                file_patient_id=img.patient_id,
-                sop_instance_uid=img.sop_instance_uid,
-                spacing=list(img.pixel_spacing) if img.pixel_spacing else [],
-                n_frames=img.n_frames,
-            )
-        elif self.fmt == "image":
-            pixels = read_image(path)
-        else:
-            pixels = read_nifti(path, slice_index=self.frame)
-            pixels = _window01(pixels, self.window) if self.window else _min_max01(pixels)
-        meta["orig_size"] = list(pixels.shape)
-        meta["sha1"] = hashlib.sha1(path.read_bytes()).hexdigest()
-        d.update(meta)
-        d["image"] = np.ascontiguousarray(pixels, dtype=np.float32)[None]
+        img = self.reader.read(path)
+        d.update(
+            modality=img.modality,
+            file_patient_id=img.patient_id,
+            sop_instance_uid=img.sop_instance_uid,
+            spacing=list(img.pixel_spacing) if img.pixel_spacing else [],
+            orig_size=list(img.pixels.shape),
+            n_frames=img.n_frames,
+            sha1=hashlib.sha1(path.read_bytes()).hexdigest(),
+        )
+        d["image"] = np.ascontiguousarray(img.pixels, dtype=np.float32)[None]
         return d
-
-
-def _window01(x: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    center, width = window
-    return np.clip((x - (center - width / 2)) / width, 0.0, 1.0).astype(np.float32)
-
-
-def _min_max01(x: np.ndarray) -> np.ndarray:
-    low, high = float(x.min()), float(x.max())
-    return np.zeros_like(x) if high == low else ((x - low) / (high - low)).astype(np.float32)
 
 
 class ScaleImaged(MapTransform):
@@ -181,15 +147,9 @@ def augment_transforms(aug: AugmentConfig) -> list:
     return steps
 
 
-def build_transforms(data: SiteDataConfig, phase: str) -> Compose:
-    """The site's pipeline for one phase (train, eval, predict), from a path to a model input."""
-    if phase not in PHASES:
-        raise ValueError(f"phase {phase!r}: use one of {PHASES}")
-    steps = [LoadSiteImaged(data.format, frame=data.frame, window=data.window)]
-    steps += preprocess_transforms(data.preprocess)
-    if phase == "train":
-        steps += augment_transforms(data.augment)
-    return Compose(steps)
+def build_transforms(data: SiteDataConfig) -> Compose:
+    """The site's deterministic pipeline, from a file's path to a model input (C x H x W)."""
+    return Compose([LoadSiteImaged(data), *preprocess_transforms(data.preprocess)])
 
 
 def settings_key(data: SiteDataConfig) -> str:

@@ -1,5 +1,5 @@
-"""Tests for common/readers.py on real DICOM files (pydicom's and pydicom-data's test files),
-files written here with pydicom, PIL and nibabel, and small label sheets.
+"""Tests for common/readers/ on real DICOM files (pydicom's and pydicom-data's test files) and
+files written here with pydicom, PIL and nibabel.
 
     pytest tests/common/test_readers.py -q
 """
@@ -17,15 +17,18 @@ from pydicom.pixels import apply_color_lut, apply_voi_lut, get_decoder
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from common.readers import (
+    PROBLEMS,
     BadImageFileError,
-    LabelFileError,
-    LabelRow,
-    patient_split,
+    DicomReader,
+    NiftiReader,
+    RasterReader,
+    ReadImage,
     read_dicom,
     read_image,
-    read_labels_csv,
     read_nifti,
+    reader_for,
 )
+from common.schema import SiteDataConfig
 
 LUMA = np.array([0.299, 0.587, 0.114])
 
@@ -207,6 +210,20 @@ def test_lossless_compressed_file_decodes_or_names_the_plugin(name):
         message = str(caught.value)
         assert path in message and syntax.name in message
         assert "pylibjpeg" in message and "pip install" in message
+        assert caught.value.problem == "unsupported compression"
+
+
+def test_a_transfer_syntax_pydicom_has_no_decoder_for_is_unsupported_compression(tmp_path):
+    path = write_dicom(tmp_path / "private.dcm", np.zeros((4, 4), np.uint16))
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = "1.2.826.0.1.3680043.9.9999.1"  # a private syntax
+    ds.save_as(path)
+
+    with pytest.raises(BadImageFileError, match="has no pixel data decoder") as caught:
+        read_dicom(path)
+
+    # the reason contains "has no pixel data", but the problem is the compression
+    assert caught.value.problem == "unsupported compression"
 
 
 def test_truncated_pixel_data_is_reported(tmp_path):
@@ -219,6 +236,7 @@ def test_truncated_pixel_data_is_reported(tmp_path):
 
     assert caught.value.path == path
     assert str(path) in str(caught.value) and "truncated" in caught.value.reason
+    assert caught.value.problem == "truncated"
 
 
 @pytest.mark.parametrize("cut", [140, 1_000, 3_000])
@@ -229,7 +247,7 @@ def test_file_cut_before_the_pixel_data_is_reported_as_truncated(tmp_path, cut):
     with pytest.raises(BadImageFileError, match="truncated") as caught:
         read_dicom(path)
 
-    assert str(path) in str(caught.value)
+    assert str(path) in str(caught.value) and caught.value.problem == "truncated"
 
 
 def test_non_dicom_file_is_rejected(tmp_path):
@@ -242,6 +260,7 @@ def test_non_dicom_file_is_rejected(tmp_path):
         read_dicom(path)
 
     assert str(path) in str(caught.value) and "not a DICOM file" in caught.value.reason
+    assert caught.value.problem == "not DICOM"
 
 
 def test_dicom_without_pixel_data_names_what_it_is():
@@ -250,7 +269,7 @@ def test_dicom_without_pixel_data_names_what_it_is():
     with pytest.raises(BadImageFileError, match="no pixel data") as caught:
         read_dicom(path)
 
-    assert "RT Plan Storage" in caught.value.reason
+    assert "RT Plan Storage" in caught.value.reason and caught.value.problem == "no pixel data"
 
 
 def test_frame_out_of_range_says_how_many_frames_there_are():
@@ -305,8 +324,10 @@ def test_truncated_png_is_reported(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(good.read_bytes()[:200])
 
-    with pytest.raises(BadImageFileError, match="bad.png"):
+    with pytest.raises(BadImageFileError, match="bad.png") as caught:
         read_image(bad)
+
+    assert caught.value.problem in PROBLEMS
 
 
 def test_nifti_slice_is_laid_out_like_a_dicom_axial_image(tmp_path):
@@ -327,118 +348,65 @@ def test_nifti_slice_is_laid_out_like_a_dicom_axial_image(tmp_path):
         read_nifti(tmp_path / "ras.nii.gz", slice_index=5)
 
 
-# ------------------------------------------------------------------------------- labels, splits
-
-CLASSES = ["normal", "pneumonia"]
-
-
-def write_csv(tmp_path: Path, text: str | bytes) -> Path:
-    path = tmp_path / "labels.csv"
-    path.write_bytes(text if isinstance(text, bytes) else text.encode())
-    return path
-
-
-def test_labels_csv_reads_rows_and_class_indices(tmp_path):
-    path = write_csv(
-        tmp_path,
-        "File,Patient_ID,Label,Split\na/1.dcm,P1,normal,train\n\n a/2.dcm , P1 , pneumonia ,\n",
-    )
-
-    rows = read_labels_csv(path, classes=CLASSES)
-
-    assert [(r.file, r.patient_id, r.label_index, r.split, r.line) for r in rows] == [
-        ("a/1.dcm", "P1", 0, "train", 2),
-        ("a/2.dcm", "P1", 1, None, 4),
-    ]
-
-
-def test_labels_csv_missing_column_names_it(tmp_path):
-    path = write_csv(tmp_path, "file,label\na.dcm,normal\n")
-
-    with pytest.raises(LabelFileError) as caught:
-        read_labels_csv(path, classes=CLASSES)
-
-    assert (caught.value.line, caught.value.column) == (1, "patient_id")
-    assert "labels.csv, line 1, column 'patient_id'" in str(caught.value)
-
-
-def test_labels_csv_unknown_label_lists_the_allowed_ones(tmp_path):
-    path = write_csv(tmp_path, "sop_instance_uid,patient_id,label\n1.2.3,P1,normal\n1.2.4,P2,covid\n")
-
-    with pytest.raises(LabelFileError) as caught:
-        read_labels_csv(path, classes=CLASSES)
-
-    assert (caught.value.line, caught.value.column) == (3, "label")
-    assert "'covid'" in str(caught.value) and "['normal', 'pneumonia']" in str(caught.value)
+# ------------------------------------------------------------------------------ the interface
 
 
 @pytest.mark.parametrize(
-    ("text", "match"),
+    ("fmt", "cls", "takes", "refuses"),
     [
-        ("", "empty"),
-        ("file,patient_id,label\n", "no rows"),
-        ("file,patient_id,label\na.dcm,P1,normal\na.dcm,P2,normal\n", "listed twice"),
-        ("file,patient_id,label,split\na.dcm,P1,normal,holdout\n", "not a split"),
-        ("file,patient_id,label\na.dcm,Ren\xe9e,normal\n".encode("cp1252"), "line 2.*UTF-8"),
-        ('file,patient_id,label\na.dcm,"P1,normal\n', "2 values, the header has 3"),
+        ("dicom", DicomReader, ["IM0001", "a/b.DCM", "x.png"], []),
+        ("image", RasterReader, ["a.png", "b.JPG", "c.jpeg"], ["d.dcm", "e.nii"]),
+        ("nifti", NiftiReader, ["a.nii", "b.NII.GZ"], ["c.gz", "d.png"]),
     ],
 )
-def test_labels_csv_rejects_bad_sheets(tmp_path, text, match):
-    path = write_csv(tmp_path, text)
+def test_reader_for_gives_one_reader_per_format_that_knows_its_files(fmt, cls, takes, refuses):
+    reader = reader_for(SiteDataConfig(format=fmt, frame="last"))
 
-    with pytest.raises(LabelFileError, match=match) as caught:
-        read_labels_csv(path, classes=CLASSES)
-
-    assert caught.value.path == path
-
-
-def make_rows(n_patients: int, seed: int = 0) -> list[LabelRow]:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for p in range(n_patients):
-        for k in range(int(rng.integers(1, 4))):
-            rows.append(LabelRow(f"p{p}/{k}.dcm", None, f"P{p:03d}", "normal", 0, None, 0))
-    return rows
+    assert type(reader) is cls and reader.format == fmt and reader.frame == "last"
+    assert all(reader.verify_suffix(name) for name in takes)
+    assert not any(reader.verify_suffix(name) for name in refuses)
 
 
-def patients_by_split(split: dict[str, list[int]], rows: list[LabelRow]) -> dict[str, set]:
-    return {name: {rows[i].patient_id for i in idx} for name, idx in split.items()}
+def test_reader_for_refuses_a_format_without_files():
+    with pytest.raises(ValueError, match="medmnist"):
+        reader_for(SiteDataConfig(format="medmnist"))
 
 
-def test_patient_split_keeps_each_patient_in_one_split_and_is_deterministic():
-    rows = make_rows(40)
+def test_dicom_reader_gives_the_window_and_the_facts_of_the_file():
+    path = data_file("CT_small.dcm")
+    image = read_dicom(path, window=(40, 400))
 
-    split = patient_split(rows, seed=7)
-    again = patient_split(rows, seed=7)
-    reordered = patient_split(rows[::-1], seed=7)
-    other = patient_split(rows, seed=8)
+    read = reader_for(SiteDataConfig(format="dicom", window=[40, 400])).read(path)
 
-    patients = patients_by_split(split, rows)
-    assert sorted(sum(split.values(), [])) == list(range(len(rows)))
-    assert not (patients["train"] & patients["val"] or patients["train"] & patients["test"])
-    assert not patients["val"] & patients["test"]
-    assert [len(patients[s]) for s in ("train", "val", "test")] == [28, 6, 6]
-    assert split == again and split != other
-    assert patients_by_split(reordered, rows[::-1]) == patients  # row order does not matter
+    assert isinstance(read, ReadImage)
+    np.testing.assert_array_equal(read.pixels, image.pixels)
+    assert (read.modality, read.patient_id, read.n_frames) == ("CT", "1CT1", 1)
+    assert read.sop_instance_uid == image.sop_instance_uid
+    assert read.pixel_spacing == pytest.approx((0.661468, 0.661468))
 
 
-def test_patient_split_respects_the_sites_split_column():
-    rows = make_rows(20)
-    fixed = {"P000": "test", "P001": "train"}
-    rows = [LabelRow(r.file, None, r.patient_id, r.label, 0, fixed.get(r.patient_id), 0) for r in rows]
+def test_nifti_reader_maps_the_slice_to_unit_range_by_window_or_min_max(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    volume = np.zeros((2, 2, 3), np.float32)
+    volume[:, :, 1] = [[-200.0, 0.0], [100.0, 300.0]]
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "v.nii.gz")
+    stored = read_nifti(tmp_path / "v.nii.gz")
 
-    split = patient_split(rows, seed=0, fractions=(1.0, 0.0, 0.0))
+    by_range = NiftiReader().read(tmp_path / "v.nii.gz")
+    by_window = NiftiReader(window=[0, 400]).read(tmp_path / "v.nii.gz")  # -200 -> 0, 200 -> 1
 
-    assert {rows[i].patient_id for i in split["test"]} == {"P000"}
-    assert split["val"] == []
-    assert len(split["train"]) == len(rows) - len(split["test"])
+    np.testing.assert_allclose(by_range.pixels, (stored + 200) / 500)
+    np.testing.assert_allclose(by_window.pixels, np.clip((stored + 200) / 400, 0, 1))
+    assert by_range.pixels.dtype == by_window.pixels.dtype == np.float32
+    assert (by_range.modality, by_range.pixel_spacing, by_range.n_frames) == ("", None, 1)
 
 
-def test_patient_split_rejects_a_patient_in_two_site_splits():
-    rows = [
-        LabelRow("a.dcm", None, "P1", "normal", 0, "train", 2),
-        LabelRow("b.dcm", None, "P1", "normal", 0, "test", 3),
-    ]
+def test_png_reader_gives_the_image_and_no_facts(tmp_path):
+    from PIL import Image
 
-    with pytest.raises(ValueError, match=r"patient 'P1'.*lines \[2, 3\]"):
-        patient_split(rows, seed=0)
+    Image.fromarray(np.array([[0, 255]], np.uint8)).save(tmp_path / "a.png")
+
+    read = RasterReader().read(tmp_path / "a.png")
+
+    np.testing.assert_array_equal(read.pixels, [[0.0, 1.0]])
+    assert (read.modality, read.patient_id, read.sop_instance_uid, read.pixel_spacing) == ("", "", "", None)

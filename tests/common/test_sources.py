@@ -1,9 +1,10 @@
-"""Tests for common/sources.py and common/transforms.py: a hospital's folder of DICOM (and PNG,
-NIfTI) files with a label sheet becomes site data; bad files are reported, not dropped silently;
-splits are by patient; preprocessing and augmentation follow the site config; the cache works.
+"""Tests for common/sources.py: a hospital's folder of DICOM (and PNG, NIfTI) files with a label
+sheet becomes site data; bad files are reported, not dropped silently; splits are by patient; the
+cache works, also for site configs that share a state_dir; the data settings are checked.
 
 The DICOM sites are written here with pydicom (plus some of pydicom's own test files, copied in);
-the readers themselves are tested in test_readers.py.
+the readers are tested in test_readers.py, label sheets in test_labels.py, the pipeline and the
+augmentation in test_transforms.py.
 
     pytest tests/common/test_sources.py -q
 """
@@ -28,8 +29,8 @@ from common.config import ConfigError, load_site
 from common.data import load_site_data
 from common.schema import SiteConfig, SiteDataConfig
 from common.sitedata import SiteDataError
-from common.sources import preprocess_file, scan_site
-from common.transforms import augment_fn, build_transforms
+from common.sources import scan_site
+from common.transforms import augment_fn
 
 CLASSES = ["normal", "pneumonia"]
 
@@ -89,6 +90,38 @@ def chest(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 1)
 
 
+def write_bad_files(
+    root: Path, good: Path, size: int, rng: np.random.Generator
+) -> list[tuple[str, str, str]]:
+    """The bad files of write_dicom_site (see there) in `root`, and their label rows."""
+    whole = good.read_bytes()
+    (root / "bad").mkdir()
+    (root / "bad/truncated.dcm").write_bytes(whole[: len(whole) - 700])
+    (root / "bad/not_dicom.dcm").write_text("patient list exported by mistake\n")
+    sr = Dataset()
+    sr.file_meta = FileMetaDataset()
+    sr.file_meta.MediaStorageSOPClassUID = pydicom.uid.BasicTextSRStorage
+    sr.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    sr.SOPClassUID, sr.SOPInstanceUID = sr.file_meta.MediaStorageSOPClassUID, generate_uid()
+    sr.Modality, sr.PatientID = "SR", "X900"
+    sr.save_as(root / "bad/report.dcm", enforce_file_format=True)
+    shutil.copy(good, root / "bad/copy_of_first.dcm")
+    shutil.copy(get_testdata_file("CT_small.dcm"), root / "real_ct.dcm")
+    shutil.copy(get_testdata_file("MR_small_jpeg_ls_lossless.dcm"), root / "real_mr_jpegls.dcm")
+    write_dicom(root / "X901/img0.dcm", chest(0, size, rng), patient_id="X901")
+    return [
+        ("bad/truncated.dcm", "X900", "normal"),
+        ("bad/not_dicom.dcm", "X900", "normal"),
+        ("bad/report.dcm", "X900", "pneumonia"),
+        ("bad/copy_of_first.dcm", "X902", CLASSES[0]),
+        ("real_ct.dcm", "1CT1", "normal"),
+        ("real_mr_jpegls.dcm", "4MR1", "pneumonia"),
+        ("X901/img0.dcm", "X901", "covid"),  # not one of the site's classes
+        ("gone/missing.dcm", "X903", "normal"),
+    ]
+
+
 def write_dicom_site(
     folder: Path,
     *,
@@ -119,33 +152,7 @@ def write_dicom_site(
             write_dicom(root / rel, chest(label, size, rng), patient_id=pid, photometric=photometric)
             rows.append((rel, pid, CLASSES[label]))
     if bad_files:
-        good = root / rows[0][0]
-        whole = good.read_bytes()
-        (root / "bad").mkdir()
-        (root / "bad/truncated.dcm").write_bytes(whole[: len(whole) - 700])
-        (root / "bad/not_dicom.dcm").write_text("patient list exported by mistake\n")
-        sr = Dataset()
-        sr.file_meta = FileMetaDataset()
-        sr.file_meta.MediaStorageSOPClassUID = pydicom.uid.BasicTextSRStorage
-        sr.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        sr.SOPClassUID, sr.SOPInstanceUID = sr.file_meta.MediaStorageSOPClassUID, generate_uid()
-        sr.Modality, sr.PatientID = "SR", "X900"
-        sr.save_as(root / "bad/report.dcm", enforce_file_format=True)
-        shutil.copy(good, root / "bad/copy_of_first.dcm")
-        shutil.copy(get_testdata_file("CT_small.dcm"), root / "real_ct.dcm")
-        shutil.copy(get_testdata_file("MR_small_jpeg_ls_lossless.dcm"), root / "real_mr_jpegls.dcm")
-        write_dicom(root / "X901/img0.dcm", chest(0, size, rng), patient_id="X901")
-        rows += [
-            ("bad/truncated.dcm", "X900", "normal"),
-            ("bad/not_dicom.dcm", "X900", "normal"),
-            ("bad/report.dcm", "X900", "pneumonia"),
-            ("bad/copy_of_first.dcm", "X902", CLASSES[0]),
-            ("real_ct.dcm", "1CT1", "normal"),
-            ("real_mr_jpegls.dcm", "4MR1", "pneumonia"),
-            ("X901/img0.dcm", "X901", "covid"),  # not one of the site's classes
-            ("gone/missing.dcm", "X903", "normal"),
-        ]
+        rows += write_bad_files(root, root / rows[0][0], size, rng)
     with (folder / "labels.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["file", "patient_id", "label"])
@@ -340,6 +347,35 @@ def test_a_second_load_comes_from_the_cache_and_changes_are_noticed(tmp_path):
     assert len(list((tmp_path / "state/cache/images").glob("*.pt"))) == 8
 
 
+def test_site_configs_sharing_a_state_dir_keep_each_others_cache(tmp_path):
+    a = load_site(write_dicom_site(tmp_path / "a", name="hospital-a", patients=4, bad_files=False))
+    b = load_site(write_dicom_site(tmp_path / "b", name="hospital-b", patients=3, bad_files=False))
+    a.state_dir = b.state_dir = str(tmp_path / "shared")
+    cache = tmp_path / "shared/cache/images"
+
+    first_a = scan_site(a)
+    of_a = set(cache.glob("*.pt"))
+    first_b = scan_site(b)
+    of_b = set(cache.glob("*.pt")) - of_a
+    second_a = scan_site(a)
+
+    assert (first_a.decoded, first_b.decoded, len(of_a), len(of_b)) == (8, 6, 8, 6)
+    assert (second_a.decoded, second_a.from_cache) == (0, 8)  # B's scan removed none of A's
+
+    (tmp_path / "a/export/A001/img0.dcm").unlink()  # A's export loses a file, its sheet the row
+    labels = tmp_path / "a/labels.csv"
+    labels.write_text("".join(x for x in labels.read_text().splitlines(True) if "A001/img0" not in x))
+    third_a = scan_site(a)
+    left = set(cache.glob("*.pt"))
+    assert (third_a.decoded, third_a.from_cache, len(third_a.bad)) == (0, 7, 0)
+    assert len(of_a - left) == 1 and of_b <= left  # the removed file's entry went, B's stayed
+    assert scan_site(b).decoded == 0
+
+    (tmp_path / "b/site.yaml").unlink()  # no site config needs B's entries any more
+    scan_site(a)
+    assert set(cache.glob("*.pt")) == left - of_b
+
+
 def test_without_a_state_dir_nothing_is_cached(tmp_path):
     path = write_dicom_site(tmp_path, patients=2, bad_files=False)
     config = load_site(path)
@@ -348,30 +384,7 @@ def test_without_a_state_dir_nothing_is_cached(tmp_path):
     assert not (tmp_path / "state").exists()
 
 
-# ------------------------------------------------------------------------- reading options
-
-
-def _data(**pre) -> SiteDataConfig:
-    data = SiteDataConfig(format="dicom")
-    for key, value in pre.items():
-        setattr(data.preprocess, key, value)
-    return data
-
-
-def test_frame_and_window_settings_choose_what_is_read(tmp_path):
-    frames = np.stack([np.full((8, 8), v) for v in (0.1, 0.5, 0.9)])
-    path = write_dicom(tmp_path / "multi.dcm", frames, patient_id="P")
-    data = _data(size=[])
-    means = {}
-    for frame in ("first", "middle", "last", 1):
-        data.frame = frame
-        means[frame] = float(preprocess_file(path, data).mean())
-    assert means["first"] == pytest.approx(0.1, abs=1e-3) and means["last"] == pytest.approx(0.9, abs=1e-3)
-    assert means["middle"] == means[1] == pytest.approx(0.5, abs=1e-3)
-    data.frame, data.window = "middle", [2048, 2048]  # stored 2047.5 -> 0.5 in the window of 1024..3072
-    assert float(preprocess_file(path, data).mean()) == pytest.approx(0.5, abs=2e-3)
-    data.window = [1024, 1024]  # 512..1536: stored 2048 is above it, so white
-    assert float(preprocess_file(path, data).mean()) == pytest.approx(1.0)
+# ------------------------------------------------------------------------------ other formats
 
 
 def test_png_and_nifti_sites_load_through_the_same_interface(tmp_path):
@@ -409,84 +422,6 @@ def test_png_and_nifti_sites_load_through_the_same_interface(tmp_path):
         assert 0.0 <= float(report.images.min()) and float(report.images.max()) <= 1.0 + 1e-6
         data = load_site_data(config)
         assert len(data.train_y) + len(data.test_y) == 8 and data.val_x is None
-
-
-# ------------------------------------------------------------------------------ preprocessing
-
-
-@pytest.fixture(scope="module")
-def wide(tmp_path_factory) -> Path:
-    """A 40 x 80 image: left half dark, right half bright, one very bright pixel."""
-    img = np.full((40, 80), 0.2)
-    img[:, 40:] = 0.6
-    img[0, 0] = 1.0
-    return write_dicom(tmp_path_factory.mktemp("wide") / "wide.dcm", img, patient_id="W")
-
-
-def test_normalization_choices(wide):
-    z = preprocess_file(wide, _data(size=[], normalize="zscore"))
-    assert float(z.mean()) == pytest.approx(0.0, abs=1e-5) and float(z.std(unbiased=False)) == pytest.approx(
-        1.0, abs=1e-4
-    )
-    m = preprocess_file(wide, _data(size=[], normalize="minmax", percentiles=[1, 99]))
-    assert float(m.min()) == 0.0 and float(m.max()) == pytest.approx(1.0)
-    assert float(m[0, 0, 0]) == pytest.approx(1.0)  # the outlier is clipped to the 99th percentile ...
-    assert float(m[0, 5, 60]) == pytest.approx(1.0)  # ... which is the bright half
-    raw = preprocess_file(wide, _data(size=[]))
-    assert float(raw[0, 5, 5]) == pytest.approx(0.2, abs=1e-3)  # none: the window's [0, 1] values
-
-
-def test_size_choices_and_channels(wide):
-    stretched = preprocess_file(wide, _data(size=[32, 32], spatial="resize"))
-    fitted = preprocess_file(wide, _data(size=[32, 32], spatial="fit"))
-    cropped = preprocess_file(wide, _data(size=[32, 32], spatial="crop_or_pad", channels=3))
-    assert stretched.shape == fitted.shape == (1, 32, 32) and cropped.shape == (3, 32, 32)
-    assert float(stretched[0, :, :16].mean()) == pytest.approx(0.2, abs=0.02)  # whole width kept
-    assert float(fitted[0, :8].abs().max()) == 0.0 and float(fitted[0, 8:24].mean()) > 0.3  # 16 rows, padded
-    assert float(cropped[0, 5, 5]) == pytest.approx(0.2, abs=1e-3) and float(
-        cropped[0, 5, 20]
-    ) == pytest.approx(0.6, abs=1e-3)
-    assert torch.equal(cropped[0], cropped[2])
-
-
-def test_train_eval_and_predict_preprocess_alike(site):
-    config = load_site(site)
-    report = scan_site(config)
-    sample = report.samples[3]
-    item = {"image": str(report.root / sample.file)}
-    train = build_transforms(config.data, "train")(item)["image"]  # no augmentation configured
-    evaluated = build_transforms(config.data, "eval")(item)["image"]
-    predicted = preprocess_file(report.root / sample.file, config.data)
-    assert torch.equal(torch.as_tensor(train), torch.as_tensor(evaluated))
-    assert torch.equal(predicted, report.images[3])
-
-
-# ------------------------------------------------------------------------------- augmentation
-
-
-def test_augmentation_is_off_by_default_and_follows_the_config():
-    data = SiteDataConfig(format="dicom")
-    assert augment_fn(data) is None
-    x = torch.rand(6, 1, 16, 16)
-    data.augment.flip, data.augment.prob = [1], 1.0
-    flip = augment_fn(data)
-    assert torch.equal(flip(x, torch.Generator().manual_seed(0)), x.flip(-1))
-
-    data.augment.rotate_deg, data.augment.zoom, data.augment.intensity, data.augment.noise_std = (
-        15,
-        [0.9, 1.1],
-        0.1,
-        0.05,
-    )
-    data.augment.prob = 0.5
-    augment = augment_fn(data)
-    a = augment(x, torch.Generator().manual_seed(3))
-    b = augment(x, torch.Generator().manual_seed(3))
-    c = augment(x, torch.Generator().manual_seed(4))
-    assert a.shape == x.shape and a.dtype == x.dtype and type(a) is torch.Tensor
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    assert float((a - x).abs().mean()) > 0.01
-    assert augment(x[:0], torch.Generator()).shape == (0, 1, 16, 16)
 
 
 # ------------------------------------------------------------------------------------- config

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -31,7 +32,15 @@ def test_two_dicom_sites_pass_the_check_and_train_for_two_rounds(tmp_path):
     assert check.returncode == 0, check.stdout + check.stderr
     for name in BAD:
         assert name in check.stdout
-    assert "usable" in check.stdout
+    assert "NOT usable" not in check.stdout
+    verdict = re.fullmatch(r"usable: (\d+) images; (\d+) skipped", check.stdout.strip().splitlines()[-1])
+    assert verdict, check.stdout  # the last line is the verdict ...
+    report = scan_site(load_site(a))
+    assert (int(verdict[1]), int(verdict[2])) == (
+        len(report.samples),
+        len(report.bad),
+    )  # ... with its numbers
+    assert len(report.bad) >= len(BAD)
 
     out = tmp_path / "run"
     proc = run_fedward("simulate", str(study), "--out", str(out), timeout=300)

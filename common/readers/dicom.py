@@ -1,43 +1,25 @@
-"""Read hospital image files and label sheets into plain arrays and rows.
+"""DICOM files: `DicomReader` (the site's reader) and `read_dicom` (one frame, every tag a study needs).
 
-What each reader returns:
-
-=============  ===========================================  =================================
-reader         file                                         pixels
-=============  ===========================================  =================================
-read_dicom     DICOM (any transfer syntax with a decoder)   float32 HxW; [0, 1] after the VOI
-                                                            window, or modality units (CT: HU)
-                                                            with ``apply_voi=False``
-read_image     PNG / JPEG (PIL)                             float32 HxW in [0, 1]
-read_nifti     NIfTI-1/2 (nibabel, optional)                float32 HxW axial slice, stored
-                                                            values after scl_slope/scl_inter
-=============  ===========================================  =================================
-
-``read_dicom`` does what a radiology viewer does, with pydicom's own helpers: modality LUT
+`read_dicom` does what a radiology viewer does, with pydicom's own helpers: modality LUT
 (Rescale Slope/Intercept, so CT is in Hounsfield units), then the VOI LUT or window (from the
-file, or ``window=(center, width)`` from the study config), then MONOCHROME1 inversion so that
+file, or ``window=(center, width)`` from the site config), then MONOCHROME1 inversion so that
 high values are bright for every file. Colour images (RGB, YBR_*, PALETTE COLOR) become
 grayscale with the ITU-R BT.601 luma weights 0.299 R + 0.587 G + 0.114 B (what PIL's "L" mode
-and the Y of YBR_FULL use).
+and the Y of YBR_FULL use). Pixels come out float32 H x W in [0, 1], or in modality units (CT:
+HU) with ``apply_voi=False``.
 
-Files a site cannot use raise ``BadImageFileError`` (a ``ValueError``) naming the file, what is
-wrong with it and what to do; label sheets raise ``LabelFileError`` naming the file, line and
-column. Nothing here imports flwr.
+Any transfer syntax with an installed decoder is read; a file whose compression no installed
+plugin decodes raises `BadImageFileError` with the `pip install` that would decode it.
 
     python -c "from common.readers import read_dicom; print(read_dicom('a.dcm').pixels.shape)"
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import os
 import warnings
-from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
@@ -54,58 +36,40 @@ from pydicom.pixels import (
 from pydicom.pixels import apply_voi as apply_voi_sequence  # `apply_voi` is our flag
 from pydicom.pixels.utils import get_nr_frames
 
-__all__ = [
-    "SPLITS",
-    "BadImageFileError",
-    "DicomImage",
-    "LabelFileError",
-    "LabelRow",
-    "patient_split",
-    "read_dicom",
-    "read_image",
-    "read_labels_csv",
-    "read_nifti",
-]
+from common.readers.base import (
+    BadImageFileError,
+    FrameSpec,
+    PathLike,
+    ReadImage,
+    SiteImageReader,
+    frame_index,
+)
 
-PathLike = str | os.PathLike[str]
-FrameSpec = int | str
-SPLITS = ("train", "val", "test")
-_FRAME_WORDS = ("first", "middle", "last")
+__all__ = ["DicomImage", "DicomReader", "read_dicom"]
+
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as PIL "L" and YBR_FULL's Y
 
 # pydicom names a plugin's dependencies by import name; these are the names pip installs.
 _PIP_NAMES = {"gdcm": "python-gdcm"}
 
 
-class BadImageFileError(ValueError):
-    """An image file that cannot be read: not an image, corrupt, or needs a missing decoder."""
+class DicomReader(SiteImageReader):
+    """`format: dicom`: frame `frame` of any file (DICOM files often have no suffix), through
+    `window` when set, else the file's own VOI LUT or window (see read_dicom), in [0, 1]."""
 
-    def __init__(self, path: PathLike, reason: str, *, hint: str = "") -> None:
-        self.path = Path(path)
-        self.reason = reason
-        self.hint = hint
-        super().__init__(f"{self.path}: {reason}" + (f". {hint}" if hint else ""))
+    format = "dicom"
+    suffixes = ()
 
-
-class LabelFileError(ValueError):
-    """A label sheet (CSV) with a missing column, an unknown label or no rows."""
-
-    def __init__(
-        self, path: PathLike, reason: str, *, line: int | None = None, column: str | None = None
-    ) -> None:
-        self.path = Path(path)
-        self.reason = reason
-        self.line = line
-        self.column = column
-        where = str(self.path)
-        if line is not None:
-            where += f", line {line}"
-        if column is not None:
-            where += f", column '{column}'"
-        super().__init__(f"{where}: {reason}")
-
-
-# ----------------------------------------------------------------------------------------- DICOM
+    def read(self, path: PathLike) -> ReadImage:
+        img = read_dicom(path, frame=self.frame, window=self.window)  # type: ignore[arg-type]
+        return ReadImage(
+            pixels=img.pixels,
+            modality=img.modality,
+            patient_id=img.patient_id,
+            sop_instance_uid=img.sop_instance_uid,
+            pixel_spacing=img.pixel_spacing,
+            n_frames=img.n_frames,
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -150,7 +114,7 @@ def read_dicom(
         _check_window(window)
     ds = _read_dataset(path)
     n_frames = _number_of_frames(ds, path)
-    index = _frame_index(frame, n_frames, path)
+    index = frame_index(frame, n_frames, path)
     stored = _decode_frame(ds, index, path)
     attrs = _frame_attributes(ds, index)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
@@ -191,6 +155,7 @@ def _read_dataset(path: Path) -> Dataset:
         raise BadImageFileError(
             path,
             "not a DICOM file (no 'DICM' marker after the 128-byte preamble)",
+            problem="not DICOM",
             hint="Check that the path points at a .dcm file; a DICOM written without its "
             "preamble and File Meta Information must be re-saved by a conformant tool "
             "(e.g. dcmtk `dcmconv` or pydicom `save_as(..., enforce_file_format=True)`)",
@@ -201,6 +166,7 @@ def _read_dataset(path: Path) -> Dataset:
         raise BadImageFileError(
             path,
             f"the DICOM file cannot be parsed ({type(exc).__name__}: {exc}): it is corrupt or truncated",
+            problem="truncated",
             hint="Copy it again from the PACS or remove it from the site's data",
         ) from exc
 
@@ -212,6 +178,7 @@ def _read_dataset(path: Path) -> Dataset:
         raise BadImageFileError(
             path,
             "its File Meta Information has no Transfer Syntax UID, so the pixel data cannot be decoded",
+            problem="corrupt",
             hint="Re-export the file from the PACS",
         )
     return ds
@@ -226,6 +193,7 @@ def _no_pixel_data(path: Path, ds: Dataset) -> BadImageFileError:
     return BadImageFileError(
         path,
         f"has no pixel data: it is a '{name}' object, not an image",
+        problem="no pixel data",
         hint="Remove it from the image folder or the label sheet",
     )
 
@@ -234,6 +202,7 @@ def _truncated(path: Path, what: str = "the file ends inside an element") -> Bad
     return BadImageFileError(
         path,
         f"{what}: it is truncated or corrupt",
+        problem="truncated",
         hint="Copy it again from the PACS or remove it from the site's data",
     )
 
@@ -257,25 +226,9 @@ def _number_of_frames(ds: Dataset, path: Path) -> int:
         raise BadImageFileError(
             path,
             f"its Number of Frames {ds.get('NumberOfFrames')!r} is not an integer",
+            problem="corrupt",
             hint="Re-export the file from the PACS",
         ) from exc
-
-
-def _frame_index(frame: FrameSpec, n_frames: int, path: Path, unit: str = "frame") -> int:
-    if isinstance(frame, str):
-        if frame not in _FRAME_WORDS:
-            raise ValueError(f"{unit}={frame!r}: use a 0-based index or one of {_FRAME_WORDS}")
-        return {"first": 0, "middle": n_frames // 2, "last": n_frames - 1}[frame]
-    if isinstance(frame, bool) or not isinstance(frame, int | np.integer):
-        raise TypeError(f"{unit}={frame!r}: use a 0-based int or one of {_FRAME_WORDS}")
-    if not 0 <= frame < n_frames:
-        raise BadImageFileError(
-            path,
-            f"{unit} {frame} is out of range: the file has {n_frames} {unit}(s) (valid: 0..{n_frames - 1})",
-            hint=f"Use '{_FRAME_WORDS[0]}', '{_FRAME_WORDS[1]}' or '{_FRAME_WORDS[2]}', "
-            "or an index in that range",
-        )
-    return int(frame)
 
 
 def _decode_frame(ds: Dataset, index: int, path: Path) -> np.ndarray:
@@ -287,6 +240,7 @@ def _decode_frame(ds: Dataset, index: int, path: Path) -> np.ndarray:
         raise BadImageFileError(
             path,
             f"its transfer syntax '{syntax.name}' ({syntax}) has no pixel data decoder in pydicom",
+            problem="unsupported compression",
             hint="Convert it to Explicit VR Little Endian (e.g. `gdcmconv --raw` or dcmtk "
             "`dcmdjpeg`/`dcmdrle`) before adding it to the site's data",
         ) from exc
@@ -294,6 +248,7 @@ def _decode_frame(ds: Dataset, index: int, path: Path) -> np.ndarray:
         raise BadImageFileError(
             path,
             f"its pixel data is compressed as '{syntax.name}' ({syntax}) and no installed plugin decodes it",
+            problem="unsupported compression",
             hint=_plugin_hint(decoder.missing_dependencies),
         )
     try:
@@ -306,6 +261,7 @@ def _decode_frame(ds: Dataset, index: int, path: Path) -> np.ndarray:
             path,
             f"its '{syntax.name}' pixel data cannot be decoded by the installed plugin(s) "
             f"{list(decoder.available_plugins)} ({type(exc).__name__}: {exc})",
+            problem="corrupt",
             hint=_plugin_hint(missing)
             if missing
             else "The file is probably corrupt: copy it again from the PACS or remove it",
@@ -484,268 +440,3 @@ def _pixel_spacing(attrs: Dataset, ds: Dataset) -> tuple[float, float] | None:
         if row > 0 and col > 0:
             return (row, col)
     return None
-
-
-# ------------------------------------------------------------------------------ PNG, JPEG, NIfTI
-
-
-def read_image(path: PathLike) -> np.ndarray:
-    """Read a PNG or JPEG as float32 grayscale HxW in [0, 1].
-
-    Colour becomes BT.601 luma (PIL "L"), alpha is dropped, EXIF orientation is applied, and
-    8-bit images are divided by 255, 16-bit ones by 65535.
-    """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                pixels = np.asarray(img, dtype=np.float64) / 65535.0
-            elif img.mode == "F":
-                pixels = np.asarray(img, dtype=np.float64)
-            else:
-                pixels = np.asarray(img.convert("L"), dtype=np.float64) / 255.0
-    except UnidentifiedImageError as exc:
-        raise BadImageFileError(
-            path,
-            "not an image PIL can read (expected PNG or JPEG)",
-            hint="For DICOM use read_dicom, for NIfTI read_nifti",
-        ) from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        if isinstance(exc, FileNotFoundError | IsADirectoryError):
-            raise
-        raise BadImageFileError(
-            path,
-            f"the image cannot be decoded ({exc}): it is corrupt or truncated",
-            hint="Export it again or remove it from the site's data",
-        ) from exc
-    return pixels.astype(np.float32)
-
-
-def read_nifti(path: PathLike, *, slice_index: FrameSpec = "middle") -> np.ndarray:
-    """Read one axial slice of a NIfTI volume as float32 HxW, in stored units after scaling.
-
-    The volume is first turned to the closest RAS+ orientation, so slice 0 is the most
-    inferior; the slice is then laid out as a DICOM axial image is displayed (anterior at
-    the top, the patient's right on the image's left), so NIfTI and DICOM slices line up.
-    Needs nibabel (`pip install nibabel`).
-    """
-    try:
-        import nibabel as nib
-        from nibabel.filebasedimages import ImageFileError
-    except ImportError as exc:
-        raise ImportError("Reading NIfTI needs nibabel, which is not installed: pip install nibabel") from exc
-
-    path = Path(path)
-    try:
-        img = nib.load(path)
-    except ImageFileError as exc:
-        raise BadImageFileError(
-            path, f"not a NIfTI file nibabel can read ({exc})", hint="Expected .nii or .nii.gz"
-        ) from exc
-    except FileNotFoundError:
-        raise
-    except (OSError, EOFError, ValueError) as exc:
-        raise BadImageFileError(
-            path, f"the NIfTI file cannot be read ({exc}): it is corrupt or truncated"
-        ) from exc
-
-    shape = img.shape
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    if len(shape) > 3:
-        raise BadImageFileError(
-            path,
-            f"is a {len(shape)}-D image of shape {img.shape}; read_nifti reads 2-D and 3-D",
-            hint="Split it into 3-D volumes (e.g. `fslsplit`) first",
-        )
-    try:
-        data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape + (1,) * (3 - len(shape)))
-    except (OSError, EOFError, ValueError) as exc:
-        raise BadImageFileError(
-            path, f"the NIfTI data cannot be read ({exc}): it is corrupt or truncated"
-        ) from exc
-    ras = nib.as_closest_canonical(nib.Nifti1Image(data, img.affine)).get_fdata(dtype=np.float32)
-    index = _frame_index(slice_index, ras.shape[2], path, unit="slice")
-    # RAS array [x: left->right, y: posterior->anterior] -> rows anterior->posterior,
-    # columns patient right->left.
-    return np.ascontiguousarray(ras[::-1, ::-1, index].T, dtype=np.float32)
-
-
-# ------------------------------------------------------------------------------- labels, splits
-
-
-@dataclass(frozen=True)
-class LabelRow:
-    """One row of a site's label sheet."""
-
-    file: str | None  # path relative to the site's image folder, as written
-    sop_instance_uid: str | None
-    patient_id: str
-    label: str
-    label_index: int  # position of `label` in the study's classes
-    split: str | None  # "train" / "val" / "test" when the site fixes it
-    line: int  # line in the CSV, for messages
-
-
-def read_labels_csv(path: PathLike, *, classes: list[str]) -> list[LabelRow]:
-    """Read a label sheet: columns `file` and/or `sop_instance_uid`, `patient_id`, `label`,
-    optional `split`. Header names are matched case-insensitively; values are stripped.
-
-    Raises LabelFileError naming the file, line and column for: an empty file or one with
-    no rows, a missing column, an empty key or patient, a label not in `classes`, a split
-    other than train/val/test, and the same image listed twice.
-    """
-    path = Path(path)
-    allowed = list(classes)
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise LabelFileError(
-            path,
-            f"not UTF-8 text (byte {raw[exc.start : exc.start + 1]!r}); save the sheet as 'CSV UTF-8'",
-            line=raw[: exc.start].count(b"\n") + 1,
-        ) from exc
-    records = _records(csv.reader(io.StringIO(text, newline="")), path)
-    _, header = next(records, (1, []))
-    if not any(h.strip() for h in header):
-        raise LabelFileError(
-            path,
-            "the file is empty: expected a header row with columns file (or "
-            "sop_instance_uid), patient_id, label and optionally split",
-            line=1,
-        )
-    columns = [h.strip().lower() for h in header]
-    keys = [c for c in ("file", "sop_instance_uid") if c in columns]
-    if not keys:
-        raise LabelFileError(
-            path,
-            f"no image column: add 'file' (path relative to the image folder) or "
-            f"'sop_instance_uid' (header has {columns})",
-            line=1,
-            column="file",
-        )
-    for required in ("patient_id", "label"):
-        if required not in columns:
-            raise LabelFileError(path, f"missing column (header has {columns})", line=1, column=required)
-
-    rows: list[LabelRow] = []
-    seen: dict[tuple[str, str], int] = {}
-    for line, record in records:
-        if not any(v.strip() for v in record):
-            continue  # blank line
-        if len(record) != len(columns):
-            raise LabelFileError(path, f"has {len(record)} values, the header has {len(columns)}", line=line)
-        values = {c: v.strip() for c, v in zip(columns, record, strict=True)}
-        present = {k: values[k] for k in keys if values[k]}
-        if not present:
-            raise LabelFileError(
-                path, "empty: every row needs the image it labels", line=line, column=keys[0]
-            )
-        for key, value in present.items():
-            if (key, value) in seen:
-                raise LabelFileError(
-                    path,
-                    f"'{value}' is listed twice (first on line {seen[key, value]})",
-                    line=line,
-                    column=key,
-                )
-            seen[key, value] = line
-        if not values["patient_id"]:
-            raise LabelFileError(
-                path,
-                "empty: patient_id keeps a patient in one split",
-                line=line,
-                column="patient_id",
-            )
-        label = values["label"]
-        if label not in allowed:
-            raise LabelFileError(
-                path,
-                f"'{label}' is not one of the study's classes {allowed}; fix the label or "
-                "add the class to the study config",
-                line=line,
-                column="label",
-            )
-        split = values.get("split", "").lower() or None
-        if split is not None and split not in SPLITS:
-            raise LabelFileError(
-                path,
-                f"'{values['split']}' is not a split; use one of {list(SPLITS)} or leave it empty",
-                line=line,
-                column="split",
-            )
-        rows.append(
-            LabelRow(
-                file=values.get("file") or None,
-                sop_instance_uid=values.get("sop_instance_uid") or None,
-                patient_id=values["patient_id"],
-                label=label,
-                label_index=allowed.index(label),
-                split=split,
-                line=line,
-            )
-        )
-    if not rows:
-        raise LabelFileError(path, "the file has a header but no rows", line=2)
-    return rows
-
-
-def _records(reader: Any, path: Path) -> Iterator[tuple[int, list[str]]]:
-    """(line, values) per CSV record, with the csv module's errors named by file and line."""
-    while True:
-        try:
-            record = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            raise LabelFileError(path, f"not valid CSV ({exc})", line=reader.line_num) from exc
-        yield reader.line_num, record
-
-
-def patient_split(
-    rows: Sequence[LabelRow],
-    *,
-    seed: int,
-    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
-) -> dict[str, list[int]]:
-    """Split row indices into train/val/test by patient, so no patient is in two splits.
-
-    Patients whose rows carry a `split` go there (all their rows must agree). The others are
-    shuffled with `seed` (in sorted patient-id order, so the CSV's row order does not matter)
-    and cut by patient count into `fractions` (train, val, test). Same rows and seed, same split.
-    """
-    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ValueError(
-            f"fractions={fractions!r}: expected three non-negative numbers (train, val, test) that sum to 1"
-        )
-    by_patient: dict[str, list[int]] = defaultdict(list)
-    for i, row in enumerate(rows):
-        by_patient[row.patient_id].append(i)
-
-    assigned: dict[str, str] = {}
-    for patient, indices in by_patient.items():
-        given = {rows[i].split for i in indices if rows[i].split}
-        if len(given) > 1:
-            lines = sorted(rows[i].line for i in indices)
-            raise ValueError(
-                f"patient '{patient}' has rows in splits {sorted(given)} (lines {lines}); "
-                "one patient must stay in one split"
-            )
-        if given:
-            assigned[patient] = given.pop()
-
-    free = sorted(p for p in by_patient if p not in assigned)
-    order = np.random.default_rng(seed).permutation(len(free))
-    cuts = np.rint(np.cumsum(fractions) * len(free)).astype(int)
-    cuts[-1] = len(free)
-    for rank, k in enumerate(order):
-        assigned[free[k]] = SPLITS[int(np.searchsorted(cuts, rank, side="right"))]
-
-    split: dict[str, list[int]] = {name: [] for name in SPLITS}
-    for patient, indices in by_patient.items():
-        split[assigned[patient]].extend(indices)
-    return {name: sorted(indices) for name, indices in split.items()}
