@@ -287,22 +287,44 @@ def make_credentials(
         server_key=out / "superlink" / "server.key",
         superlink_ca=out / "superlink" / "ca.crt",
     )
+    ca_key, ca_cert = _certificate_authority(c, days, force)
+    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+    _superlink_certificate(c, ca_key, ca_cert, hosts, days, force)
+    _write(c.superlink_ca, ca_pem, private=False)
+    c.superexec_secrets["superlink"] = _secret(out / "superlink" / "superexec.secret", force, c)
+    for site in sites:
+        _site_credentials(c, site, ca_pem, force)
+    return c
 
-    # the certificate authority
+
+def _certificate_authority(
+    c: Credentials, days: int, force: bool
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The CA's key and certificate: the existing ones unless `force`, else new ones written."""
     if c.ca_key.exists() and not force:
         ca_key = _load_key(c.ca_key)
         if not c.ca_cert.exists():
             raise CertsError(f"{c.ca_key} exists but {c.ca_cert} does not: restore it, or use --force")
         ca_cert = _load_cert(c.ca_cert)
         c.kept += [c.ca_key, c.ca_cert]
-    else:
-        ca_key, ca_cert = make_ca(days)
-        _write(c.ca_key, _key_pem(ca_key), private=True)
-        _write(c.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
-        c.made += [c.ca_key, c.ca_cert]
-    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+        return ca_key, ca_cert
+    ca_key, ca_cert = make_ca(days)
+    _write(c.ca_key, _key_pem(ca_key), private=True)
+    _write(c.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
+    c.made += [c.ca_key, c.ca_cert]
+    return ca_key, ca_cert
 
-    # the SuperLink's TLS certificate: the key is kept; the certificate is signed again when needed
+
+def _superlink_certificate(
+    c: Credentials,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    hosts: list[x509.GeneralName] | None,
+    days: int,
+    force: bool,
+) -> None:
+    """The SuperLink's TLS key (kept unless `force`) and certificate, signed again when needed: a new
+    CA or key, a host it does not name yet, or a certificate for another key."""
     if c.server_key.exists() and not force:
         server_key = _load_key(c.server_key)
         c.kept.append(c.server_key)
@@ -313,50 +335,47 @@ def make_credentials(
     old = _load_cert(c.server_cert) if c.server_cert.exists() and not force else None
     wanted = {str(h.value) for h in hosts or []}
     if (
-        old is None
-        or c.ca_key in c.made
-        or c.server_key in c.made
-        or not wanted <= _san_strings(old)
-        or old.public_key() != server_key.public_key()
+        old is not None
+        and c.ca_key not in c.made
+        and c.server_key not in c.made
+        and wanted <= _san_strings(old)
+        and old.public_key() == server_key.public_key()
     ):
-        if hosts is None:
-            hosts = _sans(old) if old is not None else []
-        cert = make_server_cert(
-            ca_key, ca_cert, server_key, hosts or parse_hosts(",".join(DEFAULT_HOSTS)), days
-        )
-        _write(c.server_cert, cert.public_bytes(serialization.Encoding.PEM), private=False)
-        c.made.append(c.server_cert)
-    else:
         c.kept.append(c.server_cert)
-    _write(c.superlink_ca, ca_pem, private=False)
-    c.superexec_secrets["superlink"] = _secret(out / "superlink" / "superexec.secret", force, c)
+        return
+    if hosts is None:
+        hosts = _sans(old) if old is not None else []
+    cert = make_server_cert(ca_key, ca_cert, server_key, hosts or parse_hosts(",".join(DEFAULT_HOSTS)), days)
+    _write(c.server_cert, cert.public_bytes(serialization.Encoding.PEM), private=False)
+    c.made.append(c.server_cert)
 
-    # one authentication key pair per site
-    for site in sites:
-        folder = out / "sites" / site
-        key_path, pub_path, ca_path = folder / "auth.key", folder / "auth.pub", folder / "ca.crt"
-        registered = out / "superlink" / "supernodes" / f"{site}.pub"
-        if key_path.exists() and not force:
-            try:
-                key = serialization.load_ssh_private_key(key_path.read_bytes(), password=None)
-            except (ValueError, TypeError) as err:
-                raise CertsError(f"{key_path}: not an OpenSSH private key ({err}); use --force") from err
-            c.kept.append(key_path)
-        else:
-            key = ec.generate_private_key(CURVE())
-            openssh = key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-            )
-            _write(key_path, openssh, private=True)
-            c.made.append(key_path)
-        pub = site_public_openssh(key, site)
-        _write(pub_path, pub, private=False)
-        _write(registered, pub, private=False)
-        _write(ca_path, ca_pem, private=False)
-        c.site_keys[site], c.site_pubs[site], c.site_cas[site] = key_path, pub_path, ca_path
-        c.superexec_secrets[site] = _secret(folder / "superexec.secret", force, c)
-        c.registered_pubs[site] = registered
-    return c
+
+def _site_credentials(c: Credentials, site: str, ca_pem: bytes, force: bool) -> None:
+    """One site's authentication key pair (kept unless `force`), its copy of the CA and its secret,
+    and its public key in the SuperLink's folder for registration."""
+    folder = c.out_dir / "sites" / site
+    key_path, pub_path, ca_path = folder / "auth.key", folder / "auth.pub", folder / "ca.crt"
+    registered = c.out_dir / "superlink" / "supernodes" / f"{site}.pub"
+    if key_path.exists() and not force:
+        try:
+            key = serialization.load_ssh_private_key(key_path.read_bytes(), password=None)
+        except (ValueError, TypeError) as err:
+            raise CertsError(f"{key_path}: not an OpenSSH private key ({err}); use --force") from err
+        c.kept.append(key_path)
+    else:
+        key = ec.generate_private_key(CURVE())
+        openssh = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+        _write(key_path, openssh, private=True)
+        c.made.append(key_path)
+    pub = site_public_openssh(key, site)
+    _write(pub_path, pub, private=False)
+    _write(registered, pub, private=False)
+    _write(ca_path, ca_pem, private=False)
+    c.site_keys[site], c.site_pubs[site], c.site_cas[site] = key_path, pub_path, ca_path
+    c.superexec_secrets[site] = _secret(folder / "superexec.secret", force, c)
+    c.registered_pubs[site] = registered
 
 
 # ---------------------------------------------------------------------------------------- checks

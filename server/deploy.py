@@ -14,7 +14,8 @@ every process stopped afterwards, also on failure or Ctrl-C.
 site); it prints a warning and is meant for debugging only.
 
 `LocalDeployment` does each step on its own, so tests and benchmarks can also kill a SuperNode,
-restart the SuperLink, or start a SuperNode with a key that was never registered.
+restart the SuperLink, or start a SuperNode with a key that was never registered. Each process it
+starts is a `server.processes.Service` (its log, and a stop that reaches every process it started).
 """
 
 from __future__ import annotations
@@ -24,19 +25,17 @@ import json
 import logging
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from common.config import PROJECT_ROOT, ConfigError, load_site, load_study
 from server import certs
+from server.processes import Service, free_port
 
 log = logging.getLogger("fedward.deploy")
 LOCAL_DIR = PROJECT_ROOT / "deploy" / "local"
@@ -51,103 +50,6 @@ INSECURE_WARNING = (
 
 class DeploymentError(RuntimeError):
     """A deployment step failed; the message says which process and shows the end of its log."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        tree.setdefault(ppid, []).append(int(stat.parent.name))
-    return tree
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and all its descendants (Flower starts its helpers in new sessions, not our group)."""
-    tree, out, todo = _children(), [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += tree.get(p, [])
-    return out
-
-
-@dataclass
-class Service:
-    """One process this deployment started, with its log file."""
-
-    name: str
-    proc: subprocess.Popen
-    log_path: Path
-    log_start: int = 0  # where this process's part of the (appended) log file begins
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_text(self) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(self.log_start)
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
-
-    def tail(self, lines: int = 25) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-    def kill(self) -> None:
-        """SIGKILL the process and everything it started (a site or coordinator that just dies)."""
-        if self.proc.poll() is None:
-            self._signal_tree(signal.SIGKILL)
-        self._reap(5.0)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM the process tree, then SIGKILL whatever is left after `timeout` seconds."""
-        if self.proc.poll() is not None:  # its pid may be reused now; its helpers watch it and exit
-            return
-        pids = process_tree(self.proc.pid)
-        for p in pids:
-            _send(p, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(_exists(p) for p in pids):
-            self.proc.poll()
-            time.sleep(0.1)
-        for p in pids:
-            _send(p, signal.SIGKILL)
-        self._reap(5.0)
-
-    def _signal_tree(self, sig: int) -> None:
-        for p in process_tree(self.proc.pid):
-            _send(p, sig)
-
-    def _reap(self, timeout: float) -> None:
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
-
-
-def _send(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _exists(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 class LocalDeployment:

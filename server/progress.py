@@ -1,13 +1,19 @@
-"""Live progress for `fedward simulate`: a rich progress bar, one line per round, a summary table."""
+"""Live progress for `fedward simulate`: a rich progress bar, one line per round, a summary table.
+
+The summary table shows the same per-site rows as the report (server.report.tables).
+"""
 
 from __future__ import annotations
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from common.schema import StudyConfig
 from server.coordinator import Reporter
+from server.report.doc import is_private
+from server.report.tables import RUN_HEAD_SHORT, run_rows
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -62,38 +68,21 @@ class RichReporter(Reporter):
 
 
 def summary_table(results: dict) -> Table:
-    """Per site (and pooled): test size, AUC before -> after, and the final threshold metrics."""
-    final, initial = results.get("final", {}), results.get("initial", {})
-    last = results["rounds"][-1] if results.get("rounds") else {}
+    """Per site (and pooled): sizes, AUC before -> after, and the final threshold metrics.
+
+    The rows are the report's (server.report.tables.run_rows), so terminal and report.html agree.
+    """
+    rows, private = run_rows(results), is_private(results)
     table = Table(
-        title=f"fedward: {results['study']['name']} after {final.get('round', 0)} rounds "
-        f"({results.get('status')})"
+        title=f"fedward: {results.get('study', {}).get('name', '')} after "
+        f"{results.get('final', {}).get('round', 0)} rounds ({results.get('status')})"
     )
     table.add_column("site", no_wrap=True)
-    private = bool(results["study"].get("privacy", {}).get("enabled"))
-    for col in ("train", "test", "AUC 0", "AUC", "acc", "sens", "spec", "bal acc") + (
-        ("ε",) if private else ()
-    ):
+    for col in (*RUN_HEAD_SHORT[1:], *(("ε",) if private else ())):
         table.add_column(col, justify="right", no_wrap=True)
-    rows = [(name, m) for name, m in final.get("sites", {}).items()]
-    rows.append(("pooled", final.get("pooled", {})))
-    for name, m in rows:
-        init = (initial.get("pooled") if name == "pooled" else initial.get("sites", {}).get(name)) or {}
-        n_train = last.get("train", {}).get(name, {}).get("n_train")
-        if name == "pooled":
-            n_train = sum(t["n_train"] for t in last.get("train", {}).values()) or None
-        table.add_row(
-            f"[bold]{name}[/]" if name == "pooled" else name,
-            str(n_train or "-"),
-            str(m.get("n_test", "-")),
-            _fmt(init.get("auc")),
-            _fmt(m.get("auc")),
-            _fmt(m.get("accuracy")),
-            _fmt(m.get("sensitivity")),
-            _fmt(m.get("specificity")),
-            _fmt(m.get("balanced_accuracy")),
-            *((_fmt(m.get("epsilon"), 2) if name != "pooled" else "",) if private else ()),
-        )
+    for row in rows:
+        site, *cells = row.texts(private, missing="-")
+        table.add_row(Text(site, style="bold" if row.pooled else ""), *cells)
     if results.get("stop_reason"):
         table.caption = f"stopped: {results['stop_reason']}"
     return table

@@ -19,7 +19,8 @@ import yaml
 
 from client.ledger import LedgerWarning, SiteAccountant
 from server.certs import make_credentials
-from server.deploy import LocalDeployment, Service
+from server.deploy import LocalDeployment
+from server.processes import Service
 from tests.conftest import ROOT
 
 SITES = ["hospital-a", "hospital-b", "hospital-c"]

@@ -1,9 +1,11 @@
 """Uncertainty (bootstrap intervals, calibration), the study's progress estimate, and `fedward report`
-on a plain federated run: fast tests, no training."""
+on a plain federated run (its page, its refusal of files of the wrong shape, the same rows as the
+terminal table): fast tests, no training."""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -20,7 +22,9 @@ from common.uncertainty import (
     roc_points,
     weighted_binary_auc,
 )
-from server.report import ReportError, build_report, load_run, main, plain_summary
+from server.cli import main as fedward
+from server.progress import summary_table
+from server.report import ReportError, build_report, load_run, plain_summary
 from server.study.plan import Part
 from server.study.progress import StudyProgress
 
@@ -216,11 +220,68 @@ def test_report_of_a_simulate_folder_with_only_results_json(tmp_path, private):
 
 
 def test_report_of_a_folder_without_a_run_says_what_to_give(tmp_path, capsys):
-    assert main([str(tmp_path)]) == 2
+    assert fedward(["report", str(tmp_path)]) == 2
     assert "neither study.json nor results.json" in capsys.readouterr().err
     (tmp_path / "results.json").write_text("{not json")
     with pytest.raises(ReportError, match="not valid JSON"):
         build_report(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)), "is not valid JSON"),
+        (b"[1, 2, 3]", "the file is a list, not an object"),
+        (b'{"study": {"name": "demo"}}', "'rounds' is missing"),
+        (b'{"rounds": {"1": {}}}', "'rounds' is an object, not a list"),
+    ],
+    ids=["random-bytes", "a-list", "no-rounds", "rounds-not-a-list"],
+)
+def test_report_of_a_results_json_of_the_wrong_shape_names_the_file_and_the_key(
+    tmp_path, capsys, content, message
+):
+    (tmp_path / "results.json").write_bytes(content)
+    with pytest.raises(ReportError, match=message) as err:
+        load_run(tmp_path)
+    assert str(tmp_path / "results.json") in str(err.value)
+    assert fedward(["report", str(tmp_path)]) == 2  # the command says so, without a traceback
+    said = capsys.readouterr().err
+    assert said.startswith("error: ") and "Traceback" not in said and message in said
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_a_wrong_value_deep_inside_is_named_by_its_path(tmp_path):
+    results = _results(private=True)
+    results["rounds"][1]["sites"]["hospital-b"]["auc"] = "0.9"
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    with pytest.raises(
+        ReportError, match=r"'rounds\[1\]\.sites\.hospital-b\.auc' is the string '0\.9', not a number"
+    ):
+        build_report(tmp_path)
+    (tmp_path / "results.json").unlink()
+    (tmp_path / "study.json").write_text(json.dumps({"kind": "fedward-study", "status": "running"}))
+    with pytest.raises(ReportError, match="has not finished"):
+        build_report(tmp_path)
+    (tmp_path / "study.json").write_text(json.dumps(results))
+    with pytest.raises(ReportError, match="is not a `fedward study` study.json"):
+        build_report(tmp_path)
+
+
+def test_the_terminal_table_and_the_report_show_the_same_rows(tmp_path):
+    from rich.console import Console
+
+    results = _results(private=True)
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    page = build_report(tmp_path).read_text()
+    body = page.split('id="per-site-table"')[1].split("<tbody>")[1].split("</tbody>")[0]
+    on_page = [re.findall(r"<td>(?:<b>)?([^<]*)", row) for row in body.split("</tr>")[:-1]]
+    console = Console(record=True, width=200)
+    console.print(summary_table(results))
+    lines = console.export_text().splitlines()
+    in_terminal = [[c.strip() for c in line.split("│")[1:-1]] for line in lines if line.startswith("│")]
+    assert [row[0] for row in in_terminal] == ["hospital-a", "hospital-b", "hospital-c", "pooled"]
+    assert in_terminal[-1][1:3] == ["900", "450"] and in_terminal[0][-1] == "6.00"  # train, test, ε
+    assert [[c.replace("–", "-") for c in row] for row in on_page] == in_terminal
 
 
 # ----------------------------------------------------------------------------- the study section

@@ -1,0 +1,43 @@
+"""What the report reads from a run's document: a study or one federated run, its runs and sites.
+
+A document is study.json (`fedward study`) or results.json (`fedward simulate`), checked by
+`server.report.load_run`; the summary, the plots and the page all see the run through these helpers.
+"""
+
+from __future__ import annotations
+
+from server.run_folder import STUDY_KIND, VARIANT_LABELS, Variant, site_names, split_key
+
+
+def is_study(doc: dict) -> bool:
+    return doc.get("kind") == STUDY_KIND
+
+
+def is_private(results: dict) -> bool:
+    """Did this federated run train with differential privacy (its results.json's study config)?"""
+    return bool(results.get("study", {}).get("privacy", {}).get("enabled"))
+
+
+def federated_runs(doc: dict) -> dict[str, dict]:
+    """{variant: results.json dict} of the federated runs in a study, or the one run of a simulate folder."""
+    if not is_study(doc):
+        return {str(Variant.FEDERATED_DP if is_private(doc) else Variant.FEDERATED): doc}
+    return {v: doc["models"][v]["results"] for v in doc["variants"] if v in doc["models"]}
+
+
+def sites_of(doc: dict) -> list[str]:
+    """The study's sites, or those of a plain run in the order its results.json lists them."""
+    return list(doc["sites"]) if is_study(doc) else site_names(doc)
+
+
+def auc_text(x: float | None) -> str:
+    """An AUC as the summary and the plots' legends write it."""
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def model_label(key: str) -> str:
+    """A study model's key in words: `local-dp:hospital-a` -> "hospital-a alone, DP"."""
+    kind, site = split_key(key)
+    if site is not None:
+        return f"{site} alone" + (", DP" if kind == Variant.LOCAL_DP else "")
+    return VARIANT_LABELS.get(key, key)

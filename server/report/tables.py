@@ -1,0 +1,226 @@
+"""The report's tables as rows of cells: one federated run's per-site rows, and a study's tables.
+
+`run_rows(results)` turns a results.json into one row per site and one for all test data pooled; the
+terminal table at the end of `fedward simulate` (server.progress) and the report's per-site table of a
+plain run both show these rows. The study's tables (the comparison, each federated model's intervals
+and calibration, the sites left out, the cross-site matrix) are for the page only; page.py renders
+them all through templates/report.html.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server.report.doc import is_private, model_label
+from server.run_folder import LOCAL_OF, VARIANT_LABELS, Variant
+
+MISSING = "–"  # a value the run does not have
+RUN_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy")
+RUN_HEAD = (
+    "site",
+    "train",
+    "test",
+    "AUC 0",
+    "AUC",
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "balanced acc.",
+)
+RUN_HEAD_SHORT = ("site", "train", "test", "AUC 0", "AUC", "acc", "sens", "spec", "bal acc")  # terminal
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One table cell: its text, an interval shown smaller after it, bold for the pooled row."""
+
+    text: str
+    ci: str = ""
+    bold: bool = False
+
+
+@dataclass(frozen=True)
+class Table:
+    id: str  # the HTML id, e.g. "per-site-table"
+    caption: str
+    head: list[str]
+    rows: list[list[Cell]]
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """One site of a federated run (or "pooled": all test data together) after its last round."""
+
+    site: str
+    n_train: int | None  # images trained on in the last round (pooled: all sites)
+    n_test: int | None
+    initial_auc: float | None  # the initial model's AUC, before round 1
+    auc: float | None
+    accuracy: float | None
+    sensitivity: float | None
+    specificity: float | None
+    balanced_accuracy: float | None
+    epsilon: float | None  # with privacy: the site's whole ledger; never for pooled
+    pooled: bool = False
+
+    def texts(self, private: bool, missing: str = MISSING) -> list[str]:
+        """The row's cells as text, the site first: counts, metrics to 3 decimals, ε to 2."""
+        out = [self.site, *(missing if n is None else str(n) for n in (self.n_train, self.n_test))]
+        out += [number(getattr(self, k), missing=missing) for k in ("initial_auc", *RUN_METRICS)]
+        if private:
+            out.append("" if self.pooled else number(self.epsilon, 2, missing=missing))
+        return out
+
+
+def number(value: float | None, digits: int = 3, *, missing: str = MISSING) -> str:
+    return missing if value is None else f"{value:.{digits}f}"
+
+
+def _interval(ci: list[float] | None, sign: str = "") -> str:
+    return f"[{ci[0]:{sign}.3f}–{ci[1]:{sign}.3f}]" if ci else ""
+
+
+def _cell(value: float | None, ci: list[float] | None = None) -> Cell:
+    return Cell(number(value), _interval(ci) if value is not None else "")
+
+
+def run_rows(results: dict) -> list[RunRow]:
+    """Per site (in results.json's order) and pooled: sizes, the initial AUC, the final metrics."""
+    final, initial = results.get("final", {}), results.get("initial", {})
+    train = results["rounds"][-1].get("train", {}) if results.get("rounds") else {}
+    rows = []
+    for site, m in [*final.get("sites", {}).items(), ("pooled", final.get("pooled", {}))]:
+        pooled = site == "pooled"
+        init = (initial.get("pooled") if pooled else initial.get("sites", {}).get(site)) or {}
+        if pooled:
+            n_train = sum(t["n_train"] for t in train.values()) or None
+        else:
+            n_train = train.get(site, {}).get("n_train")
+        rows.append(
+            RunRow(
+                site,
+                n_train,
+                m.get("n_test"),
+                init.get("auc"),
+                *(m.get(k) for k in RUN_METRICS),
+                epsilon=None if pooled else m.get("epsilon"),
+                pooled=pooled,
+            )
+        )
+    return rows
+
+
+def run_table(results: dict) -> Table:
+    """The per-site table of a plain federated run."""
+    private = is_private(results)
+    rows = [
+        [Cell(t, bold=r.pooled and i == 0) for i, t in enumerate(r.texts(private))] for r in run_rows(results)
+    ]
+    caption = f"Final model after round {results.get('final', {}).get('round', 0)}, on each site's test data"
+    return Table("per-site-table", caption, [*RUN_HEAD, *(["ε"] if private else [])], rows)
+
+
+# ----------------------------------------------------------------------------- a study's tables
+
+
+def study_tables(doc: dict) -> tuple[Table, list[Table]]:
+    """The comparison table, and the detail tables (intervals, calibration, left out, cross-site)."""
+    details = [_uncertainty_table(doc, v) for v in doc["variants"]]
+    details += [t for t in (_leave_one_out_table(doc), _cross_site_table(doc)) if t is not None]
+    return _comparison_table(doc), details
+
+
+def _sizes(doc: dict, test_set: str) -> tuple[int, int]:
+    info = doc["site_info"]
+    if test_set in info:
+        return info[test_set]["n_train"], info[test_set]["n_test"]
+    return sum(i["n_train"] for i in info.values()), sum(i["n_test"] for i in info.values())
+
+
+def _comparison_table(doc: dict) -> Table:
+    comp, primary = doc["comparison"], doc["primary"]
+    local = LOCAL_OF[primary]
+    head = ["site", "train", "test", *[VARIANT_LABELS.get(c, c) for c in comp["columns"]]]
+    head.append(f"{VARIANT_LABELS[primary]} − {VARIANT_LABELS[local]}")
+    rows = []
+    for s in [*doc["sites"], "pooled"]:
+        row = comp["rows"].get(s, {})
+        g = comp["gains"].get(s, {}).get(f"{primary}_vs_{local}") or {}
+        if g.get("difference") is None:
+            gain = Cell(MISSING)
+        else:
+            gain = Cell(f"{g['difference']:+.3f}", _interval(g.get("ci"), "+"))
+        n_train, n_test = _sizes(doc, s)
+        rows.append(
+            [
+                Cell(s, bold=s == "pooled"),
+                Cell(str(n_train)),
+                Cell(str(n_test)),
+                *[_cell(row.get(c, {}).get("auc"), row.get(c, {}).get("ci")) for c in comp["columns"]],
+                gain,
+            ]
+        )
+    caption = (
+        "Test AUC per site [95% bootstrap CI]: trained alone, federated, federated with privacy, "
+        "centralized, and federated without the site. Pooled: all test data; 'local' there scores "
+        "each site's data with its own model."
+    )
+    return Table("per-site-table", caption, head, rows)
+
+
+def _uncertainty_table(doc: dict, variant: str) -> Table:
+    m = doc["models"][variant]
+    private = m.get("private")
+    head = ["site", "AUC", "sensitivity", "specificity", "balanced acc.", "ECE", *(["ε"] if private else [])]
+    rows = []
+    for s in [*doc["sites"], "pooled"]:
+        b = m["eval"].get(s, {})
+        ci = b.get("ci", {})
+        row = [Cell(s), *[_cell(b.get(k), ci.get(k)) for k in ("auc", "sensitivity", "specificity")]]
+        row += [_cell(b.get("balanced_accuracy")), _cell(b.get("ece"))]
+        if private:
+            row.append(Cell(number((m.get("epsilon") or {}).get(s), 2)))
+        rows.append(row)
+    caption = (
+        f"{VARIANT_LABELS[variant]} model: metrics with 95% bootstrap CIs and expected calibration error"
+    )
+    return Table(f"{variant}-uncertainty-table", caption, head, rows)
+
+
+def _leave_one_out_table(doc: dict) -> Table | None:
+    loo = [m for m in doc["models"].values() if m["kind"] == Variant.LEAVE_ONE_OUT]
+    if not loo:
+        return None
+    primary = doc["primary"]
+    rows = []
+    for m in loo:
+        s = m["held_out"]
+        b = m["eval"].get(s, {})
+        own = doc["comparison"]["rows"].get(s, {})
+        rows.append(
+            [
+                Cell(s),
+                Cell(", ".join(m["nodes"])),
+                _cell(b.get("auc"), b.get("ci", {}).get("auc")),
+                _cell(own.get(primary, {}).get("auc")),
+                _cell(own.get(LOCAL_OF[primary], {}).get("auc")),
+            ]
+        )
+    head = ["left out", "federation (its nodes)", "AUC on the left-out site", "AUC with it federated"]
+    return Table(
+        "leave-one-out-table",
+        "A hospital that never took part: the model federated without it, on its test data",
+        [*head, "AUC alone"],
+        rows,
+    )
+
+
+def _cross_site_table(doc: dict) -> Table | None:
+    cs = doc.get("cross_site", {})
+    if not cs.get("rows"):
+        return None
+    rows = [
+        [Cell(model_label(k)), *[_cell(v, ci) for v, ci in zip(vals, cis, strict=True)]]
+        for k, vals, cis in zip(cs["rows"], cs["auc"], cs["ci"], strict=True)
+    ]
+    return Table("cross-site-table", "Cross-site AUC [95% CI]", ["model", *cs["columns"]], rows)
