@@ -6,62 +6,50 @@ results.json or checkpoint behind; the two newest checkpoints are kept.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
 from pathlib import Path
 
 import torch
 
+from server.run_folder import (
+    CHECKPOINTS_DIR,
+    FINAL_MODEL_FILE,
+    LOG_FILE,
+    RESULTS_FILE,
+    write_atomic,
+    write_json,
+)
+
 CHECKPOINTS_KEPT = 2
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _clean(obj):
-    """JSON-safe: NaN and infinities become null (results.json is read by other tools)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    return obj
 
 
 class RunStore:
     def __init__(self, out_dir: str | Path):
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "checkpoints").mkdir(exist_ok=True)
+        (self.dir / CHECKPOINTS_DIR).mkdir(exist_ok=True)
 
     @property
     def results_path(self) -> Path:
-        return self.dir / "results.json"
+        return self.dir / RESULTS_FILE
 
     @property
     def final_model_path(self) -> Path:
-        return self.dir / "final_model.pt"
+        return self.dir / FINAL_MODEL_FILE
 
     @property
     def log_path(self) -> Path:
-        return self.dir / "fedward.log"
+        return self.dir / LOG_FILE
 
     def write_results(self, results: dict) -> None:
-        text = json.dumps(_clean(results), indent=2, allow_nan=False)
-        _atomic_write_bytes(self.results_path, lambda p: p.write_text(text))
+        write_json(self.results_path, results)
 
     def checkpoints(self) -> list[Path]:
-        return sorted((self.dir / "checkpoints").glob("round-*.pt"))
+        return sorted((self.dir / CHECKPOINTS_DIR).glob("round-*.pt"))
 
     def save_checkpoint(self, round_: int, state: dict) -> Path:
-        path = self.dir / "checkpoints" / f"round-{round_:04d}.pt"
-        _atomic_write_bytes(path, lambda p: torch.save(state, p))
+        path = self.dir / CHECKPOINTS_DIR / f"round-{round_:04d}.pt"
+        write_atomic(path, lambda p: torch.save(state, p))
         for old in self.checkpoints()[:-CHECKPOINTS_KEPT]:
             old.unlink(missing_ok=True)
         return path
