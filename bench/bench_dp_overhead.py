@@ -59,6 +59,7 @@ def make_step(mode: str | None, x: torch.Tensor, y: torch.Tensor, device: torch.
     as_shipped = mode == "opacus-hooks"
     if mode is not None:
         dp = make_private(
+            noise_generator=torch.Generator().manual_seed(0),
             model=model,
             optimizer=optimizer,
             data_loader=DataLoader(TensorDataset(x, y), batch_size=len(x)),

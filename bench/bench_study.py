@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rich.console import Console  # noqa: E402
 
 from common.config import load_study  # noqa: E402
+from server.run_folder import STUDY_FILE  # noqa: E402
 from server.study.run import run_comparison  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,7 +173,7 @@ def main() -> int:
             study = study_for(dataset, args)
             study.seed, study.data.partition.seed = seed, 0  # same sites and split, another training seed
             folder = out / dataset / f"seed-{seed}"
-            done = folder / "study.json"
+            done = folder / STUDY_FILE
             if done.exists() and json.loads(done.read_text()).get("status") == "completed":
                 print(f"  {dataset} seed {seed}: reusing the completed study in {folder}", file=sys.stderr)
                 docs.append(json.loads(done.read_text()))

@@ -3,8 +3,8 @@
 `make_private` returns the same four objects, made private, plus the round's own RDP accountant;
 train with them as usual (same loop for every grad_sample_mode):
 
-    dp = make_private(model=model, optimizer=opt, data_loader=loader,
-                      criterion=nn.CrossEntropyLoss(), noise_multiplier=1.1, max_grad_norm=1.0)
+    dp = make_private(model=model, optimizer=opt, data_loader=loader, criterion=nn.CrossEntropyLoss(),
+                      noise_multiplier=1.1, max_grad_norm=1.0, noise_generator=randomness.noise)
     for x, y in dp.data_loader:
         dp.optimizer.zero_grad()
         dp.criterion(dp.model(x), y).backward()   # ghost clipping: two backward passes inside
@@ -15,6 +15,10 @@ Each call makes a fresh PrivacyEngine, so `dp.accountant` holds only this round'
 cumulative epsilon lives in the ledger (`client.ledger`), not here. Every optimizer step counts,
 including steps on an empty Poisson batch: do not skip those in the training loop (skipping one
 would reveal that the batch was empty and leave the step uncounted).
+
+Randomness is a parameter: the noise comes from `noise_generator` and Poisson batch membership from
+the data loader's own generator (client.randomness makes both from the OS's entropy), never from
+torch's global generator.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 import torch
 from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
+from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
@@ -41,6 +46,18 @@ warnings.filterwarnings(
     "ignore",
     message="Full backward hook is firing when gradients are computed with respect to module outputs",
 )
+# Opacus warns that its own secure RNG (torchcsprng) is off; fedward gives it generators seeded from
+# the OS's entropy instead (client.randomness), so the warning does not apply.
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
+
+
+@dataclass(frozen=True)
+class PoissonPlan:
+    """Poisson sampling fixed in advance: each sample joins each batch with `sample_rate`, and the
+    clipped, noised gradient sum is divided by `expected_batch_size`."""
+
+    sample_rate: float
+    expected_batch_size: float
 
 
 @dataclass
@@ -49,7 +66,9 @@ class PrivateTraining:
 
     model: torch.nn.Module  # Opacus GradSampleModule wrapping the site's model
     optimizer: DPOptimizer  # clips per-sample gradients, adds noise, steps the accountant
-    data_loader: DataLoader  # Poisson-sampled unless poisson_sampling=False
+    data_loader: (
+        DataLoader  # Poisson-sampled (from the given loader's generator) unless poisson_sampling=False
+    )
     criterion: Callable[..., Any]  # ghost: Opacus's DPLossFastGradientClipping; else unchanged
     accountant: RDPAccountant  # this round's steps only
     noise_multiplier: float
@@ -112,24 +131,27 @@ def make_private(
     criterion: Callable[..., Any],
     noise_multiplier: float,
     max_grad_norm: float,
+    noise_generator: torch.Generator,
     poisson_sampling: bool = True,
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
-    secure_mode: bool = False,
+    poisson: PoissonPlan | None = None,
 ) -> PrivateTraining:
     """Make `model`, `optimizer`, `data_loader` and `criterion` private for one round.
 
-    `optimizer` must hold exactly `model`'s parameters, and `model` must already be
-    Opacus-compatible (`common.opacus_compat.make_opacus_compatible`). With secure_mode=False Opacus warns
-    that its noise is not cryptographically secure; with poisson_sampling=False the accounted
-    epsilon is only an approximation, and this function warns too.
+    `optimizer` must hold exactly `model`'s parameters; `model` must be Opacus-compatible
+    (common.opacus_compat). Noise comes from `noise_generator` (on the model's device), Poisson batches
+    from `data_loader.generator`. poisson_sampling=False makes epsilon an approximation (a warning
+    says so; sites refuse it). `poisson` fixes the sample rate and the batch size the gradient sum is
+    divided by, instead of taking both from the data set's exact size, which a site does not release.
 
     Raises:
-        PrivacyConfigError: a setting is out of range, or ghost clipping gets a loss that does not
-            average over the batch (reduction must be "mean").
+        PrivacyConfigError: a setting is out of range, or ghost clipping without a mean loss.
         opacus.validators.errors.UnsupportedModuleError: the model has layers Opacus cannot train.
     """
     _check_settings(grad_sample_mode, noise_multiplier, max_grad_norm, criterion, poisson_sampling)
-    engine = PrivacyEngine(accountant="rdp", secure_mode=secure_mode)  # warns if not secure
+    if poisson is not None:  # our own Poisson loader at the planned rate; Opacus keeps it as it is
+        data_loader, poisson_sampling = _poisson_loader(data_loader, poisson), False
+    engine = PrivacyEngine(accountant="rdp")  # a fresh accountant: this round's steps only
     private = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -139,13 +161,16 @@ def make_private(
         max_grad_norm=max_grad_norm,
         poisson_sampling=poisson_sampling,
         grad_sample_mode=grad_sample_mode,
+        noise_generator=noise_generator,
     )
     detached = _skip_batch_weight_grads(model) if grad_sample_mode == "hooks" else []
-    if grad_sample_mode == "ghost":  # Opacus returns (module, optimizer, criterion, data_loader)
-        dp_model, dp_optimizer, dp_criterion, dp_loader = private
-    else:  # (module, optimizer, data_loader): the loss is used unchanged
-        dp_model, dp_optimizer, dp_loader = private
-        dp_criterion = criterion
+    # ghost: Opacus returns (module, optimizer, criterion, data_loader); else the loss is used unchanged
+    dp_model, dp_optimizer, dp_criterion, dp_loader = (
+        private if len(private) == 4 else (*private[:2], criterion, private[2])
+    )
+    if poisson is not None:
+        dp_model.forbid_grad_accumulation()  # as Opacus does for its own Poisson loader
+        dp_optimizer.expected_batch_size = poisson.expected_batch_size
     return PrivateTraining(
         model=dp_model,
         optimizer=dp_optimizer,
@@ -158,6 +183,10 @@ def make_private(
         grad_sample_mode=grad_sample_mode,
         detached=detached,
     )
+
+
+def _poisson_loader(data_loader: DataLoader, poisson: PoissonPlan) -> DPDataLoader:
+    return DPDataLoader(data_loader.dataset, sample_rate=poisson.sample_rate, generator=data_loader.generator)
 
 
 def _check_settings(
@@ -213,8 +242,10 @@ def make_private_for(
     optimizer: torch.optim.Optimizer,
     data_loader: DataLoader,
     criterion: Callable[..., Any],
+    noise_generator: torch.Generator,
+    poisson: PoissonPlan | None = None,
 ) -> PrivateTraining:
-    """`make_private` with the settings of a coordinator's `PrivacyRequest` (model put in training mode)."""
+    """`make_private` with the settings of a `PrivacyRequest` (model put in training mode)."""
     model.train()  # Opacus wraps a model in training mode
     return make_private(
         model=model,
@@ -223,7 +254,8 @@ def make_private_for(
         criterion=criterion,
         noise_multiplier=request.noise_multiplier,
         max_grad_norm=request.max_grad_norm,
+        noise_generator=noise_generator,
         poisson_sampling=request.poisson_sampling,
         grad_sample_mode=request.grad_sample_mode,
-        secure_mode=request.secure_mode,
+        poisson=poisson,
     )

@@ -1,26 +1,35 @@
 """The site's privacy guard: decides whether a round may be trained, and counts it when it is.
 
-Before training, the coordinator's request (from the round's ConfigRecord) is checked against the
-site's own policy (its site config, which the coordinator cannot change) and against the budget left
-in the site's privacy ledger. A refused round trains nothing and says why. A trained round is
-written to the ledger (flushed to disk) before its update leaves the site.
+Before training, the coordinator's request (the round's ConfigRecord) is checked against the site's own
+policy (its site config, which the coordinator cannot change) and against the budget left in the site's
+privacy ledger. A refused round trains nothing and says why, naming the policy field. A trained round
+is written to the ledger (flushed to disk) before its update leaves the site.
+
+What a private round releases besides the noised update is protected too: the site's training-set
+size, which FedAvg weighs updates by and which sets the sample rate (and so the number of steps the
+coordinator can see), is released once per study with Gaussian noise (`privacy.count_noise`) and
+charged to the ledger as a `count` line; the training loss and time are not sent at all.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import importlib.util
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
+
 from client.dp import PrivateTraining
 from client.ledger import LedgerEntry, SiteAccountant
 from client.policy import SitePolicy
-from common.privacy import PrivacyRequest
+from client.randomness import RoundRandomness
+from common.privacy import HistoryItem, PrivacyConfigError, PrivacyRequest
 from common.round import RoundPlan
 from common.schema import SiteConfig
+
+log = logging.getLogger("fedward.site")
 
 
 @dataclass
@@ -28,10 +37,18 @@ class PrivateRound:
     request: PrivacyRequest
     policy: SitePolicy
     accountant: SiteAccountant
-    sample_rate: float
-    steps: int  # planned: local epochs x batches per epoch (Poisson: expected batches)
+    randomness: RoundRandomness
+    count: float  # the noised training-set size this site releases for the study
+    count_is_new: bool  # released in this round (written to the ledger with the round)
+    sample_rate: float  # 1 / batches, batches = ceil(count / batch size): from the released count only
+    steps: int  # planned: local epochs x batches per epoch
     round: int
     study_id: str
+
+    @property
+    def count_release(self) -> HistoryItem:
+        """The count's release as an accountant step: Gaussian noise count_noise x sensitivity 1."""
+        return (self.policy.count_noise, 1.0, 1)
 
 
 def site_lock(site: SiteConfig):
@@ -43,48 +60,93 @@ def site_lock(site: SiteConfig):
     return SiteAccountant(site.state_dir).ledger.locked()
 
 
-def policy_of(site: SiteConfig) -> SitePolicy:
-    return SitePolicy(**dataclasses.asdict(site.privacy))
+def refusal_text(site: SiteConfig, round_: int, reason: str) -> str:
+    return f"site '{site.site}' refuses round {round_}: {reason}. {SitePolicy.of(site).allows()}"
 
 
 def plan_round(
-    cfg: Mapping, plan: RoundPlan, site: SiteConfig, n_train: int
+    cfg: Mapping, plan: RoundPlan, site: SiteConfig, n_train: int, device: torch.device | str = "cpu"
 ) -> tuple[PrivateRound | None, str | None]:
     """(the round's private plan, None) when the site may train `plan` privately under the privacy
     request in `cfg` (the round's ConfigRecord), or (None, the reason it refuses)."""
     if plan.class_balance:
-        return None, (
-            f"site '{site.site}' refuses round {plan.round}: a class-balanced loss (weights "
-            "counted on the site's data) is not private; the study must turn train.class_balance off"
-        )
+        return None, refusal_text(
+            site, plan.round, "a class-balanced loss (weights counted on the site's data) is not private; "
+            "the study must turn train.class_balance off",
+        )  # fmt: skip
     if not site.state_dir:
-        return None, (
-            f"site '{site.site}' has no state_dir in its site config: the privacy ledger needs a "
-            f"folder that outlives the process"
-        )
-    batches = math.ceil(n_train / plan.batch_size)
+        return None, refusal_text(
+            site, plan.round, "it has no state_dir in its site config: the privacy ledger needs a folder "
+            "that outlives the process",
+        )  # fmt: skip
+    policy, accountant = SitePolicy.of(site), SiteAccountant(site.state_dir)
+    randomness = (
+        RoundRandomness.repeatable(plan.seed, plan.round, device)
+        if policy.repeatable_noise
+        else RoundRandomness.secret(device)
+    )
+    released = accountant.released_count(plan.study_id)
+    count = released if released is not None else _noised_count(n_train, policy.count_noise, randomness)
+    batches = math.ceil(count / plan.batch_size)
     sample_rate, steps = 1.0 / batches, plan.local_epochs * batches
-    request = PrivacyRequest.from_config(
-        cfg, sample_rate=sample_rate, steps_total=plan.planned_rounds * steps
-    )
-    if request.secure_mode and importlib.util.find_spec("torchcsprng") is None:
-        return None, (
-            f"site '{site.site}' cannot train with secure_mode: Opacus needs the torchcsprng package "
-            f"for cryptographically secure noise and this site does not have it installed"
+    try:
+        request = PrivacyRequest.from_config(
+            cfg,
+            sample_rate=sample_rate,
+            steps_total=plan.planned_rounds * steps,
+            fixed=((policy.count_noise, 1.0, 1),),
         )
-    policy, accountant = policy_of(site), SiteAccountant(site.state_dir)
-    refusal = accountant.refusal(policy, request, sample_rate=sample_rate, steps=steps)
-    if refusal:
-        return None, f"site '{site.site}' refuses round {plan.round}: {refusal}"
-    return PrivateRound(request, policy, accountant, sample_rate, steps, plan.round, plan.study_id), None
-
-
-def record_round(plan: PrivateRound, dp: PrivateTraining) -> LedgerEntry:
-    """Write the round's real spending to the ledger; a round trained again counts again."""
-    retry = any(e.study == plan.study_id and e.round == plan.round for e in plan.accountant.ledger.entries())
-    return plan.accountant.record_round(
-        round=plan.round, study=plan.study_id, delta=plan.policy.delta, retry=retry, **dp.spending()
+    except PrivacyConfigError as err:
+        return None, refusal_text(site, plan.round, f"its privacy request cannot be read ({err})")
+    private = PrivateRound(
+        request,
+        policy,
+        accountant,
+        randomness,
+        count,
+        released is None,
+        sample_rate,
+        steps,
+        plan.round,
+        plan.study_id,
     )
+    planned = ([private.count_release] if private.count_is_new else []) + [
+        (request.noise_multiplier, sample_rate, steps)
+    ]
+    refusal = policy.check(request) or policy.would_exceed_budget(accountant.history(), planned)
+    if refusal:
+        return None, refusal_text(site, plan.round, refusal)
+    if policy.repeatable_noise:
+        log.warning(
+            "site %s round %d: noise and sampling seeded from the round (privacy.repeatable_noise: true): "
+            "this round is NOT private against the coordinator", site.site, plan.round,
+        )  # fmt: skip
+    return private, None
+
+
+def _noised_count(n: int, std: float, randomness: RoundRandomness) -> float:
+    noise = float(torch.randn((), generator=randomness.release)) * std
+    return max(1.0, round(n + noise))
+
+
+def record_round(private: PrivateRound, dp: PrivateTraining) -> LedgerEntry:
+    """Write the round's real spending to the ledger (the count first, when this round releases it);
+    a round trained again counts again."""
+    ledger = private.accountant
+    common = dict(
+        study=private.study_id, delta=private.policy.delta, repeatable=private.randomness.repeatable
+    )
+    if private.count_is_new and ledger.released_count(private.study_id) is None:
+        nm, q, steps = private.count_release
+        ledger.record_round(
+            round=0, kind="count", value=private.count, steps=steps, sample_rate=q, noise_multiplier=nm,
+            max_grad_norm=1.0, **common,
+        )  # fmt: skip
+    retry = any(
+        e.study == private.study_id and e.kind == "train" and e.round == private.round
+        for e in ledger.ledger.entries()
+    )
+    return ledger.record_round(round=private.round, retry=retry, **common, **dp.spending())
 
 
 def spent(site: SiteConfig) -> tuple[float, float]:

@@ -3,9 +3,15 @@
 One JSON object per line, one line per trained round, in `<state_dir>/privacy-ledger.jsonl`:
 
     {"round": 3, "attempt": 1, "steps": 40, "sample_rate": 0.025, "noise_multiplier": 1.1,
-     "max_grad_norm": 1.0, "delta": 1e-05, "epsilon": 1.93, "time": "2025-01-01T12:00:00+00:00"}
+     "max_grad_norm": 1.0, "delta": 1e-05, "epsilon": 1.93, "time": "2025-01-01T12:00:00+00:00",
+     "study": "demo-1a2b3c4d", "kind": "train", "repeatable": false}
 
-`epsilon` is the cumulative epsilon (at that line's `delta`) after the round. The ledger, not any
+`epsilon` is the cumulative epsilon (at that line's `delta`) after the round. A line's `kind` is
+`train` (a round of DP-SGD) or `count` (the site's training-set size, released once per study with
+Gaussian noise: one step of noise `noise_multiplier` x sensitivity 1 at sample rate 1, its noised
+`value` kept so the study's later rounds reuse it). `repeatable: true` marks spending whose noise was
+seeded from the round (`privacy.repeatable_noise`, simulation only): counted like any other, but not
+private against a coordinator that knows the seed. The ledger, not any
 process's memory, is the truth: `epsilon(delta)` recomputes it from all lines with a fresh Opacus
 RDPAccountant, so a restarted site continues from where the last process stopped.
 
@@ -42,8 +48,7 @@ from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
-from client.policy import SitePolicy
-from common.privacy import HistoryItem, PrivacyRequest, rdp_epsilon
+from common.privacy import HistoryItem, rdp_epsilon
 
 LEDGER_FILENAME = "privacy-ledger.jsonl"
 
@@ -70,6 +75,9 @@ class LedgerEntry:
     time: str  # ISO 8601, UTC
     attempt: int = 1  # > 1: the round was trained again after an earlier attempt's update was lost
     study: str = ""  # the study (run) this round belongs to; round order is checked per study
+    kind: str = "train"  # train | count
+    value: float | None = None  # count: the noised value released
+    repeatable: bool = False  # noise seeded from the round: not private against the coordinator
 
     def __post_init__(self) -> None:
         problems = []
@@ -89,6 +97,10 @@ class LedgerEntry:
             problems.append(f"delta must be in (0, 1), got {self.delta}")
         if not (self.epsilon >= 0 and math.isfinite(self.epsilon)):
             problems.append(f"epsilon must be finite and >= 0, got {self.epsilon}")
+        if self.kind not in ENTRY_KINDS:
+            problems.append(f"kind must be one of {ENTRY_KINDS}, got {self.kind!r}")
+        if (self.kind == "count") != (self.value is not None):
+            problems.append("a count line, and only a count line, holds a released value")
         if problems:
             raise LedgerError("invalid ledger entry: " + "; ".join(problems))
 
@@ -100,7 +112,7 @@ class LedgerEntry:
         """Parse one decoded JSON line; raises LedgerError on missing keys or wrong types."""
         if not isinstance(data, dict):
             raise LedgerError(f"expected a JSON object, got {type(data).__name__}")
-        missing = [f.name for f in fields(cls) if f.name not in data and f.name not in ("attempt", "study")]
+        missing = [f.name for f in fields(cls) if f.name not in data and f.name not in _OPTIONAL_FIELDS]
         if missing:
             raise LedgerError(f"missing keys {missing}")
         values: dict[str, object] = {}
@@ -108,8 +120,12 @@ class LedgerEntry:
             if f.name not in data:
                 continue
             value = data[f.name]
-            if f.name in ("time", "study"):
+            if f.name in ("time", "study", "kind"):
                 ok = isinstance(value, str)
+            elif f.name == "repeatable":
+                ok = isinstance(value, bool)
+            elif f.name == "value" and value is None:
+                ok = True
             elif f.name in _INT_FIELDS:
                 ok = isinstance(value, int) and not isinstance(value, bool)
             else:
@@ -122,6 +138,8 @@ class LedgerEntry:
 
 
 _INT_FIELDS = ("round", "attempt", "steps")
+_OPTIONAL_FIELDS = ("attempt", "study", "kind", "value", "repeatable")  # lines from older versions lack them
+ENTRY_KINDS = ("train", "count")
 
 # per ledger path: (a lock for this process's threads, [depth, fd of the held flock])
 _LOCKS: dict[str, tuple[threading.RLock, list[int]]] = {}
@@ -204,7 +222,7 @@ class PrivacyLedger:
                 f"{where}: not a valid privacy ledger entry ({e}). The ledger is the record of "
                 "this site's privacy spending: restore it from a backup rather than delete it."
             ) from None
-        previous = [e for e in previous if e.study == entry.study]
+        previous = [e for e in previous if e.study == entry.study and e.kind == entry.kind == "train"]
         if previous:
             problem = _order_problem(previous[-1], entry)
             if problem:
@@ -231,7 +249,7 @@ class PrivacyLedger:
 
     def _append(self, entry: LedgerEntry) -> None:
         entries, intact, needs_newline = self._read()
-        entries = [e for e in entries if e.study == entry.study]
+        entries = [e for e in entries if e.study == entry.study and e.kind == entry.kind == "train"]
         if entries:
             problem = _order_problem(entries[-1], entry)
             if problem:
@@ -304,21 +322,12 @@ class SiteAccountant:
     def epsilon(self, delta: float) -> float:
         return self.ledger.epsilon(delta)
 
-    def refusal(
-        self,
-        policy: SitePolicy,
-        request: PrivacyRequest,
-        *,
-        sample_rate: float,
-        steps: int,
-    ) -> str | None:
-        """Why the site refuses to train a round of `steps` steps under `request`, or None."""
-        return policy.check(request) or policy.would_exceed_budget(
-            self.history(),
-            noise_multiplier=request.noise_multiplier,
-            sample_rate=sample_rate,
-            steps=steps,
-        )
+    def released_count(self, study: str) -> float | None:
+        """The noised training-set size this site released for `study`, if it has."""
+        for e in self.ledger.entries():
+            if e.kind == "count" and e.study == study:
+                return e.value
+        return None
 
     def record_round(
         self,
@@ -331,8 +340,11 @@ class SiteAccountant:
         delta: float,
         retry: bool = False,
         study: str = "",
+        kind: str = "train",
+        value: float | None = None,
+        repeatable: bool = False,
     ) -> LedgerEntry:
-        """Append a trained round (before its update is sent) and return the entry written.
+        """Append a trained round or a released count (before it is sent) and return the entry.
 
         `retry=True` records a second training of the last recorded round (its update was lost):
         the new attempt's spending is added to the old one's.
@@ -340,7 +352,7 @@ class SiteAccountant:
         with self.ledger.locked():  # read the ledger and append to it as one step
             entries = self.ledger.entries()
             attempt = 1
-            same_study = [e for e in entries if e.study == study]
+            same_study = [e for e in entries if e.study == study and e.kind == kind == "train"]
             if retry and same_study and same_study[-1].round == round:
                 attempt = same_study[-1].attempt + 1
             history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
@@ -356,6 +368,9 @@ class SiteAccountant:
                 epsilon=rdp_epsilon(history, delta=delta),
                 time=datetime.now(UTC).isoformat(timespec="seconds"),
                 study=study,
+                kind=kind,
+                value=value,
+                repeatable=repeatable,
             )
             self.ledger.append(entry)
             return entry

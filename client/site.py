@@ -5,14 +5,15 @@ round's ConfigRecord as a dict, the global weights as a state dict) and return a
 values: no Flower here, so the ClientApp (client.app) only converts Messages, and the training path can
 be driven and tested without an engine.
 
-Training: the round's `RoundPlan` (common.round) plus, with privacy, the guard's check of the request
-against the site's own policy and budget (client.guard), then the one recipe (client.train.train_round);
-the ledger line is written before the reply is made.
+Training: the round's `RoundPlan` (common.round), checked against the site's own policy (a site whose
+policy requires privacy refuses a round without it); with privacy, the guard's check of the request
+and the budget (client.guard) and secret randomness, then the one recipe (client.train.train_round);
+the ledger line is written before the reply is made. A private round's reply holds the noised update,
+the noised training-set size and the accounting, nothing else (no loss, no time).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -23,8 +24,9 @@ import numpy as np
 import torch
 
 from client import guard
-from client.dp import PrivateTraining
-from client.train import device, predict, train_round
+from client.dp import PoissonPlan
+from client.policy import SitePolicy
+from client.train import DPSettings, RoundResult, device, predict, train_round
 from common.data import load_site_data
 from common.keys import Met
 from common.metrics import site_summary
@@ -78,48 +80,66 @@ class SiteRuntime:
     def train(self, config: Mapping[str, object], weights: Mapping[str, torch.Tensor]) -> SiteReply:
         """One round of local training as the coordinator's `config` asks, within the site's policy."""
         plan = RoundPlan.from_config(config)
-        # with privacy, the budget check to the ledger line is one step: one training at a time per ledger
-        lock = guard.site_lock(self.config) if plan.dp_enabled else contextlib.nullcontext()
-        with lock:
-            return self._train(plan, config, weights)
+        refusal = SitePolicy.of(self.config).check_mode(plan.dp_enabled)
+        if refusal:
+            return self.refusal(guard.refusal_text(self.config, plan.round, refusal))
+        if not plan.dp_enabled:
+            result = train_round(
+                self.model_for(plan, weights),
+                self.data.train_x,
+                self.data.train_y,
+                plan,
+                augment_fn=self.augment,
+            )
+            return self._reply(plan, result, exact=True)
+        # the budget check to the ledger line is one step: one private training at a time per ledger
+        with guard.site_lock(self.config):
+            return self._train_private(plan, config, weights)
 
-    def _train(self, plan: RoundPlan, config: Mapping, weights: Mapping[str, torch.Tensor]) -> SiteReply:
-        private_round, request = None, None
-        if plan.dp_enabled:
-            private_round, refusal = guard.plan_round(config, plan, self.config, len(self.data.train_y))
-            if refusal:
-                log.warning(refusal)
-                return self.refusal(refusal)
-            request = private_round.request
-        model = self.model_for(plan, weights)
+    def _train_private(
+        self, plan: RoundPlan, config: Mapping, weights: Mapping[str, torch.Tensor]
+    ) -> SiteReply:
+        private, refusal = guard.plan_round(config, plan, self.config, len(self.data.train_y), device())
+        if refusal:
+            log.warning(refusal)
+            return self.refusal(refusal)
         entries = []
-
-        def record(dp: PrivateTraining) -> None:  # before anything leaves the site
-            entries.append(guard.record_round(private_round, dp))
-
         result = train_round(
-            model,
+            self.model_for(plan, weights),
             self.data.train_x,
             self.data.train_y,
             plan,
             augment_fn=self.augment,
-            privacy=request,
-            on_private_steps=record,
+            randomness=private.randomness,
+            dp=DPSettings(
+                private.request,
+                poisson=PoissonPlan(private.sample_rate, private.count * private.sample_rate),
+                on_steps=lambda dp: entries.append(guard.record_round(private, dp)),  # before the reply
+            ),
         )
-        self.model = result.model
-        metrics: dict = {
-            Met.NUM_EXAMPLES: len(self.data.train_y),
-            Met.TRAIN_LOSS: result.loss,
-            Met.TRAIN_S: result.seconds,
+        reply = self._reply(plan, result, exact=False)
+        entry = entries[0]
+        reply.metrics |= {
+            Met.NUM_EXAMPLES: int(private.count),  # the released, noised count: FedAvg's weight
+            Met.EPSILON: private.accountant.epsilon(entry.delta),
+            Met.DELTA: entry.delta,
+            Met.NOISE_MULTIPLIER: entry.noise_multiplier,
+            Met.STEPS: entry.steps,
+            Met.SAMPLE_RATE: entry.sample_rate,
+            Met.REPEATABLE_NOISE: int(entry.repeatable),
         }
-        if entries:
-            entry = entries[0]
-            metrics |= {
-                Met.EPSILON: private_round.accountant.epsilon(entry.delta),
-                Met.DELTA: entry.delta,
-                Met.NOISE_MULTIPLIER: entry.noise_multiplier,
-                Met.STEPS: entry.steps,
-                Met.SAMPLE_RATE: entry.sample_rate,
+        return reply
+
+    def _reply(self, plan: RoundPlan, result: RoundResult, *, exact: bool) -> SiteReply:
+        """The trained weights; with `exact` (a non-private round) also the exact size, loss and time.
+        A private round sends none of those: they are not covered by its epsilon."""
+        self.model = result.model
+        metrics: dict = {}
+        if exact:
+            metrics = {
+                Met.NUM_EXAMPLES: len(self.data.train_y),
+                Met.TRAIN_LOSS: result.loss,
+                Met.TRAIN_S: result.seconds,
             }
         log.info(
             "site %s round %d: loss %.4f in %.1fs", self.config.site, plan.round, result.loss, result.seconds

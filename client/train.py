@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.dp import PrivateTraining, make_private_for
+from client.dp import PoissonPlan, PrivateTraining, make_private_for
+from client.randomness import RoundRandomness
 from common.privacy import PrivacyRequest
 from common.round import RoundPlan
 
@@ -82,9 +83,9 @@ def make_criterion(train_y: torch.Tensor, num_classes: int, balanced: bool) -> n
     return BalancedCrossEntropy(weights)
 
 
-def train_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=g)
+def train_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator) -> DataLoader:
+    """Shuffled batches drawn with `generator` (with DP, Opacus draws its Poisson batches from it too)."""
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=generator)
 
 
 def train_epochs(
@@ -97,7 +98,7 @@ def train_epochs(
     proximal_mu: float = 0.0,
     use_augment: bool = False,
     augment_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-    seed: int = 0,
+    generator: torch.Generator | None = None,
     private: bool = False,
 ) -> TrainResult:
     """Run `epochs` local epochs; with proximal_mu > 0 add FedProx's (mu/2)||w - w_global||^2.
@@ -105,13 +106,13 @@ def train_epochs(
     With `private=True` the model, optimizer, loader and criterion are Opacus's (client.dp): every
     batch is stepped, an empty Poisson batch included, since each step is counted as spent.
     `augment_fn` (the site's own augmentation, common.transforms) wins over `use_augment` (the
-    study's simple flips and shifts).
+    study's simple flips and shifts). `generator` drives the augmentation (default: seeded with 0).
     """
     batch_augment = augment_fn or (augment if use_augment else None)
     dev = next(model.parameters()).device
     criterion = criterion or nn.CrossEntropyLoss()
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
     model.train()
     t0, total, n, steps = time.perf_counter(), 0.0, 0, 0
     for _ in range(epochs):
@@ -145,9 +146,15 @@ class RoundResult:
     seconds: float
 
 
-def round_seed(plan: RoundPlan) -> int:
-    """The seed of a round's batch order and augmentation."""
-    return plan.seed * 1000 + plan.round
+@dataclass
+class DPSettings:
+    """How a round is made private: the request it trains under, Poisson sampling fixed in advance
+    (client.dp.PoissonPlan; None: Opacus derives it from the data set), and a callback that counts
+    the spending once training stops (called whenever a step was taken, even if training broke off)."""
+
+    request: PrivacyRequest
+    poisson: PoissonPlan | None = None
+    on_steps: Callable[[PrivateTraining], None] | None = None
 
 
 def train_round(
@@ -157,53 +164,52 @@ def train_round(
     plan: RoundPlan,
     *,
     augment_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-    privacy: PrivacyRequest | None = None,
-    on_private_steps: Callable[[PrivateTraining], None] | None = None,
+    randomness: RoundRandomness | None = None,
+    dp: DPSettings | None = None,
 ) -> RoundResult:
     """One round of local training of `model` on (x, y) as `plan` says.
 
     A fresh optimizer at the round's learning rate, the plan's loss (class-balanced from these labels
     when asked), FedProx's proximal term when `plan.proximal_mu` > 0, `augment_fn` (a site's own
-    augmentation) or the plan's simple flips and shifts. With `privacy`, DP-SGD with Opacus
-    (client.dp): `on_private_steps(dp)` is called once training stops, even if it broke off, whenever
-    a step was taken, so the caller can count the spending before anything leaves the site.
+    augmentation) or the plan's simple flips and shifts; with `dp`, DP-SGD with Opacus (client.dp).
+    `randomness` gives the round's generators: a private round must be given them (client.guard
+    makes them secret), a plain round defaults to generators seeded from the plan's seed and round.
     """
-    seed = round_seed(plan)
-    loader = train_loader(x, y, plan.batch_size, seed)
+    if randomness is None:
+        if dp is not None:
+            raise ValueError("a private round needs its RoundRandomness (client.randomness), not a default")
+        randomness = RoundRandomness.repeatable(plan.seed, plan.round)
+    loader = train_loader(x, y, plan.batch_size, randomness.sampling)
     optimizer = make_optimizer(model, plan.optimizer, plan.lr)
     criterion = make_criterion(y, plan.num_classes, plan.class_balance).to(next(model.parameters()).device)
-    dp = None
-    trainee = model
-    if privacy is not None:
-        dp = make_private_for(
-            privacy, model=model, optimizer=optimizer, data_loader=loader, criterion=criterion
+    private, trainee = None, model
+    if dp is not None:
+        private = make_private_for(
+            dp.request,
+            model=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            criterion=criterion,
+            noise_generator=randomness.noise,
+            poisson=dp.poisson,
         )
-        trainee, loader, optimizer, criterion = dp.model, dp.data_loader, dp.optimizer, dp.criterion
+        trainee, loader, optimizer, criterion = (
+            private.model,
+            private.data_loader,
+            private.optimizer,
+            private.criterion,
+        )
     try:
         result = train_epochs(
-            trainee,
-            loader,
-            optimizer,
-            criterion=criterion,
-            epochs=plan.local_epochs,
-            proximal_mu=plan.proximal_mu,
-            use_augment=plan.augment,
-            augment_fn=augment_fn,
-            seed=seed,
-            private=dp is not None,
-        )
+            trainee, loader, optimizer, criterion=criterion, epochs=plan.local_epochs, proximal_mu=plan.proximal_mu,
+            use_augment=plan.augment, augment_fn=augment_fn, generator=randomness.augment, private=dp is not None,
+        )  # fmt: skip
     finally:
-        if dp is not None:
-            if dp.steps and on_private_steps is not None:
-                on_private_steps(dp)
-            model = dp.unwrap()
-    return RoundResult(
-        model=model,
-        loss=result.loss,
-        num_examples=result.num_examples,
-        steps=result.steps,
-        seconds=result.seconds,
-    )
+        if private is not None:
+            if private.steps and dp.on_steps is not None:
+                dp.on_steps(private)
+            model = private.unwrap()
+    return RoundResult(model, result.loss, result.num_examples, result.steps, result.seconds)
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ class Cfg(StrEnum):
 class Met(StrEnum):
     """Keys of the MetricRecords sites send back."""
 
-    NUM_EXAMPLES = "num-examples"  # the weight Flower's strategies aggregate by
+    NUM_EXAMPLES = "num-examples"  # the weight Flower's strategies aggregate by (noised with privacy)
     TRAIN_LOSS = "train-loss"
     TRAIN_S = "train-s"
     EVAL_S = "eval-s"
@@ -54,6 +54,7 @@ class Met(StrEnum):
     NOISE_MULTIPLIER = "noise-multiplier"
     STEPS = "steps"
     SAMPLE_RATE = "sample-rate"
+    REPEATABLE_NOISE = "repeatable-noise"  # 1: the round's noise was seeded (not private vs the coordinator)
     CONFUSION = "confusion"  # flattened C x C confusion matrix (counts)
     SCORE_HIST = "score-hist"  # flattened C x 2 x B histogram of scores (counts)
 

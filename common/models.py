@@ -101,11 +101,15 @@ assert tuple(MODELS) == MODEL_NAMES, "common.schema.MODEL_NAMES lists the model 
 
 
 def build_model(name: str, *, in_channels: int = 1, num_classes: int = 2, seed: int = 0) -> nn.Module:
-    """Build `name` with seeded initial weights, made Opacus-compatible (BatchNorm -> GroupNorm)."""
+    """Build `name` with seeded initial weights, made Opacus-compatible (BatchNorm -> GroupNorm).
+
+    The seed applies to these weights only: torch's global generator is left as it was (forked and
+    restored), so building a model never makes anything else predictable."""
     if name not in MODELS:
         raise ValueError(f"unknown model '{name}'; choose one of: {', '.join(MODELS)}")
-    torch.manual_seed(seed)
-    return make_opacus_compatible(MODELS[name](in_channels, num_classes))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make_opacus_compatible(MODELS[name](in_channels, num_classes))
 
 
 def save_model(path: str | Path, model: nn.Module, *, meta: dict) -> None:

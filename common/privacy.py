@@ -14,7 +14,6 @@ every step a site has taken (`rdp_epsilon`).
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -22,7 +21,6 @@ from enum import StrEnum
 import numpy as np
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
 
 from common.schema import DEFAULT_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES, PrivacyConfig
 
@@ -46,7 +44,6 @@ class PrivacyKey(StrEnum):
     TARGET_EPSILON = "dp-target-epsilon"
     GRAD_SAMPLE_MODE = "dp-grad-sample-mode"
     POISSON_SAMPLING = "dp-poisson-sampling"
-    SECURE_MODE = "dp-secure-mode"
 
 
 def request_config(privacy: PrivacyConfig) -> dict[str, int | float | str | bool]:
@@ -61,7 +58,6 @@ def request_config(privacy: PrivacyConfig) -> dict[str, int | float | str | bool
         PrivacyKey.TARGET_EPSILON: float(privacy.target_epsilon),
         PrivacyKey.GRAD_SAMPLE_MODE: privacy.grad_sample_mode,
         PrivacyKey.POISSON_SAMPLING: privacy.poisson_sampling,
-        PrivacyKey.SECURE_MODE: privacy.secure_mode,
     }
     if privacy.noise_multiplier > 0:
         config[PrivacyKey.NOISE_MULTIPLIER] = float(privacy.noise_multiplier)
@@ -77,8 +73,7 @@ class PrivacyRequest:
     delta: float  # the delta epsilon is reported at; well below 1 / (examples at a site)
     target_epsilon: float | None = None  # the study's whole-study target, for reports only
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE  # how Opacus gets per-sample gradients
-    poisson_sampling: bool = True  # False breaks the assumptions of the RDP accountant
-    secure_mode: bool = False  # cryptographically secure noise; needs torchcsprng
+    poisson_sampling: bool = True  # False breaks the assumptions of the RDP accountant: sites refuse it
 
     def __post_init__(self) -> None:
         if not self.noise_multiplier > 0:
@@ -100,41 +95,27 @@ class PrivacyRequest:
 
     @classmethod
     def from_config(
-        cls, config: Mapping[str, object], *, sample_rate: float, steps_total: int
+        cls,
+        config: Mapping[str, object],
+        *,
+        sample_rate: float,
+        steps_total: int,
+        fixed: tuple[HistoryItem, ...] = (),
     ) -> PrivacyRequest:
         """The request in a round's ConfigRecord (other keys are ignored). Without a noise multiplier
         the noise is derived for `steps_total` steps at `sample_rate` (the whole planned study at this
-        site) to stay within the request's target epsilon.
+        site), together with the study's `fixed` other releases, to stay within the target epsilon.
 
         Raises:
             PrivacyConfigError: a required key is missing or a value has the wrong type.
         """
 
-        def number(key: PrivacyKey, *, required: bool = True) -> float | None:
-            if key not in config:
-                if required:
-                    raise PrivacyConfigError(
-                        f"the round's config has no {key!r}: the coordinator must send it "
-                        "(common.privacy.request_config)"
-                    )
-                return None
-            value = config[key]
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise PrivacyConfigError(f"{key!r} must be a number, got {value!r}")
-            return float(value)
-
-        def flag(key: PrivacyKey, default: bool) -> bool:
-            value = config.get(key, default)
-            if not isinstance(value, bool):
-                raise PrivacyConfigError(f"{key!r} must be true or false, got {value!r}")
-            return value
-
         mode = config.get(PrivacyKey.GRAD_SAMPLE_MODE, DEFAULT_GRAD_SAMPLE_MODE)
         if not isinstance(mode, str):
             raise PrivacyConfigError(f"{PrivacyKey.GRAD_SAMPLE_MODE!r} must be text, got {mode!r}")
-        delta = number(PrivacyKey.DELTA)
-        target = number(PrivacyKey.TARGET_EPSILON, required=False)
-        noise = number(PrivacyKey.NOISE_MULTIPLIER, required=False)
+        delta = _number(config, PrivacyKey.DELTA)
+        target = _number(config, PrivacyKey.TARGET_EPSILON, required=False)
+        noise = _number(config, PrivacyKey.NOISE_MULTIPLIER, required=False)
         if noise is None:
             if target is None:
                 raise PrivacyConfigError(
@@ -142,17 +123,40 @@ class PrivacyRequest:
                     f"{PrivacyKey.TARGET_EPSILON!r}: the site cannot tell how much noise to add"
                 )
             noise = derive_noise_multiplier(
-                target_epsilon=target, delta=delta, sample_rate=sample_rate, steps_total=steps_total
+                target_epsilon=target,
+                delta=delta,
+                sample_rate=sample_rate,
+                steps_total=steps_total,
+                fixed=fixed,
             )
         return cls(
             noise_multiplier=noise,
-            max_grad_norm=number(PrivacyKey.MAX_GRAD_NORM),
+            max_grad_norm=_number(config, PrivacyKey.MAX_GRAD_NORM),
             delta=delta,
             target_epsilon=target,
             grad_sample_mode=mode,
-            poisson_sampling=flag(PrivacyKey.POISSON_SAMPLING, True),
-            secure_mode=flag(PrivacyKey.SECURE_MODE, False),
+            poisson_sampling=_flag(config, PrivacyKey.POISSON_SAMPLING, True),
         )
+
+
+def _number(config: Mapping[str, object], key: PrivacyKey, *, required: bool = True) -> float | None:
+    if key not in config:
+        if required:
+            raise PrivacyConfigError(
+                f"the round's config has no {key!r}: the coordinator must send it (common.privacy.request_config)"
+            )
+        return None
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PrivacyConfigError(f"{key!r} must be a number, got {value!r}")
+    return float(value)
+
+
+def _flag(config: Mapping[str, object], key: PrivacyKey, default: bool) -> bool:
+    value = config.get(key, default)
+    if not isinstance(value, bool):
+        raise PrivacyConfigError(f"{key!r} must be true or false, got {value!r}")
+    return value
 
 
 def rdp_epsilon(history: Sequence[HistoryItem], *, delta: float) -> float:
@@ -192,14 +196,16 @@ def derive_noise_multiplier(
     delta: float,
     sample_rate: float,
     steps_total: int,
-    accountant: str = "rdp",
+    fixed: tuple[HistoryItem, ...] = (),
     epsilon_tolerance: float = 0.01,
 ) -> float:
     """The smallest noise multiplier that keeps the WHOLE study within (target_epsilon, delta).
 
     `steps_total` is rounds x local epochs x steps per epoch: every step a site takes in the study,
-    since the budget is spent over all of them. With Poisson sampling, steps per epoch is
-    1 / sample_rate (sample_rate = batch size / examples at the site).
+    since the budget is spent over all of them. `fixed` are releases of the study that do not depend
+    on the training noise (a site's noised count), counted with it. The result's epsilon lies in
+    [target - epsilon_tolerance, target], found by bisection on `rdp_epsilon` (Opacus's RDP analysis,
+    as Opacus's own `get_noise_multiplier` does).
 
     Raises:
         PrivacyConfigError: an argument is out of range, or no noise level reaches the target.
@@ -212,20 +218,31 @@ def derive_noise_multiplier(
         raise PrivacyConfigError(f"sample_rate must be in (0, 1], got {sample_rate}")
     if steps_total < 1:
         raise PrivacyConfigError(f"steps_total must be >= 1, got {steps_total}")
-    try:
-        sigma = get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=int(steps_total),
-            accountant=accountant,
-            epsilon_tolerance=epsilon_tolerance,
-        )
-    except ValueError as e:
+
+    def epsilon(sigma: float) -> float:
+        return rdp_epsilon([*fixed, (sigma, sample_rate, int(steps_total))], delta=delta)
+
+    if rdp_epsilon(list(fixed), delta=delta) >= target_epsilon:
         raise PrivacyConfigError(
-            f"no noise multiplier reaches epsilon={target_epsilon} at delta={delta} over "
-            f"{steps_total} steps at sample rate {sample_rate} ({e}); raise the target epsilon "
-            "or train fewer rounds / epochs"
-        ) from e
-    assert math.isfinite(sigma) and sigma > 0, sigma
-    return float(sigma)
+            f"no noise multiplier reaches epsilon={target_epsilon} at delta={delta}: the study's other "
+            "releases alone spend it; raise the target epsilon or the site's count_noise"
+        )
+    low, high = 0.0, 10.0
+    while epsilon(high) > target_epsilon:
+        low, high = high, 2 * high
+        if high > 1e4:
+            raise PrivacyConfigError(
+                f"no noise multiplier reaches epsilon={target_epsilon} at delta={delta} over "
+                f"{steps_total} steps at sample rate {sample_rate}; raise the target epsilon or train "
+                "fewer rounds / epochs"
+            )
+    for _ in range(200):  # epsilon(high) <= target < epsilon(low); halves the gap each time
+        sigma = (low + high) / 2
+        eps = epsilon(sigma)
+        if eps <= target_epsilon:
+            high = sigma
+            if target_epsilon - eps < epsilon_tolerance:
+                break
+        else:
+            low = sigma
+    return float(high)

@@ -87,8 +87,7 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     noise_multiplier: float = 0.0  # 0: derive from target_epsilon over rounds x local epochs
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE  # one of GRAD_SAMPLE_MODES
-    poisson_sampling: bool = True
-    secure_mode: bool = False
+    poisson_sampling: bool = True  # sites train only with Poisson sampling: false is refused
 
 
 @dataclass
@@ -192,10 +191,27 @@ class SiteDataConfig:
 
 @dataclass
 class SitePolicyConfig:
-    max_epsilon: float = 10.0
-    delta: float = 1e-5
-    min_noise_multiplier: float = 0.5
-    max_grad_norm: float = 1.0
+    """The site's own privacy rules (its site config's `privacy` section); the coordinator cannot change them."""
+
+    required: bool = True  # train only with differential privacy; false: non-private studies may train here
+    max_epsilon: float = 10.0  # the most this site's data may ever spend, over every study
+    delta: float = 1e-5  # epsilon is counted at this delta; requests may not exceed it
+    min_noise_multiplier: float = 0.5  # refuse rounds with less noise
+    max_grad_norm: float = 1.0  # refuse rounds with a larger clipping norm
+    # std of the Gaussian noise on the training-set size the site releases once per study (FedAvg's
+    # weight and the site's sample rate come from it), charged to the ledger like a training round
+    count_noise: float = 10.0
+    # simulation only: noise and batch sampling seeded from the round, so runs repeat; such rounds are
+    # NOT private against the coordinator (who knows the seed) and are marked so in ledger and results
+    repeatable_noise: bool = False
+
+
+@dataclass
+class ServiceConfig:
+    """Where the site service (`fedward site serve`) listens for the ClientApp Flower starts."""
+
+    socket: str = ""  # the Unix socket; "" = <state_dir>/site.sock
+    group: str = ""  # the OS group allowed to connect (the ClientApp's user); "" = the service's user only
 
 
 @dataclass
@@ -203,5 +219,6 @@ class SiteConfig:
     site: str = "site"
     data: SiteDataConfig = field(default_factory=SiteDataConfig)
     privacy: SitePolicyConfig = field(default_factory=SitePolicyConfig)
-    state_dir: str = ""  # ledger, accountant history, cache; "" = a temporary folder
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+    state_dir: str = ""  # privacy ledger and image cache; "" = none (a private round is then refused)
     source_path: str = ""

@@ -42,6 +42,18 @@ def _site_check(args: argparse.Namespace, console: Console) -> int:
     return check_main([args.site_config, *(["--all"] if args.all else [])])
 
 
+def _site_serve(args: argparse.Namespace, console: Console) -> int:
+    from client.service import ServiceError, serve
+    from common.config import load_site
+    from common.sitedata import SiteDataError
+
+    try:
+        return serve(load_site(args.site_config), socket=args.socket)
+    except (ServiceError, SiteDataError) as err:
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
+        return 2
+
+
 def _study(args: argparse.Namespace, console: Console) -> int:
     from server.study.run import cli
 
@@ -88,8 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("site_config", help="the site config YAML")
     check.add_argument("--all", action="store_true", help="list every problem, not only the first ones")
     check.set_defaults(func=_site_check)
+    serve = site_sub.add_parser(
+        "serve", help="run the site service: it alone holds the data, the model, the policy and the ledger"
+    )
+    serve.add_argument("site_config", help="the site config YAML")
+    serve.add_argument(
+        "--socket", help="Unix socket to listen on (default: the site config's service.socket)"
+    )
+    serve.set_defaults(func=_site_serve)
 
-    from server import certs, deploy
+    from server import certs, deploy_cli
 
     cp = sub.add_parser("certs", help="make a CA, the SuperLink's TLS certificate and one key pair per site")
     certs.add_arguments(cp)
@@ -97,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     dp = sub.add_parser(
         "deploy-local", help="SuperLink + one SuperNode per site on 127.0.0.1 (TLS, auth), run a study, stop"
     )
-    deploy.add_arguments(dp)
-    dp.set_defaults(func=lambda args, console: deploy.run(args))
+    deploy_cli.add_arguments(dp)
+    dp.set_defaults(func=lambda args, console: deploy_cli.run(args))
     return parser
 
 

@@ -34,6 +34,7 @@ from server.run_folder import Results, RoundRecord, new_results
 from server.store import RunStore
 
 log = logging.getLogger("fedward.coordinator")
+PULL_INTERVAL_S = 0.2  # how often the coordinator asks for replies
 RESUME_IGNORED_KEYS = {"rounds", "source_path", "round_timeout_s", "study"}
 
 
@@ -121,7 +122,21 @@ class Coordinator:
         return ConfigRecord({**plan.to_config(), **privacy})
 
     def send(self, messages: list[Message]) -> list[Message]:
-        return list(self.grid.send_and_receive(messages, timeout=self.study.round_timeout_s))
+        """Send and wait for the replies, until all came or round_timeout_s passed.
+
+        Flower's own `send_and_receive` waits 3 s between pulls over a deployment's SuperLink, which
+        adds up to 3 s to every phase of every round; this polls every PULL_INTERVAL_S instead."""
+        ids = set(self.grid.push_messages(messages))
+        deadline = time.monotonic() + self.study.round_timeout_s
+        replies: list[Message] = []
+        while ids:
+            got = list(self.grid.pull_messages(ids))
+            replies += got
+            ids -= {m.metadata.reply_to_message_id for m in got}
+            if not ids or time.monotonic() >= deadline:
+                break
+            time.sleep(PULL_INTERVAL_S)
+        return replies
 
     def classify(self, replies: list[Message], sent: list[Message], reference: ArrayRecord | None) -> Replies:
         return classify(
@@ -343,6 +358,9 @@ def add_privacy(results: Results, record: RoundRecord, got: Replies) -> None:
                 "delta": known["delta"] if known else before.get("delta"),
                 "noise_multiplier": known["noise_multiplier"] if known else None,
                 "steps": known["steps"] if known else 0,
+                "repeatable_noise": known["repeatable_noise"]
+                if known
+                else before.get("repeatable_noise", False),
                 "refused": got.refused.get(site),
             }
         )
@@ -352,10 +370,10 @@ def round_record(rnd: int, got: Replies, evaluation: dict) -> RoundRecord:
     train = {}
     for msg in got.ok:
         m = msg.content[Rec.METRICS]
-        train[site_name(msg)] = {
+        train[site_name(msg)] = {  # a private round sends its noised size only, no loss or time
             "n_train": int(m[Met.NUM_EXAMPLES]),
-            "loss": float(m[Met.TRAIN_LOSS]),
-            "train_s": float(m[Met.TRAIN_S]),
+            "loss": float(m[Met.TRAIN_LOSS]) if Met.TRAIN_LOSS in m else None,
+            "train_s": float(m[Met.TRAIN_S]) if Met.TRAIN_S in m else None,
         }
     return {
         "round": rnd,
@@ -373,7 +391,11 @@ def add_timing(results: Results, rnd: int, got: Replies, evaluation: dict, round
     """Append the round's wall time and each site's train and eval seconds (None where it did not)."""
     timing = results["timing"]
     timing["round_s"].append(round(round_s, 4))
-    trained = {site_name(m): float(m.content[Rec.METRICS][Met.TRAIN_S]) for m in got.ok}
+    trained = {
+        site_name(m): float(m.content[Rec.METRICS][Met.TRAIN_S])
+        for m in got.ok
+        if Met.TRAIN_S in m.content[Rec.METRICS]
+    }
     n_before = rnd - 1
     for key, values in (("train_s", trained), ("eval_s", evaluation["eval_s"])):
         for site in set(timing[key]) | set(values):

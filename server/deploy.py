@@ -20,28 +20,39 @@ starts is a `server.processes.Service` (its log, and a stop that reaches every p
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import re
+import shutil
 import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
 
-import yaml
-
-from common.config import PROJECT_ROOT, ConfigError, load_site, load_study
-from server import certs
+from common.config import PROJECT_ROOT, ConfigError
+from server import certs, isolation
+from server.deploy_site import (
+    SitePaths,
+    isolate,
+    service_command,
+    superexec_command,
+    supernode_command,
+    write_site_config,
+)
+from server.isolation import Account, IsolationError
 from server.processes import Service, free_port
+from server.run_folder import RESULTS_FILE
 
 log = logging.getLogger("fedward.deploy")
 LOCAL_DIR = PROJECT_ROOT / "deploy" / "local"
 DEFAULT_STUDY = LOCAL_DIR / "study.yaml"
 CONNECTION = "fedward-local"  # the SuperLink connection's name in the CLI's config.toml
 ONLINE = re.compile(r"SuperNode ID: (\d+)")
+NOT_ISOLATED_WARNING = (
+    "NOT ISOLATED: the SuperNodes and the ClientApps run as you, so the app the coordinator ships "
+    "could read the sites' files and the SuperNodes' keys. Use it only to debug."
+)
 INSECURE_WARNING = (
     "INSECURE deployment: plain-text HTTP and no SuperNode authentication. Any process that can "
     "reach {address} can join the study as a site and read the global model. Use it only to debug."
@@ -68,6 +79,7 @@ class LocalDeployment:
         insecure: bool = False,
         project: str | Path = PROJECT_ROOT,
         site_threads: int = 1,
+        isolated: bool = True,
     ) -> None:
         self.work = Path(work_dir).resolve()
         self.templates = Path(site_templates)
@@ -86,32 +98,51 @@ class LocalDeployment:
         self.link_dir = self.work / "superlink"
         if insecure:
             warnings.warn(INSECURE_WARNING.format(address=self.address), UserWarning, stacklevel=2)
+        self.accounts: tuple[Account, Account] | None = None  # (SuperNode's, ClientApps') users
+        if isolated:
+            try:
+                self.accounts = isolation.prepare_users()
+            except IsolationError as err:
+                raise DeploymentError(str(err)) from None
+        elif not insecure:
+            warnings.warn(NOT_ISOLATED_WARNING, UserWarning, stacklevel=2)
 
     # ------------------------------------------------------------------ files
 
+    def paths(self, site: str) -> SitePaths:
+        return SitePaths(self.work / "sites" / site)
+
     def site_config(self, site: str) -> Path:
-        return self.work / "sites" / site / "site.yaml"
+        return self.paths(site).config
 
     def state_dir(self, site: str) -> Path:
-        return self.work / "sites" / site / "state"
+        return self.paths(site).state
 
     def prepare(self) -> None:
         """Credentials, one site config per site (with its own state folder) and the CLI connection."""
         self.work.mkdir(parents=True, exist_ok=True)
         if not self.insecure:
             self.credentials = certs.make_credentials(self.work / "certs", self.sites)
+        if self.accounts is not None:
+            self.work.chmod(0o755)  # the sites' users enter it; what they may read inside is set below
+            try:
+                isolation.check_reachable(self.work, self.accounts)
+            except IsolationError as err:
+                raise DeploymentError(str(err)) from None
+        (self.work / "logs").mkdir(parents=True, exist_ok=True)
+        (self.work / "logs").chmod(0o700)  # the site services' logs name the sites' files
         for site in self.sites:
-            template = self.templates / f"{site}.yaml"
-            data = yaml.safe_load(template.read_text()) or {}
-            if data.get("site", site) != site:
-                raise ConfigError(
-                    f"{template}: 'site' is '{data['site']}' but the file is named for '{site}'"
+            write_site_config(
+                self.templates / f"{site}.yaml", site, self.paths(site), isolated=self.accounts is not None
+            )
+            if self.accounts is not None:
+                c = self.credentials
+                isolate(
+                    self.paths(site),
+                    *self.accounts,
+                    key=None if c is None else c.site_keys[site],
+                    secret=None if c is None else c.superexec_secrets[site],
                 )
-            data["site"] = site
-            data["state_dir"] = str(self.state_dir(site))
-            self.state_dir(site).mkdir(parents=True, exist_ok=True)
-            self.site_config(site).write_text(yaml.safe_dump(data, sort_keys=False))
-            load_site(self.site_config(site))  # validate now, not inside a SuperNode
         self.cli_home.mkdir(parents=True, exist_ok=True)
         conn = (
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{self.address}"\n'
@@ -126,14 +157,18 @@ class LocalDeployment:
         flwr_home.mkdir(parents=True, exist_ok=True)
         return {
             **os.environ,
+            "HOME": str(flwr_home),  # a process of another user writes nothing to the invoker's home
             "FLWR_HOME": str(flwr_home),
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # use the installed packages, no uv
             "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",  # a SuperExec starts a ClientApp within 0.1 s, not 1
             "PYTHONUNBUFFERED": "1",
             **extra,
         }
 
-    def _spawn(self, name: str, cmd: list[str], env: dict[str, str], cwd: Path) -> Service:
+    def _spawn(
+        self, name: str, cmd: list[str], env: dict[str, str], cwd: Path, account: Account | None = None
+    ) -> Service:
         if name in self.services and self.services[name].alive():
             raise DeploymentError(f"{name} is already running")
         logs = self.work / "logs"
@@ -143,8 +178,9 @@ class LocalDeployment:
             start = out.tell()
             out.write(f"$ {' '.join(cmd)}\n".encode())
             out.flush()
+            user = {} if account is None else {"user": account.uid, "group": account.gid, "extra_groups": []}
             proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True, **user
             )
         service = Service(name, proc, log_path, start)
         self.services[name] = service
@@ -217,24 +253,44 @@ class LocalDeployment:
         timeout: float = 60.0,
         extra_args: tuple[str, ...] = (),
     ) -> Service:
-        """Start the site's SuperNode with its site config; wait (by default) until it is online.
-
-        `key` and `ca` replace the site's own authentication key and trusted CA (to test refusals).
-        """
-        home = self.work / "sites" / site
-        cmd = ["flower-supernode", "--superlink", self.address, "--port", str(free_port())]
-        cmd += ["--node-config", f"site-config='{self.site_config(site)}'"]
-        if self.insecure:
-            cmd += ["--insecure"]
-        else:
+        """Start the site's SuperNode, and the SuperExec that runs its ClientApps; wait (by default)
+        until it is online. `key` and `ca` replace the site's own authentication key and trusted CA
+        (to test refusals). The site's service must be running (`start_site_service`)."""
+        paths, secret = self.paths(site), None
+        node, app = self.accounts or (None, None)
+        if not self.insecure:
             c = self.credentials
-            cmd += ["--root-certificates", str(ca or c.site_cas[site])]
-            cmd += ["--auth-supernode-private-key", str(key or c.site_keys[site])]
-        cmd += list(extra_args)
-        env = self.env(home / "flwr-home", FEDWARD_SITE_THREADS=str(self.site_threads))
-        service = self._spawn(name or f"supernode-{site}", cmd, env, home)
+            ca = self._given(Path(ca), paths, node) if ca else c.site_cas[site]
+            key = self._given(Path(key), paths, node) if key else c.site_keys[site]
+            secret = c.superexec_secrets[site]
+        port = free_port()
+        cmd = supernode_command(self.address, port, paths, ca=ca, key=key, secret=secret) + list(extra_args)
+        name = name or f"supernode-{site}"
+        service = self._spawn(name, cmd, self.env(paths.node_home), paths.node_home, node)
+        if _runner(name) in self.services:  # the runner of a SuperNode that was killed
+            self.services[_runner(name)].stop()
+        env = self.env(paths.app_home)  # one ClientApp process per message, each as the ClientApps' user
+        self._spawn(_runner(name), superexec_command(port, secret), env, paths.app_home, app)
         if wait:
             self.wait_online(service, timeout)
+        return service
+
+    @staticmethod
+    def _given(path: Path, paths: SitePaths, node: Account | None) -> Path:
+        """A key or CA given for a test, copied to where the SuperNode's user may read it."""
+        if node is None:
+            return path
+        copy = paths.node_home / f"given-{path.name}"
+        shutil.copyfile(path, copy)
+        isolation.own(copy, node, 0o600)
+        return copy
+
+    def start_site_service(self, site: str, timeout: float = 120.0) -> Service:
+        """The hospital's own site service: loads the site's data and listens on its socket."""
+        paths = self.paths(site)
+        env = self.env(paths.root / "service-home", FEDWARD_SITE_THREADS=str(self.site_threads))
+        service = self._spawn(f"site-{site}", service_command(paths), env, self.project)
+        self._wait(service, lambda: "serving on" in service.log_text(), timeout, "serve")
         return service
 
     def wait_online(self, service: Service, timeout: float = 60.0) -> int:
@@ -268,12 +324,17 @@ class LocalDeployment:
             if not self.insecure:
                 self.register(site)
         for site in self.sites:
+            self.start_site_service(site)
+        for site in self.sites:
             self.start_supernode(site, wait=False)
         for site in self.sites:
             self.wait_online(self.services[f"supernode-{site}"])
 
     def kill(self, name: str) -> None:
+        """Kill a process as a crash would (a SuperNode together with its ClientApps' runner)."""
         self.services[name].kill()
+        if _runner(name) in self.services:
+            self.services[_runner(name)].kill()
 
     def _wait(self, service: Service, ready, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -303,10 +364,17 @@ class LocalDeployment:
         return " ".join(items)
 
     def submit(
-        self, study: str | Path, out_dir: str | Path, *, rounds: int | None = None, resume: bool = False
+        self,
+        study: str | Path,
+        out_dir: str | Path,
+        *,
+        rounds: int | None = None,
+        resume: bool = False,
+        app: str | Path | None = None,
     ) -> Service:
-        """`flwr run . <connection> --stream` in the background; its log is the study's log stream."""
-        cmd = ["flwr", "run", str(self.project), CONNECTION, "--stream"]
+        """`flwr run <app> <connection> --stream` in the background (the app: this project, unless
+        another folder is given); its log is the study's log stream."""
+        cmd = ["flwr", "run", str(app or self.project), CONNECTION, "--stream"]
         cmd += ["-c", self.run_config(study, out_dir, rounds=rounds, resume=resume)]
         n = sum(1 for k in self.services if k.startswith("flwr-run"))
         return self._spawn(f"flwr-run-{n + 1}", cmd, self.env(self.cli_home), self.project)
@@ -319,15 +387,16 @@ class LocalDeployment:
         rounds: int | None = None,
         resume: bool = False,
         timeout: float = 1800.0,
+        app: str | Path | None = None,
     ) -> dict:
         """Submit the study, wait until `flwr run` returns, and return results.json."""
-        run = self.submit(study, out_dir, rounds=rounds, resume=resume)
+        run = self.submit(study, out_dir, rounds=rounds, resume=resume, app=app)
         try:
             run.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             run.stop()
             raise DeploymentError(f"the study did not finish within {timeout:.0f}s:\n{run.tail()}") from None
-        results = Path(out_dir) / "results.json"
+        results = Path(out_dir) / RESULTS_FILE
         if run.proc.returncode != 0 or not results.is_file():
             raise DeploymentError(
                 f"`flwr run` exited with code {run.proc.returncode}; its log ({run.log_path}) ends:\n{run.tail()}"
@@ -337,8 +406,11 @@ class LocalDeployment:
     # ------------------------------------------------------------------ stopping
 
     def stop(self) -> None:
-        """Stop every process, the `flwr run` clients and SuperNodes first, the SuperLink last."""
-        order = sorted(self.services.values(), key=lambda s: s.name == "superlink")
+        """Stop every process, the SuperLink last."""
+        # the study's clients, then the SuperNodes and their runners, the site services, the SuperLink
+        order = sorted(
+            self.services.values(), key=lambda s: (s.name == "superlink", s.name.startswith("site-"))
+        )
         for service in order:
             service.stop()
 
@@ -349,76 +421,10 @@ class LocalDeployment:
         self.stop()
 
 
-# ---------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--out", required=True, help="working folder: certificates, site state, logs, results"
+def _runner(supernode: str) -> str:
+    """The name of the SuperExec that runs a SuperNode's ClientApps."""
+    return (
+        supernode.replace("supernode", "superexec", 1)
+        if supernode.startswith("supernode")
+        else f"{supernode}-superexec"
     )
-    parser.add_argument("--study", default=str(DEFAULT_STUDY), help="study config (default: %(default)s)")
-    parser.add_argument(
-        "--sites-dir",
-        default=str(LOCAL_DIR / "sites"),
-        help="one site config per SuperNode, named <site>.yaml (default: %(default)s)",
-    )
-    parser.add_argument("--rounds", type=int, help="override the study's number of rounds")
-    parser.add_argument(
-        "--resume", action="store_true", help="continue the study in --out after its last round"
-    )
-    parser.add_argument(
-        "--insecure",
-        action="store_true",
-        help="plain HTTP, no SuperNode authentication (prints a warning; for debugging only)",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """`fedward deploy-local`: start everything, run the study with `flwr run`, stop everything."""
-    study = load_study(args.study, rounds=args.rounds)
-    out = Path(args.out)
-    with warnings.catch_warnings():  # the insecure warning is printed once, below, without a traceback
-        warnings.simplefilter("ignore", UserWarning)
-        dep = LocalDeployment(out, site_templates=args.sites_dir, insecure=args.insecure)
-    with dep:
-        if study.min_sites > len(dep.sites):
-            raise ConfigError(
-                f"{args.study}: min_sites is {study.min_sites} but {args.sites_dir} has {len(dep.sites)} sites"
-            )
-        if study.data.num_sites != len(dep.sites):
-            log.warning(
-                "%s: data.num_sites is %d but %d sites are deployed",
-                args.study,
-                study.data.num_sites,
-                len(dep.sites),
-            )
-        if args.insecure:
-            print(f"WARNING: {INSECURE_WARNING.format(address=dep.address)}", file=sys.stderr)
-        dep.start_all()
-        mode = "plain HTTP, no authentication" if args.insecure else "TLS, SuperNode authentication"
-        print(f"SuperLink on {dep.address} ({mode}); SuperNodes online: {', '.join(dep.sites)}")
-        print(f"logs: {dep.work / 'logs'}   study stream: {dep.work / 'logs' / 'flwr-run-1.log'}")
-        results = dep.run_study(args.study, out / "results", rounds=args.rounds, resume=args.resume)
-    for r in results["rounds"]:
-        failed = ", ".join(f"{k} ({v})" for k, v in r.get("failed", {}).items()) or "none"
-        print(
-            f"round {r['round']}: pooled AUC {r['pooled'].get('auc')}  trained: {', '.join(r['participants'])}  failed: {failed}"
-        )
-    print(f"status: {results['status']}   results: {out / 'results' / 'results.json'}")
-    return 0 if results.get("status") == "completed" else 3
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedward deploy-local", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run(args)
-    except (ConfigError, DeploymentError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

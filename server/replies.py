@@ -97,6 +97,7 @@ def _sort_reply(msg: Message, name: str, reference: ArrayRecord | None, out: Rep
             "delta": float(metrics[Met.DELTA]),
             "noise_multiplier": float(metrics.get(Met.NOISE_MULTIPLIER, 0.0)) or None,
             "steps": int(metrics[Met.STEPS]),
+            "repeatable_noise": bool(metrics.get(Met.REPEATABLE_NOISE, 0)),
         }
     refused = str(msg.content[Rec.SITE].get(Site.REFUSED, ""))
     if refused:

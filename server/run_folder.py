@@ -89,6 +89,7 @@ class Metrics(TypedDict, total=False):
     delta: float | None
     noise_multiplier: float | None
     steps: int
+    repeatable_noise: bool  # the site's noise was seeded: not private against the coordinator
     refused: str | None
 
 

@@ -16,7 +16,8 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from client.train import device, train_round
+from client.randomness import RoundRandomness
+from client.train import DPSettings, device, train_round
 from common.models import build_model
 from common.privacy import PrivacyRequest, rdp_epsilon, request_config
 from common.round import RoundPlan
@@ -64,8 +65,8 @@ def train_alone(
             y,
             plan,
             augment_fn=augment_fn,
-            privacy=request,
-            on_private_steps=lambda dp: history.extend(dp.history()),
+            randomness=RoundRandomness.secret(device()) if private else None,
+            dp=DPSettings(request, on_steps=lambda dp: history.extend(dp.history())) if private else None,
         )
         model = result.model
         losses.append(round(result.loss, 6))

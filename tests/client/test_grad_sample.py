@@ -74,6 +74,7 @@ def test_hooks_mode_without_batch_weight_grads_updates_exactly_like_opacus():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dp = make_private(
+                noise_generator=torch.Generator().manual_seed(0),
                 model=model,
                 optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
                 data_loader=DataLoader(TensorDataset(x, y), batch_size=16),

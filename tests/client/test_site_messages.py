@@ -1,5 +1,6 @@
-"""What leaves a site: model arrays and aggregate metrics only, never file names, patient ids or
-per-image values. The real ClientApp handlers answer real Flower Messages for a DICOM site."""
+"""What leaves a site: model arrays and aggregate metrics only, never file names or patient ids; and
+from a private round nothing the epsilon does not cover (no exact size, no loss, no time). The real
+ClientApp handlers answer real Flower Messages for a DICOM site."""
 
 from __future__ import annotations
 
@@ -11,23 +12,48 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import handle_evaluate, handle_train
+from client.ledger import SiteAccountant
 from client.site import runtime_for
 from common.config import load_site
 from common.keys import Cfg, Met, Rec, Site
 from common.metrics import HIST_BINS
 from common.models import build_model
+from common.privacy import request_config
+from common.schema import PrivacyConfig
 from tests.common.test_sources import write_dicom_site
 from tests.plans import round_config
+
+PRIVATE_METRICS = {
+    "num-examples",
+    "epsilon",
+    "delta",
+    "noise-multiplier",
+    "steps",
+    "sample-rate",
+    "repeatable-noise",
+}
 
 
 @pytest.fixture
 def site(tmp_path):
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    return load_site(write_dicom_site(tmp_path / "site", name="hospital-x", patients=8, size=32, seed=3))
+    path = write_dicom_site(
+        tmp_path / "site", name="hospital-x", patients=8, size=32, seed=3, privacy={"required": False}
+    )
+    return load_site(path)
 
 
-def _config(rnd: int) -> ConfigRecord:
-    return ConfigRecord(round_config(round=rnd))
+def _config(rnd: int, private: bool = False) -> ConfigRecord:
+    config = round_config(round=rnd, dp_enabled=private)
+    if private:
+        config |= request_config(PrivacyConfig(enabled=True, noise_multiplier=1.0))
+    return ConfigRecord(config)
+
+
+def _ask(rt, kind: str, config: ConfigRecord) -> RecordDict:
+    arrays = ArrayRecord(build_model("cnn28").state_dict())
+    msg = Message(RecordDict({Rec.ARRAYS: arrays, Rec.CONFIG: config}), dst_node_id=1, message_type=kind)
+    return (handle_train if kind == MessageType.TRAIN else handle_evaluate)(msg, rt).content
 
 
 def _strings(content: RecordDict) -> list[str]:
@@ -41,12 +67,11 @@ def _strings(content: RecordDict) -> list[str]:
 
 def test_site_replies_carry_only_arrays_and_aggregate_numbers(site):
     rt = runtime_for(site)
-    arrays = ArrayRecord(build_model("cnn28").state_dict())
-    train = Message(RecordDict({Rec.ARRAYS: arrays, Rec.CONFIG: _config(1)}), dst_node_id=1,
-                    message_type=MessageType.TRAIN)  # fmt: skip
-    evaluate = Message(RecordDict({Rec.ARRAYS: arrays, Rec.CONFIG: _config(1)}), dst_node_id=1,
-                       message_type=MessageType.EVALUATE)  # fmt: skip
-    replies = [handle_train(train, rt).content, handle_evaluate(evaluate, rt).content]
+    replies = [
+        _ask(rt, MessageType.TRAIN, _config(1)),
+        _ask(rt, MessageType.TRAIN, _config(1, private=True)),
+        _ask(rt, MessageType.EVALUATE, _config(1)),
+    ]
 
     sheet = (Path(site.source_path).parent / site.data.labels).read_text().splitlines()[1:]
     private = {cell for line in sheet for cell in line.split(",")[:2] if cell}  # file, patient_id
@@ -67,7 +92,27 @@ def test_site_replies_carry_only_arrays_and_aggregate_numbers(site):
         text = " ".join(_strings(content))
         assert not any(p in text for p in private)
     assert replies[0][Rec.SITE][Site.NAME] == "hospital-x"
-    assert set(replies[1][Rec.METRICS].keys()) >= {"auc", "n-test", "confusion", "score-hist"}
+    assert set(replies[2][Rec.METRICS].keys()) >= {"auc", "n-test", "confusion", "score-hist"}
+
+
+def test_a_private_rounds_reply_holds_only_what_its_epsilon_covers(site):
+    rt = runtime_for(site)
+    plain, private = (
+        _ask(rt, MessageType.TRAIN, _config(1)),
+        _ask(rt, MessageType.TRAIN, _config(1, private=True)),
+    )
+
+    assert plain[Rec.METRICS][Met.NUM_EXAMPLES] == len(rt.data.train_y)  # this site allows plain training
+    assert {Met.TRAIN_LOSS, Met.TRAIN_S} <= set(plain[Rec.METRICS].keys())
+    assert set(private[Rec.METRICS].keys()) == PRIVATE_METRICS  # no loss, no training time
+    # the size it sends is the count it released, noised and charged to its ledger, once per study
+    entries = SiteAccountant(site.state_dir).ledger.entries()
+    count = [e for e in entries if e.kind == "count"]
+    assert len(count) == 1 and count[0].noise_multiplier == site.privacy.count_noise
+    assert private[Rec.METRICS][Met.NUM_EXAMPLES] == int(count[0].value)
+    again = _ask(rt, MessageType.TRAIN, _config(2, private=True))
+    assert again[Rec.METRICS][Met.NUM_EXAMPLES] == int(count[0].value)
+    assert [e.kind for e in SiteAccountant(site.state_dir).ledger.entries()] == ["count", "train", "train"]
 
 
 def test_site_trains_with_its_own_class_balance_when_asked(site, monkeypatch):
@@ -84,13 +129,10 @@ def test_site_trains_with_its_own_class_balance_when_asked(site, monkeypatch):
         return crit
 
     monkeypatch.setattr(train, "make_criterion", spy)
-    arrays = ArrayRecord(build_model("cnn28").state_dict())
     for balanced in (False, True):
         config = _config(1)
         config[Cfg.CLASS_BALANCE] = balanced
-        msg = Message(RecordDict({Rec.ARRAYS: arrays, Rec.CONFIG: config}), dst_node_id=1,
-                      message_type=MessageType.TRAIN)  # fmt: skip
-        assert Rec.ARRAYS in handle_train(msg, rt).content
+        assert Rec.ARRAYS in _ask(rt, MessageType.TRAIN, config)
     assert [b for b, _ in seen] == [False, True]
     counts = torch.bincount(rt.data.train_y, minlength=2).double()
     assert torch.allclose(seen[1][1].double(), counts.sum() / (2 * counts))

@@ -132,8 +132,10 @@ def write_dicom_site(
     bad_files: bool = True,
     seed: int = 0,
     data: dict | None = None,
+    privacy: dict | None = None,
 ) -> Path:
-    """A site as a hospital exports it: DICOM files in sub-folders, labels.csv, site.yaml.
+    """A site as a hospital exports it: DICOM files in sub-folders, labels.csv, site.yaml
+    (its `privacy` section when given: a hospital's own site config requires privacy by default).
 
     With bad_files: a truncated file, a text file named .dcm, a DICOM object without pixels,
     a row whose label is not a class, a row whose file is missing, a second copy of an image,
@@ -169,6 +171,7 @@ def write_dicom_site(
             **(data or {}),
         },
         "state_dir": str(folder / "state"),
+        **({"privacy": privacy} if privacy else {}),
     }
     path = folder / "site.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

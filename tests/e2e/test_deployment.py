@@ -1,14 +1,19 @@
 """Flower's Deployment Engine on loopback, real processes: a SuperLink with TLS and SuperNode
-authentication, one SuperNode per site, studies submitted with `flwr run`. Sites that are not
+authentication, and at each site its own site service, a SuperNode and the runner of its ClientApps,
+the last two as OS users of their own; studies submitted with `flwr run`. Sites that are not
 registered or do not trust the CA are refused; a site killed mid-round does not stop the study and
-rejoins; a coordinator killed mid-study resumes after its last finished round, ledgers exact."""
+rejoins; a coordinator killed mid-study resumes after its last finished round, ledgers exact; an app
+the coordinator changed to read the site's files, keys and ledger, or to skip its privacy, gets
+nothing. Run as root (the deployment makes the users fedward-node and fedward-app)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -19,7 +24,7 @@ import yaml
 
 from client.ledger import LedgerWarning, SiteAccountant
 from server.certs import make_credentials
-from server.deploy import LocalDeployment
+from server.deploy import DeploymentError, LocalDeployment
 from server.processes import Service
 from tests.conftest import ROOT
 
@@ -44,7 +49,7 @@ def write_sites(folder: Path) -> Path:
     return folder
 
 
-def write_study(path: Path, *, rounds: int, timeout_s: float, privacy: bool = False) -> Path:
+def write_study(path: Path, *, rounds: int, timeout_s: float, privacy: bool = True) -> Path:
     study = {
         "name": path.stem,
         "seed": 0,
@@ -90,25 +95,48 @@ def ensure_online(dep: LocalDeployment) -> None:
             dep.rejoin(site)
 
 
+def released_count(state_dir: Path) -> int:
+    """The noised training-set size a site released for its study (the only line of kind count)."""
+    (count,) = [e.value for e in SiteAccountant(state_dir).ledger.entries() if e.kind == "count"]
+    return int(count)
+
+
+@pytest.fixture(scope="module")
+def reachable(tmp_path_factory):
+    """Folders the deployment's other users can enter (pytest's own are closed to them)."""
+    made = []
+
+    def make(name: str) -> Path:
+        folder = Path(tempfile.mkdtemp(prefix=f"fedward-{name}-", dir="/tmp"))
+        folder.chmod(0o755)
+        made.append(folder)
+        return folder
+
+    yield make
+    for folder in made:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def site_templates(tmp_path_factory) -> Path:
     return write_sites(tmp_path_factory.mktemp("site-templates"))
 
 
 @pytest.fixture(scope="module")
-def superlink(tmp_path_factory, site_templates):
+def superlink(reachable, site_templates):
     """A SuperLink with TLS and authentication, hospital-a registered, no SuperNode running."""
-    with LocalDeployment(tmp_path_factory.mktemp("link"), site_templates=site_templates) as dep:
+    with LocalDeployment(reachable("link"), site_templates=site_templates) as dep:
         dep.prepare()
         dep.start_superlink()
         dep.register("hospital-a")
+        dep.start_site_service("hospital-a")
         yield dep
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory, site_templates):
-    """The SuperLink and all three SuperNodes online; every process stopped afterwards."""
-    with LocalDeployment(tmp_path_factory.mktemp("deploy"), site_templates=site_templates) as dep:
+def deployment(reachable, site_templates):
+    """The SuperLink, every site's service and SuperNode online; every process stopped afterwards."""
+    with LocalDeployment(reachable("deploy"), site_templates=site_templates) as dep:
         dep.start_all()
         yield dep
 
@@ -149,25 +177,35 @@ def test_a_supernode_that_does_not_trust_the_ca_cannot_connect(superlink, tmp_pa
     assert online_nodes(superlink) == {superlink.node_ids["hospital-a"]: "registered"}
 
 
-def test_insecure_mode_is_explicit_and_warns(tmp_path, site_templates):
+def test_insecure_mode_is_explicit_and_warns(reachable, site_templates):
+    folder = reachable("insecure")
     with pytest.warns(UserWarning, match="INSECURE deployment"):
-        dep = LocalDeployment(tmp_path, site_templates=site_templates, insecure=True)
+        dep = LocalDeployment(folder, site_templates=site_templates, insecure=True)
     dep.prepare()
 
-    assert "insecure = true" in (tmp_path / "flwr-cli" / "config.toml").read_text()
-    assert not (tmp_path / "certs").exists()
-    secure = LocalDeployment(tmp_path / "secure", site_templates=site_templates)
+    assert "insecure = true" in (folder / "flwr-cli" / "config.toml").read_text()
+    assert not (folder / "certs").exists()
+    secure = LocalDeployment(folder / "secure", site_templates=site_templates)
     secure.prepare()
-    assert "root-certificates" in (tmp_path / "secure" / "flwr-cli" / "config.toml").read_text()
+    assert "root-certificates" in (folder / "secure" / "flwr-cli" / "config.toml").read_text()
+    with pytest.warns(UserWarning, match="NOT ISOLATED"):
+        LocalDeployment(folder / "open", site_templates=site_templates, isolated=False)
+
+
+def test_a_deployment_folder_the_sites_users_cannot_enter_is_refused(tmp_path, site_templates):
+    dep = LocalDeployment(tmp_path / "closed", site_templates=site_templates)  # pytest's folders are 0700
+
+    with pytest.raises(DeploymentError, match="cannot enter"):
+        dep.prepare()
 
 
 @pytest.mark.slow
-def test_deploy_local_runs_two_rounds_over_tls_with_all_three_sites(tmp_path, site_templates):
+def test_deploy_local_runs_two_rounds_over_tls_with_all_three_sites(reachable, tmp_path, site_templates):
     study = write_study(tmp_path / "two-rounds.yaml", rounds=2, timeout_s=180)
-    out = tmp_path / "deploy"
+    out = reachable("deploy-local") / "deploy"
 
     proc = subprocess.run(
-        [sys.executable, "-m", "server.deploy", "--out", str(out), "--study", str(study)]
+        [sys.executable, "-m", "server.cli", "deploy-local", "--out", str(out), "--study", str(study)]
         + ["--sites-dir", str(site_templates)],
         cwd=ROOT,
         capture_output=True,
@@ -181,7 +219,10 @@ def test_deploy_local_runs_two_rounds_over_tls_with_all_three_sites(tmp_path, si
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     for record in results["rounds"]:
         assert record["participants"] == SITES
-        assert {s: t["n_train"] for s, t in record["train"].items()} == dict.fromkeys(SITES, 64)
+        # each site's noised, released size (charged to its ledger), never the exact 64; no loss, no time
+        counts = {s: released_count(out / "sites" / s / "state") for s in SITES}
+        assert {s: t["n_train"] for s, t in record["train"].items()} == counts
+        assert all(t["loss"] is None and t["train_s"] is None for t in record["train"].values())
     assert sorted(results["final"]["sites"]) == SITES
     for metrics in results["final"]["sites"].values():
         assert metrics["n_test"] == 32 and 0.0 <= metrics["auc"] <= 1.0
@@ -242,7 +283,7 @@ def test_a_restarted_coordinator_resumes_after_the_last_finished_round(deploymen
         if not (out / "results.json").exists():
             return False
         study_id = json.loads((out / "results.json").read_text())["study_id"]
-        return all(any(e.round == 2 for e in ledger(site, study_id)) for site in SITES)
+        return all(any(e.kind == "train" and e.round == 2 for e in ledger(site, study_id)) for site in SITES)
 
     run = deployment.submit(study, out)
     # Every site has trained round 2 and counted it; the coordinator has not finished the round yet.
@@ -260,8 +301,10 @@ def test_a_restarted_coordinator_resumes_after_the_last_finished_round(deploymen
     assert results["rounds"][1]["participants"] == SITES
     for site in SITES:
         entries = ledger(site, results["study_id"])
-        # round 1 once; round 2 twice: the lost attempt and the resumed one both spent privacy
-        assert [(e.round, e.attempt) for e in entries] == [(1, 1), (2, 1), (2, 2)]
+        # the count once; round 1 once; round 2 twice: the lost attempt and the resumed one both spent privacy
+        assert [(e.kind, e.round, e.attempt) for e in entries] == [
+            ("count", 0, 1), ("train", 1, 1), ("train", 2, 1), ("train", 2, 2)
+        ]  # fmt: skip
         spent = SiteAccountant(deployment.state_dir(site)).epsilon(entries[-1].delta)
         assert results["final"]["sites"][site]["epsilon"] == pytest.approx(spent, rel=1e-9)
-        assert results["rounds"][0]["sites"][site]["epsilon"] == pytest.approx(entries[0].epsilon, rel=1e-9)
+        assert results["rounds"][0]["sites"][site]["epsilon"] == pytest.approx(entries[1].epsilon, rel=1e-9)

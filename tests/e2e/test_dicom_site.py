@@ -19,8 +19,11 @@ from tests.conftest import run_fedward
 
 @pytest.mark.slow
 def test_two_dicom_sites_pass_the_check_and_train_for_two_rounds(tmp_path):
-    a = write_dicom_site(tmp_path / "a", name="hospital-a", patients=12, size=32, seed=1)
-    b = write_dicom_site(tmp_path / "b", name="hospital-b", patients=10, size=32, seed=2, bad_files=False)
+    allow = {"required": False}  # this study trains without privacy, which each site must allow
+    a = write_dicom_site(tmp_path / "a", name="hospital-a", patients=12, size=32, seed=1, privacy=allow)
+    b = write_dicom_site(
+        tmp_path / "b", name="hospital-b", patients=10, size=32, seed=2, bad_files=False, privacy=allow
+    )
     study = tmp_path / "study.yaml"
     study.write_text(
         "name: dicom-sites\nseed: 0\nrounds: 2\nmin_sites: 2\n"

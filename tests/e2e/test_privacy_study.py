@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,15 @@ privacy: {{max_epsilon: {max_eps}, delta: 1.0e-5, min_noise_multiplier: {min_noi
 """
 
 
+def _train_lines(ledger: Path) -> list:
+    return [e for e in PrivacyLedger(ledger).entries() if e.kind == "train"]
+
+
+def _released_count(ledger: Path) -> float:
+    (count,) = [e.value for e in PrivacyLedger(ledger).entries() if e.kind == "count"]
+    return count
+
+
 def _study(tmp_path: Path, policies: list[tuple[str, float, float]], noise: float = 0.0) -> Path:
     paths = []
     for name, max_eps, min_noise in policies:
@@ -46,10 +56,12 @@ def _study(tmp_path: Path, policies: list[tuple[str, float, float]], noise: floa
 
 
 def _fresh_epsilon(ledger: Path, delta: float = 1e-5) -> tuple[float, int]:
+    """Epsilon of every line of the ledger (the released count too) by a fresh Opacus accountant,
+    and the number of training lines."""
     entries = PrivacyLedger(ledger).entries()
     accountant = RDPAccountant()
     accountant.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
-    return accountant.get_epsilon(delta=delta), len(entries)
+    return accountant.get_epsilon(delta=delta), len([e for e in entries if e.kind == "train"])
 
 
 @pytest.mark.slow
@@ -70,13 +82,15 @@ def test_sites_enforce_their_policy_and_report_the_whole_study_epsilon(tmp_path)
         assert rounds[-1]["sites"][site]["epsilon"] == pytest.approx(epsilon, rel=1e-9)
         assert results["final"]["sites"][site]["epsilon"] == pytest.approx(epsilon, rel=1e-9)
         assert epsilon > rounds[0]["sites"][site]["epsilon"] * 1.1
-        assert epsilon <= 8.0 + 1e-6  # noise derived for all planned rounds meets the target
-        assert all(r["sites"][site]["steps"] == 8 and r["sites"][site]["refused"] is None for r in rounds)
+        assert epsilon <= 8.0 + 1e-6  # noise derived for all planned rounds (and the count) meets the target
+        steps = math.ceil(_released_count(out / "sites" / site / "privacy-ledger.jsonl") / 25)  # batch 25
+        assert all(r["sites"][site]["steps"] == steps and r["sites"][site]["refused"] is None for r in rounds)
+        assert all(r["train"][site]["loss"] is None and r["train"][site]["train_s"] is None for r in rounds)
 
     # c refuses every round: the coordinator asked for less noise than its policy allows
     for r in rounds:
         assert "c" not in r["participants"]
-        assert "noise multiplier" in r["sites"]["c"]["refused"] and "minimum 5" in r["sites"]["c"]["refused"]
+        assert "privacy.min_noise_multiplier 5" in r["sites"]["c"]["refused"]
     assert not (out / "sites" / "c" / "privacy-ledger.jsonl").exists()
     assert results["final"]["sites"]["c"]["epsilon"] == 0.0
 
@@ -98,15 +112,61 @@ def test_a_restarted_site_continues_its_epsilon_from_its_state_folder(tmp_path):
     assert first.returncode == 0, first.stdout + first.stderr
     ledger = out / "sites" / "a" / "privacy-ledger.jsonl"
     before = ledger.read_text().splitlines()
-    assert len(before) == 2
+    assert len(before) == 3  # the released count and two rounds
 
     # a new coordinator process and new site processes; only the state folders carry over
     second = run_fedward("simulate", str(study), "--out", str(out), "--rounds", "3", "--resume")
     assert second.returncode == 0, second.stdout + second.stderr
     after = ledger.read_text().splitlines()
-    assert after[:2] == before and len(after) == 3
+    assert after[:3] == before and len(after) == 4  # the count is not released again
     epsilon, _ = _fresh_epsilon(ledger)
     results = json.loads((out / "results.json").read_text())
     assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
     assert results["rounds"][2]["sites"]["a"]["epsilon"] == pytest.approx(epsilon, rel=1e-9)
     assert results["rounds"][2]["sites"]["a"]["epsilon"] > results["rounds"][1]["sites"]["a"]["epsilon"]
+
+
+PLAIN_STUDY = """
+name: policy-test
+rounds: 1
+min_sites: 1
+data:
+  source: sites
+  site_configs: [{a}, {b}]
+train: {{local_epochs: 1, batch_size: 16}}
+privacy: {{enabled: {dp}, poisson_sampling: {poisson}, noise_multiplier: 1.0}}
+"""
+SYNTHETIC_SITE = """
+site: {name}
+data: {{format: synthetic, partition: {{index: {index}, num_sites: 2}}, synthetic: {{train_per_site: 48, test_per_site: 16}}}}
+privacy: {{required: {required}}}
+state_dir: {state}
+"""
+
+
+@pytest.mark.slow
+def test_a_coordinator_cannot_switch_a_sites_privacy_off_in_a_real_simulation(tmp_path):
+    paths = []
+    for index, (name, required) in enumerate((("strict", "true"), ("lenient", "false"))):
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(SYNTHETIC_SITE.format(name=name, index=index, required=required, state=tmp_path / name))
+        paths.append(p)
+
+    def simulate(dp: str, poisson: str) -> dict:
+        study = tmp_path / f"study-{dp}-{poisson}.yaml"
+        study.write_text(PLAIN_STUDY.format(a=paths[0], b=paths[1], dp=dp, poisson=poisson))
+        out = tmp_path / f"out-{dp}-{poisson}"
+        proc = run_fedward("simulate", str(study), "--out", str(out))
+        assert proc.returncode in (0, 3), proc.stdout + proc.stderr
+        return json.loads((out / "results.json").read_text())
+
+    plain = simulate("false", "true")  # the coordinator asks for no privacy
+    (round_,) = plain["rounds"]
+    assert round_["participants"] == ["lenient"]
+    assert "privacy.required" in round_["refused"]["strict"]
+    assert not (tmp_path / "strict" / "privacy-ledger.jsonl").exists()
+
+    no_poisson = simulate("true", "false")  # privacy, but batches the epsilon does not describe
+    assert no_poisson["status"] == "stopped"
+    refused = no_poisson["stopped_rounds"][0]["refused"]
+    assert set(refused) == {"strict", "lenient"} and all("Poisson sampling" in r for r in refused.values())

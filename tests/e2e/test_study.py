@@ -93,9 +93,10 @@ def test_local_training_under_privacy_spends_the_same_budget_as_the_federation(s
     for s in SITES:
         local = doc["models"][f"local-dp:{s}"]
         federated = doc["models"]["federated-dp"]["epsilon"][s]
-        # noise derived for target 8 to within derive_noise_multiplier's epsilon_tolerance of 0.01
-        assert local["private"] and 8.0 - 0.01 <= local["epsilon"] <= 8.0 + 1e-6
-        assert local["epsilon"] == pytest.approx(federated, rel=1e-9)  # same steps, same derived noise
+        # noise derived for target 8 to within derive_noise_multiplier's epsilon_tolerance of 0.01; the
+        # federated site's count includes its released training-set size, the local one's does not
+        for spent in (local["epsilon"], federated):
+            assert 8.0 - 0.01 <= spent <= 8.0 + 1e-6
         assert np.all(np.diff(local["epsilon_by_round"]) > 0)
         assert doc["models"][f"local:{s}"]["epsilon"] is None
 

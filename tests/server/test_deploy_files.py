@@ -102,37 +102,48 @@ def test_coordinator_compose_runs_a_tls_superlink_with_supernode_auth(creds):
     assert (ROOT / "deploy" / "compose" / app["build"]["context"] / app["build"]["dockerfile"]).is_file()
 
 
-def test_site_compose_runs_an_authenticated_supernode_with_read_only_data(creds):
+def test_site_compose_keeps_the_data_with_the_site_service_and_away_from_the_clientapp(creds):
     services = _compose("site.yaml")["services"]
-    node, app = services["supernode"], services["clientapp"]
+    site, node, app = services["site"], services["supernode"], services["clientapp"]
     flags = _flags(node["command"])
 
-    assert set(services) == {"supernode", "clientapp"}
+    assert set(services) == {"site", "supernode", "clientapp"}
     assert node["image"] == f"flwr/supernode:{FLWR}"
     assert {"--root-certificates", "--auth-supernode-private-key", "--superlink", "--node-config"} <= set(
         flags
     )
-    assert "--insecure" not in flags
+    assert "--insecure" not in flags and flags["--isolation"] == "process"
     mounts = _compose_mounts(node)
     assert mounts["/certs"][0] == "../certs/sites/<FEDWARD_SITE>"
     _cert_files_exist(flags, mounts, creds.out_dir / "sites" / "hospital-a")
-    assert "ports" not in node and "ports" not in app  # a site only connects out
-    assert node["restart"] == "unless-stopped"
+    assert not any("ports" in s for s in services.values())  # a site only connects out
+    assert all(s["restart"] == "unless-stopped" for s in services.values())
 
+    # the site service: the data read-only, the ledger on its own volume, the config, the socket
+    site_mounts = _compose_mounts(site)
+    assert site["entrypoint"] == ["fedward", "site", "serve"] and site["network_mode"] == "none"
+    config_path = site["command"][0]
+    assert site_mounts[config_path] == ("../site/site.yaml", True)
+    assert site_mounts["/data"][1], "the hospital's data must be mounted read-only"
+    config = load_site(DEPLOY / "site" / "site.yaml")
+    assert _mount_of(config.data.path, site_mounts) == "/data"
+    assert (
+        _mount_of(config.state_dir, site_mounts) == "/var/lib/fedward"
+        and not site_mounts["/var/lib/fedward"][1]
+    )
+    socket = re.fullmatch(r"site-socket='(.+)'", flags["--node-config"]).group(1)
+    assert socket == config.service.socket and _mount_of(socket, site_mounts) == "/run/fedward"
+
+    # the ClientApp's runner: the socket and its secret, no data, no ledger, no config, no key
     app_flags = _flags(app["command"])
     app_mounts = _compose_mounts(app)
+    assert set(app_mounts) == {"/run/fedward", "/secret/superexec.secret"}
+    assert app_mounts["/run/fedward"][0] == site_mounts["/run/fedward"][0] == "site-socket"
     assert app["network_mode"] == "service:supernode"
     assert app_flags["--runtime-api-address"] == f"127.0.0.1:{flags['--port']}"
     assert flags["--host"] == "127.0.0.1"  # the plain-text runtime link never leaves the pod
-    _cert_files_exist(app_flags, app_mounts, creds.out_dir / "sites" / "hospital-a")
-    site_config = re.fullmatch(r"site-config='(.+)'", flags["--node-config"]).group(1)
-    assert app_mounts[site_config] == ("../site/site.yaml", True)
-    assert app_mounts["/data"][1], "the hospital's data must be mounted read-only"
-    site = load_site(DEPLOY / "site" / "site.yaml")
-    assert _mount_of(site.data.path, app_mounts) == "/data"
-    assert (
-        _mount_of(site.state_dir, app_mounts) == "/var/lib/fedward" and not app_mounts["/var/lib/fedward"][1]
-    )
+    secret = app_mounts["/secret/superexec.secret"]
+    assert secret[1] and secret[0].endswith("/sites/<FEDWARD_SITE>/superexec.secret")
 
 
 def _k8s(name: str) -> dict[str, dict]:
@@ -175,21 +186,32 @@ def test_coordinator_manifest_matches_the_compose_file(creds):
 def test_site_manifest_matches_the_compose_file(creds):
     docs = _k8s("site.yaml")
     containers, volumes = _pod(docs, "fedward-site")
-    node, app = containers["supernode"], containers["clientapp"]
+    site, node, app = containers["site"], containers["supernode"], containers["clientapp"]
     flags = _flags(node["args"])
     compose = _flags(_compose("site.yaml")["services"]["supernode"]["command"])
 
+    assert set(containers) == {"site", "supernode", "clientapp"}
     assert node["image"] == f"flwr/supernode:{FLWR}"
     assert {k: v for k, v in flags.items() if k != "--superlink"} == {
         k: v for k, v in compose.items() if k != "--superlink"
     }
     _cert_files_exist(flags, _k8s_mounts(node), creds.out_dir / "sites" / "hospital-a")
     assert not any(k.startswith("Service/") for k in docs)  # nothing listens at a hospital
+    site_mounts = _k8s_mounts(site)
+    assert site["command"] == ["fedward", "site", "serve"]
+    assert site_mounts["/data"][1] and volumes["data"]["persistentVolumeClaim"]["readOnly"] is True
+    assert site_mounts["/etc/fedward"] == ("site-config", True)
+    assert not site_mounts["/var/lib/fedward"][1]
     app_mounts = _k8s_mounts(app)
+    assert set(app_mounts) == {"/secret", "/run/fedward"}  # no data, ledger, config or key
+    assert (
+        app_mounts["/run/fedward"][0] == site_mounts["/run/fedward"][0] == "socket"
+        and "emptyDir" in volumes["socket"]
+    )
+    assert volumes["runner-secret"]["secret"]["items"] == [
+        {"key": "superexec.secret", "path": "superexec.secret"}
+    ]
     _cert_files_exist(_flags(app["args"]), app_mounts, creds.out_dir / "sites" / "hospital-a")
-    assert app_mounts["/data"][1] and volumes["data"]["persistentVolumeClaim"]["readOnly"] is True
-    assert app_mounts["/etc/fedward"] == ("site-config", True)
-    assert not app_mounts["/var/lib/fedward"][1]
     assert docs["Deployment/fedward-site"]["spec"]["replicas"] == 1  # one SuperNode per site key
 
 

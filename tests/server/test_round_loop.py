@@ -20,7 +20,14 @@ from client.app import handle_evaluate, handle_train
 from client.site import SiteRuntime
 from common.config import ConfigError
 from common.keys import Met, Rec, Site
-from common.schema import SiteConfig, SiteDataConfig, SitePartition, StudyConfig, SyntheticConfig
+from common.schema import (
+    SiteConfig,
+    SiteDataConfig,
+    SitePartition,
+    SitePolicyConfig,
+    StudyConfig,
+    SyntheticConfig,
+)
 from server.coordinator import run_study
 from server.run_folder import RESULTS_FILE
 
@@ -33,28 +40,33 @@ class LocalGrid(Grid):
     def __init__(self, nodes: dict[int, Behaviour]):
         self.nodes = nodes
         self.asked: list[tuple[str, int]] = []  # (message type, node) of every message sent
+        self.waiting: list[Message] = []  # replies not pulled yet
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
 
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
             self.asked.append((msg.metadata.message_type, msg.metadata.dst_node_id))
             reply = self.nodes[msg.metadata.dst_node_id](msg)
             if reply is not None:
-                replies.append(reply)
-        return replies
+                self.waiting.append(reply)
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        wanted = set(message_ids)
+        out = [m for m in self.waiting if m.metadata.reply_to_message_id in wanted]
+        self.waiting = [m for m in self.waiting if m not in out]
+        return out
 
     # the rest of Grid's interface is not used by the coordinator
     def set_run(self, run_id: int) -> None: ...
     def run(self): ...
     def create_message(self, *args, **kwargs): ...
-    def push_messages(self, messages): ...
-    def pull_messages(self, message_ids): ...
+    def send_and_receive(self, messages, *, timeout=None): ...
 
 
 def honest(name: str, index: int, state_dir: str = "") -> Behaviour:
@@ -63,7 +75,8 @@ def honest(name: str, index: int, state_dir: str = "") -> Behaviour:
         partition=SitePartition(index=index, num_sites=3),
         synthetic=SyntheticConfig(train_per_site=32, test_per_site=16),
     )
-    runtime = SiteRuntime.load(SiteConfig(site=name, data=data, state_dir=state_dir))
+    policy = SitePolicyConfig(required=False)  # a simulated site: it follows the study's privacy setting
+    runtime = SiteRuntime.load(SiteConfig(site=name, data=data, privacy=policy, state_dir=state_dir))
 
     def answer(msg: Message) -> Message:
         if msg.metadata.message_type == MessageType.TRAIN:
@@ -118,7 +131,9 @@ def _task_identity():
 
 
 def _study(rounds: int = 2, min_sites: int = 1) -> StudyConfig:
-    study = StudyConfig(name="loop", rounds=rounds, min_sites=min_sites)
+    study = StudyConfig(
+        name="loop", rounds=rounds, min_sites=min_sites, round_timeout_s=1.0
+    )  # for the silent
     study.model.name = "cnn28-small"
     study.train.batch_size = 16
     return study

@@ -1,0 +1,129 @@
+"""The site service and the forwarder over a real Unix socket: real Flower Messages in, the site's
+own training path behind it; garbage, hang-ups and restarts do not hurt the site."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.forwarder import SiteUnreachableError, ask, forward
+from client.ledger import SiteAccountant
+from client.service import ServiceError, SiteService
+from client.wire import MAGIC
+from common.keys import Met, Rec, Site
+from common.models import build_model
+from common.privacy import request_config
+from common.schema import PrivacyConfig, SiteConfig, SiteDataConfig, SitePolicyConfig, SyntheticConfig
+from tests.plans import round_config
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+
+
+def _site(tmp_path) -> SiteConfig:
+    data = SiteDataConfig(format="synthetic", synthetic=SyntheticConfig(train_per_site=48, test_per_site=16))
+    return SiteConfig(
+        site="hospital-a",
+        data=data,
+        privacy=SitePolicyConfig(max_epsilon=50),
+        state_dir=str(tmp_path / "state"),
+    )
+
+
+class Running:
+    """A site service in a thread of this process, on a socket in tmp_path."""
+
+    def __init__(self, site: SiteConfig, path):
+        self.service = SiteService(site, path=path)
+        self.service.open()
+        self.thread = threading.Thread(target=self.service.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.service.stop()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def running(tmp_path):
+    service = Running(_site(tmp_path), tmp_path / "sock" / "site.sock")
+    yield service
+    service.stop()
+
+
+def _message(kind: str, private: bool = True) -> Message:
+    config = round_config(dp_enabled=private, batch_size=16)
+    if private:
+        config |= request_config(PrivacyConfig(enabled=True, noise_multiplier=1.0))
+    content = RecordDict(
+        {Rec.ARRAYS: ArrayRecord(build_model("cnn28").state_dict()), Rec.CONFIG: ConfigRecord(config)}
+    )
+    return Message(content, dst_node_id=1, message_type=kind)
+
+
+def test_the_forwarder_trains_and_evaluates_through_the_service(running):
+    path = str(running.service.path)
+    trained = forward(_message(MessageType.TRAIN), path, "train").content
+    evaluated = forward(_message(MessageType.EVALUATE), path, "evaluate").content
+
+    assert trained[Rec.SITE][Site.NAME] == "hospital-a" and trained[Rec.SITE][Site.REFUSED] == ""
+    sent = build_model("cnn28").state_dict()
+    back = trained[Rec.ARRAYS].to_torch_state_dict()
+    assert list(back) == list(sent) and all(back[k].shape == sent[k].shape for k in sent)
+    assert trained[Rec.METRICS][Met.EPSILON] > 0
+    assert evaluated[Rec.METRICS][Met.N_TEST] == 16
+    # the service's ledger, not the forwarder, holds the spending
+    assert [e.kind for e in SiteAccountant(running.service.config.state_dir).ledger.entries()] == [
+        "count",
+        "train",
+    ]
+
+
+def test_the_service_applies_the_sites_policy_whatever_the_forwarder_sends(running):
+    reply = forward(_message(MessageType.TRAIN, private=False), str(running.service.path), "train").content
+
+    assert "privacy.required" in reply[Rec.SITE][Site.REFUSED] and Rec.ARRAYS not in reply
+
+
+def test_garbage_and_a_forwarder_that_hangs_up_do_not_stop_the_service(running):
+    path = str(running.service.path)
+    with socket.socket(socket.AF_UNIX) as s:  # not a frame at all
+        s.connect(path)
+        s.sendall(b"GET / HTTP/1.1\r\n\r\n" * 3)
+        s.shutdown(socket.SHUT_WR)
+        assert b"unreadable request" in s.recv(4096)
+    with socket.socket(socket.AF_UNIX) as s:  # a forwarder that dies inside its request
+        s.connect(path)
+        s.sendall(MAGIC + b"\x00\x00\x00\x10\x00\x00\x10\x00{")
+    header, _ = ask(path, {"op": "status"})
+
+    assert header["site"] == "hospital-a"
+    assert forward(_message(MessageType.EVALUATE), path, "evaluate").content[Rec.METRICS][Met.N_TEST] == 16
+
+
+def test_a_forwarder_without_a_service_says_where_it_looked(tmp_path):
+    with pytest.raises(SiteUnreachableError, match=r"site\.sock.*fedward site serve"):
+        forward(_message(MessageType.TRAIN), str(tmp_path / "site.sock"), "train")
+
+
+def test_a_restarted_service_continues_its_ledger_and_a_second_one_is_refused(tmp_path):
+    site, path = _site(tmp_path), tmp_path / "site.sock"
+    first = Running(site, path)
+    forward(_message(MessageType.TRAIN), str(path), "train")
+    with pytest.raises(ServiceError, match="already listens"):
+        SiteService(site, path=path).open()
+    first.stop()
+    spent = SiteAccountant(site.state_dir).epsilon(1e-5)
+
+    second = Running(site, path)
+    reply = forward(_message(MessageType.TRAIN), str(path), "train").content
+    second.stop()
+
+    assert reply[Rec.METRICS][Met.EPSILON] > spent
+    assert reply[Rec.METRICS][Met.EPSILON] == pytest.approx(SiteAccountant(site.state_dir).epsilon(1e-5))

@@ -1,0 +1,126 @@
+"""The site decides: a coordinator's request weaker than the site's policy in any field is refused,
+naming the field, through the real ClientApp handlers; nothing is trained and the ledger is untouched.
+A site that allows non-private training says so in its own config, and then trains."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import handle_train
+from client.ledger import SiteAccountant
+from client.site import SiteRuntime
+from common.keys import Met, Rec, Site
+from common.models import build_model
+from common.privacy import PrivacyKey, request_config
+from common.schema import PrivacyConfig, SiteConfig, SiteDataConfig, SitePolicyConfig, SyntheticConfig
+from tests.plans import round_config
+
+POLICY = SitePolicyConfig(max_epsilon=3.0, delta=1e-5, min_noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+
+
+def _runtime(tmp_path, **policy) -> SiteRuntime:
+    data = SiteDataConfig(format="synthetic", synthetic=SyntheticConfig(train_per_site=48, test_per_site=8))
+    privacy = SitePolicyConfig(**{**POLICY.__dict__, **policy})
+    return SiteRuntime.load(
+        SiteConfig(site="hospital-a", data=data, privacy=privacy, state_dir=str(tmp_path))
+    )
+
+
+def _private(**asked) -> dict:
+    asked = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5, **asked}
+    return round_config(dp_enabled=True, batch_size=16) | request_config(PrivacyConfig(enabled=True, **asked))
+
+
+def _train(rt: SiteRuntime, config: dict):
+    msg = Message(
+        RecordDict(
+            {Rec.ARRAYS: ArrayRecord(build_model("cnn28").state_dict()), Rec.CONFIG: ConfigRecord(config)}
+        ),
+        dst_node_id=1,
+        message_type=MessageType.TRAIN,
+    )
+    return handle_train(msg, rt).content
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        (round_config(dp_enabled=False), "privacy.required"),
+        (_private(poisson_sampling=False), "Poisson sampling"),
+        (_private(noise_multiplier=0.5), "privacy.min_noise_multiplier 1"),
+        (_private(max_grad_norm=2.0), "privacy.max_grad_norm 1"),
+        (_private(delta=1e-4), "privacy.delta 1e-05"),
+        (
+            _private(noise_multiplier=1.0, target_epsilon=50.0) | {"planned-rounds": 50},
+            "privacy.max_epsilon 3",
+        ),
+    ],
+    ids=["no-dp", "no-poisson", "less-noise", "larger-clip", "larger-delta", "over-budget"],
+)
+def test_a_request_weaker_than_the_policy_is_refused_naming_the_field(tmp_path, config, field):
+    rt = _runtime(tmp_path)
+    if field == "privacy.max_epsilon 3":  # a budget almost spent: one more round does not fit
+        SiteAccountant(tmp_path).record_round(
+            round=1,
+            steps=60,
+            sample_rate=1 / 3,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            delta=1e-5,
+            study="earlier",
+        )
+    before = SiteAccountant(tmp_path).ledger.entries()
+
+    reply = _train(rt, config)
+
+    reason = reply[Rec.SITE][Site.REFUSED]
+    assert field in reason, reason
+    assert "This site trains only with differential privacy" in reason  # and says what it allows
+    assert Rec.ARRAYS not in reply
+    assert SiteAccountant(tmp_path).ledger.entries() == before
+
+
+def test_a_request_at_the_policys_limits_trains_and_is_counted(tmp_path):
+    rt = _runtime(tmp_path, max_epsilon=10.0)
+
+    reply = _train(rt, _private())
+
+    assert reply[Rec.SITE][Site.REFUSED] == "" and Rec.ARRAYS in reply
+    assert [e.kind for e in SiteAccountant(tmp_path).ledger.entries()] == ["count", "train"]
+    assert 0 < reply[Rec.METRICS][Met.EPSILON] <= 10.0
+
+
+def test_a_site_that_allows_non_private_training_trains_without_it(tmp_path):
+    rt = _runtime(tmp_path, required=False)
+
+    reply = _train(rt, round_config(dp_enabled=False))
+
+    assert reply[Rec.SITE][Site.REFUSED] == "" and Rec.ARRAYS in reply
+    assert reply[Rec.METRICS][Met.NUM_EXAMPLES] == 48
+    assert SiteAccountant(tmp_path).ledger.entries() == []  # nothing private was spent
+
+
+def test_the_coordinators_seed_does_not_decide_the_noise(tmp_path):
+    rt = _runtime(tmp_path, max_epsilon=50.0)
+    config = _private() | {"seed": 7}
+
+    first, second = (_train(rt, config)[Rec.ARRAYS].to_torch_state_dict() for _ in range(2))
+
+    assert not all((first[k] == second[k]).all() for k in first)  # same inputs, fresh noise
+
+
+def test_a_malformed_privacy_request_is_refused_not_a_crash(tmp_path):
+    rt = _runtime(tmp_path)
+    config = _private()
+    config[PrivacyKey.MAX_GRAD_NORM] = "large"
+
+    reply = _train(rt, config)
+
+    assert "dp-max-grad-norm" in reply[Rec.SITE][Site.REFUSED]
