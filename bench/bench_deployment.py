@@ -34,10 +34,9 @@ from server.deploy import DEFAULT_STUDY, LOCAL_DIR, LocalDeployment  # noqa: E40
 from server.simulate import simulate  # noqa: E402
 
 IN_PROCESS_APP = '''"""The ClientApp of before the site service: the site's data and training in Flower's process."""
-from flwr.app import Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.app import handle_evaluate, handle_train
 from client.forwarder import SOCKET_KEY
 from client.site import runtime_for
 from common.config import load_site
@@ -45,19 +44,26 @@ from common.config import load_site
 app = ClientApp()
 
 
-def runtime(context: Context):
+def answer(msg: Message, context: Context, op: str) -> Message:
     socket = str(context.node_config[SOCKET_KEY])  # <deployment>/sites/<site>/socket/site.sock
-    return runtime_for(load_site(socket.rsplit("/socket/", 1)[0] + "/site.yaml"))
+    runtime = runtime_for(load_site(socket.rsplit("/socket/", 1)[0] + "/site.yaml"))
+    weights = msg.content["arrays"].to_torch_state_dict()
+    reply = getattr(runtime, op)(dict(msg.content["config"]), weights)
+    records = {"metrics": MetricRecord(dict(reply.metrics)),
+               "site": ConfigRecord({"name": reply.site, "refused": reply.refused, "release": reply.release})}
+    if reply.weights is not None:
+        records["arrays"] = ArrayRecord(reply.weights)
+    return Message(RecordDict(records), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return handle_train(msg, runtime(context))
+    return answer(msg, context, "train")
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    return handle_evaluate(msg, runtime(context))
+    return answer(msg, context, "evaluate")
 '''
 
 

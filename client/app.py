@@ -33,7 +33,9 @@ def to_message(msg: Message, reply) -> Message:
     """A site's reply (client.site.SiteReply) as the Message Flower sends back."""
     records: dict = {
         Rec.METRICS: MetricRecord(dict(reply.metrics)),
-        Rec.SITE: ConfigRecord({Site.NAME: reply.site, Site.REFUSED: reply.refused}),
+        Rec.SITE: ConfigRecord(
+            {Site.NAME: reply.site, Site.REFUSED: reply.refused, Site.RELEASE: reply.release}
+        ),
     }
     if reply.weights is not None:
         records[Rec.ARRAYS] = ArrayRecord(reply.weights)

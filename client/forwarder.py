@@ -34,7 +34,11 @@ def forward(msg: Message, socket_path: str, op: str) -> Message:
     records: dict = {
         Rec.METRICS: MetricRecord(dict(header.get("metrics", {}))),
         Rec.SITE: ConfigRecord(
-            {Site.NAME: str(header.get("site", "")), Site.REFUSED: str(header.get("refused", ""))}
+            {
+                Site.NAME: str(header.get("site", "")),
+                Site.REFUSED: str(header.get("refused", "")),
+                Site.RELEASE: str(header.get("release", "")),
+            }
         ),
     }
     if weights:

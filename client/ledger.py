@@ -6,10 +6,12 @@ One JSON object per line, one line per trained round, in `<state_dir>/privacy-le
      "max_grad_norm": 1.0, "delta": 1e-05, "epsilon": 1.93, "time": "2025-01-01T12:00:00+00:00",
      "study": "demo-1a2b3c4d", "kind": "train", "repeatable": false}
 
-`epsilon` is the cumulative epsilon (at that line's `delta`) after the round. A line's `kind` is
-`train` (a round of DP-SGD) or `count` (the site's training-set size, released once per study with
-Gaussian noise: one step of noise `noise_multiplier` x sensitivity 1 at sample rate 1, its noised
-`value` kept so the study's later rounds reuse it). `repeatable: true` marks spending whose noise was
+`epsilon` is the cumulative epsilon (at that line's `delta`) of its budget after the line. A line's
+`kind` is `train` (a round of DP-SGD), `count` (the site's training-set size, released once per study
+with Gaussian noise: one step of noise `noise_multiplier` x sensitivity 1 at sample rate 1, its noised
+`value` kept so the study's later rounds reuse it), or `evaluation` (one protected evaluation release,
+client.evaluation). Training and count lines spend the training images' budget, evaluation lines the
+test images' budget: the splits hold different images (patients), so each image spends one of them. `repeatable: true` marks spending whose noise was
 seeded from the round (`privacy.repeatable_noise`, simulation only): counted like any other, but not
 private against a coordinator that knows the seed. The ledger, not any
 process's memory, is the truth: `epsilon(delta)` recomputes it from all lines with a fresh Opacus
@@ -139,7 +141,15 @@ class LedgerEntry:
 
 _INT_FIELDS = ("round", "attempt", "steps")
 _OPTIONAL_FIELDS = ("attempt", "study", "kind", "value", "repeatable")  # lines from older versions lack them
-ENTRY_KINDS = ("train", "count")
+TRAINING_KINDS = ("train", "count")  # spend the training images' budget (privacy.max_epsilon)
+EVALUATION_KINDS = ("evaluation",)  # spend the test images' budget (privacy.evaluation.max_epsilon)
+ENTRY_KINDS = TRAINING_KINDS + EVALUATION_KINDS
+
+
+def budget_of(kind: str) -> tuple[str, ...]:
+    """The kinds of line that spend the same budget as a line of `kind`."""
+    return EVALUATION_KINDS if kind in EVALUATION_KINDS else TRAINING_KINDS
+
 
 # per ledger path: (a lock for this process's threads, [depth, fd of the held flock])
 _LOCKS: dict[str, tuple[threading.RLock, list[int]]] = {}
@@ -266,13 +276,14 @@ class PrivacyLedger:
         if created:
             _fsync_dir(self.path.parent)
 
-    def history(self) -> list[HistoryItem]:
-        """The Opacus RDP accountant history: [(noise_multiplier, sample_rate, steps), ...]."""
-        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries()]
+    def history(self, kinds: tuple[str, ...] = TRAINING_KINDS) -> list[HistoryItem]:
+        """The Opacus RDP accountant history of the lines of `kinds` (by default, the training
+        budget's): [(noise_multiplier, sample_rate, steps), ...]."""
+        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries() if e.kind in kinds]
 
-    def epsilon(self, delta: float) -> float:
-        """Cumulative epsilon at `delta` over every recorded round (fresh RDPAccountant)."""
-        return rdp_epsilon(self.history(), delta=delta)
+    def epsilon(self, delta: float, kinds: tuple[str, ...] = TRAINING_KINDS) -> float:
+        """Cumulative epsilon at `delta` over every recorded line of `kinds` (a fresh RDPAccountant)."""
+        return rdp_epsilon(self.history(kinds), delta=delta)
 
 
 def _order_problem(last: LedgerEntry, new: LedgerEntry) -> str | None:
@@ -316,11 +327,11 @@ class SiteAccountant:
         self.state_dir = Path(state_dir)
         self.ledger = PrivacyLedger(self.state_dir / LEDGER_FILENAME)
 
-    def history(self) -> list[HistoryItem]:
-        return self.ledger.history()
+    def history(self, kinds: tuple[str, ...] = TRAINING_KINDS) -> list[HistoryItem]:
+        return self.ledger.history(kinds)
 
-    def epsilon(self, delta: float) -> float:
-        return self.ledger.epsilon(delta)
+    def epsilon(self, delta: float, kinds: tuple[str, ...] = TRAINING_KINDS) -> float:
+        return self.ledger.epsilon(delta, kinds)
 
     def released_count(self, study: str) -> float | None:
         """The noised training-set size this site released for `study`, if it has."""
@@ -355,7 +366,9 @@ class SiteAccountant:
             same_study = [e for e in entries if e.study == study and e.kind == kind == "train"]
             if retry and same_study and same_study[-1].round == round:
                 attempt = same_study[-1].attempt + 1
-            history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
+            history = [
+                (e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.kind in budget_of(kind)
+            ]
             history.append((float(noise_multiplier), float(sample_rate), int(steps)))
             entry = LedgerEntry(
                 round=int(round),

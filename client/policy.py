@@ -53,7 +53,9 @@ class SitePolicy:
 
     @classmethod
     def of(cls, site: SiteConfig) -> SitePolicy:
-        return cls(**dataclasses.asdict(site.privacy))
+        """The training policy of a site config (its evaluation policy: client.evaluation)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in dataclasses.asdict(site.privacy).items() if k in fields})
 
     def allows(self) -> str:
         """What this site accepts, in one line, for refusal messages."""

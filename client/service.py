@@ -171,7 +171,13 @@ class SiteService:
         out = None
         if reply.weights is not None:
             out = {k: v.detach().cpu().numpy() for k, v in reply.weights.items()}
-        return {"site": reply.site, "metrics": dict(reply.metrics), "refused": reply.refused}, out
+        header = {
+            "site": reply.site,
+            "metrics": dict(reply.metrics),
+            "refused": reply.refused,
+            "release": reply.release,
+        }
+        return header, out
 
 
 def _answers(path: Path) -> bool:

@@ -20,16 +20,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from client import guard
+from client import evaluation, guard
 from client.dp import PoissonPlan
 from client.policy import SitePolicy
 from client.train import DPSettings, RoundResult, device, predict, train_round
 from common.data import load_site_data
 from common.keys import Met
-from common.metrics import site_summary
 from common.models import build_model
 from common.round import RoundPlan
 from common.schema import SiteConfig
@@ -49,6 +47,7 @@ class SiteReply:
     metrics: dict[str, int | float | list[int]]
     weights: dict[str, torch.Tensor] | None = None
     refused: str = ""
+    release: str = ""  # an evaluation's release (client.evaluation)
 
 
 @dataclass
@@ -154,28 +153,30 @@ class SiteRuntime:
     # ------------------------------------------------------------------ evaluate
 
     def evaluate(self, config: Mapping[str, object], weights: Mapping[str, torch.Tensor]) -> SiteReply:
-        """Test `weights` on the site's test data; only aggregates go back (common.metrics)."""
+        """Test `weights` on the site's test data; what goes back is the site's evaluation policy's
+        release (client.evaluation), charged to its ledger first when it is a private one."""
         plan = RoundPlan.from_config(config)
         model = self.model_for(plan, weights)
         t0 = time.perf_counter()
-        summary = site_summary(self.data.test_y.numpy(), predict(model, self.data.test_x))
-        metrics = {
-            Met.NUM_EXAMPLES: summary["n_test"],
-            Met.N_TEST: summary["n_test"],
-            Met.AUC: _num(summary["auc"]),
-            Met.ACCURACY: _num(summary["accuracy"]),
-            Met.SENSITIVITY: _num(summary["sensitivity"]),
-            Met.SPECIFICITY: _num(summary["specificity"]),
-            Met.BALANCED_ACCURACY: _num(summary["balanced_accuracy"]),
-            Met.CONFUSION: summary["confusion"].reshape(-1).tolist(),
-            Met.SCORE_HIST: summary["score_hist"].reshape(-1).tolist(),
-            Met.EVAL_S: time.perf_counter() - t0,
-        }
-        return SiteReply(self.config.site, metrics)
-
-
-def _num(x: float) -> float:
-    return -1.0 if np.isnan(x) else float(x)  # MetricRecord has no NaN; -1 marks "undefined"
+        probs = predict(model, self.data.test_x)
+        noise = evaluation.randomness(self.config, plan.seed, plan.round).noise
+        out = evaluation.release(self.data.test_y.numpy(), probs, self.config.privacy.evaluation, noise)
+        metrics = dict(out.metrics)
+        if out.spends is not None:
+            with guard.site_lock(self.config):
+                refusal = evaluation.refusal(self.config, out)
+                if refusal:
+                    log.warning(refusal)
+                    return SiteReply(self.config.site, {}, refused=refusal, release=out.kind)
+                metrics[Met.EVAL_EPSILON] = evaluation.record(
+                    self.config,
+                    out,
+                    study=plan.study_id,
+                    round_=plan.round,
+                    repeatable=self.config.privacy.repeatable_noise,
+                )
+        metrics[Met.EVAL_S] = time.perf_counter() - t0
+        return SiteReply(self.config.site, metrics, release=out.kind)
 
 
 _RUNTIMES: dict[str, SiteRuntime] = {}  # per process: data and model stay loaded across rounds

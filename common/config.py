@@ -222,7 +222,27 @@ def load_site(path: str | Path) -> SiteConfig:
     _choice(site.data.format, ("synthetic", "medmnist", "dicom", "image", "nifti"), "data.format", p)
     _choice(site.data.on_bad_file, ("skip", "fail"), "data.on_bad_file", p)
     _validate_site_data(site.data, p)
+    _validate_site_privacy(site, p)
     return site
+
+
+def _validate_site_privacy(site: SiteConfig, p: str) -> None:
+    """The site's own privacy rules: numbers in range, a known evaluation release."""
+    pol, ev = site.privacy, site.privacy.evaluation
+    for key, value in (
+        ("max_epsilon", pol.max_epsilon),
+        ("max_grad_norm", pol.max_grad_norm),
+        ("count_noise", pol.count_noise),
+    ):
+        _positive(value, f"privacy.{key}", p)
+    _positive(pol.min_noise_multiplier, "privacy.min_noise_multiplier", p, allow_zero=True)
+    if not 0 < pol.delta < 1:
+        raise ConfigError(f"{p}: 'privacy.delta' is {pol.delta}; use a probability in (0, 1), e.g. 1e-5.")
+    _choice(ev.release, ("dp_histogram", "summary", "exact"), "privacy.evaluation.release", p)
+    if ev.bins < 2 or ev.bins % 2:
+        raise ConfigError(f"{p}: 'privacy.evaluation.bins' is {ev.bins}; use an even number >= 2, e.g. 16.")
+    _positive(ev.noise, "privacy.evaluation.noise", p)
+    _positive(ev.max_epsilon, "privacy.evaluation.max_epsilon", p)
 
 
 def _validate_site_data(data: SiteDataConfig, p: str) -> None:

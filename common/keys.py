@@ -55,12 +55,16 @@ class Met(StrEnum):
     STEPS = "steps"
     SAMPLE_RATE = "sample-rate"
     REPEATABLE_NOISE = "repeatable-noise"  # 1: the round's noise was seeded (not private vs the coordinator)
-    CONFUSION = "confusion"  # flattened C x C confusion matrix (counts)
-    SCORE_HIST = "score-hist"  # flattened C x 2 x B histogram of scores (counts)
+    CONFUSION = "confusion"  # flattened C x C confusion matrix (counts; noised with dp_histogram)
+    SCORE_HIST = "score-hist"  # flattened K x 2 x B histograms of scores (counts; see common.metrics)
+    EVAL_NOISE = "eval-noise"  # dp_histogram: std of the Gaussian noise on every released count
+    EVAL_BINS = "eval-bins"  # dp_histogram: the number of logit-spaced score bins
+    EVAL_EPSILON = "eval-epsilon"  # dp_histogram: the site's evaluation epsilon, all its evaluations
 
 
 class Site(StrEnum):
     """Keys of the site's ConfigRecord in a reply."""
 
     NAME = "name"
-    REFUSED = "refused"  # non-empty: the reason the site did not train
+    REFUSED = "refused"  # non-empty: the reason the site did not train (or evaluate)
+    RELEASE = "release"  # an evaluation's release: dp_histogram | summary | exact (client.evaluation)

@@ -1,10 +1,13 @@
 """Classification metrics for one site and pooled over sites, from aggregates only.
 
-A site computes its own metrics on its own test predictions and sends back only aggregates: its
-metrics, its confusion matrix and, per class, a histogram of the predicted scores of positives and
-negatives (`HIST_BINS` bins on [0, 1]). The coordinator pools sites by adding confusion matrices
-(exact) and score histograms (AUC exact up to ties within a bin), so no per-image value ever leaves a
-site. Binary tasks report the positive class (index 1); more classes report macro one-vs-rest.
+A site's evaluation is summed up in aggregates: its confusion matrix and, per class, a histogram of
+the predicted scores of positives and negatives. What a site actually releases of them is its policy's
+choice (client.evaluation): the exact aggregates (`HIST_BINS` uniform bins, which can reveal single
+images' labels: simulated sites only, or a site that says so), the same counts with Gaussian noise on
+coarse logit-spaced bins (`logit_edges`; differentially private), or its metrics alone. The
+coordinator pools sites by adding the aggregates they release (`pooled_summary`); AUC from histograms
+is exact up to ties within a bin. Binary tasks report the positive class (index 1); more classes
+report macro one-vs-rest.
 """
 
 from __future__ import annotations
@@ -64,15 +67,58 @@ def score_histogram(labels: np.ndarray, probs: np.ndarray, bins: int = HIST_BINS
     return hist
 
 
+def logit_edges(bins: int, span: float = 4.0) -> np.ndarray:
+    """`bins` + 1 score-bin edges on [0, 1], evenly spaced in logit(score) over [-span, span] (fine
+    near 0 and 1, where a good model's scores crowd), with 0.5 an edge (`bins` even)."""
+    if bins < 2 or bins % 2:
+        raise ValueError(f"bins must be an even number >= 2, got {bins}")
+    inner = 1.0 / (1.0 + np.exp(-np.linspace(-span, span, bins - 1)))
+    return np.concatenate([[0.0], inner, [1.0]])
+
+
+def binned_histogram(labels: np.ndarray, probs: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Counts K x 2 x B: per class k of the scores of its positives ([k, 1]) and of the rest ([k, 0]);
+    binary tasks give only class 1 (K = 1: class 0's histogram mirrors it)."""
+    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+    classes = [1] if probs.shape[1] == 2 else range(probs.shape[1])
+    bins = len(edges) - 1
+    out = np.zeros((len(classes), 2, bins), dtype=np.float64)
+    for k, c in enumerate(classes):
+        idx = np.clip(np.searchsorted(edges, probs[:, c], side="right") - 1, 0, bins - 1)
+        out[k, 1] = np.bincount(idx[labels == c], minlength=bins)
+        out[k, 0] = np.bincount(idx[labels != c], minlength=bins)
+    return out
+
+
+def binary_confusion(hist: np.ndarray) -> np.ndarray:
+    """A binary task's confusion matrix from its class-1 histogram (1 x 2 x B, 0.5 the middle edge):
+    predicted 1 where the score is at or above 0.5."""
+    half = hist.shape[-1] // 2
+    pos, neg = hist[0, 1], hist[0, 0]
+    return np.array([[neg[:half].sum(), neg[half:].sum()], [pos[:half].sum(), pos[half:].sum()]])
+
+
+def summary_from_counts(hist: np.ndarray, confusion: np.ndarray) -> dict:
+    """Metrics from (possibly noised) aggregates: what the coordinator computes of a release."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    auc = auc_from_histogram(hist)
+    return {
+        "n_test": int(round(max(confusion.sum(), 0.0))),
+        "auc": auc if math.isnan(auc) else min(max(auc, 0.0), 1.0),  # noised counts may stray past it
+        **metrics_from_confusion(np.clip(confusion, 0.0, None)),
+    }
+
+
 def auc_from_histogram(hist: np.ndarray) -> float:
-    """ROC AUC from score histograms (ties inside a bin count one half), binary or macro OvR."""
+    """ROC AUC from score histograms (ties inside a bin count one half), binary or macro OvR.
+    `hist` is C x 2 x B (binary: class 1's row is used) or 1 x 2 x B (binary, class 1 only)."""
     hist = np.asarray(hist, dtype=np.float64)
     classes = [1] if hist.shape[0] == 2 else range(hist.shape[0])
     aucs = []
     for c in classes:
         neg, pos = hist[c, 0], hist[c, 1]
         n_pos, n_neg = pos.sum(), neg.sum()
-        if n_pos == 0 or n_neg == 0:
+        if n_pos <= 0 or n_neg <= 0:  # noised counts may sum below zero: undefined, not negative
             continue
         neg_below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])
         aucs.append(float((pos * (neg_below + 0.5 * neg)).sum() / (n_pos * n_neg)))
@@ -109,14 +155,11 @@ def site_summary(labels: np.ndarray, probs: np.ndarray) -> dict:
 
 
 def pooled_summary(sites: Sequence[dict]) -> dict:
-    """Metrics over all sites' test predictions together, computed from the sites' aggregates."""
-    confusion = sum(np.asarray(s["confusion"]) for s in sites)
-    hist = sum(np.asarray(s["score_hist"]) for s in sites)
-    return {
-        "n_test": int(np.asarray(confusion).sum()),
-        "auc": auc_from_histogram(hist),
-        **metrics_from_confusion(confusion),
-    }
+    """Metrics over all sites' test predictions together, from the sites' aggregates (`confusion`,
+    `score_hist`; the same bins at every site)."""
+    confusion = sum(np.asarray(s["confusion"], dtype=np.float64) for s in sites)
+    hist = sum(np.asarray(s["score_hist"], dtype=np.float64) for s in sites)
+    return summary_from_counts(hist, confusion)
 
 
 def public_metrics(summary: dict) -> dict:

@@ -190,6 +190,24 @@ class SiteDataConfig:
 
 
 @dataclass
+class EvaluationPolicyConfig:
+    """What a site's evaluations release (its site config's `privacy.evaluation`)."""
+
+    # dp_histogram: score histograms (`bins` logit-spaced bins per class) and, with more than two
+    #   classes, the confusion matrix, each count with Gaussian noise (std `noise` x the release's
+    #   sensitivity), charged to the evaluation budget in the ledger; the coordinator computes the
+    #   metrics from them (differentially private, per test image)
+    # summary: the site's metrics alone (AUC, accuracy, sensitivity, specificity): exact, NOT private
+    #   against a coordinator that crafts the models it asks the site to evaluate; no pooled metrics
+    # exact: exact aggregates (1000-bin histograms, confusion matrix): they can reveal single test
+    #   images' labels; the default of the sites a simulation makes from a study config
+    release: str = "dp_histogram"
+    bins: int = 16
+    noise: float = 2.0
+    max_epsilon: float = 10.0  # the evaluation budget: test images, kept apart from training images
+
+
+@dataclass
 class SitePolicyConfig:
     """The site's own privacy rules (its site config's `privacy` section); the coordinator cannot change them."""
 
@@ -204,6 +222,7 @@ class SitePolicyConfig:
     # simulation only: noise and batch sampling seeded from the round, so runs repeat; such rounds are
     # NOT private against the coordinator (who knows the seed) and are marked so in ledger and results
     repeatable_noise: bool = False
+    evaluation: EvaluationPolicyConfig = field(default_factory=EvaluationPolicyConfig)
 
 
 @dataclass

@@ -11,7 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.config import ConfigError, load_site, medmnist_path
-from common.schema import SiteConfig, SiteDataConfig, SitePartition, SitePolicyConfig, StudyConfig
+from common.schema import (
+    EvaluationPolicyConfig,
+    SiteConfig,
+    SiteDataConfig,
+    SitePartition,
+    SitePolicyConfig,
+    StudyConfig,
+)
 
 
 def site_names(study: StudyConfig) -> list[str]:
@@ -68,8 +75,10 @@ def _partition_sites(study: StudyConfig) -> list[SiteConfig]:
             data = SiteDataConfig(format="medmnist", path=str(medmnist_path(study)), partition=part)
         else:
             data = SiteDataConfig(format="synthetic", partition=part, synthetic=study.data.synthetic)
-        # sites a simulation makes from the study itself follow the study's privacy setting
-        sites.append(SiteConfig(site=name, data=data, privacy=SitePolicyConfig(required=False)))
+        # sites a simulation makes from the study itself follow the study's privacy setting and
+        # release exact evaluation aggregates, as before (the study's owner holds their data anyway)
+        policy = SitePolicyConfig(required=False, evaluation=EvaluationPolicyConfig(release="exact"))
+        sites.append(SiteConfig(site=name, data=data, privacy=policy))
     return sites
 
 

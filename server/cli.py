@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     deploy_cli.add_arguments(dp)
     dp.set_defaults(func=lambda args, console: deploy_cli.run(args))
+
+    from server import audit_cli
+
+    audit_cli.add_arguments(sub.add_parser("audit", help=audit_cli.HELP))
     return parser
 
 

@@ -17,18 +17,17 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from common.config import ConfigError
-from common.keys import Cfg, Met, Rec
-from common.metrics import HIST_BINS, pooled_summary, public_metrics
+from common.keys import Cfg, Met, Rec, Site
 from common.models import build_model, save_model
 from common.privacy import request_config
 from common.round import RoundPlan
 from common.schema import StudyConfig
+from server.releases import pooled_metrics, site_metrics, site_release
 from server.replies import Replies, classify, site_name
 from server.run_folder import Results, RoundRecord, new_results
 from server.store import RunStore
@@ -166,30 +165,20 @@ class Coordinator:
             if n not in skip
         ]
         got = self.classify(self.send(msgs), msgs, None)
-        summaries = {site_name(msg): self._summary(msg.content[Rec.METRICS]) for msg in got.ok}
-        eval_s = {site_name(msg): float(msg.content[Rec.METRICS][Met.EVAL_S]) for msg in got.ok}
-        sites = {
-            name: public_metrics({k: (np.nan if v is None else v) for k, v in s.items()})
-            for name, s in sorted(summaries.items())
-        }
-        pooled = public_metrics(pooled_summary(list(summaries.values()))) if summaries else {}
-        return {"sites": sites, "pooled": pooled, "eval_s": eval_s, "failed": got.failed}
-
-    def _summary(self, m) -> dict:
-        """A site's evaluation reply as common.metrics' summary (None where undefined)."""
         n_classes = self.model_meta["num_classes"]
-        named = (
-            ("auc", Met.AUC),
-            ("accuracy", Met.ACCURACY),
-            ("sensitivity", Met.SENSITIVITY),
-            ("specificity", Met.SPECIFICITY),
-            ("balanced_accuracy", Met.BALANCED_ACCURACY),
-        )
+        releases, sites, eval_s = {}, {}, {}
+        for msg in got.ok:
+            name, m = site_name(msg), msg.content[Rec.METRICS]
+            kind = str(msg.content[Rec.SITE].get(Site.RELEASE, "") or "exact")
+            releases[name] = site_release(kind, m, n_classes)
+            sites[name] = site_metrics(releases[name], m)
+            eval_s[name] = float(m[Met.EVAL_S])
+        failed = {**got.failed, **{k: f"refused: {v}" for k, v in got.refused.items()}}
         return {
-            "n_test": int(m[Met.N_TEST]),
-            **{k: (None if float(m[key]) < 0 else float(m[key])) for k, key in named},
-            "confusion": np.asarray(m[Met.CONFUSION]).reshape(n_classes, n_classes),
-            "score_hist": np.asarray(m[Met.SCORE_HIST]).reshape(n_classes, 2, HIST_BINS),
+            "sites": dict(sorted(sites.items())),
+            "pooled": pooled_metrics(releases),
+            "eval_s": eval_s,
+            "failed": failed,
         }
 
     # ------------------------------------------------------------------ the study
@@ -383,8 +372,16 @@ def round_record(rnd: int, got: Replies, evaluation: dict) -> RoundRecord:
         "participants": sorted(train),
         "train": dict(sorted(train.items())),
         "refused": got.refused,
-        "failed": {**got.failed, **{k: f"evaluation: {v}" for k, v in evaluation["failed"].items()}},
+        "failed": _merged(got.failed, {k: f"evaluation: {v}" for k, v in evaluation["failed"].items()}),
     }
+
+
+def _merged(training: dict[str, str], evaluation: dict[str, str]) -> dict[str, str]:
+    """A site's training and evaluation failures together, in one line each."""
+    out = dict(training)
+    for site, reason in evaluation.items():
+        out[site] = f"{out[site]}; {reason}" if site in out else reason
+    return out
 
 
 def add_timing(results: Results, rnd: int, got: Replies, evaluation: dict, round_s: float) -> None:

@@ -18,8 +18,10 @@ Every trained model is then tested on every site's test data (the cross-site mat
 bootstrap intervals and calibration (server.study.evaluate). DIR gets study.json (every number),
 report.html and the plots (server.report), one folder per federated run (results.json,
 final_model.pt, fedward.log, each site's privacy ledger), the other models in DIR/models, and
-progress.json while it runs. Each run gets its own fresh site state folders inside DIR: the runs of a
-study are separate, hypothetical studies, so a site config's own state_dir (a real ledger) is not used.
+progress.json while it runs. Over simulated data (synthetic, MedMNIST partitions) each run gets its own
+fresh site state folders inside DIR: the runs of such a study are separate, hypothetical studies. Over
+hospitals' own site configs (`data.source: sites`) every run obeys each site's policy and spends its
+real ledger, and study.json says what the whole study spent per site (server.study.site_ledgers).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ from server.study.plan import Part, plan, validate_comparison, variants, with_pr
 from server.study.progress import StudyProgress, fmt
 from server.study.ray_session import one_ray_session
 from server.study.references import train_alone
+from server.study.site_ledgers import check_policies, privacy_spent, real_sites, train_at_site
 
 
 class ComparisonRun:
@@ -77,6 +80,9 @@ class ComparisonRun:
         self.shape = {"in_channels": first.in_channels, "num_classes": first.num_classes}
         self.policy_delta = {name: site.privacy.delta for name, site in self.sites.items()}
         self.parts = plan(study, self.data)
+        if real_sites(study):  # hospitals' own sites: their policies decide which runs may train
+            check_policies(study, self.sites, self.parts)
+        self.study_ids: set[str] = set()  # every run's study id: what this study spent at each site
         self.progress = StudyProgress(self.parts, out, console)
         self.evaluator = Evaluator(self.data, study)
         self.t0 = time.perf_counter()
@@ -134,6 +140,9 @@ class ComparisonRun:
         done = all(self.models[v].get("status") == "completed" for v in self.doc["variants"])
         self.doc["status"] = "completed" if done else "stopped"
         self.doc["summary"] = plain_summary(self.doc)
+        self.doc["privacy_spent"] = (
+            privacy_spent(self.sites, self.study_ids) if real_sites(self.study) else None
+        )
         self.save()
         build_report(self.out)
         return self.doc
@@ -160,6 +169,7 @@ class ComparisonRun:
             verbose=self.verbose,
             sites=_sites_for(study, run_dir, leave_out),
         )
+        self.study_ids.add(results["study_id"])
         model, _ = load_model(run_dir / FINAL_MODEL_FILE)
         return results, model
 
@@ -200,8 +210,17 @@ class ComparisonRun:
     def local(self, part: Part, site: str) -> None:
         d, key = self.data[site], f"{part.key}:{site}"
         self.progress.at_site(site, f"training alone for {self.doc['settings']['epochs']} epochs")
-        augment = augment_fn(self.sites[site].data)
-        model, info = self._train(d.train_x, d.train_y, part.private, self.policy_delta[site], augment)
+        if real_sites(self.study):  # through the site's own path: its policy, its real ledger
+            units = len(d.train_y) * self.study.train.local_epochs
+
+            def tick(_round: int, seconds: float) -> None:
+                self.progress.trained(part.private, units, seconds)
+
+            model, info = train_at_site(self.study, self.sites[site], d, private=part.private, on_round=tick)
+            self.study_ids.add(info["study_id"])
+        else:
+            augment = augment_fn(self.sites[site].data)
+            model, info = self._train(d.train_x, d.train_y, part.private, self.policy_delta[site], augment)
         save_model(self.out / MODELS_DIR / f"{part.key}-{site}.pt", model, meta=self._meta(key))
         self.evaluator.predict(key, model)
         self.models[key] = {
@@ -210,7 +229,7 @@ class ComparisonRun:
             **info,
             "eval": self.evaluator.evaluate(key, roc_on={site}),
         }
-        eps = f", ε {info['epsilon']:.2f}" if part.private else ""
+        eps = f", ε {info['epsilon']:.2f}" if part.private and info["epsilon"] is not None else ""
         own = self.models[key]["eval"][site]["auc"]
         self.progress.site_done(site, f"trained alone, AUC on its own test data {fmt(own)}{eps}")
 
@@ -274,10 +293,12 @@ def _site_info(d: SiteData) -> dict:
 
 
 def _sites_for(study: StudyConfig, run_dir: Path, leave_out: str | None = None) -> list[SiteConfig]:
-    """The study's sites (partition order) with fresh state folders in run_dir; `leave_out` is not one."""
+    """The study's sites (partition order) with fresh state folders in run_dir (a hospital's own site
+    keeps its own: server.study.site_ledgers); `leave_out` is not one."""
     sites = simulated_sites(study)
     for site in sites:
-        site.state_dir = str(run_dir / SITES_DIR / site.site)
+        if not real_sites(study):  # a hospital's own site keeps its state_dir: its real ledger
+            site.state_dir = str(run_dir / SITES_DIR / site.site)
     return [s for s in sites if s.site != leave_out]
 
 

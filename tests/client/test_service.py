@@ -77,12 +77,11 @@ def test_the_forwarder_trains_and_evaluates_through_the_service(running):
     back = trained[Rec.ARRAYS].to_torch_state_dict()
     assert list(back) == list(sent) and all(back[k].shape == sent[k].shape for k in sent)
     assert trained[Rec.METRICS][Met.EPSILON] > 0
-    assert evaluated[Rec.METRICS][Met.N_TEST] == 16
+    assert evaluated[Rec.SITE][Site.RELEASE] == "dp_histogram"  # a hospital's default: protected
+    assert len(evaluated[Rec.METRICS][Met.SCORE_HIST]) == 2 * 16  # positives and the rest, 16 bins
     # the service's ledger, not the forwarder, holds the spending
-    assert [e.kind for e in SiteAccountant(running.service.config.state_dir).ledger.entries()] == [
-        "count",
-        "train",
-    ]
+    kinds = [e.kind for e in SiteAccountant(running.service.config.state_dir).ledger.entries()]
+    assert kinds == ["count", "train", "evaluation"]
 
 
 def test_the_service_applies_the_sites_policy_whatever_the_forwarder_sends(running):
@@ -104,7 +103,7 @@ def test_garbage_and_a_forwarder_that_hangs_up_do_not_stop_the_service(running):
     header, _ = ask(path, {"op": "status"})
 
     assert header["site"] == "hospital-a"
-    assert forward(_message(MessageType.EVALUATE), path, "evaluate").content[Rec.METRICS][Met.N_TEST] == 16
+    assert forward(_message(MessageType.EVALUATE), path, "evaluate").content[Rec.METRICS][Met.EVAL_BINS] == 16
 
 
 def test_a_forwarder_without_a_service_says_where_it_looked(tmp_path):

@@ -16,7 +16,6 @@ from client.ledger import SiteAccountant
 from client.site import runtime_for
 from common.config import load_site
 from common.keys import Cfg, Met, Rec, Site
-from common.metrics import HIST_BINS
 from common.models import build_model
 from common.privacy import request_config
 from common.schema import PrivacyConfig
@@ -76,13 +75,14 @@ def test_site_replies_carry_only_arrays_and_aggregate_numbers(site):
     sheet = (Path(site.source_path).parent / site.data.labels).read_text().splitlines()[1:]
     private = {cell for line in sheet for cell in line.split(",")[:2] if cell}  # file, patient_id
     assert len(private) > 10
-    # the only lists a reply may hold, each of a size fixed by the model, never by the data
-    allowed_lists = {Met.CONFUSION: 2 * 2, Met.SCORE_HIST: 2 * 2 * HIST_BINS}
+    # the only lists a reply may hold, each of a size fixed by the model and the policy, never by the data:
+    # this site's evaluation policy is the default, noised histograms of 16 bins of class 1's scores
+    allowed_lists = {Met.SCORE_HIST: 2 * site.privacy.evaluation.bins}
     for content in replies:
         for name, record in content.items():
             assert isinstance(record, ArrayRecord | MetricRecord | ConfigRecord), name
-            if isinstance(record, ConfigRecord):  # the site's name and a refusal reason, nothing else
-                assert set(record.keys()) == {Site.NAME, Site.REFUSED}
+            if isinstance(record, ConfigRecord):  # the site's name, a refusal reason, the release kind
+                assert set(record.keys()) == {Site.NAME, Site.REFUSED, Site.RELEASE}
             if isinstance(record, MetricRecord):
                 for key, value in record.items():
                     values = value if isinstance(value, list) else [value]
@@ -92,7 +92,7 @@ def test_site_replies_carry_only_arrays_and_aggregate_numbers(site):
         text = " ".join(_strings(content))
         assert not any(p in text for p in private)
     assert replies[0][Rec.SITE][Site.NAME] == "hospital-x"
-    assert set(replies[2][Rec.METRICS].keys()) >= {"auc", "n-test", "confusion", "score-hist"}
+    assert set(replies[2][Rec.METRICS].keys()) == {"score-hist", "eval-noise", "eval-bins", "eval-epsilon", "eval-s"}
 
 
 def test_a_private_rounds_reply_holds_only_what_its_epsilon_covers(site):

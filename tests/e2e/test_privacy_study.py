@@ -58,7 +58,7 @@ def _study(tmp_path: Path, policies: list[tuple[str, float, float]], noise: floa
 def _fresh_epsilon(ledger: Path, delta: float = 1e-5) -> tuple[float, int]:
     """Epsilon of every line of the ledger (the released count too) by a fresh Opacus accountant,
     and the number of training lines."""
-    entries = PrivacyLedger(ledger).entries()
+    entries = [e for e in PrivacyLedger(ledger).entries() if e.kind != "evaluation"]  # the training budget
     accountant = RDPAccountant()
     accountant.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
     return accountant.get_epsilon(delta=delta), len([e for e in entries if e.kind == "train"])
@@ -91,7 +91,7 @@ def test_sites_enforce_their_policy_and_report_the_whole_study_epsilon(tmp_path)
     for r in rounds:
         assert "c" not in r["participants"]
         assert "privacy.min_noise_multiplier 5" in r["sites"]["c"]["refused"]
-    assert not (out / "sites" / "c" / "privacy-ledger.jsonl").exists()
+    assert _train_lines(out / "sites" / "c" / "privacy-ledger.jsonl") == []  # it only evaluated
     assert results["final"]["sites"]["c"]["epsilon"] == 0.0
 
     # d trains round 1, then refuses: the next round would take it past its budget of 6
@@ -111,13 +111,17 @@ def test_a_restarted_site_continues_its_epsilon_from_its_state_folder(tmp_path):
     first = run_fedward("simulate", str(study), "--out", str(out), "--rounds", "2")
     assert first.returncode == 0, first.stdout + first.stderr
     ledger = out / "sites" / "a" / "privacy-ledger.jsonl"
-    before = ledger.read_text().splitlines()
+
+    def training_lines() -> list[str]:  # its evaluations spend the other budget, in lines of their own
+        return [line for line in ledger.read_text().splitlines() if '"kind": "evaluation"' not in line]
+
+    before = training_lines()
     assert len(before) == 3  # the released count and two rounds
 
     # a new coordinator process and new site processes; only the state folders carry over
     second = run_fedward("simulate", str(study), "--out", str(out), "--rounds", "3", "--resume")
     assert second.returncode == 0, second.stdout + second.stderr
-    after = ledger.read_text().splitlines()
+    after = training_lines()
     assert after[:3] == before and len(after) == 4  # the count is not released again
     epsilon, _ = _fresh_epsilon(ledger)
     results = json.loads((out / "results.json").read_text())
@@ -164,7 +168,8 @@ def test_a_coordinator_cannot_switch_a_sites_privacy_off_in_a_real_simulation(tm
     (round_,) = plain["rounds"]
     assert round_["participants"] == ["lenient"]
     assert "privacy.required" in round_["refused"]["strict"]
-    assert not (tmp_path / "strict" / "privacy-ledger.jsonl").exists()
+    strict = tmp_path / "strict" / "privacy-ledger.jsonl"  # it evaluated (protected), it never trained
+    assert all('"kind": "evaluation"' in line for line in strict.read_text().splitlines())
 
     no_poisson = simulate("true", "false")  # privacy, but batches the epsilon does not describe
     assert no_poisson["status"] == "stopped"

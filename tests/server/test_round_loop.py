@@ -7,6 +7,7 @@ evaluate, the privacy columns, the timing series, stopping below min_sites, and 
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Callable, Iterable
 
@@ -17,10 +18,12 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import handle_evaluate, handle_train
+from client.ledger import SiteAccountant
 from client.site import SiteRuntime
 from common.config import ConfigError
 from common.keys import Met, Rec, Site
 from common.schema import (
+    EvaluationPolicyConfig,
     SiteConfig,
     SiteDataConfig,
     SitePartition,
@@ -75,7 +78,8 @@ def honest(name: str, index: int, state_dir: str = "") -> Behaviour:
         partition=SitePartition(index=index, num_sites=3),
         synthetic=SyntheticConfig(train_per_site=32, test_per_site=16),
     )
-    policy = SitePolicyConfig(required=False)  # a simulated site: it follows the study's privacy setting
+    # as a simulated site: it follows the study's privacy setting, releases exact evaluation aggregates
+    policy = SitePolicyConfig(required=False, evaluation=EvaluationPolicyConfig(release="exact"))
     runtime = SiteRuntime.load(SiteConfig(site=name, data=data, privacy=policy, state_dir=state_dir))
 
     def answer(msg: Message) -> Message:
@@ -197,7 +201,9 @@ def test_privacy_columns_per_site_and_a_refusal_that_stops_nothing(tmp_path):
     first, second = results["rounds"]
     assert first["participants"] == second["participants"] == ["hospital-a"]
     a1, a2 = first["sites"]["hospital-a"], second["sites"]["hospital-a"]
-    assert 0 < a1["epsilon"] < a2["epsilon"] and a1["steps"] == 2 and a1["refused"] is None
+    (count,) = [e.value for e in SiteAccountant(tmp_path / "a").ledger.entries() if e.kind == "count"]
+    assert a1["steps"] == math.ceil(count / 16)  # batches of the released, noised size (batch 16)
+    assert 0 < a1["epsilon"] < a2["epsilon"] and a1["refused"] is None
     assert a1["noise_multiplier"] > 0 and a1["delta"] == study.privacy.delta
     b = second["sites"]["hospital-b"]
     assert (b["epsilon"], b["steps"], b["refused"]) == (2.5, 0, "privacy budget: spent")

@@ -1,0 +1,106 @@
+"""From what each site released of an evaluation to per-site and pooled metrics, with the noise stated.
+
+A site's evaluation reply is its policy's release (client.evaluation): `exact` aggregates (metrics,
+confusion matrix, 1000-bin histograms), a `summary` (metrics only), or a `dp_histogram` (noised
+logit-binned histograms, and the noised confusion matrix with more than two classes). The coordinator
+computes a dp site's metrics from its noised counts, and pools the sites that released the same kind
+of aggregates (the kind that covers the most test images); a site left out of the pool is named. For
+noised releases it states the noise's effect: the standard deviation of each AUC over fresh draws of
+the same noise around the released counts (a parametric bootstrap).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from common.keys import Met
+from common.metrics import HIST_BINS, binary_confusion, pooled_summary, public_metrics, summary_from_counts
+
+NOISE_DRAWS = 200  # draws of the parametric bootstrap of a noised release's AUC
+NAMED = (
+    ("auc", Met.AUC),
+    ("accuracy", Met.ACCURACY),
+    ("sensitivity", Met.SENSITIVITY),
+    ("specificity", Met.SPECIFICITY),
+    ("balanced_accuracy", Met.BALANCED_ACCURACY),
+)
+
+
+def site_release(kind: str, m, n_classes: int) -> dict:
+    """A site's evaluation reply as {kind, summary (common.metrics), pool (aggregates or None), noise}."""
+    if kind == "dp_histogram":
+        bins = int(m[Met.EVAL_BINS])
+        k = 1 if n_classes == 2 else n_classes
+        hist = np.asarray(m[Met.SCORE_HIST], dtype=np.float64).reshape(k, 2, bins)
+        confusion = (
+            binary_confusion(hist)
+            if n_classes == 2
+            else np.asarray(m[Met.CONFUSION], dtype=np.float64).reshape(n_classes, n_classes)
+        )
+        summary = summary_from_counts(hist, confusion)
+        pool = {"key": ("dp_histogram", bins), "score_hist": hist, "confusion": confusion}
+        return {"kind": kind, "summary": summary, "pool": pool, "noise": float(m[Met.EVAL_NOISE])}
+    summary = {"n_test": int(m[Met.N_TEST]), **{k: _undefined(m[key]) for k, key in NAMED}}
+    if kind == "summary":
+        return {"kind": kind, "summary": summary, "pool": None, "noise": 0.0}
+    pool = {
+        "key": ("exact", HIST_BINS),
+        "confusion": np.asarray(m[Met.CONFUSION]).reshape(n_classes, n_classes),
+        "score_hist": np.asarray(m[Met.SCORE_HIST]).reshape(n_classes, 2, HIST_BINS),
+    }
+    return {"kind": "exact", "summary": summary, "pool": pool, "noise": 0.0}
+
+
+def site_metrics(release: dict, m) -> dict:
+    """results.json's metrics of one site's release."""
+    out = public_metrics({k: (np.nan if v is None else v) for k, v in release["summary"].items()})
+    out["release"] = release["kind"]
+    if release["kind"] == "dp_histogram":
+        out["evaluation_epsilon"] = float(m[Met.EVAL_EPSILON])
+        out["noise_sd"] = {"auc": _auc_noise_sd([release])}
+    return out
+
+
+def pooled_metrics(releases: dict[str, dict]) -> dict:
+    """Metrics over the sites whose releases can be added up (the kind with the most test images)."""
+    groups: dict[tuple, list[str]] = {}
+    for site, r in releases.items():
+        if r["pool"] is not None:
+            groups.setdefault(r["pool"]["key"], []).append(site)
+    if not groups:
+        return {}
+    key = max(groups, key=lambda g: sum(releases[s]["summary"]["n_test"] for s in groups[g]))
+    members = [releases[s] for s in groups[key]]
+    summary = pooled_summary([r["pool"] for r in members])
+    out = public_metrics(summary)
+    out["release"] = key[0]
+    out["sites"] = sorted(groups[key])
+    left_out = sorted(set(releases) - set(groups[key]))
+    if left_out:
+        out["left_out"] = left_out  # their releases cannot be added to these (summary only, or other bins)
+    if key[0] == "dp_histogram":
+        out["noise_sd"] = {"auc": _auc_noise_sd(members)}
+    return out
+
+
+def _auc_noise_sd(members: list[dict]) -> float | None:
+    """The standard deviation of the (pooled) AUC over fresh draws of the releases' noise."""
+    rng = np.random.default_rng(0)
+    draws = []
+    for _ in range(NOISE_DRAWS):
+        pools = [
+            {
+                "score_hist": r["pool"]["score_hist"]
+                + rng.normal(0.0, r["noise"], r["pool"]["score_hist"].shape),
+                "confusion": r["pool"]["confusion"],
+            }
+            for r in members
+        ]
+        auc = pooled_summary(pools)["auc"]
+        if np.isfinite(auc):
+            draws.append(auc)
+    return round(float(np.std(draws)), 6) if len(draws) > 1 else None
+
+
+def _undefined(value) -> float | None:
+    return None if float(value) < 0 else float(value)  # -1 marks "undefined" in a MetricRecord
