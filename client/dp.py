@@ -186,7 +186,12 @@ def make_private(
 
 
 def _poisson_loader(data_loader: DataLoader, poisson: PoissonPlan) -> DPDataLoader:
-    return DPDataLoader(data_loader.dataset, sample_rate=poisson.sample_rate, generator=data_loader.generator)
+    return DPDataLoader(
+        data_loader.dataset,
+        sample_rate=poisson.sample_rate,
+        generator=data_loader.generator,
+        collate_fn=data_loader.collate_fn,  # e.g. client.patients' batches of whole patients
+    )
 
 
 def _check_settings(

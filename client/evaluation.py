@@ -51,9 +51,16 @@ def sensitivity(n_classes: int) -> float:
 
 
 def release(
-    labels: np.ndarray, probs: np.ndarray, policy: EvaluationPolicyConfig, noise: torch.Generator
+    labels: np.ndarray,
+    probs: np.ndarray,
+    policy: EvaluationPolicyConfig,
+    noise: torch.Generator,
+    *,
+    per_unit: int = 1,
 ) -> Release:
-    """What a site with `policy` releases of an evaluation with test `labels` and predicted `probs`."""
+    """What a site with `policy` releases of an evaluation with test `labels` and predicted `probs`.
+    `per_unit`: how many images one unit of privacy may have among them (a patient's, at most
+    `max_images_per_patient`; 1 for image-level privacy): the sensitivity grows with it."""
     if policy.release == "exact":
         s = site_summary(labels, probs)
         metrics = {
@@ -67,7 +74,7 @@ def release(
         s = site_summary(labels, probs)
         return Release("summary", {Met.N_TEST: s["n_test"], **{key: _num(s[name]) for name, key in _NAMED}})
     n_classes = probs.shape[1]
-    std = policy.noise * sensitivity(n_classes)
+    std = policy.noise * sensitivity(n_classes) * per_unit
     hist = binned_histogram(labels, probs, logit_edges(policy.bins))
     metrics = {Met.SCORE_HIST: _noised(hist, std, noise), Met.EVAL_NOISE: std, Met.EVAL_BINS: policy.bins}
     if n_classes > 2:
@@ -102,6 +109,17 @@ def record(site: SiteConfig, release_: Release, *, study: str, round_: int, repe
         delta=site.privacy.delta, study=study, kind="evaluation", repeatable=repeatable,
     )  # fmt: skip
     return entry.epsilon
+
+
+def patient_subset(patients: list[str], cap: int) -> np.ndarray:
+    """Indices of at most `cap` test images per patient (each patient's first ones)."""
+    seen: dict[str, int] = {}
+    keep = []
+    for i, patient in enumerate(patients):
+        seen[patient] = seen.get(patient, 0) + 1
+        if seen[patient] <= cap:
+            keep.append(i)
+    return np.asarray(keep, dtype=np.int64)
 
 
 def randomness(site: SiteConfig, seed: int, round_: int) -> RoundRandomness:

@@ -17,12 +17,13 @@ import contextlib
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from client.dp import PrivateTraining
 from client.ledger import LedgerEntry, SiteAccountant
+from client.patients import patient_groups
 from client.policy import SitePolicy
 from client.randomness import RoundRandomness
 from common.privacy import HistoryItem, PrivacyConfigError, PrivacyRequest
@@ -38,12 +39,14 @@ class PrivateRound:
     policy: SitePolicy
     accountant: SiteAccountant
     randomness: RoundRandomness
-    count: float  # the noised training-set size this site releases for the study
+    count: float  # the noised training-set size (images, or patients) this site releases for the study
     count_is_new: bool  # released in this round (written to the ledger with the round)
     sample_rate: float  # 1 / batches, batches = ceil(count / batch size): from the released count only
     steps: int  # planned: local epochs x batches per epoch
     round: int
     study_id: str
+    unit: str = "image"  # image | patient (then batch size and count are patients)
+    groups: list[list[int]] | None = None  # patient-level: each patient's training images
 
     @property
     def count_release(self) -> HistoryItem:
@@ -65,21 +68,25 @@ def refusal_text(site: SiteConfig, round_: int, reason: str) -> str:
 
 
 def plan_round(
-    cfg: Mapping, plan: RoundPlan, site: SiteConfig, n_train: int, device: torch.device | str = "cpu"
+    cfg: Mapping,
+    plan: RoundPlan,
+    site: SiteConfig,
+    n_train: int,
+    device: torch.device | str = "cpu",
+    patients: list[str] | None = None,
 ) -> tuple[PrivateRound | None, str | None]:
     """(the round's private plan, None) when the site may train `plan` privately under the privacy
-    request in `cfg` (the round's ConfigRecord), or (None, the reason it refuses)."""
-    if plan.class_balance:
-        return None, refusal_text(
-            site, plan.round, "a class-balanced loss (weights counted on the site's data) is not private; "
-            "the study must turn train.class_balance off",
-        )  # fmt: skip
-    if not site.state_dir:
-        return None, refusal_text(
-            site, plan.round, "it has no state_dir in its site config: the privacy ledger needs a folder "
-            "that outlives the process",
-        )  # fmt: skip
-    policy, accountant = SitePolicy.of(site), SiteAccountant(site.state_dir)
+    request in `cfg` (the round's ConfigRecord), or (None, the reason it refuses). With `patients` (the
+    patient of each training image) and the policy's unit, the unit of privacy is a patient: the
+    count, the batch size and the sampling are in patients."""
+    policy = SitePolicy.of(site)
+    unit = policy.unit_for(bool(patients))
+    problem = _precondition_problem(plan, site, unit)
+    if problem:
+        return None, refusal_text(site, plan.round, problem)
+    accountant = SiteAccountant(site.state_dir)
+    groups = patient_groups(patients) if unit == "patient" else None
+    n_train = len(groups) if groups is not None else n_train
     randomness = (
         RoundRandomness.repeatable(plan.seed, plan.round, device)
         if policy.repeatable_noise
@@ -98,18 +105,14 @@ def plan_round(
         )
     except PrivacyConfigError as err:
         return None, refusal_text(site, plan.round, f"its privacy request cannot be read ({err})")
+    if (
+        groups is not None and request.grad_sample_mode == "ghost"
+    ):  # per-patient sums need per-image gradients
+        request = replace(request, grad_sample_mode="hooks")
     private = PrivateRound(
-        request,
-        policy,
-        accountant,
-        randomness,
-        count,
-        released is None,
-        sample_rate,
-        steps,
-        plan.round,
-        plan.study_id,
-    )
+        request, policy, accountant, randomness, count, released is None, sample_rate, steps, plan.round,
+        plan.study_id, unit, groups,
+    )  # fmt: skip
     planned = ([private.count_release] if private.count_is_new else []) + [
         (request.noise_multiplier, sample_rate, steps)
     ]
@@ -123,6 +126,23 @@ def plan_round(
         )  # fmt: skip
     return private, None
 
+
+
+def _precondition_problem(plan: RoundPlan, site: SiteConfig, unit: str | None) -> str | None:
+    """Why the site cannot train `plan` privately at all, whatever the request says (or None)."""
+    if plan.class_balance:
+        return (
+            "a class-balanced loss (weights counted on the site's data) is not private; "
+            "the study must turn train.class_balance off"
+        )
+    if not site.state_dir:
+        return "it has no state_dir in its site config: the privacy ledger needs a folder that outlives the process"
+    if unit is None:
+        return (
+            "its policy asks for patient-level privacy (privacy.unit: patient) and its data has no patient "
+            "ids; give the label sheet a patient_id column or set privacy.unit: auto"
+        )
+    return None
 
 def _noised_count(n: int, std: float, randomness: RoundRandomness) -> float:
     noise = float(torch.randn((), generator=randomness.release)) * std

@@ -30,6 +30,7 @@ class SitePolicy:
     """The strongest privacy loss a site accepts over every study, and the weakest settings."""
 
     required: bool = True  # train only with differential privacy
+    unit: str = "auto"  # the unit of privacy: auto (patient where patient ids exist) | patient | image
     max_epsilon: float  # total epsilon this site's data may spend, all studies and rounds together
     delta: float  # the site's delta: epsilon is counted at it; requests may not exceed it
     min_noise_multiplier: float  # refuse rounds asking for less noise than this
@@ -65,6 +66,12 @@ class SitePolicy:
             f"{self.min_noise_multiplier:g}, clipping norm <= {self.max_grad_norm:g}, delta <= {self.delta:g}, "
             f"and at most epsilon {self.max_epsilon:g} in all"
         )
+
+    def unit_for(self, has_patients: bool) -> str | None:
+        """The unit of privacy for data with (or without) patient ids; None: the policy cannot be met."""
+        if self.unit == "patient" and not has_patients:
+            return None
+        return "patient" if self.unit != "image" and has_patients else "image"
 
     def check_mode(self, dp_enabled: bool) -> str | None:
         """Why a round without differential privacy is refused (privacy.required), or None."""

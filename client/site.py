@@ -36,6 +36,10 @@ from common.transforms import augment_fn
 
 log = logging.getLogger("fedward.site")
 THREADS_ENV = "FEDWARD_SITE_THREADS"  # simulation: CPU threads per site process
+NO_PATIENTS = (
+    "its policy asks for patient-level privacy (privacy.unit: patient) and its data has no patient ids; "
+    "give the label sheet a patient_id column or set privacy.unit: auto"
+)
 
 
 @dataclass
@@ -98,7 +102,9 @@ class SiteRuntime:
     def _train_private(
         self, plan: RoundPlan, config: Mapping, weights: Mapping[str, torch.Tensor]
     ) -> SiteReply:
-        private, refusal = guard.plan_round(config, plan, self.config, len(self.data.train_y), device())
+        private, refusal = guard.plan_round(
+            config, plan, self.config, len(self.data.train_y), device(), patients=self.data.train_patients
+        )
         if refusal:
             log.warning(refusal)
             return self.refusal(refusal)
@@ -114,6 +120,7 @@ class SiteRuntime:
                 private.request,
                 poisson=PoissonPlan(private.sample_rate, private.count * private.sample_rate),
                 on_steps=lambda dp: entries.append(guard.record_round(private, dp)),  # before the reply
+                patients=private.groups,
             ),
         )
         reply = self._reply(plan, result, exact=False)
@@ -126,6 +133,7 @@ class SiteRuntime:
             Met.STEPS: entry.steps,
             Met.SAMPLE_RATE: entry.sample_rate,
             Met.REPEATABLE_NOISE: int(entry.repeatable),
+            Met.PRIVACY_UNIT: int(private.unit == "patient"),
         }
         return reply
 
@@ -158,10 +166,20 @@ class SiteRuntime:
         plan = RoundPlan.from_config(config)
         model = self.model_for(plan, weights)
         t0 = time.perf_counter()
-        probs = predict(model, self.data.test_x)
+        labels, probs = self.data.test_y.numpy(), predict(model, self.data.test_x)
+        policy = self.config.privacy.evaluation
+        unit = SitePolicy.of(self.config).unit_for(bool(self.data.test_patients))
+        if unit is None:
+            return SiteReply(
+                self.config.site, {}, refused=guard.refusal_text(self.config, plan.round, NO_PATIENTS)
+            )
+        per_unit = 1
+        if unit == "patient" and policy.release == "dp_histogram":  # a patient's images, at most the cap
+            keep = evaluation.patient_subset(self.data.test_patients, policy.max_images_per_patient)
+            labels, probs, per_unit = labels[keep], probs[keep], policy.max_images_per_patient
         noise = evaluation.randomness(self.config, plan.seed, plan.round).noise
-        out = evaluation.release(self.data.test_y.numpy(), probs, self.config.privacy.evaluation, noise)
-        metrics = dict(out.metrics)
+        out = evaluation.release(labels, probs, policy, noise, per_unit=per_unit)
+        metrics = dict(out.metrics) | {Met.PRIVACY_UNIT: int(unit == "patient")}
         if out.spends is not None:
             with guard.site_lock(self.config):
                 refusal = evaluation.refusal(self.config, out)

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.dp import PoissonPlan, PrivateTraining, make_private_for
+from client.patients import PatientDataset, collate_patients, sum_per_patient, unpack_batch
 from client.randomness import RoundRandomness
 from common.privacy import PrivacyRequest
 from common.round import RoundPlan
@@ -116,7 +117,8 @@ def train_epochs(
     model.train()
     t0, total, n, steps = time.perf_counter(), 0.0, 0, 0
     for _ in range(epochs):
-        for xb, yb in loader:
+        for batch in loader:
+            xb, yb, owner = unpack_batch(batch)  # owner: patient-level batches
             if len(yb) == 0 and not private:
                 continue
             xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
@@ -130,6 +132,8 @@ def train_epochs(
                 )
                 loss = loss + 0.5 * proximal_mu * prox
             loss.backward()
+            if owner is not None:  # one gradient per patient: the sum of its images' (client.patients)
+                sum_per_patient(model, owner)
             optimizer.step()
             total += float(loss.detach()) * len(yb)
             n += len(yb)
@@ -155,6 +159,7 @@ class DPSettings:
     request: PrivacyRequest
     poisson: PoissonPlan | None = None
     on_steps: Callable[[PrivateTraining], None] | None = None
+    patients: list[list[int]] | None = None  # patient-level DP: each patient's images (client.patients)
 
 
 def train_round(
@@ -180,6 +185,9 @@ def train_round(
             raise ValueError("a private round needs its RoundRandomness (client.randomness), not a default")
         randomness = RoundRandomness.repeatable(plan.seed, plan.round)
     loader = train_loader(x, y, plan.batch_size, randomness.sampling)
+    if dp is not None and dp.patients is not None:  # Poisson sampling of patients (dp.poisson's rate)
+        dataset = PatientDataset(x, y, dp.patients)
+        loader = DataLoader(dataset, batch_size=1, collate_fn=collate_patients, generator=randomness.sampling)
     optimizer = make_optimizer(model, plan.optimizer, plan.lr)
     criterion = make_criterion(y, plan.num_classes, plan.class_balance).to(next(model.parameters()).device)
     private, trainee = None, model

@@ -238,7 +238,12 @@ def _validate_site_privacy(site: SiteConfig, p: str) -> None:
     _positive(pol.min_noise_multiplier, "privacy.min_noise_multiplier", p, allow_zero=True)
     if not 0 < pol.delta < 1:
         raise ConfigError(f"{p}: 'privacy.delta' is {pol.delta}; use a probability in (0, 1), e.g. 1e-5.")
+    _choice(pol.unit, ("auto", "patient", "image"), "privacy.unit", p)
     _choice(ev.release, ("dp_histogram", "summary", "exact"), "privacy.evaluation.release", p)
+    if ev.max_images_per_patient < 1:
+        raise ConfigError(
+            f"{p}: 'privacy.evaluation.max_images_per_patient' must be >= 1, got {ev.max_images_per_patient}."
+        )
     if ev.bins < 2 or ev.bins % 2:
         raise ConfigError(f"{p}: 'privacy.evaluation.bins' is {ev.bins}; use an even number >= 2, e.g. 16.")
     _positive(ev.noise, "privacy.evaluation.noise", p)

@@ -54,6 +54,7 @@ class Met(StrEnum):
     NOISE_MULTIPLIER = "noise-multiplier"
     STEPS = "steps"
     SAMPLE_RATE = "sample-rate"
+    PRIVACY_UNIT = "privacy-unit"  # 1: a patient (patient-level DP), 0: an image
     REPEATABLE_NOISE = "repeatable-noise"  # 1: the round's noise was seeded (not private vs the coordinator)
     CONFUSION = "confusion"  # flattened C x C confusion matrix (counts; noised with dp_histogram)
     SCORE_HIST = "score-hist"  # flattened K x 2 x B histograms of scores (counts; see common.metrics)

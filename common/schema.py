@@ -205,6 +205,9 @@ class EvaluationPolicyConfig:
     bins: int = 16
     noise: float = 2.0
     max_epsilon: float = 10.0  # the evaluation budget: test images, kept apart from training images
+    # with patient-level privacy: at most this many of a patient's test images are evaluated, and the
+    # release's sensitivity is this many images
+    max_images_per_patient: int = 4
 
 
 @dataclass
@@ -212,6 +215,8 @@ class SitePolicyConfig:
     """The site's own privacy rules (its site config's `privacy` section); the coordinator cannot change them."""
 
     required: bool = True  # train only with differential privacy; false: non-private studies may train here
+    # the unit of privacy: auto (a patient, where the data has patient ids; else an image) | patient | image
+    unit: str = "auto"
     max_epsilon: float = 10.0  # the most this site's data may ever spend, over every study
     delta: float = 1e-5  # epsilon is counted at this delta; requests may not exceed it
     min_noise_multiplier: float = 0.5  # refuse rounds with less noise

@@ -133,11 +133,12 @@ class SourceReport:
 
     def to_site_data(self) -> SiteData:
         assert self.images is not None and self.usable, "to_site_data needs a usable report"
-        x, y = {}, {}
+        x, y, patients = {}, {}, {}
         for split in SPLITS:
             idx = [i for i, s in enumerate(self.samples) if s.split == split]
             x[split] = self.images[idx].contiguous()
             y[split] = torch.tensor([self.samples[i].label_index for i in idx], dtype=torch.int64)
+            patients[split] = [self.samples[i].patient_id for i in idx]
         notes = list(self.notes)
         if self.bad:
             notes.append(
@@ -155,6 +156,8 @@ class SourceReport:
             val_y=y["val"] if has_val else None,
             classes=list(self.classes),
             notes=notes,
+            train_patients=patients["train"],
+            test_patients=patients["test"],
         )
 
 

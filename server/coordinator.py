@@ -350,6 +350,7 @@ def add_privacy(results: Results, record: RoundRecord, got: Replies) -> None:
                 "repeatable_noise": known["repeatable_noise"]
                 if known
                 else before.get("repeatable_noise", False),
+                "privacy_unit": known.get("privacy_unit") if known else before.get("privacy_unit"),
                 "refused": got.refused.get(site),
             }
         )

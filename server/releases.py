@@ -55,6 +55,8 @@ def site_metrics(release: dict, m) -> dict:
     """results.json's metrics of one site's release."""
     out = public_metrics({k: (np.nan if v is None else v) for k, v in release["summary"].items()})
     out["release"] = release["kind"]
+    if Met.PRIVACY_UNIT in m:
+        out["privacy_unit"] = "patient" if m[Met.PRIVACY_UNIT] else "image"
     if release["kind"] == "dp_histogram":
         out["evaluation_epsilon"] = float(m[Met.EVAL_EPSILON])
         out["noise_sd"] = {"auc": _auc_noise_sd([release])}

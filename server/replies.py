@@ -98,6 +98,9 @@ def _sort_reply(msg: Message, name: str, reference: ArrayRecord | None, out: Rep
             "noise_multiplier": float(metrics.get(Met.NOISE_MULTIPLIER, 0.0)) or None,
             "steps": int(metrics[Met.STEPS]),
             "repeatable_noise": bool(metrics.get(Met.REPEATABLE_NOISE, 0)),
+            "privacy_unit": (
+                ("patient" if metrics[Met.PRIVACY_UNIT] else "image") if Met.PRIVACY_UNIT in metrics else None
+            ),
         }
     refused = str(msg.content[Rec.SITE].get(Site.REFUSED, ""))
     if refused:

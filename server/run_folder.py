@@ -90,6 +90,9 @@ class Metrics(TypedDict, total=False):
     noise_multiplier: float | None
     steps: int
     repeatable_noise: bool  # the site's noise was seeded: not private against the coordinator
+    privacy_unit: str  # patient (patient-level DP: the site's data has patient ids) | image
+    release: str  # what the site's evaluation released: dp_histogram | summary | exact
+    evaluation_epsilon: float  # dp_histogram: the site's evaluation budget spent so far
     refused: str | None
 
 

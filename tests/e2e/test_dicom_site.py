@@ -11,6 +11,7 @@ import re
 
 import pytest
 
+from client.ledger import SiteAccountant
 from common.config import load_site
 from common.sources import scan_site
 from tests.common.test_sources import BAD, write_dicom_site
@@ -58,6 +59,37 @@ def test_two_dicom_sites_pass_the_check_and_train_for_two_rounds(tmp_path):
         report = scan_site(load_site(path))
         assert report.decoded == 0  # the check and the simulation filled the cache
         final = results["final"]["sites"][name]
-        assert final["release"] == "dp_histogram"  # a hospital's default: its test labels protected
-        assert abs(final["n_test"] - report.count("test")) <= 20  # noised counts: std 2 per bin, 16 bins
+        # a hospital's default: its test labels protected, per patient (up to 4 images each): noise std
+        # 2 x 4 on each of 2 x 16 counts, so the noised total's std is 8 x sqrt(32) = 45
+        assert final["release"] == "dp_histogram" and final["privacy_unit"] == "patient"
+        assert abs(final["n_test"] - report.count("test")) < 4 * 8 * 32**0.5
         assert results["rounds"][-1]["train"][name]["n_train"] == report.count("train")
+
+
+@pytest.mark.slow
+def test_a_private_study_on_dicom_sites_protects_patients_within_the_target(tmp_path):
+    """Each patient has two images: with patient ids in the label sheet, the unit of privacy is the
+    patient, at the sites' own default policy (privacy required)."""
+    a = write_dicom_site(tmp_path / "a", name="hospital-a", patients=14, size=28, seed=1, bad_files=False)
+    b = write_dicom_site(tmp_path / "b", name="hospital-b", patients=12, size=28, seed=2, bad_files=False)
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        "name: dicom-dp\nseed: 0\nrounds: 2\nmin_sites: 2\n"
+        f"data: {{source: sites, site_configs: [{a.relative_to(tmp_path)}, {b.relative_to(tmp_path)}]}}\n"
+        "model: {name: cnn28-small}\ntrain: {local_epochs: 1, batch_size: 4}\n"
+        "privacy: {enabled: true, target_epsilon: 8.0}\n"
+    )
+
+    proc = run_fedward("simulate", str(study), "--out", str(tmp_path / "run"), timeout=300)
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["rounds"][-1]["participants"] == ["hospital-a", "hospital-b"]
+    for name, path in (("hospital-a", a), ("hospital-b", b)):
+        final = results["final"]["sites"][name]
+        assert final["privacy_unit"] == "patient" and 0 < final["epsilon"] <= 8.0 + 1e-6
+        (count,) = [
+            e for e in SiteAccountant(load_site(path).state_dir).ledger.entries() if e.kind == "count"
+        ]
+        patients = len(scan_site(load_site(path)).patients("train"))
+        assert abs(count.value - patients) < 60  # it released its (noised) number of patients

@@ -1,0 +1,139 @@
+"""Patient-level DP-SGD: one clipped gradient per patient, checked against one backward pass per
+patient; Poisson sampling draws whole patients; a site with patient ids trains and counts patients,
+and one whose policy asks for patients without having patient ids is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from client.dp import make_private
+from client.ledger import SiteAccountant
+from client.patients import collate_patients, patient_groups, patient_loader, sum_per_patient, unpack_batch
+from client.site import SiteRuntime
+from common.keys import Met
+from common.models import build_model
+from common.privacy import request_config
+from common.schema import PrivacyConfig, SiteConfig, SiteDataConfig, SitePolicyConfig, SyntheticConfig
+from common.sitedata import SiteData
+from tests.plans import round_config
+
+CLIP = 0.05  # small: every patient's gradient is clipped, so a wrong grouping shows
+
+
+def _patients():
+    g = torch.Generator().manual_seed(0)
+    sizes = [1, 2, 3, 1, 4]
+    x = torch.rand(sum(sizes), 1, 28, 28, generator=g)
+    y = torch.randint(0, 2, (sum(sizes),), generator=g)
+    names = [f"P{i}" for i, k in enumerate(sizes) for _ in range(k)]
+    return x, y, names
+
+
+def _flat_grad(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_one_clipped_gradient_per_patient_equals_one_backward_pass_per_patient():
+    x, y, names = _patients()
+    groups = patient_groups(names)
+    reference = build_model("cnn28-small", seed=3)
+    expected = None
+    for idx in groups:  # by hand: the patient's summed loss, one backward, clipped to CLIP
+        reference.zero_grad()
+        nn.functional.cross_entropy(reference(x[idx]), y[idx], reduction="sum").backward()
+        g = _flat_grad(reference)
+        g = g * min(1.0, CLIP / (float(g.norm()) + 1e-6))
+        expected = g if expected is None else expected + g
+
+    model = build_model("cnn28-small", seed=3)
+    batch = collate_patients([(x[idx], y[idx]) for idx in groups])  # every patient in the batch
+    dp = make_private(
+        model=model.train(),
+        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(y)),
+        criterion=nn.CrossEntropyLoss(),
+        noise_multiplier=1.0,
+        max_grad_norm=CLIP,
+        noise_generator=torch.Generator().manual_seed(0),
+        poisson_sampling=False,
+        grad_sample_mode="hooks",
+    )
+    xb, yb, owner = batch
+    dp.criterion(dp.model(xb), yb).backward()
+    sum_per_patient(dp.model, owner)
+    dp.optimizer.clip_and_accumulate()
+    got = torch.cat([p.summed_grad.flatten() for p in model.parameters()])
+
+    assert owner.tolist() == [0, 1, 1, 2, 2, 2, 3, 4, 4, 4, 4]
+    assert torch.allclose(got, expected, atol=1e-6), float((got - expected).norm())
+
+
+def test_poisson_sampling_draws_whole_patients():
+    x, y, names = _patients()
+    groups = patient_groups(names)
+    loader = patient_loader(x, y, groups, sample_rate=0.5, generator=torch.Generator().manual_seed(1))
+    drawn = 0
+    for xb, yb, owner in loader:
+        assert len(xb) == len(yb) == len(owner)
+        for j in range(int(owner.max()) + 1 if len(owner) else 0):
+            block = xb[owner == j]
+            assert any(
+                len(idx) == len(block) and torch.equal(x[idx], block) for idx in groups
+            )  # a whole patient
+            drawn += 1
+    assert 0 < drawn < 2 * len(groups)  # about half the patients each of the two steps
+
+
+def test_an_empty_poisson_batch_of_patients_is_an_empty_batch_of_images():
+    x, y, names = _patients()
+    # a sample rate this small draws nobody in (nearly) every step
+    loader = patient_loader(x, y, patient_groups(names), sample_rate=1e-9, generator=torch.Generator().manual_seed(0))
+    xb, yb, owner = unpack_batch(next(iter(loader)))
+    assert xb.shape == (0, *x.shape[1:]) and yb.shape == (0,) and owner.shape == (0,)
+
+
+def _site(tmp_path, unit: str, with_patients: bool) -> SiteRuntime:
+    data = SiteDataConfig(format="synthetic", synthetic=SyntheticConfig(train_per_site=30, test_per_site=10))
+    site = SiteConfig(
+        site="hospital-p",
+        data=data,
+        privacy=SitePolicyConfig(max_epsilon=50, unit=unit),
+        state_dir=str(tmp_path),
+    )
+    runtime = SiteRuntime.load(site)
+    if with_patients:  # three images per patient, as a DICOM site's label sheet gives them
+        d = runtime.data
+        runtime.data = SiteData(
+            d.site, d.train_x, d.train_y, d.test_x, d.test_y, d.classes,
+            train_patients=[f"P{i // 3}" for i in range(len(d.train_y))],
+            test_patients=[f"T{i // 3}" for i in range(len(d.test_y))],
+        )  # fmt: skip
+    return runtime
+
+
+def _private_config() -> dict:
+    return round_config(dp_enabled=True, batch_size=4) | request_config(
+        PrivacyConfig(enabled=True, noise_multiplier=1.0)
+    )
+
+
+def test_a_site_with_patient_ids_trains_on_patients_and_counts_them(tmp_path):
+    runtime = _site(tmp_path, unit="auto", with_patients=True)
+
+    reply = runtime.train(_private_config(), build_model("cnn28").state_dict())
+
+    assert reply.refused == "" and reply.metrics[Met.PRIVACY_UNIT] == 1
+    (count,) = [e for e in SiteAccountant(tmp_path).ledger.entries() if e.kind == "count"]
+    assert abs(count.value - 10) <= 50  # 10 patients, noised (std 10): not 30 images
+    assert reply.metrics[Met.SAMPLE_RATE] == pytest.approx(1 / -(-max(count.value, 1) // 4))
+
+
+def test_patient_level_privacy_without_patient_ids_is_refused(tmp_path):
+    runtime = _site(tmp_path, unit="patient", with_patients=False)
+
+    reply = runtime.train(_private_config(), build_model("cnn28").state_dict())
+
+    assert "privacy.unit" in reply.refused and "patient ids" in reply.refused
+    assert SiteAccountant(tmp_path).ledger.entries() == []
