@@ -39,12 +39,15 @@ from server.simulate import simulate  # noqa: E402
 from tests.common.test_sources import write_dicom_site  # noqa: E402
 from tests.plans import plan  # noqa: E402
 
+CONTRAST = 0.04  # the finding's brightness against noise sd 0.03: hard enough that AUC is not 1.0
+
 
 def sites(folder: Path, patients: int, per_patient: int, unit: str) -> list[Path]:
     paths = []
     for i, name in enumerate(("hospital-a", "hospital-b")):
         path = write_dicom_site(folder / name, name=name, patients=patients, per_patient=per_patient, size=28,
-                                bad_files=False, seed=i, privacy={"unit": unit, "max_epsilon": 20})  # fmt: skip
+                                bad_files=False, seed=i, privacy={"unit": unit, "max_epsilon": 20},
+                                contrast=CONTRAST)  # fmt: skip
         config = yaml.safe_load(path.read_text())
         config["state_dir"] = str(folder / name / f"state-{unit}")
         path.write_text(yaml.safe_dump(config))

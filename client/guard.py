@@ -127,7 +127,6 @@ def plan_round(
     return private, None
 
 
-
 def _precondition_problem(plan: RoundPlan, site: SiteConfig, unit: str | None) -> str | None:
     """Why the site cannot train `plan` privately at all, whatever the request says (or None)."""
     if plan.class_balance:
@@ -143,6 +142,7 @@ def _precondition_problem(plan: RoundPlan, site: SiteConfig, unit: str | None) -
             "ids; give the label sheet a patient_id column or set privacy.unit: auto"
         )
     return None
+
 
 def _noised_count(n: int, std: float, randomness: RoundRandomness) -> float:
     noise = float(torch.randn((), generator=randomness.release)) * std

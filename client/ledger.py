@@ -387,3 +387,15 @@ class SiteAccountant:
             )
             self.ledger.append(entry)
             return entry
+
+
+def ledger_notices(state_dir: str | os.PathLike[str]) -> list[str]:
+    """Read a site's ledger once, before a run: what a reader must be told (a torn last line that was
+    dropped, naming the file). Raises LedgerError when the ledger is damaged beyond that."""
+    path = Path(state_dir) / LEDGER_FILENAME
+    if not path.exists():
+        return []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", LedgerWarning)
+        PrivacyLedger(path).entries()
+    return [str(w.message) for w in caught if issubclass(w.category, LedgerWarning)]

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from client.ledger import ledger_notices
 from client.site import SiteReply, SiteRuntime
 from client.wire import OPS, WireError, plain_config, recv_frame, send_frame
 from common.schema import SiteConfig
@@ -234,6 +235,8 @@ def serve(config: SiteConfig, socket: str | None = None) -> int:
             "noise is not private against the coordinator; remove it to serve this site"
         )
     os.umask(0o077)  # everything this process writes (ledger, cache) is its user's alone
+    for notice in ledger_notices(config.state_dir) if config.state_dir else []:
+        log.warning("%s", notice)
     service = SiteService(config, path=Path(socket).expanduser() if socket else None)
     t0 = time.perf_counter()
     service.open()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -68,6 +69,8 @@ def _coerce(tp: Any, value: Any, where: str, path: str) -> Any:
     if tp in (int, float):
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{path}: '{where}' must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: '{where}' must be a finite number, got {value!r}")
         if tp is int and float(value) != int(value):
             raise ConfigError(f"{path}: '{where}' must be a whole number, got {value!r}")
         return tp(value)
@@ -83,9 +86,14 @@ def _read_yaml(path: str | Path, kind: str) -> dict:
     if not p.is_file():
         raise ConfigError(f"{kind} config '{p}' does not exist (looked in {p.resolve()}).")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML: {err}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{p}: cannot read the {kind} config ({err}).") from err
+    if data is None:
+        example = "configs/demo.yaml" if kind == "study" else "deploy/local/sites/hospital-a.yaml"
+        raise ConfigError(f"{p}: the {kind} config is empty; write its keys (see {example} for an example).")
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: a {kind} config must be a YAML mapping at the top level.")
     return data
@@ -112,9 +120,12 @@ def load_study(
     p = str(path)
     study = _from_dict(StudyConfig, _read_yaml(path, "study"), "", p)
     study.source_path = str(Path(path).resolve())
-    if rounds:
+    for option, value in (("--rounds", rounds), ("--sites", num_sites)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{option} is {value}; a study needs at least one round and one site.")
+    if rounds is not None:
         study.rounds = rounds
-    if num_sites:
+    if num_sites is not None:
         study.data.num_sites = num_sites
         if len(study.data.site_names) > num_sites:
             study.data.site_names = study.data.site_names[:num_sites]
@@ -162,6 +173,17 @@ def _validate_choices(study: StudyConfig, p: str) -> None:
 
 
 def _validate_sites(study: StudyConfig, p: str) -> None:
+    syn = study.data.synthetic
+    for key, value, most in (
+        ("data.synthetic.train_per_site", syn.train_per_site, 100_000),
+        ("data.synthetic.test_per_site", syn.test_per_site, 100_000),
+        ("data.synthetic.image_size", syn.image_size, 1024),
+        ("data.num_sites", study.data.num_sites, 1000),
+    ):
+        if not 1 <= value <= most:
+            raise ConfigError(f"{p}: '{key}' must be from 1 to {most:,}, got {value}.")
+    if not 0 <= study.seed < 2**32:  # numpy's and torch's generators take seeds from 0
+        raise ConfigError(f"{p}: 'seed' must be a whole number from 0 to 2**32 - 1, got {study.seed}.")
     n = len(study.data.site_configs) if study.data.source == "sites" else study.data.num_sites
     if n < 1:
         raise ConfigError(f"{p}: a study needs at least one site ('data.num_sites' is {n}).")

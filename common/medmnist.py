@@ -36,6 +36,41 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
     return data
 
 
+# The number of classes of the MedMNIST sets fedward knows (medmnist's INFO: label names 0..K-1).
+KNOWN_CLASS_COUNTS = {"pneumoniamnist": 2, "breastmnist": 2}
+
+
+def npz_classes(path: str, data: dict[str, np.ndarray], configured: list[str]) -> list[str]:
+    """The class names of a MedMNIST file's labels, checked: every label a whole number in 0..K-1, where
+    K is the site's `classes` list when given, the set's known count, or else the labels' own range
+    (which must then have training images of every class). Raises SiteDataError naming the file."""
+    name = Path(path).stem.lower()
+    labels = {k: data[k].reshape(-1) for k in data if k.endswith("_labels")}
+    for key, y in labels.items():
+        whole = np.issubdtype(y.dtype, np.integer) or bool(np.all(np.mod(y, 1) == 0))
+        if y.size and (not whole or y.min() < 0):
+            raise SiteDataError(f"'{path}': {key} holds values that are not class numbers 0, 1, ...; "
+                                "the labels must be whole numbers from 0.")  # fmt: skip
+    top = int(max((int(y.max()) for y in labels.values() if y.size), default=0))
+    expected = len(configured) or KNOWN_CLASS_COUNTS.get(name, 0)
+    if expected and top >= expected:
+        past = sorted({int(v) for y in labels.values() for v in np.unique(y) if v >= expected})
+        source = "the site's classes list" if configured else f"{name} (a MedMNIST set of {expected} classes)"
+        raise SiteDataError(
+            f"'{path}': labels {past} run past the {expected} classes of {source}; labels must be 0..{expected - 1}. "
+            "Is it the right file, or does the config's data.classes need more names?"
+        )
+    n = expected or top + 1
+    present = set(np.unique(labels.get("train_labels", np.zeros(0))).astype(int).tolist())
+    missing = [c for c in range(n) if c not in present]
+    if not expected and missing:
+        raise SiteDataError(
+            f"'{path}': its labels run to {top} but classes {missing} have no training image; labels must be "
+            "0..K-1 with every class present (or list the classes in the config's data.classes)."
+        )
+    return configured or [str(c) for c in range(n)]
+
+
 def _shares(n: int, props: np.ndarray) -> np.ndarray:
     """How many of n items each site gets for these proportions (rounded cumulative bounds)."""
     return np.diff(np.concatenate([[0], np.round(np.cumsum(props) * n).astype(int)]))
@@ -84,6 +119,7 @@ def medmnist_site(config: SiteConfig) -> SiteData:
     data = load_npz(config.data.path)
     part = config.data.partition
     splits_present = [s for s in ("train", "val", "test") if f"{s}_images" in data]
+    classes = npz_classes(config.data.path, data, config.data.classes)
     labels = {s: data[f"{s}_labels"].reshape(-1).astype(np.int64) for s in splits_present}
     idx = partition_indices(labels, part)
     rng = np.random.default_rng([part.seed, part.index, 11])
@@ -95,6 +131,4 @@ def medmnist_site(config: SiteConfig) -> SiteData:
         if part.acquisition_shift:
             imgs = acquire(imgs, scanner_for(part.index), rng)
         splits[s] = (imgs, labels[s][idx[s]])
-    n_classes = int(max(labels["train"].max(), labels["test"].max()) + 1)
-    classes = config.data.classes or [str(c) for c in range(n_classes)]
     return site_data_from_arrays(config.site, splits, classes)

@@ -67,7 +67,7 @@ def score_histogram(labels: np.ndarray, probs: np.ndarray, bins: int = HIST_BINS
     return hist
 
 
-def logit_edges(bins: int, span: float = 4.0) -> np.ndarray:
+def logit_edges(bins: int, span: float = 12.0) -> np.ndarray:
     """`bins` + 1 score-bin edges on [0, 1], evenly spaced in logit(score) over [-span, span] (fine
     near 0 and 1, where a good model's scores crowd), with 0.5 an edge (`bins` even)."""
     if bins < 2 or bins % 2:

@@ -7,12 +7,14 @@ and without privacy. Networks with BatchNorm are converted by Opacus's ModuleVal
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from common.files import write_atomic
 from common.opacus_compat import make_opacus_compatible
 from common.schema import MODEL_NAMES
 
@@ -114,10 +116,9 @@ def build_model(name: str, *, in_channels: int = 1, num_classes: int = 2, seed: 
 
 def save_model(path: str | Path, model: nn.Module, *, meta: dict) -> None:
     """Write weights plus what is needed to rebuild the model (name, channels, classes, config)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"state_dict": model.state_dict(), **meta}, tmp)
-    tmp.replace(path)
+    buffer = io.BytesIO()  # serialized first: a full disk then fails as an OSError naming the path
+    torch.save({"state_dict": model.state_dict(), **meta}, buffer)
+    write_atomic(path, buffer.getvalue())
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict]:

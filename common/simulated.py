@@ -94,9 +94,7 @@ def model_shape(study: StudyConfig) -> tuple[list[str], int]:
 
         return list(CLASSES), 1
     if site.data.format == "medmnist":
-        from common.medmnist import load_npz
+        from common.medmnist import load_npz, npz_classes
 
-        data = load_npz(site.data.path)
-        n = int(max(data["train_labels"].max(), data["test_labels"].max()) + 1)
-        return site.data.classes or [str(c) for c in range(n)], 1
+        return npz_classes(site.data.path, load_npz(site.data.path), site.data.classes), 1
     return list(site.data.classes), int(site.data.preprocess.channels)

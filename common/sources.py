@@ -39,6 +39,7 @@ import torch
 from monai.data import PersistentDataset
 from monai.utils import convert_to_tensor
 
+from common.files import write_atomic
 from common.labels import SPLITS, LabelFileError, LabelRow, label_problem, read_labels_csv, split_rows
 from common.readers import FORMATS, BadImageFileError, SiteImageReader, reader_for
 from common.schema import SiteConfig, SiteDataConfig
@@ -429,9 +430,7 @@ def _update_cache(config: SiteConfig, root: Path, cache: Path, entries: set[str]
     image_root = str(root.resolve())
     key = hashlib.sha256(json.dumps([source, image_root]).encode()).hexdigest()[:16]
     index = {"site": config.site, "site_config": source, "root": image_root, "entries": sorted(entries)}
-    tmp = folder / f".{key}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, folder / f"{key}.json")  # a scan reading the indexes meanwhile sees all or none
+    write_atomic(folder / f"{key}.json", json.dumps(index, indent=1))  # a scan meanwhile sees all or none
 
     needed: set[str] = set()
     for path in folder.glob("*.json"):

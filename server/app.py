@@ -6,6 +6,7 @@ already resolved study and its sites. Both call `server.coordinator.run_study`.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from flwr.app import Context
@@ -15,6 +16,8 @@ from common.runconfig import study_from_run_config
 from common.schema import StudyConfig
 from common.simulated import model_shape, num_sites
 from server.coordinator import Reporter, run_study
+from server.interrupt import StopRequest
+from server.run_claim import claim_run_folder
 
 
 def make_server_app(
@@ -24,6 +27,8 @@ def make_server_app(
     resume: bool = False,
     reporter: Reporter | None = None,
     n_sites: int | None = None,
+    stop: StopRequest | None = None,
+    resume_command: str = "",
 ) -> ServerApp:
     """A ServerApp for `study` (default: the run config's), waiting for `n_sites` sites (default: the study's)."""
     server_app = ServerApp()
@@ -33,15 +38,29 @@ def make_server_app(
         rc = context.run_config
         the_study = study or study_from_run_config(rc)
         classes, in_channels = model_shape(the_study)
+        out = out_dir or str(rc.get("out-dir", "runs/flwr"))
+        resuming = resume or bool(rc.get("resume", False))
+        # a deployment's ServerApp claims its run folder itself (`fedward simulate` already holds it)
+        claim = (
+            contextlib.nullcontext()
+            if study is not None
+            else claim_run_folder(out, resume=resuming, force=False, command=f"flwr run (ServerApp) -> {out}")
+        )
+        with claim:
+            _run(grid, the_study, out, classes, in_channels, resuming, rc)
+
+    def _run(grid, the_study, out, classes, in_channels, resuming, rc) -> None:
         run_study(
             grid,
             the_study,
-            out_dir or str(rc.get("out-dir", "runs/flwr")),
+            out,
             classes=classes,
             in_channels=in_channels,
             n_sites=n_sites or num_sites(the_study),
-            resume=resume or bool(rc.get("resume", False)),
+            resume=resuming,
             reporter=reporter,
+            stop=stop,
+            resume_command=resume_command or str(rc.get("resume-command", "")),
         )
 
     return server_app

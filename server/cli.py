@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from rich.markup import escape
 
 from common.config import ConfigError, load_study
 from common.simulated import num_sites
+from server.interrupt import interruptible
 
 
 def _simulate(args: argparse.Namespace, console: Console) -> int:
@@ -29,11 +31,25 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
         f"sites, {study.rounds} rounds, model {study.model.name}, strategy {study.strategy.name} -> {args.out}"
     )
     out = Path(args.out)
-    results = simulate(
-        study, args.out, resume=args.resume, reporter=RichReporter(console), verbose=args.verbose
-    )
+    with interruptible() as stop:
+        results = simulate(
+            study, args.out, resume=args.resume, force=args.force, reporter=RichReporter(console),
+            verbose=args.verbose, stop=stop, command=command_line(),
+        )  # fmt: skip
+    if results.get("status") == "interrupted":
+        info = results.get("interrupted", {})
+        console.print(
+            f"[yellow]interrupted[/] ({info.get('signal')}) after round {info.get('round_reached')}; "
+            f"continue with: {escape(str(info.get('resume')))}", highlight=False,
+        )  # fmt: skip
+        return stop.exit_code or 130
     console.print(f"results: {out / RESULTS_FILE}   model: {out / FINAL_MODEL_FILE}   log: {out / LOG_FILE}")
     return 0 if results.get("status") == "completed" else 3
+
+
+def command_line() -> str:
+    """The command that started this process, as a user would type it again."""
+    return " ".join(["fedward", *(shlex.quote(a) for a in sys.argv[1:])])
 
 
 def _site_check(args: argparse.Namespace, console: Console) -> int:
@@ -43,13 +59,14 @@ def _site_check(args: argparse.Namespace, console: Console) -> int:
 
 
 def _site_serve(args: argparse.Namespace, console: Console) -> int:
+    from client.ledger import LedgerError
     from client.service import ServiceError, serve
     from common.config import load_site
     from common.sitedata import SiteDataError
 
     try:
         return serve(load_site(args.site_config), socket=args.socket)
-    except (ServiceError, SiteDataError) as err:
+    except (ServiceError, SiteDataError, LedgerError) as err:
         console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         return 2
 
@@ -67,6 +84,7 @@ def _report(args: argparse.Namespace, console: Console) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Long: one argparse declaration per command and option, read top to bottom as the CLI's help."""
     parser = argparse.ArgumentParser(prog="fedward", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a whole study on this machine (Flower simulation engine)")
@@ -76,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--sites", type=int, help="override the number of sites")
     sim.add_argument("--data-dir", help="folder of data files (overrides FEDWARD_DATA and the config)")
     sim.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    sim.add_argument(
+        "--force", action="store_true", help="--out holds a run: move it aside (not deleted) and start afresh"
+    )
     sim.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(func=_simulate)
     st = sub.add_parser(
@@ -86,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--rounds", type=int, help="override the number of rounds")
     st.add_argument("--sites", type=int, help="override the number of sites")
     st.add_argument("--data-dir", help="folder of data files (overrides FEDWARD_DATA and the config)")
+    st.add_argument(
+        "--force", action="store_true", help="--out holds a run: move it aside (not deleted) and start afresh"
+    )
     st.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
     st.set_defaults(func=_study)
     rep = sub.add_parser("report", help="rebuild report.html and the plots from a run folder's JSON")

@@ -5,7 +5,9 @@ deployment). Each round it asks the strategy (Flower's FedAvg, FedProx or FedAda
 sends the messages, sorts and checks the replies (server.replies), lets the strategy aggregate, then sends
 the new global model to every connected site for evaluation. Site identity is kept from each reply's
 `site` record all the way to results.json. After each round it writes a checkpoint and results.json,
-so `resume=True` continues after the last finished round.
+so `resume=True` continues after the last finished round. A StopRequest (server.interrupt: Ctrl-C,
+SIGTERM) ends the study between two polls for replies: the round under way is abandoned and
+results.json says `status: interrupted`, the round reached and the command that resumes it.
 """
 
 from __future__ import annotations
@@ -21,20 +23,27 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from common.config import ConfigError
 from common.keys import Cfg, Met, Rec, Site
 from common.models import build_model, save_model
 from common.privacy import request_config
 from common.round import RoundPlan
 from common.schema import StudyConfig
+from server.interrupt import Interrupted, StopRequest
 from server.releases import pooled_metrics, site_metrics, site_release
 from server.replies import Replies, classify, site_name
-from server.run_folder import Results, RoundRecord, new_results
+from server.round_records import (
+    add_privacy,
+    add_timing,
+    check_resumable,
+    record_stop,
+    round_record,
+    warn_budget_passed,
+)
+from server.run_folder import Results, io_error, new_results
 from server.store import RunStore
 
 log = logging.getLogger("fedward.coordinator")
 PULL_INTERVAL_S = 0.2  # how often the coordinator asks for replies
-RESUME_IGNORED_KEYS = {"rounds", "source_path", "round_timeout_s", "study"}
 
 
 class StudyStopped(RuntimeError):
@@ -93,8 +102,12 @@ class Coordinator:
         in_channels: int,
         n_sites: int,
         reporter: Reporter | None = None,
+        stop: StopRequest | None = None,
+        resume_command: str = "",
     ):
         self.grid, self.study, self.n_sites = grid, study, n_sites
+        self.stop = stop or StopRequest()
+        self.resume_command = resume_command
         self.store = RunStore(out_dir)
         self.reporter = reporter or Reporter()
         self.node_site: dict[int, str] = {}
@@ -129,12 +142,14 @@ class Coordinator:
         deadline = time.monotonic() + self.study.round_timeout_s
         replies: list[Message] = []
         while ids:
+            self.stop.check()
             got = list(self.grid.pull_messages(ids))
             replies += got
             ids -= {m.metadata.reply_to_message_id for m in got}
             if not ids or time.monotonic() >= deadline:
                 break
             time.sleep(PULL_INTERVAL_S)
+        self.stop.check()  # replies that came after a stop request (a site killed by Ctrl-C) are not the site's fault
         return replies
 
     def classify(self, replies: list[Message], sent: list[Message], reference: ArrayRecord | None) -> Replies:
@@ -145,6 +160,7 @@ class Coordinator:
     def wait_for_sites(self, timeout_s: float = 600.0) -> list[int]:
         t0 = time.time()
         while len(nodes := list(self.grid.get_node_ids())) < self.n_sites:
+            self.stop.check()
             if time.time() - t0 > timeout_s:
                 if len(nodes) >= self.study.min_sites:
                     log.warning("only %d of %d sites connected; starting anyway", len(nodes), self.n_sites)
@@ -184,9 +200,16 @@ class Coordinator:
     # ------------------------------------------------------------------ the study
 
     def run(self, *, resume: bool = False) -> Results:
-        handler = self.store.attach_log()
+        """Run the study; an I/O failure in the run folder (a full disk) raises RunFolderError naming
+        the file, and leaves the files written before it intact."""
+        try:
+            handler = self.store.attach_log()
+        except OSError as err:
+            raise io_error(self.store.log_path, err, "write") from err
         try:
             return self._run(resume)
+        except OSError as err:
+            raise io_error(Path(err.filename or self.store.dir), err, "write") from err
         finally:
             RunStore.detach_log(handler)
 
@@ -194,6 +217,33 @@ class Coordinator:
         t_start = time.perf_counter()
         first, arrays, results, strat_state = self._initial_state(resume)
         elapsed_before = results["timing"]["total_s"]
+        try:
+            return self._rounds(first, arrays, results, strat_state, t_start - elapsed_before)
+        except Interrupted as why:
+            self._interrupted(results, str(why), elapsed_before + time.perf_counter() - t_start)
+            return results
+
+    def _interrupted(self, results: Results, signal_name: str, total_s: float) -> None:
+        reached = results["rounds"][-1]["round"] if results["rounds"] else 0
+        results["status"] = "interrupted"
+        results["interrupted"] = {
+            "signal": signal_name,
+            "round_reached": reached,
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "resume": self.resume_command,
+        }
+        results["timing"]["total_s"] = total_s
+        self.store.write_results(results)
+        log.info(
+            "interrupted by %s after round %d of %d; continue with: %s",
+            signal_name, reached, self.study.rounds, self.resume_command or "--resume",
+        )  # fmt: skip
+
+    def _rounds(
+        self, first: int, arrays: ArrayRecord, results: Results, strat_state: dict, t_origin: float
+    ) -> Results:
+        """Rounds `first`..study.rounds, then the final model; `t_origin`: when the run started, on
+        perf_counter's clock, counting the time of the rounds before a resume."""
         strategy = make_strategy(self.study)
         for k, v in strat_state.items():
             setattr(strategy, k, v)
@@ -209,11 +259,12 @@ class Coordinator:
             if new_arrays is None:
                 break
             arrays = new_arrays
-            results["timing"]["total_s"] = elapsed_before + time.perf_counter() - t_start
+            results["timing"]["total_s"] = time.perf_counter() - t_origin
             self._save(rnd, arrays, results, strategy)
             self.reporter.round_done(results["rounds"][-1], results["timing"]["round_s"][-1])
             log.debug("round %d took %.1fs", rnd, time.perf_counter() - t0)
-        results["timing"]["total_s"] = elapsed_before + time.perf_counter() - t_start
+            self.stop.check()
+        results["timing"]["total_s"] = time.perf_counter() - t_origin
         self._finish(results, arrays)
         return results
 
@@ -230,7 +281,7 @@ class Coordinator:
                 f"(refused: {got.refused or 'none'}; failed: {got.failed or 'none'}); "
                 f"the study needs at least min_sites={self.study.min_sites}"
             )
-            stop(results, reason, rnd, got)
+            record_stop(results, reason, rnd, got)
             return None
         new_arrays, _ = strategy.aggregate_train(rnd, got.ok)
         arrays = new_arrays if new_arrays is not None else arrays
@@ -239,6 +290,8 @@ class Coordinator:
         record = round_record(rnd, got, evaluation)
         if self.study.privacy.enabled:
             add_privacy(results, record, got)
+            privacy = self.study.privacy  # a target only where the noise was derived from it
+            warn_budget_passed(results, record, None if privacy.noise_multiplier else privacy.target_epsilon)
         results["rounds"].append(record)
         add_timing(results, rnd, got, evaluation, round_s)
         log.info(
@@ -310,98 +363,6 @@ class Coordinator:
         self.reporter.finish(results)
 
 
-# ----------------------------------------------------------------------------- results.json records
-
-
-def check_resumable(saved: dict, study: StudyConfig, where: Path) -> None:
-    """Raise ConfigError when `study` differs from the checkpoint's study (other than rounds)."""
-    old = {k: v for k, v in saved.items() if k not in RESUME_IGNORED_KEYS}
-    new = {k: v for k, v in study.to_dict().items() if k not in RESUME_IGNORED_KEYS}
-    changed = sorted(k for k in new if old.get(k) != new.get(k))
-    if changed:
-        raise ConfigError(
-            f"cannot resume in {where}: the study config differs from the "
-            f"checkpoint's in {changed}; use the same config or a new --out folder."
-        )
-
-
-def stop(results: Results, reason: str, rnd: int, got: Replies) -> None:
-    log.error("study stopped: %s", reason)
-    results["status"] = "stopped"
-    results["stop_reason"] = reason
-    results.setdefault("stopped_rounds", []).append(
-        {"round": rnd, "refused": got.refused, "failed": got.failed}
-    )
-
-
-def add_privacy(results: Results, record: RoundRecord, got: Replies) -> None:
-    """Per site: epsilon spent so far, delta, this round's noise and steps, and any refusal. A site
-    that reported nothing this round keeps its last epsilon."""
-    previous = results["rounds"][-1]["sites"] if results["rounds"] else {}
-    for site, metrics in record["sites"].items():
-        known = got.privacy.get(site)
-        before = previous.get(site, {})
-        metrics.update(
-            {
-                "epsilon": known["epsilon"] if known else before.get("epsilon", 0.0),
-                "delta": known["delta"] if known else before.get("delta"),
-                "noise_multiplier": known["noise_multiplier"] if known else None,
-                "steps": known["steps"] if known else 0,
-                "repeatable_noise": known["repeatable_noise"]
-                if known
-                else before.get("repeatable_noise", False),
-                "privacy_unit": known.get("privacy_unit") if known else before.get("privacy_unit"),
-                "refused": got.refused.get(site),
-            }
-        )
-
-
-def round_record(rnd: int, got: Replies, evaluation: dict) -> RoundRecord:
-    train = {}
-    for msg in got.ok:
-        m = msg.content[Rec.METRICS]
-        train[site_name(msg)] = {  # a private round sends its noised size only, no loss or time
-            "n_train": int(m[Met.NUM_EXAMPLES]),
-            "loss": float(m[Met.TRAIN_LOSS]) if Met.TRAIN_LOSS in m else None,
-            "train_s": float(m[Met.TRAIN_S]) if Met.TRAIN_S in m else None,
-        }
-    return {
-        "round": rnd,
-        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "sites": evaluation["sites"],
-        "pooled": evaluation["pooled"],
-        "participants": sorted(train),
-        "train": dict(sorted(train.items())),
-        "refused": got.refused,
-        "failed": _merged(got.failed, {k: f"evaluation: {v}" for k, v in evaluation["failed"].items()}),
-    }
-
-
-def _merged(training: dict[str, str], evaluation: dict[str, str]) -> dict[str, str]:
-    """A site's training and evaluation failures together, in one line each."""
-    out = dict(training)
-    for site, reason in evaluation.items():
-        out[site] = f"{out[site]}; {reason}" if site in out else reason
-    return out
-
-
-def add_timing(results: Results, rnd: int, got: Replies, evaluation: dict, round_s: float) -> None:
-    """Append the round's wall time and each site's train and eval seconds (None where it did not)."""
-    timing = results["timing"]
-    timing["round_s"].append(round(round_s, 4))
-    trained = {
-        site_name(m): float(m.content[Rec.METRICS][Met.TRAIN_S])
-        for m in got.ok
-        if Met.TRAIN_S in m.content[Rec.METRICS]
-    }
-    n_before = rnd - 1
-    for key, values in (("train_s", trained), ("eval_s", evaluation["eval_s"])):
-        for site in set(timing[key]) | set(values):
-            series = timing[key].setdefault(site, [None] * n_before)
-            series += [None] * (n_before - len(series))
-            series.append(round(values[site], 4) if site in values else None)
-
-
 def run_study(
     grid: Grid,
     study: StudyConfig,
@@ -412,9 +373,12 @@ def run_study(
     n_sites: int,
     resume: bool = False,
     reporter: Reporter | None = None,
+    stop: StopRequest | None = None,
+    resume_command: str = "",
 ) -> Results:
     """Run a study over `grid`, waiting for `n_sites` sites; the model has `classes` and `in_channels`."""
     coordinator = Coordinator(
-        grid, study, out_dir, classes=classes, in_channels=in_channels, n_sites=n_sites, reporter=reporter
-    )
+        grid, study, out_dir, classes=classes, in_channels=in_channels, n_sites=n_sites,
+        reporter=reporter, stop=stop, resume_command=resume_command,
+    )  # fmt: skip
     return coordinator.run(resume=resume)

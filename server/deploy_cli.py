@@ -23,6 +23,7 @@ from server.deploy import (
     DeploymentError,
     LocalDeployment,
 )
+from server.run_claim import claim_run_folder
 from server.run_folder import RESULTS_FILE
 
 log = logging.getLogger("fedward.deploy")
@@ -43,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="continue the study in --out after its last round"
     )
     parser.add_argument(
+        "--force", action="store_true", help="move a run already in --out/results aside and start afresh"
+    )
+    parser.add_argument(
         "--insecure",
         action="store_true",
         help="plain HTTP, no SuperNode authentication (prints a warning; for debugging only)",
@@ -58,6 +62,11 @@ def run(args: argparse.Namespace) -> int:
     """`fedward deploy-local`: start everything, run the study with `flwr run`, stop everything."""
     study = load_study(args.study, rounds=args.rounds)
     out = Path(args.out)
+    # the ServerApp claims out/results itself; a run already there is refused (or moved aside) before anything starts
+    with claim_run_folder(
+        out / "results", resume=args.resume, force=args.force, command="fedward deploy-local"
+    ):
+        pass
     with warnings.catch_warnings():  # the insecure warning is printed once, below, without a traceback
         warnings.simplefilter("ignore", UserWarning)
         dep = LocalDeployment(

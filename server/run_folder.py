@@ -16,14 +16,17 @@ names from here, so a renamed file or key changes in one place.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
-import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypedDict
 
 import numpy as np
+
+from common.config import ConfigError
+from common.files import write_atomic
 
 RESULTS_FILE = "results.json"
 STUDY_FILE = "study.json"
@@ -126,8 +129,10 @@ class Timing(TypedDict):
 class Results(TypedDict, total=False):
     study_id: str
     study: dict[str, Any]
-    status: str  # running | completed | stopped
+    status: str  # running | completed | stopped | interrupted
     stop_reason: str
+    interrupted: dict[str, Any]  # signal, round_reached, at, resume (the command that continues it)
+    warnings: list[dict[str, Any]]  # e.g. kind "budget": a site's epsilon passed the study's target
     initial: Evaluation
     rounds: list[RoundRecord]
     final: dict[str, Any]  # Evaluation plus "round"
@@ -189,14 +194,29 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-def write_atomic(path: Path, write) -> None:
-    """Write through `write(tmp_path)` to a temporary name, then rename: readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_json(path: str | Path, obj: Any) -> None:
-    """`obj` as indented JSON at `path`, atomically."""
-    text = json.dumps(json_safe(obj), indent=2, allow_nan=False)
-    write_atomic(Path(path), lambda p: p.write_text(text))
+    """`obj` as indented JSON at `path`, atomically (common.files)."""
+    write_atomic(path, json.dumps(json_safe(obj), indent=2, allow_nan=False))
+
+
+# ----------------------------------------------------------------------------- I/O failures
+
+
+class RunFolderError(ConfigError):
+    """A run folder cannot be used: in use, holding another run, not a folder, not writable, full."""
+
+
+def io_error(path: Path, err: OSError, doing: str) -> RunFolderError:
+    """A clear message for an I/O failure at `path` while `doing` something: what went wrong, what to do."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        what = "the disk is full (or the file size limit is reached)"
+        todo = "free space there or choose another --out; the files written before are intact"
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        what = "it is read-only or not writable by this user"
+        todo = "choose a writable --out folder"
+    elif err.errno in (errno.ENOTDIR, errno.EEXIST):
+        what = "a file stands where a folder is needed"
+        todo = "choose another --out folder, or move the file away"
+    else:
+        what, todo = err.strerror or str(err), "check the path and try again"
+    return RunFolderError(f"cannot {doing} {path}: {what} ({err.__class__.__name__}); {todo}.")

@@ -13,14 +13,16 @@ import os
 import warnings
 from pathlib import Path
 
-import torch
-
+from client.ledger import LedgerError, ledger_notices
 from common.config import ConfigError
 from common.data import load_site_data
 from common.schema import MIN_INPUT_SIZE, StudyConfig
 from common.simulated import simulated_sites
 from common.sitedata import SiteDataError
 from server.coordinator import Reporter
+from server.interrupt import StopRequest
+from server.ray_session import backend_config, one_ray_session
+from server.run_claim import check_run_folder, claim_run_folder
 from server.run_folder import LOG_FILE, RESULTS_FILE
 
 log = logging.getLogger("fedward.simulate")
@@ -36,8 +38,11 @@ def preflight(study: StudyConfig, out_dir: Path) -> list:
     for site in sites:
         try:
             data = load_site_data(site)
-        except SiteDataError as err:
-            raise ConfigError(f"{study.source_path}: {err}") from err
+            notices = ledger_notices(site.state_dir) if site.state_dir else []
+        except (SiteDataError, LedgerError) as err:
+            raise ConfigError(f"{study.source_path}: site '{site.site}': {err}") from err
+        for notice in notices:
+            log.warning("site '%s': %s", site.site, notice)
         if site.data.classes and sites[0].data.classes and site.data.classes != sites[0].data.classes:
             raise ConfigError(
                 f"{study.source_path}: site '{site.site}' lists classes {site.data.classes} but site "
@@ -52,65 +57,81 @@ def preflight(study: StudyConfig, out_dir: Path) -> list:
     return sites
 
 
-def backend_config(study: StudyConfig) -> dict:
-    cores = os.cpu_count() or 1
-    n_gpus = torch.cuda.device_count()
-    cpus = min(study.simulation.client_cpus or cores, cores)
-    gpus = study.simulation.client_gpus
-    if gpus < 0:
-        gpus = 1.0 if n_gpus else 0.0
-    return {
-        "client_resources": {"num_cpus": cpus, "num_gpus": gpus},
-        "init_args": {
-            "num_cpus": cores,
-            "num_gpus": n_gpus,
-            "logging_level": "ERROR",
-            "log_to_driver": False,
-            "include_dashboard": False,
-        },
-    }
-
-
 def simulate(
     study: StudyConfig,
     out_dir: str | Path,
     *,
     resume: bool = False,
+    force: bool = False,
     reporter: Reporter | None = None,
     verbose: bool = False,
     sites: list | None = None,
+    stop: StopRequest | None = None,
+    command: str = "",
 ) -> dict:
     """Run `study` in simulation; returns the results dict also written to OUT_DIR/results.json.
 
-    `sites` (SiteConfigs) replaces the study's own sites, e.g. all sites but one for leave-one-out.
+    OUT_DIR is claimed for the run (server.run_claim: locked; a run already in it is continued with
+    `resume` or moved aside with `force`, never overwritten). `sites` (SiteConfigs) replaces the
+    study's own sites, e.g. all sites but one for leave-one-out. `stop` (server.interrupt) ends the run
+    early with `status: interrupted`; `command` is the command line that started it (the lock file
+    names it; with --resume added it is the command that continues an interrupted run).
     """
+    out = Path(out_dir)
+    check_run_folder(out, resume=resume, force=force)
+    sites = preflight(study, out) if sites is None else sites
+    command = command or f"fedward simulate {study.source_path or 'CONFIG'} --out {out}"
+    with claim_run_folder(out, resume=resume, force=force, command=command):
+        return _simulate(study, out, sites, resume=resume, reporter=reporter, verbose=verbose, stop=stop,
+                         resume_command=_resume_command(command))  # fmt: skip
+
+
+def _resume_command(command: str) -> str:
+    words = [w for w in command.split() if w != "--force"]
+    return " ".join(words if "--resume" in words else [*words, "--resume"])
+
+
+def _simulate(
+    study: StudyConfig, out: Path, sites: list, *, resume, reporter, verbose, stop, resume_command
+) -> dict:
     from flwr.simulation import run_simulation
 
     from client.app import make_client_app
     from server.app import make_server_app
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    out = Path(out_dir)
-    sites = preflight(study, out) if sites is None else sites
     config = backend_config(study)
     os.environ["FEDWARD_SITE_THREADS"] = str(config["client_resources"]["num_cpus"])
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
         warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
-    out.mkdir(parents=True, exist_ok=True)
     results_path = out / RESULTS_FILE
     stale = results_path.stat().st_mtime_ns if results_path.exists() else None
-    run_simulation(
-        server_app=make_server_app(study, out, resume=resume, reporter=reporter, n_sites=len(sites)),
-        client_app=make_client_app(sites),
-        num_supernodes=len(sites),
-        backend_config=config,
-        verbose_logging=verbose,
+    server_app = make_server_app(
+        study,
+        out,
+        resume=resume,
+        reporter=reporter,
+        n_sites=len(sites),
+        stop=stop,
+        resume_command=resume_command,
     )
+    with one_ray_session(study):  # Ray started here, so that SIGTERM stays ours (server.interrupt)
+        if stop is not None:
+            stop.rearm()
+        run_simulation(
+            server_app=server_app,
+            client_app=make_client_app(sites),
+            num_supernodes=len(sites),
+            backend_config=config,
+            verbose_logging=verbose,
+        )
     if not results_path.exists() or results_path.stat().st_mtime_ns == stale:
         raise RuntimeError(f"the simulation ended without writing {results_path}; see {out / LOG_FILE}")
     results = json.loads(results_path.read_text())
+    if results.get("status") == "interrupted":
+        return results
     if results.get("status") == "running":
         raise RuntimeError(f"the study did not finish; see {out / LOG_FILE}")
     return results

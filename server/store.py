@@ -1,24 +1,25 @@
 """What the coordinator writes in a run folder: results.json, checkpoints, the final model, the log.
 
-Every file is written to a temporary name and renamed, so a crash never leaves a half-written
-results.json or checkpoint behind; the two newest checkpoints are kept.
+Every file is written to a temporary name, flushed and renamed (common.files), so a crash never
+leaves a half-written results.json or checkpoint behind; the two newest checkpoints are kept, and a
+newest checkpoint that cannot be read (a damaged disk, a copy cut short) falls back to the one before,
+with a warning.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
 
-from server.run_folder import (
-    CHECKPOINTS_DIR,
-    FINAL_MODEL_FILE,
-    LOG_FILE,
-    RESULTS_FILE,
-    write_atomic,
-    write_json,
-)
+from common.files import write_atomic
+from server.run_folder import CHECKPOINTS_DIR, FINAL_MODEL_FILE, LOG_FILE, RESULTS_FILE, write_json
+
+log = logging.getLogger("fedward.run")
 
 CHECKPOINTS_KEPT = 2
 
@@ -49,14 +50,32 @@ class RunStore:
 
     def save_checkpoint(self, round_: int, state: dict) -> Path:
         path = self.dir / CHECKPOINTS_DIR / f"round-{round_:04d}.pt"
-        write_atomic(path, lambda p: torch.save(state, p))
+        buffer = io.BytesIO()  # serialized first: a full disk then fails as an OSError naming the path
+        torch.save(state, buffer)
+        write_atomic(path, buffer.getvalue())
         for old in self.checkpoints()[:-CHECKPOINTS_KEPT]:
             old.unlink(missing_ok=True)
         return path
 
     def load_latest_checkpoint(self) -> dict | None:
-        paths = self.checkpoints()
-        return torch.load(paths[-1], map_location="cpu", weights_only=False) if paths else None
+        """The newest checkpoint that can be read (None when there is none); a damaged newer one is
+        passed over with a warning naming it, and left where it is."""
+        for path in reversed(self.checkpoints()):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=False)
+                if not isinstance(state, dict) or "round" not in state:
+                    raise ValueError("not a fedward checkpoint")
+                return state
+            except (
+                OSError,
+                RuntimeError,
+                ValueError,
+                EOFError,
+                pickle.UnpicklingError,
+                zipfile.BadZipFile,
+            ) as err:
+                log.warning("checkpoint %s cannot be read (%s); falling back to the one before it", path, err)
+        return None
 
     def attach_log(self) -> logging.Handler:
         handler = logging.FileHandler(self.log_path)

@@ -24,11 +24,12 @@ import json
 import sys
 from pathlib import Path
 
+from common.files import write_atomic
 from server.report.page import render_html
 from server.report.plots import PLOTS
 from server.report.shape import RESULTS, STUDY, ShapeError, check
 from server.report.summary import plain_summary
-from server.run_folder import REPORT_FILE, RESULTS_FILE, STUDY_FILE, STUDY_KIND, write_atomic
+from server.run_folder import REPORT_FILE, RESULTS_FILE, STUDY_FILE, STUDY_KIND
 
 __all__ = ["ReportError", "build_report", "cli", "load_run", "plain_summary"]
 
@@ -104,7 +105,7 @@ def build_report(run_dir: str | Path) -> Path:
             plots.append((name, caption, path))
     report = d / REPORT_FILE
     page = render_html(doc, plots)
-    write_atomic(report, lambda p: p.write_text(page, encoding="utf-8"))
+    write_atomic(report, page)
     return report
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
@@ -43,7 +44,10 @@ from common.schema import SiteConfig, StudyConfig
 from common.simulated import num_sites, simulated_sites
 from common.sitedata import SiteData
 from common.transforms import augment_fn
+from server.interrupt import Interrupted, StopRequest, interruptible
+from server.ray_session import backend_config, one_ray_session
 from server.report import build_report, plain_summary
+from server.run_claim import check_run_folder, claim_run_folder
 from server.run_folder import (
     FEDERATED_VARIANTS,
     FINAL_MODEL_FILE,
@@ -55,16 +59,16 @@ from server.run_folder import (
     STUDY_VERSION,
     Variant,
     final_epsilon,
+    io_error,
     nodes,
     participants,
     split_key,
     write_json,
 )
-from server.simulate import backend_config, preflight, simulate
+from server.simulate import preflight, simulate
 from server.study.evaluate import Evaluator, compare, cross_site
 from server.study.plan import Part, plan, validate_comparison, variants, with_privacy
 from server.study.progress import StudyProgress, fmt
-from server.study.ray_session import one_ray_session
 from server.study.references import train_alone
 from server.study.site_ledgers import check_policies, privacy_spent, real_sites, train_at_site
 
@@ -72,8 +76,11 @@ from server.study.site_ledgers import check_policies, privacy_spent, real_sites,
 class ComparisonRun:
     """One `fedward study` in DIR: runs the parts in order, writing study.json after each."""
 
-    def __init__(self, study: StudyConfig, out: Path, console: Console, verbose: bool):
+    def __init__(
+        self, study: StudyConfig, out: Path, console: Console, verbose: bool, stop: StopRequest | None = None
+    ):
         self.study, self.out, self.verbose = study, out, verbose
+        self.stop = stop or StopRequest()
         self.sites = {site.site: site for site in preflight(study, out)}
         self.data = {name: load_site_data(site) for name, site in self.sites.items()}
         first = next(iter(self.data.values()))
@@ -132,6 +139,8 @@ class ComparisonRun:
                     self.doc["timing"]["parts_s"][part.key] = round(time.perf_counter() - p0, 2)
                     self.progress.end(part)
                     self.save()
+        except Interrupted as why:
+            return self._interrupted(str(why), part.key)
         finally:
             self.progress.close()
             torch.set_num_threads(threads)
@@ -145,6 +154,20 @@ class ComparisonRun:
         )
         self.save()
         build_report(self.out)
+        return self.doc
+
+    def _interrupted(self, signal_name: str, part: str) -> dict:
+        """study.json says where the study stopped; the runs it finished stay in the folder."""
+        self.doc["status"] = "interrupted"
+        self.doc["interrupted"] = {
+            "signal": signal_name,
+            "part": part,
+            "parts_done": list(self.doc["timing"]["parts_s"]),
+            "resume": f"a study starts afresh: fedward study {self.study.source_path} --out {self.out} --force "
+            "(moves this folder aside)",
+        }
+        self.doc["summary"] = [f"interrupted by {signal_name} during '{part}'"]
+        self.save()
         return self.doc
 
     # ------------------------------------------------------------------ the parts
@@ -168,8 +191,11 @@ class ComparisonRun:
             reporter=self.progress,
             verbose=self.verbose,
             sites=_sites_for(study, run_dir, leave_out),
+            stop=self.stop,
+            command=f"fedward study {self.study.source_path} --out {self.out}",
         )
         self.study_ids.add(results["study_id"])
+        self.stop.check()  # an interrupted federation ends the study
         model, _ = load_model(run_dir / FINAL_MODEL_FILE)
         return results, model
 
@@ -195,6 +221,7 @@ class ComparisonRun:
 
         def tick(_round: int, seconds: float) -> None:
             self.progress.trained(private, units, seconds)
+            self.stop.check()
 
         return train_alone(
             self.study,
@@ -215,6 +242,7 @@ class ComparisonRun:
 
             def tick(_round: int, seconds: float) -> None:
                 self.progress.trained(part.private, units, seconds)
+                self.stop.check()
 
             model, info = train_at_site(self.study, self.sites[site], d, private=part.private, on_round=tick)
             self.study_ids.add(info["study_id"])
@@ -308,23 +336,35 @@ def run_comparison(
     *,
     console: Console | None = None,
     verbose: bool = False,
+    force: bool = False,
+    stop: StopRequest | None = None,
 ) -> dict:
     """Run every part of the study (see the module docstring) into OUT_DIR; returns study.json's dict.
 
+    OUT_DIR is claimed (server.run_claim): a folder holding any run is refused, unless `force` moves
+    it aside. `stop` (server.interrupt) ends the study with `status: interrupted`.
+
     Raises:
-        ConfigError: a bad `study` section, unusable site data, or OUT_DIR already holds a study.
+        ConfigError: a bad `study` section, unusable site data, or OUT_DIR in use or holding a run.
     """
     validate_comparison(study)
     out = Path(out_dir)
-    if (out / STUDY_FILE).exists() or any(
-        (out / v).exists() for v in (*FEDERATED_VARIANTS, LEAVE_ONE_OUT_DIR)
+    check_run_folder(out, resume=False, force=force, kind="study")
+    if (
+        not force
+        and out.is_dir()
+        and any((out / v).exists() for v in (*FEDERATED_VARIANTS, LEAVE_ONE_OUT_DIR))
     ):
         raise ConfigError(
-            f"'{out}' already holds a study (its privacy ledgers would add up with this one's); "
-            f"choose a new --out folder or delete this one."
+            f"'{out}' already holds a study's runs (its privacy ledgers would add up with this one's); "
+            f"choose a new --out folder, or add --force to move it aside."
         )
-    (out / MODELS_DIR).mkdir(parents=True, exist_ok=True)
-    return ComparisonRun(study, out, console or Console(), verbose).run()
+    with claim_run_folder(out, resume=False, force=force, command=f"fedward study -> {out}", kind="study"):
+        try:
+            (out / MODELS_DIR).mkdir(parents=True, exist_ok=True)
+            return ComparisonRun(study, out, console or Console(), verbose, stop).run()
+        except OSError as err:
+            raise io_error(Path(err.filename or out), err, "write") from err
 
 
 def summary_table(doc: dict) -> Table:
@@ -356,7 +396,15 @@ def cli(args: argparse.Namespace, console: Console) -> int:
         + f" -> {args.out}",
         highlight=False,
     )
-    doc = run_comparison(study, args.out, console=console, verbose=args.verbose)
+    with interruptible() as stop:
+        doc = run_comparison(
+            study, args.out, console=console, verbose=args.verbose, force=args.force, stop=stop
+        )
+    if doc["status"] == "interrupted":
+        console.print(
+            f"[yellow]interrupted[/]: {escape(doc['summary'][0])}; {escape(doc['interrupted']['resume'])}"
+        )
+        return stop.exit_code or 130
     console.print(summary_table(doc))
     for line in doc["summary"]:
         console.print(f"- {line}", highlight=False)

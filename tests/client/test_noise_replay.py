@@ -61,14 +61,18 @@ def _updates(*sites: SiteConfig) -> list[torch.Tensor]:
     """Each site's update w1 - w0, from a round trained in a fresh process of its own (run side by side)."""
     ctx = mp.get_context("spawn")
     queues = [ctx.Queue() for _ in sites]
-    procs = [ctx.Process(target=_round_in_fresh_process, args=(s, q)) for s, q in zip(sites, queues, strict=True)]
+    procs = [
+        ctx.Process(target=_round_in_fresh_process, args=(s, q)) for s, q in zip(sites, queues, strict=True)
+    ]
     for proc in procs:
         proc.start()
     results = [q.get(timeout=300) for q in queues]
     for proc in procs:
         proc.join(60)
     before = build_model(MODEL, seed=11).state_dict()
-    return [torch.cat([(torch.from_numpy(r[k]) - before[k]).flatten().double() for k in before]) for r in results]
+    return [
+        torch.cat([(torch.from_numpy(r[k]) - before[k]).flatten().double() for k in before]) for r in results
+    ]
 
 
 def _clipped_sum(site: SiteConfig) -> torch.Tensor:

@@ -89,7 +89,9 @@ def test_poisson_sampling_draws_whole_patients():
 def test_an_empty_poisson_batch_of_patients_is_an_empty_batch_of_images():
     x, y, names = _patients()
     # a sample rate this small draws nobody in (nearly) every step
-    loader = patient_loader(x, y, patient_groups(names), sample_rate=1e-9, generator=torch.Generator().manual_seed(0))
+    loader = patient_loader(
+        x, y, patient_groups(names), sample_rate=1e-9, generator=torch.Generator().manual_seed(0)
+    )
     xb, yb, owner = unpack_batch(next(iter(loader)))
     assert xb.shape == (0, *x.shape[1:]) and yb.shape == (0,) and owner.shape == (0,)
 

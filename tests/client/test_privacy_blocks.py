@@ -69,9 +69,7 @@ def test_the_coordinators_privacy_request_travels_in_a_flower_config_record():
     record_ = ConfigRecord(request_config(asked))
     back = PrivacyRequest.from_config(dict(record_) | {"lr": 0.01}, sample_rate=0.1, steps_total=10)
 
-    assert back == PrivacyRequest(
-        noise_multiplier=1.1, max_grad_norm=0.5, delta=1e-6, target_epsilon=4.0
-    )
+    assert back == PrivacyRequest(noise_multiplier=1.1, max_grad_norm=0.5, delta=1e-6, target_epsilon=4.0)
     assert all(isinstance(v, int | float | str | bool) for v in request_config(asked).values())
 
 

@@ -93,7 +93,14 @@ def test_site_replies_carry_only_arrays_and_aggregate_numbers(site):
         text = " ".join(_strings(content))
         assert not any(p in text for p in private)
     assert replies[0][Rec.SITE][Site.NAME] == "hospital-x"
-    assert set(replies[2][Rec.METRICS].keys()) == {"score-hist", "eval-noise", "eval-bins", "eval-epsilon", "eval-s", "privacy-unit"}
+    assert set(replies[2][Rec.METRICS].keys()) == {
+        "score-hist",
+        "eval-noise",
+        "eval-bins",
+        "eval-epsilon",
+        "eval-s",
+        "privacy-unit",
+    }
 
 
 def test_a_private_rounds_reply_holds_only_what_its_epsilon_covers(site):

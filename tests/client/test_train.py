@@ -18,7 +18,11 @@ def _drift(mu: float) -> float:
     model = build_model("cnn28", seed=1)
     start = [p.detach().clone() for p in model.parameters()]
     train_epochs(
-        model, train_loader(x, y, 16, torch.Generator().manual_seed(0)), make_optimizer(model, "sgd", 0.05), epochs=2, proximal_mu=mu
+        model,
+        train_loader(x, y, 16, torch.Generator().manual_seed(0)),
+        make_optimizer(model, "sgd", 0.05),
+        epochs=2,
+        proximal_mu=mu,
     )
     return float(
         sum((p.detach() - s).pow(2).sum() for p, s in zip(model.parameters(), start, strict=True)).sqrt()
@@ -29,7 +33,10 @@ def test_train_epochs_counts_examples_and_steps():
     x, y = _data(100)
     model = build_model("cnn28")
     result = train_epochs(
-        model, train_loader(x, y, 32, torch.Generator().manual_seed(0)), make_optimizer(model, "adam", 1e-3), epochs=2
+        model,
+        train_loader(x, y, 32, torch.Generator().manual_seed(0)),
+        make_optimizer(model, "adam", 1e-3),
+        epochs=2,
     )
     assert (result.num_examples, result.steps) == (200, 8)
     assert result.loss > 0 and result.seconds > 0

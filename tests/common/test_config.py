@@ -61,6 +61,9 @@ def test_overrides_win_over_environment_and_file(tmp_path, monkeypatch, medmnist
 
 def test_site_without_training_images_is_refused(tmp_path):
     path = _write(tmp_path, "data:\n  num_sites: 2\n  synthetic:\n    train_per_site: 0\n")
-    site = simulated_sites(load_study(path))[0]
+    with pytest.raises(ConfigError, match="'data.synthetic.train_per_site' must be from 1"):
+        load_study(path)  # a study config: refused as it is read
+    site = simulated_sites(load_study(_write(tmp_path, "data:\n  num_sites: 2\n")))[0]
+    site.data.synthetic.train_per_site = 0  # a site config: refused when its data is loaded
     with pytest.raises(SiteDataError, match="site 'hospital-a' has no training images"):
         load_site_data(site)

@@ -76,8 +76,8 @@ def write_dicom(
     return path
 
 
-def chest(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A soft 'lung field'; pneumonia (label 1) adds a bright patch."""
+def chest(label: int, size: int, rng: np.random.Generator, contrast: float = 0.35) -> np.ndarray:
+    """A soft 'lung field'; pneumonia (label 1) adds a bright patch of `contrast` (noise sd 0.03)."""
     yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
     img = (
         0.3
@@ -86,7 +86,7 @@ def chest(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
     )
     if label:
         cy, cx = rng.uniform(0.3, 0.7, 2)
-        img += 0.35 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 0.08**2))
+        img += contrast * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 0.08**2))
     return np.clip(img, 0, 1)
 
 
@@ -133,6 +133,7 @@ def write_dicom_site(
     seed: int = 0,
     data: dict | None = None,
     privacy: dict | None = None,
+    contrast: float = 0.35,
 ) -> Path:
     """A site as a hospital exports it: DICOM files in sub-folders, labels.csv, site.yaml
     (its `privacy` section when given: a hospital's own site config requires privacy by default).
@@ -151,7 +152,9 @@ def write_dicom_site(
         for k in range(per_patient):
             rel = f"{pid}/img{k}.dcm"
             photometric = "MONOCHROME1" if (p + k) % 3 == 0 else "MONOCHROME2"
-            write_dicom(root / rel, chest(label, size, rng), patient_id=pid, photometric=photometric)
+            write_dicom(
+                root / rel, chest(label, size, rng, contrast), patient_id=pid, photometric=photometric
+            )
             rows.append((rel, pid, CLASSES[label]))
     if bad_files:
         rows += write_bad_files(root, root / rows[0][0], size, rng)

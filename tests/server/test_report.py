@@ -323,5 +323,5 @@ def test_study_section_is_checked_and_chooses_the_runs(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "study.json").write_text("{}")
     config.write_text(base)
-    with pytest.raises(ConfigError, match="already holds a study"):
+    with pytest.raises(ConfigError, match="already holds a `fedward study`"):
         run_comparison(load_study(config), tmp_path / "out")

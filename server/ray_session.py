@@ -1,4 +1,5 @@
-"""One Ray session for all the federations of a `fedward study`."""
+"""The Ray session fedward's simulations run in: the resources each site gets, and one session for
+all the federations of a `fedward study` (or the one of a `fedward simulate`)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,28 @@ import os
 import sys
 from collections.abc import Iterator
 
+import torch
+
 from common.schema import StudyConfig
-from server.simulate import backend_config
+
+
+def backend_config(study: StudyConfig) -> dict:
+    cores = os.cpu_count() or 1
+    n_gpus = torch.cuda.device_count()
+    cpus = min(study.simulation.client_cpus or cores, cores)
+    gpus = study.simulation.client_gpus
+    if gpus < 0:
+        gpus = 1.0 if n_gpus else 0.0
+    return {
+        "client_resources": {"num_cpus": cpus, "num_gpus": gpus},
+        "init_args": {
+            "num_cpus": cores,
+            "num_gpus": n_gpus,
+            "logging_level": "ERROR",
+            "log_to_driver": False,
+            "include_dashboard": False,
+        },
+    }
 
 
 @contextlib.contextmanager

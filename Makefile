@@ -1,0 +1,27 @@
+# The README's commands. `make test` is the one test command: it installs the system packages the
+# tests need when they are missing (Debian's headless Chromium for the report test), makes the OS
+# users the deployment tests run sites as (server/isolation.py), then runs the whole suite.
+# Needs root for the system part (as CI has); as another user it uses sudo.
+
+PYTHON ?= python3.11
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# The real MedMNIST files live beside the project; the tests fail loudly without them.
+FEDWARD_DATA ?= $(abspath $(CURDIR)/../shared/data)
+export FEDWARD_DATA
+
+.PHONY: install test test-fast system-deps
+
+install:
+	$(PYTHON) -m pip install -e ".[test]"
+
+test: system-deps
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: system-deps
+	$(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium (the report test renders report.html headless)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+	@$(SUDO) $(PYTHON) -m server.isolation
