@@ -21,6 +21,16 @@ def synthetic_images(
     n: int, prevalence: float, size: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """Clean synthetic images (before acquisition) and their labels (1 = finding present)."""
+    imgs, labels, _ = synthetic_images_with_findings(n, prevalence, size, rng)
+    return imgs, labels
+
+
+def synthetic_images_with_findings(
+    n: int, prevalence: float, size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """synthetic_images plus where each finding was drawn: n x 3 (row, col, sigma) in pixels, NaN for
+    images without one (what a test of an explanation's location needs)."""
+    findings = np.full((n, 3), np.nan)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / (size - 1)
     labels = (rng.random(n) < prevalence).astype(np.int64)
     imgs = np.empty((n, size, size), dtype=np.float32)
@@ -40,8 +50,9 @@ def synthetic_images(
             fy, fx = cy + r * ry * np.sin(a), cx + r * rx * np.cos(a)
             sigma = rng.uniform(0.06, 0.09)
             img = img + rng.uniform(0.35, 0.5) * np.exp(-((yy - fy) ** 2 + (xx - fx) ** 2) / (2 * sigma**2))
+            findings[i] = (fy * (size - 1), fx * (size - 1), sigma * (size - 1))
         imgs[i] = img
-    return np.clip(imgs, 0, 1), labels
+    return np.clip(imgs, 0, 1), labels, findings
 
 
 def synthetic_site(config: SiteConfig) -> SiteData:

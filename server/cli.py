@@ -77,6 +77,19 @@ def _study(args: argparse.Namespace, console: Console) -> int:
     return cli(args, console)
 
 
+def _predict(args: argparse.Namespace, console: Console) -> int:
+    from client.predict import predict
+    from common.package import PackageError
+
+    try:
+        path = predict(args.package, args.input, args.out, heatmaps=not args.no_heatmaps)
+    except PackageError as err:
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
+        return 2
+    console.print(f"predictions: {path}", highlight=False)
+    return 0
+
+
 def _report(args: argparse.Namespace, console: Console) -> int:
     from server.report import cli
 
@@ -112,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
     st.set_defaults(func=_study)
+    pr = sub.add_parser("predict", help="a model package's predictions and Grad-CAM heat maps on image files")
+    pr.add_argument("package", help="a run folder (its model/ package) or a package folder")
+    pr.add_argument("input", help="a DICOM, PNG/JPEG or NIfTI file, or a folder of them")
+    pr.add_argument("--out", required=True, help="folder for predictions.csv and heatmaps/")
+    pr.add_argument("--no-heatmaps", action="store_true", help="skip the Grad-CAM heat maps")
+    pr.set_defaults(func=_predict)
     rep = sub.add_parser("report", help="rebuild report.html and the plots from a run folder's JSON")
     rep.add_argument("dir", help="the --out folder of a `fedward study` or `fedward simulate` run")
     rep.set_defaults(func=_report)

@@ -29,6 +29,7 @@ from common.privacy import request_config
 from common.round import RoundPlan
 from common.schema import StudyConfig
 from server.interrupt import Interrupted, StopRequest
+from server.model_card import write_model_package
 from server.releases import pooled_metrics, site_metrics, site_release
 from server.replies import Replies, classify, site_name
 from server.round_records import (
@@ -359,6 +360,7 @@ class Coordinator:
             model,
             meta={**meta, "round": results["final"]["round"], "study": self.study.to_dict()},
         )
+        write_model_package(self.store.dir, model, self.study, meta, results)  # what hospitals get
         self.store.write_results(results)
         self.reporter.finish(results)
 

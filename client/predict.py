@@ -1,0 +1,163 @@
+"""`fedward predict PACKAGE INPUT --out DIR`: a model package's predictions on a hospital's files.
+
+INPUT is a file or a folder (searched recursively) of DICOM, PNG/JPEG or NIfTI files. Each is read by
+the reader of its format (common.readers) and preprocessed by the package's own pipeline (the training
+sites' `preprocess`, common.transforms), then:
+
+    DIR/predictions.csv        file, SOP Instance UID, Study Instance UID (DICOM), modality, one
+                               probability per class, the label, and the error for a file that could
+                               not be used (the other files are processed all the same)
+    DIR/heatmaps/<name>.png    Grad-CAM (MONAI's GradCAM) of the predicted class over the image
+
+The label is the arg-max, or the package's operating point where it has one.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+from monai.transforms import Compose
+from monai.visualize import GradCAM
+from rich.progress import track
+
+from common.package import load_package
+from common.readers import READERS, BadImageFileError, ReadImage
+from common.schema import PreprocessConfig
+from common.transforms import preprocess_transforms
+
+GRADCAM_LAYER = {"cnn28": "features.16", "resnet10": "layer4", "resnet18": "layer4"}  # the last conv stage
+
+
+@dataclass
+class Prediction:
+    file: str
+    probabilities: list[float] | None = None
+    label: str = ""
+    sop_instance_uid: str = ""
+    study_instance_uid: str = ""
+    modality: str = ""
+    heatmap: str = ""
+    error: str = ""
+
+
+def format_of(path: Path) -> str:
+    """The reader format of a file, by its name, or by DICOM's 'DICM' marker for names without one."""
+    name = path.name.lower()
+    for fmt, reader in READERS.items():
+        if reader.suffixes and name.endswith(reader.suffixes):
+            return fmt
+    with open(path, "rb") as f:
+        return "dicom" if f.read(132)[128:] == b"DICM" else ""
+
+
+def input_files(path: Path) -> list[Path]:
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+
+
+class Predictor:
+    """A loaded package: preprocessing, model, Grad-CAM and the labelling rule."""
+
+    def __init__(self, package: str | Path):
+        self.model, self.meta = load_package(package)
+        pre = PreprocessConfig(**self.meta.get("input", {}).get("preprocess", {}))
+        self.prepare = Compose(preprocess_transforms(pre))
+        self.classes = list(self.meta["classes"])
+        self.cam = GradCAM(nn_module=self.model, target_layers=GRADCAM_LAYER[self.meta["model"]])
+        self.operating_point = self.meta.get("operating_point") or None
+
+    def tensor(self, image: ReadImage) -> torch.Tensor:
+        return torch.as_tensor(self.prepare({"image": image.pixels[None]})["image"]).float()[None]
+
+    def label(self, probs: np.ndarray) -> str:
+        op = self.operating_point
+        if op and len(self.classes) == 2:
+            return self.classes[1] if probs[1] >= float(op["threshold"]) else self.classes[0]
+        return self.classes[int(np.argmax(probs))]
+
+    def heatmap(self, x: torch.Tensor, class_index: int) -> np.ndarray:
+        """Grad-CAM of `class_index` over `x` (1 x C x H x W), H x W in [0, 1]."""
+        with torch.enable_grad():
+            cam = self.cam(x=x.clone().requires_grad_(True), class_idx=class_index)
+        return cam[0, 0].detach().numpy()
+
+    def predict_file(self, path: Path, heatmaps: Path | None) -> Prediction:
+        out = Prediction(str(path))
+        fmt = format_of(path)
+        if not fmt:
+            out.error = "not a DICOM, PNG/JPEG or NIfTI file"
+            return out
+        try:
+            image = READERS[fmt]().read(path)
+        except BadImageFileError as err:
+            out.error = err.reason
+            return out
+        out.sop_instance_uid, out.modality = image.sop_instance_uid, image.modality
+        if fmt == "dicom":
+            out.study_instance_uid = str(
+                pydicom.dcmread(path, stop_before_pixels=True).get("StudyInstanceUID", "")
+            )
+        x = self.tensor(image)
+        with torch.no_grad():
+            probs = torch.softmax(self.model(x), dim=1)[0].numpy()
+        out.probabilities, out.label = [float(p) for p in probs], self.label(probs)
+        if heatmaps is not None:
+            out.heatmap = str(
+                save_heatmap(
+                    heatmaps / f"{path.stem}.png",
+                    x[0, 0].numpy(),
+                    self.heatmap(x, self.classes.index(out.label)),
+                )
+            )
+        return out
+
+
+def save_heatmap(path: Path, image: np.ndarray, cam: np.ndarray) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(3, 3), dpi=100)
+    ax.imshow(image, cmap="gray")
+    ax.imshow(cam, cmap="jet", alpha=0.4, vmin=0, vmax=1)
+    ax.axis("off")
+    fig.savefig(path, bbox_inches="tight", pad_inches=0)
+    plt.close(fig)
+    return path
+
+
+def predict(package: str | Path, inputs: str | Path, out_dir: str | Path, *, heatmaps: bool = True) -> Path:
+    """Predict on every file under `inputs`; returns the path of predictions.csv."""
+    predictor, out = Predictor(package), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = input_files(Path(inputs))
+    rows = [predictor.predict_file(p, out / "heatmaps" if heatmaps else None)
+            for p in track(files, description="predicting", disable=len(files) < 20)]  # fmt: skip
+    csv_path = out / "predictions.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "sop_instance_uid", "study_instance_uid", "modality",
+                    *(f"p_{c}" for c in predictor.classes), "label", "heatmap", "error"])  # fmt: skip
+        for r in rows:
+            probs = (
+                [f"{p:.6f}" for p in r.probabilities] if r.probabilities else [""] * len(predictor.classes)
+            )
+            w.writerow(
+                [
+                    r.file,
+                    r.sop_instance_uid,
+                    r.study_instance_uid,
+                    r.modality,
+                    *probs,
+                    r.label,
+                    r.heatmap,
+                    r.error,
+                ]
+            )
+    return csv_path

@@ -1,0 +1,112 @@
+"""A model package: what a hospital needs to use a federated model, loadable without running code.
+
+    DIR/model/weights.safetensors   the weights (safetensors: tensors only, nothing to unpickle)
+    DIR/model/package.json          classes, input, preprocessing, operating point, per-site performance,
+                                    privacy spent, training data per site, the study config
+    DIR/model/MODEL_CARD.md, model_card.html   the model card (server.model_card)
+
+`load_package(path)` checks the JSON's kind and version and the weights' names and shapes against
+the model it describes; anything else (another fedward version, a damaged or foreign file) raises
+PackageError naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from common.files import write_atomic
+from common.models import build_model
+
+PACKAGE_DIR = "model"
+WEIGHTS_FILE = "weights.safetensors"
+META_FILE = "package.json"
+CARD_MD = "MODEL_CARD.md"
+CARD_HTML = "model_card.html"
+PACKAGE_KIND = "fedward-model"
+PACKAGE_VERSION = 1
+
+
+class PackageError(Exception):
+    """A model package that cannot be used: missing, damaged, foreign, or of another version."""
+
+
+def write_package(folder: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
+    """Write `model`'s weights and `meta` (see the module docstring) into `folder`; returns it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    write_atomic(folder / WEIGHTS_FILE, save_safetensors(state))
+    doc = {"kind": PACKAGE_KIND, "version": PACKAGE_VERSION, **meta}
+    write_atomic(folder / META_FILE, json.dumps(doc, indent=2, allow_nan=False, default=_plain))
+    return folder
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def package_folder(path: str | Path) -> Path:
+    """The package folder for `path`: the folder itself, its `model/`, or the folder of package.json."""
+    p = Path(path)
+    if p.is_file():
+        return p.parent
+    return p / PACKAGE_DIR if (p / PACKAGE_DIR / META_FILE).exists() else p
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    folder = package_folder(path)
+    meta_path = folder / META_FILE
+    try:
+        doc = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise PackageError(
+            f"'{path}' is not a fedward model package (no {META_FILE}); give the folder a study wrote "
+            f"(its {PACKAGE_DIR}/ folder) or that folder's {META_FILE}."
+        ) from None
+    except (OSError, ValueError) as err:
+        raise PackageError(f"'{meta_path}' cannot be read as JSON ({err}); copy the package again.") from err
+    if not isinstance(doc, dict) or doc.get("kind") != PACKAGE_KIND:
+        raise PackageError(
+            f"'{meta_path}' is not a fedward model package (its kind is not '{PACKAGE_KIND}')."
+        )
+    if doc.get("version") != PACKAGE_VERSION:
+        raise PackageError(
+            f"'{meta_path}' is a package of format version {doc.get('version')}; this fedward reads version "
+            f"{PACKAGE_VERSION}: use the fedward version that wrote it, or export the model again."
+        )
+    for key in ("model", "classes", "in_channels"):
+        if key not in doc:
+            raise PackageError(f"'{meta_path}' lacks '{key}'; the package is damaged: copy it again.")
+    return doc
+
+
+def load_package(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """(the model in eval mode, package.json's dict); raises PackageError naming the file."""
+    meta = read_meta(path)
+    weights = package_folder(path) / WEIGHTS_FILE
+    try:
+        state = load_safetensors(weights.read_bytes())
+    except (OSError, SafetensorError) as err:
+        raise PackageError(
+            f"'{weights}' cannot be read as safetensors weights ({err}); copy the package again."
+        ) from err
+    model = build_model(meta["model"], in_channels=int(meta["in_channels"]), num_classes=len(meta["classes"]))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != got:
+        wrong = sorted(set(expected) ^ set(got)) or sorted(k for k in expected if expected[k] != got[k])
+        raise PackageError(
+            f"'{weights}' does not hold the weights of a {meta['model']} with {len(meta['classes'])} classes "
+            f"(differs in {wrong[:3]}); the package is damaged or mixed from two: copy it again."
+        )
+    model.load_state_dict(state)
+    return model.eval(), meta

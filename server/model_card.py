@@ -1,0 +1,156 @@
+"""The model package a finished run leaves (common.package) and its model card, Markdown and HTML.
+
+The card says what a radiology department must know before it uses the model: its intended use,
+the training data by site, the performance at each site on that site's own test data (with how it was
+released), the operating point and how it was chosen, the privacy each site spent, and the limitations,
+the sites where it does worst first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from common.files import write_atomic
+from common.package import CARD_HTML, CARD_MD, PACKAGE_DIR, write_package
+from common.schema import StudyConfig
+from common.simulated import simulated_sites
+
+METRIC_COLUMNS = ("n_test", "auc", "accuracy", "sensitivity", "specificity", "release")
+
+
+def input_spec(study: StudyConfig) -> dict[str, Any]:
+    """What the model takes as input, as the training sites prepared it (their preprocessing)."""
+    try:
+        site = simulated_sites(study)[0]
+    except Exception:  # noqa: BLE001 - a deployment's coordinator may not hold the sites' configs
+        return {"source": study.data.source}
+    if site.data.format in ("synthetic", "medmnist"):  # arrays in [0, 1] at their size, grey
+        size = study.data.synthetic.image_size if site.data.format == "synthetic" else 28
+        source = "synthetic" if site.data.format == "synthetic" else f"medmnist:{study.data.dataset}"
+        return {"source": source, "preprocess": {"size": [size, size], "spatial": "resize", "channels": 1}}
+    return {"source": site.data.format, "preprocess": dataclasses.asdict(site.data.preprocess)}
+
+
+def package_meta(study: StudyConfig, model_meta: dict, results: dict) -> dict[str, Any]:
+    final = results.get("final", {})
+    sites = final.get("sites", {})
+    return {
+        "model": model_meta["model"],
+        "in_channels": model_meta["in_channels"],
+        "classes": model_meta["classes"],
+        "input": input_spec(study),
+        "operating_point": results.get("operating_point"),
+        "performance": {"round": final.get("round"), "sites": sites, "pooled": final.get("pooled", {})},
+        "privacy": {
+            "enabled": study.privacy.enabled,
+            "epsilon": {s: m.get("epsilon") for s, m in sites.items()} if study.privacy.enabled else None,
+            "delta": study.privacy.delta if study.privacy.enabled else None,
+        },
+        "training_data": {
+            s: r.get("n_train") for s, r in (results.get("rounds") or [{}])[-1].get("train", {}).items()
+        },
+        "study": {
+            "id": results.get("study_id"),
+            "name": study.name,
+            "rounds": study.rounds,
+            "config": study.to_dict(),
+        },
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def write_model_package(
+    out_dir: Path, model: nn.Module, study: StudyConfig, model_meta: dict, results: dict
+) -> Path:
+    meta = package_meta(study, model_meta, results)
+    folder = write_package(out_dir / PACKAGE_DIR, model, meta)
+    write_atomic(folder / CARD_MD, card_markdown(meta))
+    write_atomic(folder / CARD_HTML, card_html(meta))
+    return folder
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "-" if value is None else str(value)
+
+
+def _worst_first(meta: dict) -> list[tuple[str, dict]]:
+    sites = meta["performance"]["sites"]
+    return sorted(sites.items(), key=lambda kv: (kv[1].get("auc") is None, kv[1].get("auc") or 0.0))
+
+
+def _sections(meta: dict) -> list[tuple[str, list[str], list[list[str]] | None]]:
+    """(heading, paragraphs, table rows with a header row first) of the card."""
+    op = meta.get("operating_point") or {}
+    privacy = meta["privacy"]
+    rows = [["site", *METRIC_COLUMNS, "training images", "epsilon"]]
+    for site, m in _worst_first(meta):
+        eps = (privacy.get("epsilon") or {}).get(site)
+        rows.append(
+            [
+                site,
+                *(_fmt(m.get(c)) for c in METRIC_COLUMNS),
+                _fmt(meta["training_data"].get(site)),
+                _fmt(eps),
+            ]
+        )
+    worst = _worst_first(meta)[0] if meta["performance"]["sites"] else None
+    return [
+        ("Intended use", [
+            f"Classifies {meta['input'].get('source')} images into {', '.join(meta['classes'])}, as decision support "
+            "for a radiologist, never alone. Trained by federated learning with fedward: no image left a site.",
+        ], None),
+        ("Performance at each site (its own test data), worst first", [
+            f"Global model after round {meta['performance']['round']}. `release` says what the site let out: "
+            "exact metrics, its summary, or noised counts (dp_histogram) from which these were computed.",
+        ], rows),
+        ("Operating point", [
+            f"Threshold {_fmt(op.get('threshold'))} on the probability of '{op.get('class', '-')}', chosen by "
+            f"{op.get('rule', 'none (arg-max, 0.5)')} on {op.get('chosen_on', 'no validation data')}."
+            if op else "None chosen: the label is the arg-max (a threshold of 0.5 for two classes).",
+        ], None),
+        ("Privacy", [
+            (f"Differential privacy per site; epsilon spent (delta {privacy['delta']}) is in the table above."
+             if privacy["enabled"] else "Trained without differential privacy: the updates the coordinator saw "
+             "were not protected."),
+        ], None),
+        ("Limitations", [
+            (f"Worst at {worst[0]} (AUC {_fmt(worst[1].get('auc'))}): check it on your own data before use."
+             if worst else "No per-site evaluation was recorded."),
+            "Validated only on the sites above; other scanners, protocols and populations may differ.",
+        ], None),
+    ]  # fmt: skip
+
+
+def card_markdown(meta: dict) -> str:
+    lines = [f"# Model card: {meta['study']['name']} ({meta['model']})", ""]
+    for heading, paragraphs, rows in _sections(meta):
+        lines += [f"## {heading}", "", *paragraphs, ""]
+        if rows:
+            lines += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+            lines += ["| " + " | ".join(r) + " |" for r in rows[1:]] + [""]
+    return "\n".join(lines)
+
+
+def card_html(meta: dict) -> str:
+    e = html.escape
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{e(meta['study']['name'])}</title>",
+             f"<h1>Model card: {e(meta['study']['name'])} ({e(meta['model'])})</h1>"]  # fmt: skip
+    for heading, paragraphs, rows in _sections(meta):
+        parts.append(f"<h2>{e(heading)}</h2>" + "".join(f"<p>{e(p)}</p>" for p in paragraphs))
+        if rows:
+            head = "".join(f"<th>{e(c)}</th>" for c in rows[0])
+            body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+            parts.append(f"<table border='1'><tr>{head}</tr>{body}</table>")
+    return "\n".join(parts) + "\n"
+
+
+def card_path(out_dir: Path) -> Path:
+    return out_dir / PACKAGE_DIR / CARD_MD

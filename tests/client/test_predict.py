@@ -1,0 +1,78 @@
+"""`fedward predict` on a real model package: a row per file, UIDs from the DICOM, a clear row for a bad
+file, a heat map per image, and packages that load without running code."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from client.predict import predict
+from client.train import train_round
+from common.models import build_model
+from common.package import META_FILE, WEIGHTS_FILE, PackageError, load_package, write_package
+from common.synthetic import synthetic_images_with_findings
+from tests.plans import plan
+
+META = {"model": "cnn28", "in_channels": 1, "classes": ["normal", "finding"],
+        "input": {"source": "synthetic", "preprocess": {"size": [28, 28], "spatial": "resize", "channels": 1}}}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    """A cnn28 trained on fedward's synthetic images (as a study's sites hold them), packaged."""
+    x, y, _ = synthetic_images_with_findings(600, 0.5, 28, np.random.default_rng(0))
+    model = build_model("cnn28", seed=0)
+    train_round(
+        model,
+        torch.from_numpy(x)[:, None],
+        torch.from_numpy(y),
+        plan(model="cnn28", local_epochs=6, batch_size=32, lr=0.003),
+    )
+    return write_package(tmp_path_factory.mktemp("run") / "model", model, META)
+
+
+def test_predictions_have_a_row_per_file_and_the_dicom_uids(package, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    x, _, _ = synthetic_images_with_findings(3, 0.5, 28, np.random.default_rng(1))
+    for i, img in enumerate(x):
+        Image.fromarray((img * 255).astype(np.uint8)).save(inputs / f"img{i}.png")
+    ct = get_testdata_file("CT_small.dcm")
+    (inputs / "ct.dcm").write_bytes(open(ct, "rb").read())
+    (inputs / "broken.dcm").write_bytes(open(ct, "rb").read()[:600])
+    rows = list(csv.DictReader(open(predict(package, inputs, tmp_path / "out"))))
+
+    assert len(rows) == 5
+    by_name = {r["file"].rsplit("/", 1)[-1]: r for r in rows}
+    assert by_name["broken.dcm"]["error"] and not by_name["broken.dcm"]["p_finding"]
+    source = pydicom.dcmread(ct)
+    assert by_name["ct.dcm"]["sop_instance_uid"] == source.SOPInstanceUID
+    assert by_name["ct.dcm"]["study_instance_uid"] == source.StudyInstanceUID
+    for r in rows:
+        if not r["error"]:
+            assert abs(float(r["p_normal"]) + float(r["p_finding"]) - 1) < 1e-5
+            assert r["label"] in META["classes"] and (tmp_path / "out" / "heatmaps").exists()
+
+
+def test_packages_load_without_unpickling_and_refuse_damage(package, tmp_path):
+    model, meta = load_package(package)
+    assert meta["classes"] == META["classes"]
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / META_FILE).write_text((package / META_FILE).read_text())
+    (damaged / WEIGHTS_FILE).write_bytes((package / WEIGHTS_FILE).read_bytes()[:1000])
+    with pytest.raises(PackageError, match="cannot be read as safetensors"):
+        load_package(damaged)
+    doc = json.loads((package / META_FILE).read_text())
+    (damaged / META_FILE).write_text(json.dumps({**doc, "version": 99}))
+    with pytest.raises(PackageError, match="format version 99"):
+        load_package(damaged)
+    with pytest.raises(PackageError, match="not a fedward model package"):
+        load_package(tmp_path)
