@@ -7,9 +7,15 @@ sites' `preprocess`, common.transforms), then:
     DIR/predictions.csv        file, SOP Instance UID, Study Instance UID (DICOM), modality, one
                                probability per class, the label, and the error for a file that could
                                not be used (the other files are processed all the same)
-    DIR/heatmaps/<name>.png    Grad-CAM (MONAI's GradCAM) of the predicted class over the image
+    DIR/heatmaps/<name>.png    where the image holds the evidence for the predicted class (below)
 
 The label is the arg-max, or the package's operating point where it has one.
+
+The heat map is MONAI's OcclusionSensitivity: how much the predicted class's logit drops when a
+patch around each pixel is hidden. Grad-CAM (MONAI's GradCAM) was tried first and gives nothing on
+these networks: with their global average-and-max pooling head its channel weights sum below zero
+and its map is zero everywhere (0 of 60 synthetic positives pointed at; occlusion: 68%, a random
+peak 7.5%, tests/client/test_predict.py).
 """
 
 from __future__ import annotations
@@ -22,15 +28,13 @@ import numpy as np
 import pydicom
 import torch
 from monai.transforms import Compose
-from monai.visualize import GradCAM
+from monai.visualize import OcclusionSensitivity
 from rich.progress import track
 
 from common.package import load_package
 from common.readers import READERS, BadImageFileError, ReadImage
 from common.schema import PreprocessConfig
 from common.transforms import preprocess_transforms
-
-GRADCAM_LAYER = {"cnn28": "features.16", "resnet10": "layer4", "resnet18": "layer4"}  # the last conv stage
 
 
 @dataclass
@@ -67,7 +71,15 @@ class Predictor:
         pre = PreprocessConfig(**self.meta.get("input", {}).get("preprocess", {}))
         self.prepare = Compose(preprocess_transforms(pre))
         self.classes = list(self.meta["classes"])
-        self.cam = GradCAM(nn_module=self.model, target_layers=GRADCAM_LAYER[self.meta["model"]])
+        size = min(PreprocessConfig(**self.meta.get("input", {}).get("preprocess", {})).size or [28])
+        self.occlusion = OcclusionSensitivity(
+            nn_module=self.model,
+            mask_size=max(3, int(size) // 6) | 1,
+            n_batch=64,
+            overlap=0.6,
+            mode="mean_img",
+            verbose=False,
+        )
         self.operating_point = self.meta.get("operating_point") or None
 
     def tensor(self, image: ReadImage) -> torch.Tensor:
@@ -80,10 +92,12 @@ class Predictor:
         return self.classes[int(np.argmax(probs))]
 
     def heatmap(self, x: torch.Tensor, class_index: int) -> np.ndarray:
-        """Grad-CAM of `class_index` over `x` (1 x C x H x W), H x W in [0, 1]."""
-        with torch.enable_grad():
-            cam = self.cam(x=x.clone().requires_grad_(True), class_idx=class_index)
-        return cam[0, 0].detach().numpy()
+        """How much hiding each pixel's neighbourhood lowers `class_index`'s logit, H x W in [0, 1]."""
+        with torch.no_grad():
+            logit = float(self.model(x)[0, class_index])
+            occluded, _ = self.occlusion(x)
+        drop = np.clip(logit - occluded[0, class_index].numpy(), 0, None)
+        return drop / drop.max() if drop.max() > 0 else drop
 
     def predict_file(self, path: Path, heatmaps: Path | None) -> Prediction:
         out = Prediction(str(path))

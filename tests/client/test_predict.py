@@ -1,5 +1,5 @@
 """`fedward predict` on a real model package: a row per file, UIDs from the DICOM, a clear row for a bad
-file, a heat map per image, and packages that load without running code."""
+file, heat maps that point at the finding fedward drew, and packages that load without running code."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from client.predict import predict
+from client.predict import Predictor, predict
 from client.train import train_round
 from common.models import build_model
 from common.package import META_FILE, WEIGHTS_FILE, PackageError, load_package, write_package
@@ -59,6 +59,24 @@ def test_predictions_have_a_row_per_file_and_the_dicom_uids(package, tmp_path):
         if not r["error"]:
             assert abs(float(r["p_normal"]) + float(r["p_finding"]) - 1) < 1e-5
             assert r["label"] in META["classes"] and (tmp_path / "out" / "heatmaps").exists()
+
+
+def test_heat_maps_point_at_the_finding(package):
+    """The pointing game: the map's peak within 2 sigma of where the finding was drawn, against a random peak."""
+    x, _, findings = synthetic_images_with_findings(60, 1.0, 28, np.random.default_rng(2))
+    predictor, rng = Predictor(package), np.random.default_rng(3)
+
+    def inside(peak, finding) -> bool:
+        return bool(np.hypot(peak[0] - finding[0], peak[1] - finding[1]) <= 2 * finding[2])
+
+    hits, chance = [], []
+    for img, finding in zip(x, findings, strict=True):
+        heat = predictor.heatmap(torch.from_numpy(img)[None, None], class_index=1)
+        hits.append(inside(np.unravel_index(np.argmax(heat), heat.shape), finding))
+        chance.append(inside(rng.integers(0, 28, 2), finding))
+    score, baseline = np.mean(hits), np.mean(chance)
+    print(f"pointing game: {score:.2f} (random peak {baseline:.2f})")
+    assert score >= 0.5 and score >= 4 * baseline, (score, baseline)
 
 
 def test_packages_load_without_unpickling_and_refuse_damage(package, tmp_path):
