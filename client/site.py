@@ -27,7 +27,7 @@ from client.dp import PoissonPlan
 from client.policy import SitePolicy
 from client.train import DPSettings, RoundResult, device, predict, train_round
 from common.data import load_site_data
-from common.keys import Met
+from common.keys import Cfg, Met
 from common.models import build_model
 from common.round import RoundPlan
 from common.schema import SiteConfig
@@ -160,13 +160,30 @@ class SiteRuntime:
 
     # ------------------------------------------------------------------ evaluate
 
+    def _split_problem(self, split: str) -> str | None:
+        """Why the site cannot evaluate on `split` (None when it can)."""
+        if split not in ("test", "val"):
+            return f"it evaluates on its 'test' or 'val' split, not {split!r}"
+        if split == "val" and (self.data.val_y is None or len(self.data.val_y) == 0):
+            return "it has no validation images to choose an operating point on"
+        if split == "val" and self.data.test_patients:  # no patient list for validation images yet
+            return "its validation images have no patient list, so their release cannot be patient-level"
+        return None
+
     def evaluate(self, config: Mapping[str, object], weights: Mapping[str, torch.Tensor]) -> SiteReply:
         """Test `weights` on the site's test data; what goes back is the site's evaluation policy's
         release (client.evaluation), charged to its ledger first when it is a private one."""
         plan = RoundPlan.from_config(config)
+        split = str(config.get(Cfg.EVAL_SPLIT, "test"))
+        problem = self._split_problem(split)
+        if problem:
+            return SiteReply(
+                self.config.site, {}, refused=guard.refusal_text(self.config, plan.round, problem)
+            )
         model = self.model_for(plan, weights)
         t0 = time.perf_counter()
-        labels, probs = self.data.test_y.numpy(), predict(model, self.data.test_x)
+        x, y = (self.data.val_x, self.data.val_y) if split == "val" else (self.data.test_x, self.data.test_y)
+        labels, probs = y.numpy(), predict(model, x)
         policy = self.config.privacy.evaluation
         unit = SitePolicy.of(self.config).unit_for(bool(self.data.test_patients))
         if unit is None:

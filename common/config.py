@@ -152,6 +152,16 @@ def _validate_choices(study: StudyConfig, p: str) -> None:
     _choice(study.strategy.name, ("fedavg", "fedprox", "fedadam"), "strategy.name", p)
     _choice(study.train.optimizer, ("adam", "sgd"), "train.optimizer", p)
     _choice(study.privacy.grad_sample_mode, GRAD_SAMPLE_MODES, "privacy.grad_sample_mode", p)
+    _choice(
+        study.operating_point.rule,
+        ("youden", "sensitivity", "specificity", "none"),
+        "operating_point.rule",
+        p,
+    )
+    if not 0 < study.operating_point.target < 1:
+        raise ConfigError(
+            f"{p}: 'operating_point.target' is {study.operating_point.target}; use a rate in (0, 1), e.g. 0.95."
+        )
     for key, value in [
         ("rounds", study.rounds),
         ("train.local_epochs", study.train.local_epochs),
@@ -182,6 +192,10 @@ def _validate_sites(study: StudyConfig, p: str) -> None:
     ):
         if not 1 <= value <= most:
             raise ConfigError(f"{p}: '{key}' must be from 1 to {most:,}, got {value}.")
+    if not 0 <= syn.val_per_site <= 100_000:
+        raise ConfigError(
+            f"{p}: 'data.synthetic.val_per_site' must be from 0 to 100,000, got {syn.val_per_site}."
+        )
     if not 0 <= study.seed < 2**32:  # numpy's and torch's generators take seeds from 0
         raise ConfigError(f"{p}: 'seed' must be a whole number from 0 to 2**32 - 1, got {study.seed}.")
     n = len(study.data.site_configs) if study.data.source == "sites" else study.data.num_sites

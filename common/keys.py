@@ -34,6 +34,7 @@ class Cfg(StrEnum):
     STUDY_ID = "study-id"  # name + run id: rounds in a site's privacy ledger are kept per study
     DP_ENABLED = "dp-enabled"  # the other privacy keys: common.privacy.PrivacyKey
     PLANNED_ROUNDS = "planned-rounds"  # for deriving the noise of the whole study at the site
+    EVAL_SPLIT = "eval-split"  # test (default) | val: the split an evaluation runs on (operating points)
 
 
 class Met(StrEnum):

@@ -35,6 +35,7 @@ class PartitionConfig:
 class SyntheticConfig:
     train_per_site: int = 300
     test_per_site: int = 150
+    val_per_site: int = 100  # drawn after train and test (they are the same with or without it)
     image_size: int = 28
 
 
@@ -109,6 +110,16 @@ class ComparisonConfig:
 
 
 @dataclass
+class OperatingPointConfig:
+    """How the decision threshold of a binary model is chosen, on the sites' validation data (never
+    their test data): `youden` (sensitivity + specificity - 1 at its largest), `sensitivity` (the
+    highest specificity with sensitivity >= target) or `specificity` (the reverse)."""
+
+    rule: str = "youden"  # youden | sensitivity | specificity | none (arg-max, 0.5)
+    target: float = 0.95
+
+
+@dataclass
 class StudyConfig:
     name: str = "study"
     seed: int = 0
@@ -122,6 +133,7 @@ class StudyConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     study: ComparisonConfig = field(default_factory=ComparisonConfig)
+    operating_point: OperatingPointConfig = field(default_factory=OperatingPointConfig)
     source_path: str = ""  # where this config was read from (set by the loader)
 
     def to_dict(self) -> dict:

@@ -60,7 +60,9 @@ def synthetic_site(config: SiteConfig) -> SiteData:
     scanner = scanner_for(part.index)
     rng = np.random.default_rng([part.seed, part.index, 7])
     splits = {}
-    for split, n in (("train", syn.train_per_site), ("test", syn.test_per_site)):
+    for split, n in (("train", syn.train_per_site), ("test", syn.test_per_site), ("val", syn.val_per_site)):
+        if split == "val" and n == 0:  # no validation split
+            continue
         clean, labels = synthetic_images(n, scanner.prevalence, syn.image_size, rng)
         splits[split] = (acquire(clean, scanner, rng), labels)
     return site_data_from_arrays(config.site, splits, list(CLASSES))

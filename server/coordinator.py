@@ -30,6 +30,7 @@ from common.round import RoundPlan
 from common.schema import StudyConfig
 from server.interrupt import Interrupted, StopRequest
 from server.model_card import write_model_package
+from server.operating_point import operating_point
 from server.releases import pooled_metrics, site_metrics, site_release
 from server.replies import Replies, classify, site_name
 from server.round_records import (
@@ -119,6 +120,7 @@ class Coordinator:
             "classes": list(classes),
         }
         self.study_id = ""
+        self.test_releases: dict[str, dict] = {}  # the newest test evaluation's releases, per site
 
     # ------------------------------------------------------------------ messages
 
@@ -170,11 +172,15 @@ class Coordinator:
             time.sleep(0.5)
         return nodes
 
-    def evaluate_all(self, round_: int, arrays: ArrayRecord, skip: set[int] = frozenset()) -> dict:
-        """Evaluate at every connected site but those in `skip` (silent in this round's training)."""
+    def evaluate_all(
+        self, round_: int, arrays: ArrayRecord, skip: set[int] = frozenset(), split: str = "test"
+    ) -> dict:
+        """Evaluate at every connected site but those in `skip` (silent in this round's training), on
+        each site's `split` (test, or val for the operating point)."""
         self.reporter.phase(round_, "evaluating at every site")
-        config = self.round_config(max(round_, 1))
+        config = self.round_config(max(min(round_, self.study.rounds), 1))
         config[Cfg.SERVER_ROUND] = round_
+        config[Cfg.EVAL_SPLIT] = split
         content = RecordDict({Rec.ARRAYS: arrays, Rec.CONFIG: config})
         msgs = [
             Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n)
@@ -191,7 +197,10 @@ class Coordinator:
             sites[name] = site_metrics(releases[name], m)
             eval_s[name] = float(m[Met.EVAL_S])
         failed = {**got.failed, **{k: f"refused: {v}" for k, v in got.refused.items()}}
+        if split == "test":
+            self.test_releases = releases
         return {
+            "releases": releases,
             "sites": dict(sorted(sites.items())),
             "pooled": pooled_metrics(releases),
             "eval_s": eval_s,
@@ -341,7 +350,23 @@ class Coordinator:
         )
         self.store.write_results(results)
 
+    def _choose_operating_point(self, results: Results, arrays: ArrayRecord) -> None:
+        """Binary models: a threshold from one more release, of each site's validation split."""
+        if (
+            self.model_meta["num_classes"] != 2
+            or self.study.operating_point.rule == "none"
+            or not results["rounds"]
+        ):
+            return
+        val = self.evaluate_all(self.study.rounds + 1, arrays, split="val")
+        chosen = operating_point(val["releases"], self.test_releases, self.study.operating_point)
+        if chosen is not None and val["failed"]:
+            chosen["validation"]["not_released"] = val["failed"]
+        results["operating_point"] = chosen
+
     def _finish(self, results: Results, arrays: ArrayRecord) -> None:
+        if results["status"] == "running":
+            self._choose_operating_point(results, arrays)
         last = results["rounds"][-1] if results["rounds"] else results["initial"]
         results["final"] = {
             "sites": last.get("sites", {}),

@@ -115,7 +115,9 @@ def _sections(meta: dict) -> list[tuple[str, list[str], list[list[str]] | None]]
             f"Threshold {_fmt(op.get('threshold'))} on the probability of '{op.get('class', '-')}', chosen by "
             f"{op.get('rule', 'none (arg-max, 0.5)')} on {op.get('chosen_on', 'no validation data')}."
             if op else "None chosen: the label is the arg-max (a threshold of 0.5 for two classes).",
-        ], None),
+        ], [["site", "test sensitivity", "test specificity"],
+            *([s, _fmt(r.get("sensitivity")), _fmt(r.get("specificity"))] for s, r in op.get("test", {}).items())]
+         if op else None),
         ("Privacy", [
             (f"Differential privacy per site; epsilon spent (delta {privacy['delta']}) is in the table above."
              if privacy["enabled"] else "Trained without differential privacy: the updates the coordinator saw "

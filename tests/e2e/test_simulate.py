@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from tests.conftest import ROOT, run_fedward
 
@@ -54,6 +55,19 @@ def test_demo_two_sites_two_rounds_follows_the_results_contract(tmp_path):
     assert meta["model"] == "cnn28" and meta["round"] == 2 and meta["study"]["name"] == "demo"
     assert len(list((out / "checkpoints").glob("round-*.pt"))) == 2
     assert "round 2" in (out / "fedward.log").read_text()
+
+    # the operating point: chosen on the sites' validation releases, reported on their test data
+    op = results["operating_point"]
+    assert op["chosen_on"] == "the sites' validation releases" and 0 < op["threshold"] < 1
+    assert set(op["validation"]["sites"]) == sites and set(op["test"]) == sites
+    from common.package import load_package
+
+    packaged, package_meta = load_package(out)  # the model package, safetensors and JSON
+    assert package_meta["operating_point"] == op and set(package_meta["performance"]["sites"]) == sites
+    card = (out / "model" / "MODEL_CARD.md").read_text()
+    assert f"Threshold {op['threshold']:.3f}" in card and all(s in card for s in sites)
+    for a, b in zip(packaged.state_dict().values(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.slow
