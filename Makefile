@@ -1,5 +1,5 @@
 # The README's commands. `make test` is the one test command: it installs the system packages the
-# tests need when they are missing (Debian's headless Chromium for the report test), makes the OS
+# tests need when they are missing (Debian's headless Chromium for the report test, Orthanc as the PACS), makes the OS
 # users the deployment tests run sites as (server/isolation.py), then runs the whole suite.
 # Needs root for the system part (as CI has); as another user it uses sudo.
 
@@ -24,4 +24,7 @@ system-deps:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  echo "installing Debian's chromium (the report test renders report.html headless)"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+	@command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || { \
+	  echo "installing Debian's orthanc (the real PACS of tests/e2e/test_pacs.py)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq orthanc >/dev/null; }
 	@$(SUDO) $(PYTHON) -m server.isolation

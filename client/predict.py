@@ -8,6 +8,8 @@ sites' `preprocess`, common.transforms), then:
                                probability per class, the label, and the error for a file that could
                                not be used (the other files are processed all the same)
     DIR/heatmaps/<name>.png    where the image holds the evidence for the predicted class (below)
+    DIR/dicom/<name>-sr.dcm, <name>-sc.dcm   for DICOM inputs: a Structured Report of the finding and
+                               its probability, and the heat map as a Secondary Capture (client.dicom_out)
 
 The label is the arg-max, or the package's operating point where it has one.
 
@@ -21,7 +23,7 @@ peak 7.5%, tests/client/test_predict.py).
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,7 @@ from monai.transforms import Compose
 from monai.visualize import OcclusionSensitivity
 from rich.progress import track
 
+from client.dicom_out import write_dicom_results
 from common.package import load_package
 from common.readers import READERS, BadImageFileError, ReadImage
 from common.schema import PreprocessConfig
@@ -46,6 +49,7 @@ class Prediction:
     study_instance_uid: str = ""
     modality: str = ""
     heatmap: str = ""
+    dicom: list[str] = field(default_factory=list)  # the SR and Secondary Capture written for a DICOM input
     error: str = ""
 
 
@@ -99,7 +103,9 @@ class Predictor:
         drop = np.clip(logit - occluded[0, class_index].numpy(), 0, None)
         return drop / drop.max() if drop.max() > 0 else drop
 
-    def predict_file(self, path: Path, heatmaps: Path | None) -> Prediction:
+    def predict_file(self, path: Path, heatmaps: Path | None, dicom_out: Path | None = None) -> Prediction:
+        """One file's prediction; a heat map PNG into `heatmaps`, and for DICOM the SR and the heat-map
+        Secondary Capture into `dicom_out` (client.dicom_out), when given."""
         out = Prediction(str(path))
         fmt = format_of(path)
         if not fmt:
@@ -119,14 +125,18 @@ class Predictor:
         with torch.no_grad():
             probs = torch.softmax(self.model(x), dim=1)[0].numpy()
         out.probabilities, out.label = [float(p) for p in probs], self.label(probs)
+        dicom_out = dicom_out if fmt == "dicom" else None
+        heat = self.heatmap(x, self.classes.index(out.label)) if heatmaps or dicom_out else None
         if heatmaps is not None:
-            out.heatmap = str(
-                save_heatmap(
-                    heatmaps / f"{path.stem}.png",
-                    x[0, 0].numpy(),
-                    self.heatmap(x, self.classes.index(out.label)),
+            out.heatmap = str(save_heatmap(heatmaps / f"{path.stem}.png", x[0, 0].numpy(), heat))
+        if dicom_out is not None:
+            try:
+                written = write_dicom_results(
+                    path, image.pixels, heat, self.classes, out.probabilities, out.label, dicom_out
                 )
-            )
+                out.dicom = [str(p) for p in written]
+            except (AttributeError, ValueError, TypeError) as err:  # a header without e.g. PatientName
+                out.error = f"predicted, but its header lacks what a DICOM report needs ({err})"
         return out
 
 
@@ -151,13 +161,13 @@ def predict(package: str | Path, inputs: str | Path, out_dir: str | Path, *, hea
     predictor, out = Predictor(package), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = input_files(Path(inputs))
-    rows = [predictor.predict_file(p, out / "heatmaps" if heatmaps else None)
+    rows = [predictor.predict_file(p, out / "heatmaps" if heatmaps else None, out / "dicom")
             for p in track(files, description="predicting", disable=len(files) < 20)]  # fmt: skip
     csv_path = out / "predictions.csv"
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["file", "sop_instance_uid", "study_instance_uid", "modality",
-                    *(f"p_{c}" for c in predictor.classes), "label", "heatmap", "error"])  # fmt: skip
+                    *(f"p_{c}" for c in predictor.classes), "label", "heatmap", "dicom_results", "error"])  # fmt: skip
         for r in rows:
             probs = (
                 [f"{p:.6f}" for p in r.probabilities] if r.probabilities else [""] * len(predictor.classes)
@@ -171,6 +181,7 @@ def predict(package: str | Path, inputs: str | Path, out_dir: str | Path, *, hea
                     *probs,
                     r.label,
                     r.heatmap,
+                    ";".join(r.dicom),
                     r.error,
                 ]
             )

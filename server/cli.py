@@ -90,6 +90,22 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace, console: Console) -> int:
+    from client.dicom_node import serve
+    from common.package import PackageError
+
+    host, _, rest = args.pacs.partition(":")
+    port, _, title = rest.partition("@")
+    if not (host and port.isdigit() and title):
+        console.print(f"[red]error:[/] --pacs {args.pacs!r}: give HOST:PORT@AE_TITLE, e.g. 127.0.0.1:4242@ORTHANC")
+        return 2
+    try:
+        return serve(args.package, ae_title=args.ae_title, port=args.port, pacs=(host, int(port), title))
+    except PackageError as err:
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
+        return 2
+
+
 def _report(args: argparse.Namespace, console: Console) -> int:
     from server.report import cli
 
@@ -131,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="folder for predictions.csv and heatmaps/")
     pr.add_argument("--no-heatmaps", action="store_true", help="skip the Grad-CAM heat maps")
     pr.set_defaults(func=_predict)
+    sv = sub.add_parser("serve", help="a DICOM node beside the PACS: C-STORE in, report and heat map back")
+    sv.add_argument("package", help="a run folder (its model/ package) or a package folder")
+    sv.add_argument("--port", type=int, default=11112, help="port to receive images on (default: %(default)s)")
+    sv.add_argument("--ae-title", default="FEDWARD", help="this node's AE title (default: %(default)s)")
+    sv.add_argument("--pacs", required=True, help="where results go: HOST:PORT@AE_TITLE")
+    sv.set_defaults(func=_serve)
     rep = sub.add_parser("report", help="rebuild report.html and the plots from a run folder's JSON")
     rep.add_argument("dir", help="the --out folder of a `fedward study` or `fedward simulate` run")
     rep.set_defaults(func=_report)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -55,6 +56,20 @@ def test_predictions_have_a_row_per_file_and_the_dicom_uids(package, tmp_path):
     source = pydicom.dcmread(ct)
     assert by_name["ct.dcm"]["sop_instance_uid"] == source.SOPInstanceUID
     assert by_name["ct.dcm"]["study_instance_uid"] == source.StudyInstanceUID
+    sr_path, sc_path = by_name["ct.dcm"]["dicom_results"].split(";")
+    sr, sc = hd.sr.srread(sr_path), pydicom.dcmread(sc_path)
+    assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
+    cited = (
+        sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    )
+    assert cited.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert sr.StudyInstanceUID == sc.StudyInstanceUID == source.StudyInstanceUID
+    assert sc.SeriesInstanceUID != source.SeriesInstanceUID and sc.pixel_array.shape == (
+        source.Rows,
+        source.Columns,
+        3,
+    )
+    assert by_name["ct.dcm"]["label"] in str(sr.ContentSequence)  # the finding, as the CSV's label
     for r in rows:
         if not r["error"]:
             assert abs(float(r["p_normal"]) + float(r["p_finding"]) - 1) < 1e-5

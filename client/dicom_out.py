@@ -1,0 +1,91 @@
+"""Results a PACS can store and a viewer can show, for a DICOM input (the `highdicom` library):
+
+    <stem>-sr.dcm   a Comprehensive 3D SR (TID 1500 measurement report): the finding (the label at the
+                    operating point) and the probability of each class, citing the source image
+    <stem>-sc.dcm   a Secondary Capture: the source image in grey with the heat map over it in colour
+
+Both join the source's study (same Study Instance UID and patient) in series of their own, so a
+viewer shows them beside the image they describe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+from scipy.ndimage import zoom
+
+SCHEME = "99FEDWARD"  # private coding scheme of fedward's own concepts
+SR_SERIES, SC_SERIES = 9901, 9902
+MANUFACTURER = "fedward"
+
+
+def _concept(value: str, meaning: str) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value=value, scheme_designator=SCHEME, meaning=meaning[:64])
+
+
+def structured_report(
+    source: pydicom.Dataset, classes: list[str], probabilities: list[float], label: str
+) -> hd.sr.Comprehensive3DSR:
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=hd.UID(), name=MANUFACTURER
+        ),
+    )
+    measurements = [
+        hd.sr.Measurement(name=_concept(f"p-{c}", f"Probability of {c}"), value=float(p), unit=hd.sr.CodedConcept("1", "UCUM", "no units"))
+        for c, p in zip(classes, probabilities, strict=True)
+    ]  # fmt: skip
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="fedward prediction"),
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+        measurements=measurements,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=codes.DCM.Finding, value=_concept(f"class-{label}", label))
+        ],
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=_concept("classification", "AI image classification"),
+        imaging_measurements=[group],
+    )
+    return hd.sr.Comprehensive3DSR(
+        evidence=[source], content=report[0], series_number=SR_SERIES, series_instance_uid=hd.UID(),
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER, is_complete=True, is_final=False,
+        series_description="fedward: finding and probability",
+    )  # fmt: skip
+
+
+def heatmap_capture(source: pydicom.Dataset, pixels: np.ndarray, heat: np.ndarray) -> hd.sc.SCImage:
+    """The source's pixels (H x W in [0, 1]) in grey with `heat` (any size, [0, 1]) over them in colour."""
+    from matplotlib import colormaps
+
+    heat = zoom(heat, (pixels.shape[0] / heat.shape[0], pixels.shape[1] / heat.shape[1]), order=1)
+    grey = np.repeat(pixels[..., None], 3, axis=2)
+    colour = colormaps["jet"](np.clip(heat, 0, 1))[..., :3]
+    alpha = 0.45 * np.clip(heat, 0, 1)[..., None]
+    rgb = np.round(255 * ((1 - alpha) * grey + alpha * colour)).astype(np.uint8)
+    return hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source, pixel_array=rgb, photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8, coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        patient_orientation=tuple(source.get("PatientOrientation") or ("L", "F"))[:2],
+        series_instance_uid=hd.UID(), series_number=SC_SERIES, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer=MANUFACTURER, series_description="fedward: heat map",
+    )  # fmt: skip
+
+
+def write_dicom_results(source_path: Path, pixels: np.ndarray, heat: np.ndarray | None, classes: list[str],
+                        probabilities: list[float], label: str, out_dir: Path) -> list[Path]:  # fmt: skip
+    """Write the SR (and, with a heat map, the Secondary Capture) for one DICOM input; their paths."""
+    source = pydicom.dcmread(source_path, stop_before_pixels=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / f"{source_path.stem}-sr.dcm"]
+    structured_report(source, classes, probabilities, label).save_as(written[0])
+    if heat is not None:
+        written.append(out_dir / f"{source_path.stem}-sc.dcm")
+        heatmap_capture(source, pixels, heat).save_as(written[1])
+    return written

@@ -1,0 +1,130 @@
+"""The PACS round trip against a real Orthanc (Debian's package), on free loopback ports: an image
+pushed into Orthanc is sent to `fedward serve`, which stores a Structured Report and a heat-map
+Secondary Capture back into the image's study; a file without pixels gets a failure status."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.request
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from client.dicom_node import CANNOT_UNDERSTAND, DicomNode
+from server.processes import free_port
+from tests.client.test_predict import package  # noqa: F401 - the packaged model fixture
+
+pytestmark = pytest.mark.slow
+
+
+def _rest(base: str, path: str, data: bytes | None = None, method: str | None = None):
+    req = urllib.request.Request(
+        base + path, data=data, method=method or ("POST" if data is not None else "GET")
+    )
+    with urllib.request.urlopen(req, timeout=30) as reply:
+        body = reply.read()
+    return json.loads(body) if body else None
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    """A real Orthanc on free ports that knows `fedward serve` as modality 'fedward'."""
+    binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+    http, dicom, node = free_port(), free_port(), free_port()
+    config = {"Name": "fedward-test", "StorageDirectory": str(tmp_path / "db"), "IndexDirectory": str(tmp_path / "db"),
+              "HttpPort": http, "DicomPort": dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+              "AuthenticationEnabled": False, "DicomModalities": {"fedward": ["FEDWARD", "127.0.0.1", node]},
+              "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False, "Plugins": []}  # fmt: skip
+    (tmp_path / "orthanc.json").write_text(json.dumps(config))
+    proc = subprocess.Popen(
+        [binary, str(tmp_path / "orthanc.json")], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    base = f"http://127.0.0.1:{http}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            _rest(base, "/system")
+            break
+        except OSError as err:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise AssertionError(
+                    f"Orthanc ({binary}) did not start: install Debian's orthanc (make test does)"
+                ) from err
+            time.sleep(0.2)
+    yield {"base": base, "dicom": dicom, "node": node}
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_an_image_sent_from_orthanc_comes_back_with_a_report_and_a_heat_map(orthanc, package, tmp_path):  # noqa: F811
+    node = DicomNode(
+        package, ae_title="FEDWARD", port=orthanc["node"], pacs=("127.0.0.1", orthanc["dicom"], "ORTHANC")
+    )
+    node.start()
+    try:
+        source = get_testdata_file("CT_small.dcm")
+        pushed = _rest(orthanc["base"], "/instances", open(source, "rb").read())
+        job = _rest(
+            orthanc["base"],
+            "/modalities/fedward/store",
+            json.dumps({"Resources": [pushed["ID"]], "Synchronous": True}).encode(),
+        )
+        assert job is not None
+        deadline = time.time() + 60
+        while len(_rest(orthanc["base"], "/instances")) < 3 and time.time() < deadline:
+            time.sleep(0.2)
+        study = _rest(orthanc["base"], f"/studies/{pushed['ParentStudy']}/instances")
+        modalities = sorted(
+            _rest(orthanc["base"], f"/instances/{i['ID']}/simplified-tags")["Modality"] for i in study
+        )
+        assert modalities == ["CT", "OT", "SR"], (
+            modalities
+        )  # the image, its heat map (Secondary Capture), its report
+        sr_id = next(
+            i["ID"]
+            for i in study
+            if _rest(orthanc["base"], f"/instances/{i['ID']}/simplified-tags")["Modality"] == "SR"
+        )
+        sr_path = tmp_path / "sr.dcm"
+        with urllib.request.urlopen(f"{orthanc['base']}/instances/{sr_id}/file") as reply:
+            sr_path.write_bytes(reply.read())
+        sr = pydicom.dcmread(sr_path)
+        cited = (
+            sr.CurrentRequestedProcedureEvidenceSequence[0]
+            .ReferencedSeriesSequence[0]
+            .ReferencedSOPSequence[0]
+        )
+        assert cited.ReferencedSOPInstanceUID == pydicom.dcmread(source).SOPInstanceUID
+        assert node.handled[-1]["status"] == 0 and node.handled[-1]["sent"] == [0, 0]
+    finally:
+        node.stop()
+
+
+def test_an_image_without_pixels_gets_a_failure_status_and_the_node_goes_on(orthanc, package):  # noqa: F811
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    node = DicomNode(
+        package, ae_title="FEDWARD", port=orthanc["node"], pacs=("127.0.0.1", orthanc["dicom"], "ORTHANC")
+    )
+    node.start()
+    try:
+        sender = AE(ae_title="MODALITY")
+        sender.add_requested_context(CTImageStorage)
+        good = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        bad = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        del bad.PixelData
+        bad.SOPInstanceUID = pydicom.uid.generate_uid()
+        assoc = sender.associate("127.0.0.1", orthanc["node"], ae_title="FEDWARD")
+        assert assoc.is_established
+        statuses = [int(assoc.send_c_store(ds).Status) for ds in (bad, good)]
+        assoc.release()
+        assert statuses == [CANNOT_UNDERSTAND, 0]  # the bad one refused, the next one served
+        assert "pixel" in node.handled[0]["error"].lower()
+    finally:
+        node.stop()
