@@ -32,28 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from client.dicom_node import DicomNode  # noqa: E402
 from client.predict import predict  # noqa: E402
-from client.train import train_round  # noqa: E402
-from common.models import build_model  # noqa: E402
-from common.package import write_package  # noqa: E402
 from common.synthetic import synthetic_images_with_findings  # noqa: E402
 from server.processes import free_port  # noqa: E402
 from tests.common.test_sources import write_dicom  # noqa: E402
-from tests.plans import plan  # noqa: E402
-
-META = {"model": "cnn28", "in_channels": 1, "classes": ["normal", "finding"],
-        "input": {"source": "synthetic", "preprocess": {"size": [28, 28], "spatial": "resize", "channels": 1}}}  # fmt: skip
+from tests.packages import synthetic_package  # noqa: E402
 
 
 def package(folder: Path) -> Path:
-    x, y, _ = synthetic_images_with_findings(800, 0.5, 28, np.random.default_rng(0))
-    model = build_model("cnn28", seed=0)
-    train_round(
-        model,
-        torch.from_numpy(x)[:, None],
-        torch.from_numpy(y),
-        plan(model="cnn28", local_epochs=10, batch_size=32, lr=0.002),
-    )
-    return write_package(folder / "model", model, META)
+    return synthetic_package(folder, images=800, epochs=10, lr=0.002)
 
 
 def dicom_inputs(folder: Path, n: int) -> list[Path]:

@@ -74,8 +74,8 @@ class Predictor:
         self.model, self.meta = load_package(package)
         pre = PreprocessConfig(**self.meta.get("input", {}).get("preprocess", {}))
         self.prepare = Compose(preprocess_transforms(pre))
+        size = min(pre.size or [28])
         self.classes = list(self.meta["classes"])
-        size = min(PreprocessConfig(**self.meta.get("input", {}).get("preprocess", {})).size or [28])
         self.occlusion = OcclusionSensitivity(
             nn_module=self.model,
             mask_size=max(3, int(size) // 6) | 1,

@@ -97,7 +97,9 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
     host, _, rest = args.pacs.partition(":")
     port, _, title = rest.partition("@")
     if not (host and port.isdigit() and title):
-        console.print(f"[red]error:[/] --pacs {args.pacs!r}: give HOST:PORT@AE_TITLE, e.g. 127.0.0.1:4242@ORTHANC")
+        console.print(
+            f"[red]error:[/] --pacs {args.pacs!r}: give HOST:PORT@AE_TITLE, e.g. 127.0.0.1:4242@ORTHANC"
+        )
         return 2
     try:
         return serve(args.package, ae_title=args.ae_title, port=args.port, pacs=(host, int(port), title))
@@ -149,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_predict)
     sv = sub.add_parser("serve", help="a DICOM node beside the PACS: C-STORE in, report and heat map back")
     sv.add_argument("package", help="a run folder (its model/ package) or a package folder")
-    sv.add_argument("--port", type=int, default=11112, help="port to receive images on (default: %(default)s)")
+    sv.add_argument(
+        "--port", type=int, default=11112, help="port to receive images on (default: %(default)s)"
+    )
     sv.add_argument("--ae-title", default="FEDWARD", help="this node's AE title (default: %(default)s)")
     sv.add_argument("--pacs", required=True, help="where results go: HOST:PORT@AE_TITLE")
     sv.set_defaults(func=_serve)

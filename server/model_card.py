@@ -152,7 +152,3 @@ def card_html(meta: dict) -> str:
             body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
             parts.append(f"<table border='1'><tr>{head}</tr>{body}</table>")
     return "\n".join(parts) + "\n"
-
-
-def card_path(out_dir: Path) -> Path:
-    return out_dir / PACKAGE_DIR / CARD_MD

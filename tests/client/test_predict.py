@@ -15,28 +15,15 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from client.predict import Predictor, predict
-from client.train import train_round
-from common.models import build_model
-from common.package import META_FILE, WEIGHTS_FILE, PackageError, load_package, write_package
+from common.package import META_FILE, WEIGHTS_FILE, PackageError, load_package
 from common.synthetic import synthetic_images_with_findings
-from tests.plans import plan
-
-META = {"model": "cnn28", "in_channels": 1, "classes": ["normal", "finding"],
-        "input": {"source": "synthetic", "preprocess": {"size": [28, 28], "spatial": "resize", "channels": 1}}}  # fmt: skip
+from tests.packages import META, synthetic_package
 
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
     """A cnn28 trained on fedward's synthetic images (as a study's sites hold them), packaged."""
-    x, y, _ = synthetic_images_with_findings(600, 0.5, 28, np.random.default_rng(0))
-    model = build_model("cnn28", seed=0)
-    train_round(
-        model,
-        torch.from_numpy(x)[:, None],
-        torch.from_numpy(y),
-        plan(model="cnn28", local_epochs=6, batch_size=32, lr=0.003),
-    )
-    return write_package(tmp_path_factory.mktemp("run") / "model", model, META)
+    return synthetic_package(tmp_path_factory.mktemp("run"), images=600, epochs=6, lr=0.003)
 
 
 def test_predictions_have_a_row_per_file_and_the_dicom_uids(package, tmp_path):
