@@ -24,7 +24,8 @@ system-deps:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  echo "installing Debian's chromium (the report test renders report.html headless)"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
-	@command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || { \
-	  echo "installing Debian's orthanc (the real PACS of tests/e2e/test_pacs.py)"; \
-	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq orthanc >/dev/null; }
+	@{ command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ]; } && \
+	  [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || { \
+	  echo "installing Debian's orthanc and orthanc-dicomweb (the real PACS of tests/e2e/test_pacs.py)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null; }
 	@$(SUDO) $(PYTHON) -m server.isolation

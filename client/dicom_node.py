@@ -4,7 +4,9 @@ It accepts images by C-STORE, predicts on each (client.predict: the package's pr
 operating point and heat map), and stores the results back to the PACS by C-STORE: the Structured
 Report and the heat-map Secondary Capture (client.dicom_out), in the image's study. An image it
 cannot use (no pixels, corrupt) gets a failure status (0xC210, "cannot understand") and a line in the
-log naming it; the service goes on. A result the PACS refuses is logged; the service goes on.
+log naming it; the service goes on. A result the PACS refuses is logged; the service goes on. An image
+outside the model's training (another modality: a CT sent to a chest X-ray model) is predicted, its
+report marked "outside training", and logged.
 """
 
 from __future__ import annotations
@@ -75,10 +77,13 @@ class DicomNode:
                 {"sop_instance_uid": ds.SOPInstanceUID, "status": CANNOT_UNDERSTAND, "error": row.error}
             )
             return CANNOT_UNDERSTAND
+        if row.warning:  # predicted and stored all the same, the report marked (client.dicom_out)
+            log.warning("image %s is outside the model's training: %s", ds.SOPInstanceUID, row.warning)
         sent = self.send([Path(p) for p in row.dicom])
         self.handled.append(
-            {"sop_instance_uid": ds.SOPInstanceUID, "status": 0, "label": row.label, "sent": sent}
-        )
+            {"sop_instance_uid": ds.SOPInstanceUID, "status": 0, "label": row.label, "sent": sent,
+             "warning": row.warning}
+        )  # fmt: skip
         return 0x0000
 
     def send(self, files: list[Path]) -> list[int]:

@@ -28,8 +28,10 @@ def _concept(value: str, meaning: str) -> hd.sr.CodedConcept:
 
 
 def structured_report(
-    source: pydicom.Dataset, classes: list[str], probabilities: list[float], label: str
+    source: pydicom.Dataset, classes: list[str], probabilities: list[float], label: str, warning: str = ""
 ) -> hd.sr.Comprehensive3DSR:
+    """The TID 1500 report; with a `warning` (the image is outside what the model was trained for) it
+    carries an "Input check" evaluation saying so, and its series description starts with CAUTION."""
     observer = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -45,8 +47,18 @@ def structured_report(
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
         measurements=measurements,
         qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(name=codes.DCM.Finding, value=_concept(f"class-{label}", label))
-        ],
+            hd.sr.QualitativeEvaluation(name=codes.DCM.Finding, value=_concept(f"class-{label}", label)),
+            *(
+                [
+                    hd.sr.QualitativeEvaluation(
+                        name=_concept("input-check", "Input check"),
+                        value=_concept("outside-training", f"Outside training: {warning}"),
+                    )
+                ]
+                if warning
+                else []
+            ),
+        ],  # fmt: skip
     )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
@@ -56,7 +68,7 @@ def structured_report(
     return hd.sr.Comprehensive3DSR(
         evidence=[source], content=report[0], series_number=SR_SERIES, series_instance_uid=hd.UID(),
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER, is_complete=True, is_final=False,
-        series_description="fedward: finding and probability",
+        series_description=("CAUTION outside training - " if warning else "") + "fedward: finding and probability",
     )  # fmt: skip
 
 
@@ -79,12 +91,13 @@ def heatmap_capture(source: pydicom.Dataset, pixels: np.ndarray, heat: np.ndarra
 
 
 def write_dicom_results(source_path: Path, pixels: np.ndarray, heat: np.ndarray | None, classes: list[str],
-                        probabilities: list[float], label: str, out_dir: Path) -> list[Path]:  # fmt: skip
+                        probabilities: list[float], label: str, out_dir: Path, *,
+                        warning: str = "") -> list[Path]:  # fmt: skip
     """Write the SR (and, with a heat map, the Secondary Capture) for one DICOM input; their paths."""
     source = pydicom.dcmread(source_path, stop_before_pixels=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / f"{source_path.stem}-sr.dcm"]
-    structured_report(source, classes, probabilities, label).save_as(written[0])
+    structured_report(source, classes, probabilities, label, warning).save_as(written[0])
     if heat is not None:
         written.append(out_dir / f"{source_path.stem}-sc.dcm")
         heatmap_capture(source, pixels, heat).save_as(written[1])

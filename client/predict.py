@@ -5,8 +5,11 @@ the reader of its format (common.readers) and preprocessed by the package's own 
 sites' `preprocess`, common.transforms), then:
 
     DIR/predictions.csv        file, SOP Instance UID, Study Instance UID (DICOM), modality, one
-                               probability per class, the label, and the error for a file that could
-                               not be used (the other files are processed all the same)
+                               probability per class, the label, a warning for an image outside what
+                               the package was trained for (another modality, too few pixels, a
+                               volume: predicted all the same, and marked so in the CSV and the SR),
+                               and the error for a file that could not be used (the other files are
+                               processed all the same)
     DIR/heatmaps/<name>.png    where the image holds the evidence for the predicted class (below)
     DIR/dicom/<name>-sr.dcm, <name>-sc.dcm   for DICOM inputs: a Structured Report of the finding and
                                its probability, and the heat map as a Secondary Capture (client.dicom_out)
@@ -50,6 +53,7 @@ class Prediction:
     modality: str = ""
     heatmap: str = ""
     dicom: list[str] = field(default_factory=list)  # the SR and Secondary Capture written for a DICOM input
+    warning: str = ""  # predicted, but outside what the package was trained for (input_warnings)
     error: str = ""
 
 
@@ -85,6 +89,23 @@ class Predictor:
             verbose=False,
         )
         self.operating_point = self.meta.get("operating_point") or None
+        self.modalities = [m.upper() for m in self.meta.get("input", {}).get("modalities") or []]
+        self.size = list(pre.size)
+
+    def input_warnings(self, image: ReadImage) -> list[str]:
+        """Why this image is outside what the model was trained for: another modality, fewer pixels
+        than the model's input (it would be upsampled), or a volume of which one frame is used."""
+        found = []
+        if self.modalities and image.modality and image.modality.upper() not in self.modalities:
+            found.append(f"modality {image.modality}, the model is for {'/'.join(self.modalities)} only")
+        rows, cols = image.pixels.shape[:2]
+        if self.size and (rows < self.size[0] or cols < self.size[1]):
+            found.append(
+                f"{rows}x{cols} pixels, smaller than the model's {self.size[0]}x{self.size[1]} input"
+            )
+        if image.n_frames > 1:
+            found.append(f"{image.n_frames} frames: one was predicted")
+        return found
 
     def tensor(self, image: ReadImage) -> torch.Tensor:
         return torch.as_tensor(self.prepare({"image": image.pixels[None]})["image"]).float()[None]
@@ -125,6 +146,7 @@ class Predictor:
         with torch.no_grad():
             probs = torch.softmax(self.model(x), dim=1)[0].numpy()
         out.probabilities, out.label = [float(p) for p in probs], self.label(probs)
+        out.warning = "; ".join(self.input_warnings(image))
         dicom_out = dicom_out if fmt == "dicom" else None
         heat = self.heatmap(x, self.classes.index(out.label)) if heatmaps or dicom_out else None
         if heatmaps is not None:
@@ -132,7 +154,14 @@ class Predictor:
         if dicom_out is not None:
             try:
                 written = write_dicom_results(
-                    path, image.pixels, heat, self.classes, out.probabilities, out.label, dicom_out
+                    path,
+                    image.pixels,
+                    heat,
+                    self.classes,
+                    out.probabilities,
+                    out.label,
+                    dicom_out,
+                    warning=out.warning,
                 )
                 out.dicom = [str(p) for p in written]
             except (AttributeError, ValueError, TypeError) as err:  # a header without e.g. PatientName
@@ -167,7 +196,8 @@ def predict(package: str | Path, inputs: str | Path, out_dir: str | Path, *, hea
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["file", "sop_instance_uid", "study_instance_uid", "modality",
-                    *(f"p_{c}" for c in predictor.classes), "label", "heatmap", "dicom_results", "error"])  # fmt: skip
+                    *(f"p_{c}" for c in predictor.classes), "label", "heatmap", "dicom_results", "warning",
+                    "error"])  # fmt: skip
         for r in rows:
             probs = (
                 [f"{p:.6f}" for p in r.probabilities] if r.probabilities else [""] * len(predictor.classes)
@@ -182,6 +212,7 @@ def predict(package: str | Path, inputs: str | Path, out_dir: str | Path, *, hea
                     r.label,
                     r.heatmap,
                     ";".join(r.dicom),
+                    r.warning,
                     r.error,
                 ]
             )

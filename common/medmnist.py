@@ -38,6 +38,8 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
 
 # The number of classes of the MedMNIST sets fedward knows (medmnist's INFO: label names 0..K-1).
 KNOWN_CLASS_COUNTS = {"pneumoniamnist": 2, "breastmnist": 2}
+# Their imaging modality, as DICOM Modality codes (MedMNIST's paper: chest X-ray; breast ultrasound).
+KNOWN_MODALITIES = {"pneumoniamnist": ["CR", "DX"], "breastmnist": ["US"]}
 
 
 def npz_classes(path: str, data: dict[str, np.ndarray], configured: list[str]) -> list[str]:

@@ -120,6 +120,15 @@ class OperatingPointConfig:
 
 
 @dataclass
+class InputConfig:
+    """What the model takes: the study's own statement, which the package carries to the hospitals."""
+
+    # DICOM Modality codes the model is for (CR, DX, US, CT, ...); a file of another modality is
+    # predicted but marked. Empty: the MedMNIST data set's own modality; none known: not checked.
+    modalities: list[str] = field(default_factory=list)
+
+
+@dataclass
 class StudyConfig:
     name: str = "study"
     seed: int = 0
@@ -127,6 +136,7 @@ class StudyConfig:
     min_sites: int = 2  # a round needs this many sites; fewer ends the study, saying why
     round_timeout_s: float = 900.0
     data: DataConfig = field(default_factory=DataConfig)
+    input: InputConfig = field(default_factory=InputConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)

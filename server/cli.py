@@ -94,6 +94,15 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
     from client.dicom_node import serve
     from common.package import PackageError
 
+    if args.dicomweb:
+        from client.dicomweb_poller import serve_dicomweb
+
+        try:
+            return serve_dicomweb(args.package, url=args.dicomweb, state=args.state,
+                                  interval_s=args.poll_s, backlog=args.backlog)  # fmt: skip
+        except (PackageError, RuntimeError) as err:
+            console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
+            return 2
     host, _, rest = args.pacs.partition(":")
     port, _, title = rest.partition("@")
     if not (host and port.isdigit() and title):
@@ -149,13 +158,24 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="folder for predictions.csv and heatmaps/")
     pr.add_argument("--no-heatmaps", action="store_true", help="skip the Grad-CAM heat maps")
     pr.set_defaults(func=_predict)
-    sv = sub.add_parser("serve", help="a DICOM node beside the PACS: C-STORE in, report and heat map back")
+    sv = sub.add_parser(
+        "serve", help="beside the PACS: images in (C-STORE or DICOMweb), report and heat map back"
+    )
     sv.add_argument("package", help="a run folder (its model/ package) or a package folder")
     sv.add_argument(
         "--port", type=int, default=11112, help="port to receive images on (default: %(default)s)"
     )
     sv.add_argument("--ae-title", default="FEDWARD", help="this node's AE title (default: %(default)s)")
-    sv.add_argument("--pacs", required=True, help="where results go: HOST:PORT@AE_TITLE")
+    way = sv.add_mutually_exclusive_group(required=True)
+    way.add_argument("--pacs", help="C-STORE in on --port; results go to HOST:PORT@AE_TITLE")
+    way.add_argument("--dicomweb", help="pull new images from this DICOMweb root and store results there")
+    sv.add_argument("--poll-s", type=float, default=10.0, help="--dicomweb: seconds between polls")
+    sv.add_argument(
+        "--state",
+        default="fedward-serve-state.json",
+        help="--dicomweb: what was handled (default: %(default)s)",
+    )
+    sv.add_argument("--backlog", action="store_true", help="--dicomweb: also predict what was there before")
     sv.set_defaults(func=_serve)
     rep = sub.add_parser("report", help="rebuild report.html and the plots from a run folder's JSON")
     rep.add_argument("dir", help="the --out folder of a `fedward study` or `fedward simulate` run")

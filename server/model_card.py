@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from common.files import write_atomic
+from common.medmnist import KNOWN_MODALITIES
 from common.package import CARD_HTML, CARD_MD, PACKAGE_DIR, write_package
 from common.schema import StudyConfig
 from common.simulated import simulated_sites
@@ -24,17 +25,30 @@ from common.simulated import simulated_sites
 METRIC_COLUMNS = ("n_test", "auc", "accuracy", "sensitivity", "specificity", "release")
 
 
+def input_modalities(study: StudyConfig) -> list[str]:
+    """The modalities the model is for: the study's `input.modalities`, else its MedMNIST set's."""
+    if study.input.modalities:
+        return [m.upper() for m in study.input.modalities]
+    if study.data.source == "medmnist":
+        return list(KNOWN_MODALITIES.get(study.data.dataset.lower(), []))
+    return []
+
+
 def input_spec(study: StudyConfig) -> dict[str, Any]:
-    """What the model takes as input, as the training sites prepared it (their preprocessing)."""
+    """What the model takes as input, as the training sites prepared it (their preprocessing), and the
+    modalities it is for."""
+    modalities = input_modalities(study)
     try:
         site = simulated_sites(study)[0]
     except Exception:  # noqa: BLE001 - a deployment's coordinator may not hold the sites' configs
-        return {"source": study.data.source}
+        return {"source": study.data.source, "modalities": modalities}
     if site.data.format in ("synthetic", "medmnist"):  # arrays in [0, 1] at their size, grey
         size = study.data.synthetic.image_size if site.data.format == "synthetic" else 28
         source = "synthetic" if site.data.format == "synthetic" else f"medmnist:{study.data.dataset}"
-        return {"source": source, "preprocess": {"size": [size, size], "spatial": "resize", "channels": 1}}
-    return {"source": site.data.format, "preprocess": dataclasses.asdict(site.data.preprocess)}
+        preprocess = {"size": [size, size], "spatial": "resize", "channels": 1}
+        return {"source": source, "modalities": modalities, "preprocess": preprocess}
+    preprocess = dataclasses.asdict(site.data.preprocess)
+    return {"source": site.data.format, "modalities": modalities, "preprocess": preprocess}
 
 
 def package_meta(study: StudyConfig, model_meta: dict, results: dict) -> dict[str, Any]:
@@ -106,6 +120,10 @@ def _sections(meta: dict) -> list[tuple[str, list[str], list[list[str]] | None]]
         ("Intended use", [
             f"Classifies {meta['input'].get('source')} images into {', '.join(meta['classes'])}, as decision support "
             "for a radiologist, never alone. Trained by federated learning with fedward: no image left a site.",
+            (f"For {', '.join(meta['input']['modalities'])} images: `fedward predict` marks a file of any other "
+             "modality, and one smaller than the model's input." if meta["input"].get("modalities") else
+             "The study did not say which modality it is for (`input.modalities`): `fedward predict` cannot "
+             "mark images of another modality."),
         ], None),
         ("Performance at each site (its own test data), worst first", [
             f"Global model after round {meta['performance']['round']}. `release` says what the site let out: "

@@ -15,7 +15,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from client.predict import Predictor, predict
-from common.package import META_FILE, WEIGHTS_FILE, PackageError, load_package
+from common.package import META_FILE, WEIGHTS_FILE, PackageError, load_package, write_package
 from common.synthetic import synthetic_images_with_findings
 from tests.packages import META, synthetic_package
 
@@ -96,3 +96,34 @@ def test_packages_load_without_unpickling_and_refuse_damage(package, tmp_path):
         load_package(damaged)
     with pytest.raises(PackageError, match="not a fedward model package"):
         load_package(tmp_path)
+
+
+def test_images_outside_the_training_are_predicted_and_marked(package, tmp_path):
+    """A chest X-ray package (input.modalities CR/DX) given a CT, a CR and a tiny PNG: the CR passes, the
+    CT and the PNG are marked in the CSV, and the CT's Structured Report says it is outside training."""
+    model, meta = load_package(package)
+    xray = write_package(
+        tmp_path / "xray", model, {**meta, "input": {**meta["input"], "modalities": ["CR", "DX"]}}
+    )
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name, file in (("ct.dcm", "CT_small.dcm"), ("cr.dcm", "RG3_UNCR.dcm")):
+        (inputs / name).write_bytes(open(get_testdata_file(file), "rb").read())
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(inputs / "tiny.png")
+    rows = {
+        r["file"].rsplit("/", 1)[-1]: r
+        for r in csv.DictReader(open(predict(xray, inputs, tmp_path / "out", heatmaps=False)))
+    }
+
+    assert "modality CT" in rows["ct.dcm"]["warning"] and "CR/DX" in rows["ct.dcm"]["warning"]
+    assert rows["ct.dcm"]["label"] and not rows["ct.dcm"]["error"]  # predicted all the same
+    assert rows["cr.dcm"]["warning"] == "" and rows["cr.dcm"]["label"]
+    assert "16x16 pixels" in rows["tiny.png"]["warning"]
+    ct_sr = hd.sr.srread(rows["ct.dcm"]["dicom_results"].split(";")[0])
+    assert ct_sr.SeriesDescription.startswith("CAUTION") and "Outside training: modality CT" in str(
+        ct_sr.ContentSequence
+    )
+    cr_sr = hd.sr.srread(rows["cr.dcm"]["dicom_results"].split(";")[0])
+    assert not cr_sr.SeriesDescription.startswith("CAUTION") and "Outside training" not in str(
+        cr_sr.ContentSequence
+    )

@@ -1,6 +1,7 @@
-"""The PACS round trip against a real Orthanc (Debian's package), on free loopback ports: an image
-pushed into Orthanc is sent to `fedward serve`, which stores a Structured Report and a heat-map
-Secondary Capture back into the image's study; a file without pixels gets a failure status."""
+"""The PACS round trip against a real Orthanc (Debian's package, with its DICOMweb plugin), on free
+loopback ports: an image pushed into Orthanc is sent to `fedward serve` (C-STORE) or pulled by it
+(DICOMweb), which stores a Structured Report and a heat-map Secondary Capture back into the image's
+study; a file without pixels gets a failure status, and the node goes on."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from server.processes import free_port
 from tests.client.test_predict import package  # noqa: F401 - the packaged model fixture
 
 pytestmark = pytest.mark.slow
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian's orthanc-dicomweb
 
 
 def _rest(base: str, path: str, data: bytes | None = None, method: str | None = None):
@@ -38,7 +40,8 @@ def orthanc(tmp_path):
     config = {"Name": "fedward-test", "StorageDirectory": str(tmp_path / "db"), "IndexDirectory": str(tmp_path / "db"),
               "HttpPort": http, "DicomPort": dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
               "AuthenticationEnabled": False, "DicomModalities": {"fedward": ["FEDWARD", "127.0.0.1", node]},
-              "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False, "Plugins": []}  # fmt: skip
+              "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False, "Plugins": [DICOMWEB_PLUGIN],
+              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}  # fmt: skip
     (tmp_path / "orthanc.json").write_text(json.dumps(config))
     proc = subprocess.Popen(
         [binary, str(tmp_path / "orthanc.json")], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
@@ -53,7 +56,8 @@ def orthanc(tmp_path):
             if time.time() > deadline or proc.poll() is not None:
                 proc.kill()
                 raise AssertionError(
-                    f"Orthanc ({binary}) did not start: install Debian's orthanc (make test does)"
+                    f"Orthanc ({binary}) did not start: install Debian's orthanc and orthanc-dicomweb "
+                    "(make test does)"
                 ) from err
             time.sleep(0.2)
     yield {"base": base, "dicom": dicom, "node": node}
@@ -128,3 +132,47 @@ def test_an_image_without_pixels_gets_a_failure_status_and_the_node_goes_on(orth
         assert "pixel" in node.handled[0]["error"].lower()
     finally:
         node.stop()
+
+
+def _modalities(base: str, study: str) -> list[str]:
+    found = _rest(base, f"/studies/{study}/instances")
+    return sorted(_rest(base, f"/instances/{i['ID']}/simplified-tags")["Modality"] for i in found)
+
+
+def _push(base: str, ds: pydicom.Dataset, tmp_path) -> dict:
+    path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return _rest(base, "/instances", path.read_bytes())
+
+
+def test_new_images_are_pulled_over_dicomweb_and_their_results_stored_back(orthanc, package, tmp_path):  # noqa: F811
+    from client.dicomweb_poller import DicomWebPoller
+
+    base, state = orthanc["base"], tmp_path / "state.json"
+    before = _push(base, pydicom.dcmread(get_testdata_file("CT_small.dcm")), tmp_path)
+    poller = DicomWebPoller(package, url=f"{base}/dicom-web", state=state)
+    assert poller.poll_once() == []  # what the PACS held before the node started is left alone
+
+    new = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    no_pixels = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    del no_pixels.PixelData
+    no_pixels.SOPInstanceUID = pydicom.uid.generate_uid()
+    new_id = _push(base, new, tmp_path)
+    _push(base, no_pixels, tmp_path)
+    done = {d["sop_instance_uid"]: d for d in poller.poll_once()}
+    assert set(done) == {new.SOPInstanceUID, no_pixels.SOPInstanceUID}
+    assert done[new.SOPInstanceUID]["status"] == "predicted", done
+    assert (
+        done[no_pixels.SOPInstanceUID]["status"] == "failed"
+        and "pixel" in done[no_pixels.SOPInstanceUID]["error"].lower()
+    )
+    assert _modalities(base, new_id["ParentStudy"]) == [
+        "MR",
+        "OT",
+        "SR",
+    ]  # the image, its heat map, its report
+    assert _modalities(base, before["ParentStudy"]) == ["CT", "CT"]  # the old image and the bad one only
+
+    assert poller.poll_once() == []  # its own results are not predicted on, nothing is done twice
+    again = DicomWebPoller(package, url=f"{base}/dicom-web", state=state)  # a restart, from the state file
+    assert again.poll_once() == [] and len(_rest(base, "/instances")) == 5

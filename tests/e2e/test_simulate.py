@@ -93,6 +93,11 @@ def test_pneumoniamnist_three_sites_label_skew_reaches_auc_090(tmp_path, medmnis
         "ResNet-18 figure (0.944, MedMNIST v2); 0.90 is a floor that says it learned, with room for "
         "the noise of a short run"
     )
+    from common.package import load_package
+
+    _, package_meta = load_package(out)  # a chest X-ray model, and its package says so
+    assert package_meta["input"]["modalities"] == ["CR", "DX"]
+    assert "For CR, DX images" in (out / "model" / "MODEL_CARD.md").read_text()
 
 
 @pytest.mark.slow

@@ -1,0 +1,155 @@
+"""`fedward serve PACKAGE --dicomweb URL`: pull new images from a PACS over DICOMweb, predict, store back.
+
+Every `interval_s` it asks the PACS (QIDO-RS, the `dicomweb-client` library) for its instances, takes
+those it has not handled yet, retrieves each (WADO-RS), predicts on it (client.predict: the package's
+preprocessing, model, operating point and heat map) and stores the Structured Report and the heat-map
+Secondary Capture into the image's study (STOW-RS).
+
+What it has handled lives in a state file (JSON, written atomically), so a restart neither repeats nor
+skips an image. On the first start, the images already in the PACS are recorded as there before the
+node and are not predicted (a node attached to a hospital's archive must not work through years of
+studies), unless `backlog` is asked for. Reports and heat maps (fedward's own, and any SR, KO, PR or
+SEG) are never predicted on. An image that cannot be used is recorded with its reason, logged, and not
+tried again; one bad image never stops the poller. A PACS that cannot be reached is tried again at
+the next poll, and the image with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import threading
+from pathlib import Path
+
+import pydicom
+import requests
+from dicomweb_client import DICOMwebClient
+
+from client.dicom_out import MANUFACTURER
+from client.predict import Predictor
+from common.files import write_atomic
+
+log = logging.getLogger("fedward.serve")
+NOT_IMAGES = {"SR", "KO", "PR", "SEG", "RTSTRUCT", "DOC"}
+STUDY, SERIES, SOP, MODALITY, SERIES_DESCRIPTION = "0020000D", "0020000E", "00080018", "00080060", "0008103E"
+PAGE = 500  # instances per QIDO-RS request
+
+
+def _value(item: dict, tag: str) -> str:
+    values = item.get(tag, {}).get("Value") or [""]
+    return str(values[0])
+
+
+class DicomWebPoller:
+    """Polls the DICOMweb service at `url` (its root, e.g. http://pacs:8042/dicom-web)."""
+
+    def __init__(self, package: str | Path, *, url: str, state: str | Path, backlog: bool = False):
+        self.predictor = Predictor(package)
+        self.client = DICOMwebClient(url)
+        self.url, self.state_path, self.backlog = url, Path(state), backlog
+        self.work = Path(tempfile.mkdtemp(prefix="fedward-dicomweb-"))
+        self.state = self._read_state()
+
+    def _read_state(self) -> dict:
+        if not self.state_path.exists():
+            return {"url": self.url, "instances": {}, "started": False}
+        try:
+            state = json.loads(self.state_path.read_text())
+        except (OSError, ValueError) as err:
+            raise RuntimeError(
+                f"the DICOMweb state file {self.state_path} cannot be read ({err}): move it aside to start "
+                "afresh (the images already in the PACS will then not be predicted)"
+            ) from err
+        if state.get("url") != self.url:
+            raise RuntimeError(
+                f"the state file {self.state_path} belongs to {state.get('url')}, not {self.url}: give "
+                "each PACS its own --state file"
+            )
+        return state
+
+    def _save_state(self) -> None:
+        write_atomic(self.state_path, json.dumps(self.state, indent=1))
+
+    def instances(self) -> list[dict]:
+        """Every instance the PACS lists (QIDO-RS), page by page."""
+        found, offset = [], 0
+        while True:
+            page = self.client.search_for_instances(
+                fields=[MODALITY, SERIES_DESCRIPTION], limit=PAGE, offset=offset
+            )
+            found += page
+            if len(page) < PAGE:
+                return found
+            offset += PAGE
+
+    def poll_once(self) -> list[dict]:
+        """One pass: predict on every new image; what was done with each (also in the state file)."""
+        seen, done = self.state["instances"], []
+        first = not self.state["started"]
+        for item in self.instances():
+            uid = _value(item, SOP)
+            if not uid or uid in seen:
+                continue
+            modality = _value(item, MODALITY).upper()
+            if modality in NOT_IMAGES or _value(item, SERIES_DESCRIPTION).startswith(
+                (MANUFACTURER, "CAUTION outside training")
+            ):
+                seen[uid] = {"status": "not an image to predict on", "modality": modality}
+                continue
+            if first and not self.backlog:
+                seen[uid] = {"status": "in the PACS before the node started"}
+                continue
+            record = self._serve_one(_value(item, STUDY), _value(item, SERIES), uid)
+            seen[uid] = record
+            done.append({"sop_instance_uid": uid, **record})
+            self._save_state()  # after each image: a crash repeats none
+        self.state["started"] = True
+        self._save_state()
+        return done
+
+    def _serve_one(self, study: str, series: str, uid: str) -> dict:
+        try:
+            ds = self.client.retrieve_instance(study, series, uid)
+            path = self.work / f"{uid}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            row = self.predictor.predict_file(path, None, dicom_out=self.work / "out")
+            if row.error:
+                log.warning("image %s not predicted: %s", uid, row.error)
+                return {"status": "failed", "error": row.error}
+            if row.warning:
+                log.warning("image %s is outside the model's training: %s", uid, row.warning)
+            stored = [pydicom.dcmread(p) for p in row.dicom]
+            for result in stored:  # its own results are never predicted on
+                self.state["instances"][result.SOPInstanceUID] = {"status": "fedward result", "of": uid}
+            self.client.store_instances(stored, study_instance_uid=study)
+            return {"status": "predicted", "label": row.label, "warning": row.warning,
+                    "stored": [r.SOPInstanceUID for r in stored]}  # fmt: skip
+        except (requests.ConnectionError, requests.Timeout):
+            raise  # the PACS is away, not the image bad: the whole pass is tried again (run)
+        except Exception as err:  # noqa: BLE001 - one bad image never stops the poller
+            log.exception("image %s could not be served: %s", uid, err)
+            return {"status": "failed", "error": str(err)}
+
+    def run(self, interval_s: float, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        while not stop.is_set():
+            try:
+                self.poll_once()
+            except Exception as err:  # noqa: BLE001 - the PACS away for a while: try again next time
+                log.error(
+                    "DICOMweb poll of %s failed (%s); trying again in %.0f s", self.url, err, interval_s
+                )
+            stop.wait(interval_s)
+
+
+def serve_dicomweb(
+    package: str | Path, *, url: str, state: str | Path, interval_s: float, backlog: bool
+) -> int:
+    poller = DicomWebPoller(package, url=url, state=state, backlog=backlog)
+    log.warning("fedward serve: polling %s every %.0f s; state in %s", url, interval_s, state)
+    try:
+        poller.run(interval_s)
+    except KeyboardInterrupt:
+        pass
+    return 0
