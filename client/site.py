@@ -166,12 +166,13 @@ class SiteRuntime:
             return f"it evaluates on its 'test' or 'val' split, not {split!r}"
         if split == "val" and (self.data.val_y is None or len(self.data.val_y) == 0):
             return "it has no validation images to choose an operating point on"
-        if split == "val" and self.data.test_patients:  # no patient list for validation images yet
+        if split == "val" and self.data.test_patients and not self.data.val_patients:
             return "its validation images have no patient list, so their release cannot be patient-level"
         return None
 
     def evaluate(self, config: Mapping[str, object], weights: Mapping[str, torch.Tensor]) -> SiteReply:
-        """Test `weights` on the site's test data; what goes back is the site's evaluation policy's
+        """Test `weights` on the site's test data (or its validation data, `eval-split: val`, for the
+        operating point); what goes back is the site's evaluation policy's
         release (client.evaluation), charged to its ledger first when it is a private one."""
         plan = RoundPlan.from_config(config)
         split = str(config.get(Cfg.EVAL_SPLIT, "test"))
@@ -182,17 +183,21 @@ class SiteRuntime:
             )
         model = self.model_for(plan, weights)
         t0 = time.perf_counter()
-        x, y = (self.data.val_x, self.data.val_y) if split == "val" else (self.data.test_x, self.data.test_y)
+        x, y, patients = (
+            (self.data.val_x, self.data.val_y, self.data.val_patients)
+            if split == "val"
+            else (self.data.test_x, self.data.test_y, self.data.test_patients)
+        )
         labels, probs = y.numpy(), predict(model, x)
         policy = self.config.privacy.evaluation
-        unit = SitePolicy.of(self.config).unit_for(bool(self.data.test_patients))
+        unit = SitePolicy.of(self.config).unit_for(bool(patients))
         if unit is None:
             return SiteReply(
                 self.config.site, {}, refused=guard.refusal_text(self.config, plan.round, NO_PATIENTS)
             )
         per_unit = 1
         if unit == "patient" and policy.release == "dp_histogram":  # a patient's images, at most the cap
-            keep = evaluation.patient_subset(self.data.test_patients, policy.max_images_per_patient)
+            keep = evaluation.patient_subset(patients, policy.max_images_per_patient)
             labels, probs, per_unit = labels[keep], probs[keep], policy.max_images_per_patient
         noise = evaluation.randomness(self.config, plan.seed, plan.round).noise
         out = evaluation.release(labels, probs, policy, noise, per_unit=per_unit)

@@ -26,9 +26,10 @@ class SiteData:
     val_x: torch.Tensor | None = None
     val_y: torch.Tensor | None = None
     notes: list[str] = field(default_factory=list)
-    # the patient of each training and test image, where the data has patient ids (a label sheet)
+    # the patient of each training, test and validation image, where the data has patient ids (a label sheet)
     train_patients: list[str] | None = None
     test_patients: list[str] | None = None
+    val_patients: list[str] | None = None
 
     @property
     def num_classes(self) -> int:

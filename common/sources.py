@@ -159,6 +159,7 @@ class SourceReport:
             notes=notes,
             train_patients=patients["train"],
             test_patients=patients["test"],
+            val_patients=patients["val"] if has_val else None,
         )
 
 

@@ -5,6 +5,8 @@ budget is spent neither split is released."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from client.ledger import SiteAccountant
 from client.site import SiteRuntime
 from common.keys import Cfg, Met
@@ -48,3 +50,17 @@ def test_repeated_validation_requests_are_each_charged_until_the_budget_refuses(
     assert len([e for e in SiteAccountant(str(tmp_path)).ledger.entries() if e.kind == "evaluation"]) == len(
         entries
     )
+
+
+def test_a_patient_level_site_releases_its_validation_split_per_patient(tmp_path):
+    site, weights = _site(tmp_path), build_model("cnn28", seed=0).state_dict()
+    d = site.data
+    with_patients = dict(train_patients=[f"P{i // 3}" for i in range(len(d.train_y))],
+                         test_patients=[f"T{i // 3}" for i in range(len(d.test_y))])  # fmt: skip
+    ask_val = round_config(round=1) | {Cfg.EVAL_SPLIT: "val"}
+
+    site.data = replace(d, **with_patients)  # validation images without their patients: refused
+    assert "no patient list" in site.evaluate(ask_val, weights).refused
+    site.data = replace(d, **with_patients, val_patients=[f"V{i // 3}" for i in range(len(d.val_y))])
+    reply = site.evaluate(ask_val, weights)
+    assert not reply.refused and reply.metrics[Met.PRIVACY_UNIT] == 1  # released per patient
