@@ -16,6 +16,8 @@ numpy (no loop over resamples, no sort per resample).
 `expected_calibration_error` bins predictions into equal-width bins: binary tasks compare the
 predicted probability of class 1 with the observed share of class 1 in each bin (a reliability
 diagram's ECE); more classes use the top-label confidence against accuracy (Guo et al., 2017).
+Where only a site's released aggregates are known (the coordinator of `fedward simulate`),
+`calibration_from_histogram` and `auc_interval` give the ECE and an AUC interval from them.
 """
 
 from __future__ import annotations
@@ -192,6 +194,42 @@ def calibration(labels: np.ndarray, probs: np.ndarray, *, bins: int = 10) -> dic
             }
         )
     return {"ece": round(float(ece), 6), "bins": table}
+
+
+def calibration_from_histogram(
+    neg: np.ndarray, pos: np.ndarray, edges: np.ndarray, *, bins: int = 10
+) -> float | None:
+    """A binary task's expected calibration error from its released score histograms (the counts of
+    negatives and positives per score bin between `edges`, possibly noised: negative counts count as
+    none): each score bin stands at its middle and joins the equal-width bin that middle falls in."""
+    neg, pos = np.clip(np.asarray(neg, np.float64), 0, None), np.clip(np.asarray(pos, np.float64), 0, None)
+    middle = (np.asarray(edges[:-1]) + np.asarray(edges[1:])) / 2
+    which = np.clip((middle * bins).astype(np.int64), 0, bins - 1)
+    total = (neg + pos).sum()
+    if total <= 0:
+        return None
+    ece = 0.0
+    for b in range(bins):
+        n_b = (neg + pos)[which == b].sum()
+        if n_b > 0:
+            predicted = float((middle * (neg + pos))[which == b].sum() / n_b)
+            ece += n_b / total * abs(float(pos[which == b].sum() / n_b) - predicted)
+    return round(float(ece), 6)
+
+
+def auc_interval(
+    auc: float, n_pos: float, n_neg: float, *, noise_sd: float = 0.0, ties: float = 0.0
+) -> list[float] | None:
+    """A 95% interval of an AUC known only from aggregates (no images to resample): Hanley and McNeil's
+    (1982) standard error for `n_pos` positives and `n_neg` negatives, widened by the release's own
+    noise (`noise_sd`, independent of the sampling), then by half the share of positive-negative pairs
+    that tie in one histogram bin (`ties`: such a pair counts one half, its true order is unknown)."""
+    if not (math.isfinite(auc) and n_pos >= 1 and n_neg >= 1):
+        return None
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc**2) + (n_neg - 1) * (q2 - auc**2)) / (n_pos * n_neg)
+    half = 1.959964 * math.sqrt(max(var, 0.0) + noise_sd**2) + ties / 2
+    return [round(max(auc - half, 0.0), 6), round(min(auc + half, 1.0), 6)]
 
 
 def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, *, bins: int = 10) -> float | None:

@@ -22,7 +22,7 @@ from common.package import CARD_HTML, CARD_MD, PACKAGE_DIR, write_package
 from common.schema import StudyConfig
 from common.simulated import simulated_sites
 
-METRIC_COLUMNS = ("n_test", "auc", "accuracy", "sensitivity", "specificity", "release")
+METRIC_COLUMNS = ("n_test", "auc", "auc_ci", "accuracy", "sensitivity", "specificity", "ece", "release")
 
 
 def input_modalities(study: StudyConfig) -> list[str]:
@@ -92,6 +92,8 @@ def write_model_package(
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
+    if isinstance(value, list):  # an interval
+        return "-".join(_fmt(v) for v in value)
     return "-" if value is None else str(value)
 
 
@@ -127,7 +129,9 @@ def _sections(meta: dict) -> list[tuple[str, list[str], list[list[str]] | None]]
         ], None),
         ("Performance at each site (its own test data), worst first", [
             f"Global model after round {meta['performance']['round']}. `release` says what the site let out: "
-            "exact metrics, its summary, or noised counts (dp_histogram) from which these were computed.",
+            "exact metrics, its summary, or noised counts (dp_histogram) from which these were computed. "
+            "`auc_ci` is a 95% interval from the site's counts (Hanley-McNeil, widened by the release's noise and its ties); "
+            "`ece` the expected calibration error of its score histogram (10 bins; 0 is perfectly calibrated).",
         ], rows),
         ("Operating point", [
             f"Threshold {_fmt(op.get('threshold'))} on the probability of '{op.get('class', '-')}', chosen by "

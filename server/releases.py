@@ -6,7 +6,10 @@ logit-binned histograms, and the noised confusion matrix with more than two clas
 computes a dp site's metrics from its noised counts, and pools the sites that released the same kind
 of aggregates (the kind that covers the most test images); a site left out of the pool is named. For
 noised releases it states the noise's effect: the standard deviation of each AUC over fresh draws of
-the same noise around the released counts (a parametric bootstrap).
+the same noise around the released counts (a parametric bootstrap). Binary releases also get a 95%
+AUC interval from their counts (Hanley and McNeil's, widened by that noise and by the pairs tied
+in one bin) and the expected
+calibration error of their score histograms (common.uncertainty).
 """
 
 from __future__ import annotations
@@ -14,7 +17,15 @@ from __future__ import annotations
 import numpy as np
 
 from common.keys import Met
-from common.metrics import HIST_BINS, binary_confusion, pooled_summary, public_metrics, summary_from_counts
+from common.metrics import (
+    HIST_BINS,
+    binary_confusion,
+    logit_edges,
+    pooled_summary,
+    public_metrics,
+    summary_from_counts,
+)
+from common.uncertainty import auc_interval, calibration_from_histogram
 
 NOISE_DRAWS = 200  # draws of the parametric bootstrap of a noised release's AUC
 NAMED = (
@@ -60,7 +71,23 @@ def site_metrics(release: dict, m) -> dict:
     if release["kind"] == "dp_histogram":
         out["evaluation_epsilon"] = float(m[Met.EVAL_EPSILON])
         out["noise_sd"] = {"auc": _auc_noise_sd([release])}
+    auc = release["summary"]["auc"]
+    out |= _interval_and_calibration(release["pool"], auc, out.get("noise_sd", {}).get("auc") or 0.0)
     return out
+
+
+def _interval_and_calibration(pool: dict | None, auc: float | None, noise_sd: float) -> dict:
+    """A binary release's AUC 95% interval and expected calibration error, from its histograms."""
+    if pool is None or pool["score_hist"].shape[0] > 2:
+        return {}  # a summary, or more than two classes
+    hist = pool["score_hist"][-1]  # class 1's: exact keeps both classes' rows, dp_histogram only class 1's
+    kind, bins = pool["key"]
+    edges = np.linspace(0.0, 1.0, bins + 1) if kind == "exact" else logit_edges(bins)
+    neg, pos = np.clip(hist[0], 0, None), np.clip(hist[1], 0, None)  # noised counts below zero: none
+    pairs = pos.sum() * neg.sum()
+    ties = float((pos * neg).sum() / pairs) if pairs > 0 else 0.0
+    auc_ci = None if auc is None else auc_interval(auc, pos.sum(), neg.sum(), noise_sd=noise_sd, ties=ties)
+    return {"auc_ci": auc_ci, "ece": calibration_from_histogram(neg, pos, edges)}
 
 
 def pooled_metrics(releases: dict[str, dict]) -> dict:
@@ -82,6 +109,8 @@ def pooled_metrics(releases: dict[str, dict]) -> dict:
         out["left_out"] = left_out  # their releases cannot be added to these (summary only, or other bins)
     if key[0] == "dp_histogram":
         out["noise_sd"] = {"auc": _auc_noise_sd(members)}
+    pooled = {"key": key, "score_hist": sum(np.asarray(r["pool"]["score_hist"], np.float64) for r in members)}
+    out |= _interval_and_calibration(pooled, out["auc"], (out.get("noise_sd") or {}).get("auc") or 0.0)
     return out
 
 

@@ -66,6 +66,9 @@ def test_demo_two_sites_two_rounds_follows_the_results_contract(tmp_path):
     assert package_meta["operating_point"] == op and set(package_meta["performance"]["sites"]) == sites
     card = (out / "model" / "MODEL_CARD.md").read_text()
     assert f"Threshold {op['threshold']:.3f}" in card and all(s in card for s in sites)
+    for m in results["final"]["sites"].values():  # an interval around each site's AUC, and its calibration
+        assert m["auc_ci"][0] <= m["auc"] <= m["auc_ci"][1] and 0 <= m["ece"] <= 1
+    assert "auc_ci" in card and "ece" in card
     for a, b in zip(packaged.state_dict().values(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
