@@ -10,14 +10,13 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from client.predict import Predictor, predict
+from client.predict import predict
 from common.package import META_FILE, WEIGHTS_FILE, PackageError, load_package, write_package
 from common.synthetic import synthetic_images_with_findings
-from tests.packages import META, synthetic_package
+from tests.packages import META, pointing_game, synthetic_package
 
 
 @pytest.fixture(scope="module")
@@ -65,18 +64,7 @@ def test_predictions_have_a_row_per_file_and_the_dicom_uids(package, tmp_path):
 
 def test_heat_maps_point_at_the_finding(package):
     """The pointing game: the map's peak within 2 sigma of where the finding was drawn, against a random peak."""
-    x, _, findings = synthetic_images_with_findings(60, 1.0, 28, np.random.default_rng(2))
-    predictor, rng = Predictor(package), np.random.default_rng(3)
-
-    def inside(peak, finding) -> bool:
-        return bool(np.hypot(peak[0] - finding[0], peak[1] - finding[1]) <= 2 * finding[2])
-
-    hits, chance = [], []
-    for img, finding in zip(x, findings, strict=True):
-        heat = predictor.heatmap(torch.from_numpy(img)[None, None], class_index=1)
-        hits.append(inside(np.unravel_index(np.argmax(heat), heat.shape), finding))
-        chance.append(inside(rng.integers(0, 28, 2), finding))
-    score, baseline = np.mean(hits), np.mean(chance)
+    score, baseline = pointing_game(package, images=60, seed=2)
     print(f"pointing game: {score:.2f} (random peak {baseline:.2f})")
     assert score >= 0.5 and score >= 4 * baseline, (score, baseline)
 
