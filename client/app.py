@@ -34,7 +34,12 @@ def to_message(msg: Message, reply) -> Message:
     records: dict = {
         Rec.METRICS: MetricRecord(dict(reply.metrics)),
         Rec.SITE: ConfigRecord(
-            {Site.NAME: reply.site, Site.REFUSED: reply.refused, Site.RELEASE: reply.release}
+            {
+                Site.NAME: reply.site,
+                Site.REFUSED: reply.refused,
+                Site.RELEASE: reply.release,
+                Site.INPUT: reply.input,
+            }
         ),
     }
     if reply.weights is not None:

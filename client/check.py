@@ -93,6 +93,7 @@ def stats(report: SourceReport) -> dict[str, Counter]:
         "size": Counter("x".join(map(str, s.orig_size)) for s in report.samples),
         "spacing": Counter(spacing(s) for s in report.samples),
         "frames": Counter(str(s.n_frames) for s in report.samples),
+        "colour": Counter("colour" if s.colour_file else "grey" for s in report.samples),
     }
 
 
@@ -169,6 +170,9 @@ def _images_table(check: SiteCheck) -> Table:
     for key, label in (("modality", "modalities"), ("size", "stored size"), ("spacing", "pixel spacing")):
         if key in check.facts:
             table.add_row(label, escape(_counter(check.facts[key])))
+    colours = check.facts.get("colour")
+    if colours and "colour" in colours:
+        table.add_row("colour", f"{_counter(colours)}; read as {d.colour}")
     frames = check.facts.get("frames")
     if frames and set(frames) != {"1"}:
         table.add_row("frames per file", f"{_counter(frames)}; frame used: {d.frame}")

@@ -73,11 +73,12 @@ def structured_report(
 
 
 def heatmap_capture(source: pydicom.Dataset, pixels: np.ndarray, heat: np.ndarray) -> hd.sc.SCImage:
-    """The source's pixels (H x W in [0, 1]) in grey with `heat` (any size, [0, 1]) over them in colour."""
+    """The source's pixels (H x W grey or H x W x 3 colour, in [0, 1]) with `heat` (any size, [0, 1])
+    over them in colour."""
     from matplotlib import colormaps
 
     heat = zoom(heat, (pixels.shape[0] / heat.shape[0], pixels.shape[1] / heat.shape[1]), order=1)
-    grey = np.repeat(pixels[..., None], 3, axis=2)
+    grey = pixels if pixels.ndim == 3 else np.repeat(pixels[..., None], 3, axis=2)
     colour = colormaps["jet"](np.clip(heat, 0, 1))[..., :3]
     alpha = 0.45 * np.clip(heat, 0, 1)[..., None]
     rgb = np.round(255 * ((1 - alpha) * grey + alpha * colour)).astype(np.uint8)

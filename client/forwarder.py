@@ -38,6 +38,7 @@ def forward(msg: Message, socket_path: str, op: str) -> Message:
                 Site.NAME: str(header.get("site", "")),
                 Site.REFUSED: str(header.get("refused", "")),
                 Site.RELEASE: str(header.get("release", "")),
+                Site.INPUT: str(header.get("input", "")),
             }
         ),
     }

@@ -37,8 +37,8 @@ from monai.visualize import OcclusionSensitivity
 from rich.progress import track
 
 from client.dicom_out import write_dicom_results
-from common.package import load_package
-from common.readers import READERS, BadImageFileError, ReadImage
+from common.package import PackageError, load_package
+from common.readers import READERS, BadImageFileError, ReadImage, channel_first
 from common.schema import PreprocessConfig
 from common.transforms import preprocess_transforms
 
@@ -74,9 +74,21 @@ def input_files(path: Path) -> list[Path]:
 class Predictor:
     """A loaded package: preprocessing, model, Grad-CAM and the labelling rule."""
 
-    def __init__(self, package: str | Path):
+    def __init__(self, package: str | Path, *, site: str = ""):
+        """`site`: prepare images as that training site did (the package's `input.sites`); default: as
+        the package's first site did."""
         self.model, self.meta = load_package(package)
-        pre = PreprocessConfig(**self.meta.get("input", {}).get("preprocess", {}))
+        reading = self.meta.get("input", {})
+        if site:
+            sites = reading.get("sites") or {}
+            if site not in sites:
+                raise PackageError(
+                    f"the package has no training site {site!r} to prepare images as; it has {sorted(sites)}"
+                )
+            reading = {**reading, **sites[site]}
+        pre = PreprocessConfig(**reading.get("preprocess", {}))
+        self.reading = {"frame": reading.get("frame", "middle"), "window": reading.get("window") or None,
+                        "colour": reading.get("colour", "grey")}  # fmt: skip
         self.prepare = Compose(preprocess_transforms(pre))
         size = min(pre.size or [28])
         self.classes = list(self.meta["classes"])
@@ -105,10 +117,12 @@ class Predictor:
             )
         if image.n_frames > 1:
             found.append(f"{image.n_frames} frames: one was predicted")
+        if image.colour_file and self.reading["colour"] == "grey":
+            found.append("a colour image, read as grey: the model was trained on grey images")
         return found
 
     def tensor(self, image: ReadImage) -> torch.Tensor:
-        return torch.as_tensor(self.prepare({"image": image.pixels[None]})["image"]).float()[None]
+        return torch.as_tensor(self.prepare({"image": channel_first(image.pixels)})["image"]).float()[None]
 
     def label(self, probs: np.ndarray) -> str:
         op = self.operating_point
@@ -133,7 +147,7 @@ class Predictor:
             out.error = "not a DICOM, PNG/JPEG or NIfTI file"
             return out
         try:
-            image = READERS[fmt]().read(path)
+            image = READERS[fmt](**self.reading).read(path)
         except BadImageFileError as err:
             out.error = err.reason
             return out
@@ -150,7 +164,8 @@ class Predictor:
         dicom_out = dicom_out if fmt == "dicom" else None
         heat = self.heatmap(x, self.classes.index(out.label)) if heatmaps or dicom_out else None
         if heatmaps is not None:
-            out.heatmap = str(save_heatmap(heatmaps / f"{path.stem}.png", x[0, 0].numpy(), heat))
+            shown = x[0].permute(1, 2, 0).numpy() if x.shape[1] == 3 else x[0, 0].numpy()
+            out.heatmap = str(save_heatmap(heatmaps / f"{path.stem}.png", shown, heat))
         if dicom_out is not None:
             try:
                 written = write_dicom_results(
@@ -177,7 +192,7 @@ def save_heatmap(path: Path, image: np.ndarray, cam: np.ndarray) -> Path:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(3, 3), dpi=100)
-    ax.imshow(image, cmap="gray")
+    ax.imshow(np.clip(image, 0, 1), cmap="gray")  # H x W grey, or H x W x 3 colour
     ax.imshow(cam, cmap="jet", alpha=0.4, vmin=0, vmax=1)
     ax.axis("off")
     fig.savefig(path, bbox_inches="tight", pad_inches=0)
@@ -185,9 +200,12 @@ def save_heatmap(path: Path, image: np.ndarray, cam: np.ndarray) -> Path:
     return path
 
 
-def predict(package: str | Path, inputs: str | Path, out_dir: str | Path, *, heatmaps: bool = True) -> Path:
-    """Predict on every file under `inputs`; returns the path of predictions.csv."""
-    predictor, out = Predictor(package), Path(out_dir)
+def predict(
+    package: str | Path, inputs: str | Path, out_dir: str | Path, *, heatmaps: bool = True, site: str = ""
+) -> Path:
+    """Predict on every file under `inputs` (prepared as training site `site` did, default the first);
+    returns the path of predictions.csv."""
+    predictor, out = Predictor(package, site=site), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = input_files(Path(inputs))
     rows = [predictor.predict_file(p, out / "heatmaps" if heatmaps else None, out / "dicom")

@@ -177,6 +177,7 @@ class SiteService:
             "metrics": dict(reply.metrics),
             "refused": reply.refused,
             "release": reply.release,
+            "input": reply.input,
         }
         return header, out
 

@@ -14,6 +14,8 @@ the noised training-set size and the accounting, nothing else (no loss, no time)
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import time
@@ -28,6 +30,7 @@ from client.policy import SitePolicy
 from client.train import DPSettings, RoundResult, device, predict, train_round
 from common.data import load_site_data
 from common.keys import Cfg, Met
+from common.model_spec import spec_problem
 from common.models import build_model
 from common.round import RoundPlan
 from common.schema import SiteConfig
@@ -52,6 +55,7 @@ class SiteReply:
     weights: dict[str, torch.Tensor] | None = None
     refused: str = ""
     release: str = ""  # an evaluation's release (client.evaluation)
+    input: str = ""  # a train reply: how the site prepares its images (SiteRuntime.input_description)
 
 
 @dataclass
@@ -83,7 +87,7 @@ class SiteRuntime:
     def train(self, config: Mapping[str, object], weights: Mapping[str, torch.Tensor]) -> SiteReply:
         """One round of local training as the coordinator's `config` asks, within the site's policy."""
         plan = RoundPlan.from_config(config)
-        refusal = SitePolicy.of(self.config).check_mode(plan.dp_enabled)
+        refusal = spec_problem(plan, self.data) or SitePolicy.of(self.config).check_mode(plan.dp_enabled)
         if refusal:
             return self.refusal(guard.refusal_text(self.config, plan.round, refusal))
         if not plan.dp_enabled:
@@ -151,7 +155,23 @@ class SiteRuntime:
         log.info(
             "site %s round %d: loss %.4f in %.1fs", self.config.site, plan.round, result.loss, result.seconds
         )
-        return SiteReply(self.config.site, metrics, weights=result.model.state_dict())
+        return SiteReply(
+            self.config.site,
+            metrics,
+            weights=result.model.state_dict(),
+            input=json.dumps(self.input_description()),
+        )
+
+    def input_description(self) -> dict:
+        """How this site reads and prepares its images, for the model package: settings, no image data.
+        Synthetic and MedMNIST arrays come prepared at their own size; a folder site's are its config's."""
+        data, shape = self.config.data, list(self.data.train_x.shape[1:])
+        if data.format in ("synthetic", "medmnist"):
+            prepare = {"size": shape[1:], "spatial": "resize", "channels": shape[0]}
+        else:
+            prepare = dataclasses.asdict(data.preprocess)
+        return {"format": data.format, "colour": data.colour, "frame": data.frame, "window": list(data.window),
+                "preprocess": prepare}  # fmt: skip
 
     def refusal(self, reason: str) -> SiteReply:
         epsilon, delta = guard.spent(self.config)
@@ -176,7 +196,7 @@ class SiteRuntime:
         release (client.evaluation), charged to its ledger first when it is a private one."""
         plan = RoundPlan.from_config(config)
         split = str(config.get(Cfg.EVAL_SPLIT, "test"))
-        problem = self._split_problem(split)
+        problem = spec_problem(plan, self.data) or self._split_problem(split)
         if problem:
             return SiteReply(
                 self.config.site, {}, refused=guard.refusal_text(self.config, plan.round, problem)

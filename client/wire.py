@@ -66,13 +66,17 @@ def recv_frame(sock: socket.socket) -> tuple[dict, dict[str, np.ndarray]]:
     return header, arrays
 
 
-def plain_config(config: object) -> dict[str, int | float | str | bool]:
-    """A round's config as a dict of scalars, or WireError naming the first value that is not one."""
+def plain_config(config: object) -> dict[str, int | float | str | bool | list]:
+    """A round's config as a dict of scalars and lists of scalars (a ConfigRecord's values), or WireError
+    naming the first value that is neither."""
     if not isinstance(config, dict):
         raise WireError("'config' must be a JSON object")
     for key, value in config.items():
-        if not isinstance(key, str) or not isinstance(value, int | float | str | bool):
-            raise WireError(f"config key {key!r} holds {type(value).__name__}, not a number, text or flag")
+        items = value if isinstance(value, list) else [value]
+        if not isinstance(key, str) or not all(isinstance(v, int | float | str | bool) for v in items):
+            raise WireError(
+                f"config key {key!r} holds {type(value).__name__}, not a number, text or flag (or a list of them)"
+            )
     return config
 
 

@@ -22,6 +22,7 @@ from common.schema import (
     GRAD_SAMPLE_MODES,
     MIN_INPUT_SIZE,
     MODEL_NAMES,
+    ConfigError,
     SiteConfig,
     SiteDataConfig,
     StudyConfig,
@@ -29,10 +30,6 @@ from common.schema import (
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DATA_ENV = "FEDWARD_DATA"  # overrides `data.data_dir` of a study config
-
-
-class ConfigError(ValueError):
-    """A config file or value a user can fix: the message names the file, the key and the fix."""
 
 
 def _from_dict(cls: type, data: Any, where: str, path: str) -> Any:
@@ -143,6 +140,23 @@ def validate_study(study: StudyConfig) -> None:
     _validate_choices(study, p)
     _validate_sites(study, p)
     _validate_privacy(study, p)
+    _validate_input(study, p)
+
+
+def _validate_input(study: StudyConfig, p: str) -> None:
+    """The study's statement of its model: enough to build it without any site's data."""
+    from common.model_spec import model_spec
+
+    inp = study.input
+    if inp.channels not in (0, 1, 3):
+        raise ConfigError(
+            f"{p}: 'input.channels' is {inp.channels}; use 1 (grey) or 3 (colour), or 0 for the data's own."
+        )
+    if inp.size and (len(inp.size) != 2 or min(inp.size) < 1 or max(inp.size) > 4096):
+        raise ConfigError(f"{p}: 'input.size' is {inp.size}; use [height, width] in pixels, or [].")
+    if len(set(study.classes)) != len(study.classes):
+        raise ConfigError(f"{p}: 'classes' has repeats: {study.classes}.")
+    model_spec(study)  # raises ModelSpecError (a ConfigError) naming what the study must say
 
 
 def _validate_choices(study: StudyConfig, p: str) -> None:
@@ -286,6 +300,19 @@ def _validate_site_privacy(site: SiteConfig, p: str) -> None:
     _positive(ev.max_epsilon, "privacy.evaluation.max_epsilon", p)
 
 
+def _validate_colour(data: SiteDataConfig, p: str) -> None:
+    _choice(data.colour, ("grey", "rgb"), "data.colour", p)
+    if data.colour == "rgb" and data.format == "nifti":
+        raise ConfigError(
+            f"{p}: 'data.colour' rgb is for dicom, image and medmnist; NIfTI volumes are read grey."
+        )
+    if data.colour == "rgb" and data.preprocess.channels != 3:
+        raise ConfigError(
+            f"{p}: 'data.colour' is rgb but 'data.preprocess.channels' is {data.preprocess.channels}; colour "
+            "images have 3 channels: set data.preprocess.channels: 3 (or data.colour: grey)."
+        )
+
+
 def _validate_site_data(data: SiteDataConfig, p: str) -> None:
     """The data settings of a site config that can be checked without reading any image."""
     pre, aug = data.preprocess, data.augment
@@ -307,6 +334,7 @@ def _validate_site_data(data: SiteDataConfig, p: str) -> None:
         raise ConfigError(
             f"{p}: 'data.window' applies to dicom and nifti; PNG/JPEG images are already grey levels."
         )
+    _validate_colour(data, p)
     frame = data.frame
     if isinstance(frame, bool) or not (
         (isinstance(frame, int) and frame >= 0) or frame in ("first", "middle", "last")

@@ -35,6 +35,9 @@ class Cfg(StrEnum):
     DP_ENABLED = "dp-enabled"  # the other privacy keys: common.privacy.PrivacyKey
     PLANNED_ROUNDS = "planned-rounds"  # for deriving the noise of the whole study at the site
     EVAL_SPLIT = "eval-split"  # test (default) | val: the split an evaluation runs on (operating points)
+    TASK = "task"  # the study's model (common.model_spec): each site checks it against its data
+    CLASSES = "classes"
+    SIZE = "size"
 
 
 class Met(StrEnum):
@@ -70,3 +73,4 @@ class Site(StrEnum):
     NAME = "name"
     REFUSED = "refused"  # non-empty: the reason the site did not train (or evaluate)
     RELEASE = "release"  # an evaluation's release: dp_histogram | summary | exact (client.evaluation)
+    INPUT = "input"  # a train reply: how the site reads and prepares its images (JSON; no image data)

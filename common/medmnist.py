@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.readers.base import luma
 from common.scanners import acquire, scanner_for
 from common.schema import SiteConfig, SitePartition
 from common.sitedata import SiteData, SiteDataError, site_data_from_arrays
@@ -36,8 +37,12 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
     return data
 
 
-# The number of classes of the MedMNIST sets fedward knows (medmnist's INFO: label names 0..K-1).
-KNOWN_CLASS_COUNTS = {"pneumoniamnist": 2, "breastmnist": 2}
+# The class names of the MedMNIST sets fedward knows, for labels 0..K-1 (medmnist's INFO "label"), and
+# their channels (colour sets: 3).
+KNOWN_CLASSES = {"pneumoniamnist": ["normal", "pneumonia"], "breastmnist": ["malignant", "normal-or-benign"]}
+KNOWN_CLASS_COUNTS = {name: len(classes) for name, classes in KNOWN_CLASSES.items()}
+KNOWN_CHANNELS = {"pneumoniamnist": 1, "breastmnist": 1, "dermamnist": 3, "retinamnist": 3, "bloodmnist": 3,
+                  "pathmnist": 3}  # fmt: skip
 # Their imaging modality, as DICOM Modality codes (MedMNIST's paper: chest X-ray; breast ultrasound).
 KNOWN_MODALITIES = {"pneumoniamnist": ["CR", "DX"], "breastmnist": ["US"]}
 
@@ -70,7 +75,7 @@ def npz_classes(path: str, data: dict[str, np.ndarray], configured: list[str]) -
             f"'{path}': its labels run to {top} but classes {missing} have no training image; labels must be "
             "0..K-1 with every class present (or list the classes in the config's data.classes)."
         )
-    return configured or [str(c) for c in range(n)]
+    return configured or KNOWN_CLASSES.get(name) or [str(c) for c in range(n)]
 
 
 def _shares(n: int, props: np.ndarray) -> np.ndarray:
@@ -128,8 +133,11 @@ def medmnist_site(config: SiteConfig) -> SiteData:
     splits = {}
     for s in splits_present:
         imgs = data[f"{s}_images"][idx[s]].astype(np.float32) / 255.0
-        if imgs.ndim == 4:  # colour MedMNIST sets: N x H x W x 3 -> grey
-            imgs = imgs.mean(axis=-1)
+        if imgs.ndim == 4:  # colour MedMNIST sets, N x H x W x 3: kept (data.colour rgb) or grey (BT.601)
+            imgs = imgs.transpose(0, 3, 1, 2)
+            imgs = np.ascontiguousarray(imgs) if config.data.colour == "rgb" else luma(imgs)
+        elif config.data.preprocess.channels == 3:  # grey repeated for a 3-channel network
+            imgs = np.repeat(imgs[:, None], 3, axis=1)
         if part.acquisition_shift:
             imgs = acquire(imgs, scanner_for(part.index), rng)
         splits[s] = (imgs, labels[s][idx[s]])

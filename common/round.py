@@ -41,10 +41,22 @@ class RoundPlan:
     planned_rounds: int  # the study's rounds, for deriving the noise of the whole study
     dp_enabled: bool
     proximal_mu: float = 0.0  # FedProx's proximal term (Flower's FedProx adds it to the config)
+    # the study's model (common.model_spec), which each site checks against its data
+    task: str = "classification"
+    classes: tuple[str, ...] = ()
+    size: tuple[int, ...] = ()
 
     @classmethod
     def from_study(
-        cls, study: StudyConfig, round_: int, *, in_channels: int, num_classes: int, study_id: str = ""
+        cls,
+        study: StudyConfig,
+        round_: int,
+        *,
+        in_channels: int,
+        num_classes: int,
+        study_id: str = "",
+        classes: tuple[str, ...] = (),
+        size: tuple[int, ...] = (),
     ) -> RoundPlan:
         t = study.train
         return cls(
@@ -62,11 +74,15 @@ class RoundPlan:
             study_id=study_id,
             planned_rounds=study.rounds,
             dp_enabled=study.privacy.enabled,
+            task=study.task,
+            classes=tuple(classes),
+            size=tuple(size),
         )
 
-    def to_config(self) -> dict[str, int | float | str | bool]:
-        """The plan as ConfigRecord values (kebab-case keys)."""
-        return {str(_KEYS[f.name]): getattr(self, f.name) for f in dataclasses.fields(self)}
+    def to_config(self) -> dict[str, int | float | str | bool | list]:
+        """The plan as ConfigRecord values (kebab-case keys; tuples as lists)."""
+        values = {str(_KEYS[f.name]): getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
     @classmethod
     def from_config(cls, config: Mapping[str, object]) -> RoundPlan:
@@ -98,10 +114,18 @@ _KEYS = {
     "planned_rounds": Cfg.PLANNED_ROUNDS,
     "dp_enabled": Cfg.DP_ENABLED,
     "proximal_mu": Cfg.PROXIMAL_MU,
+    "task": Cfg.TASK,
+    "classes": Cfg.CLASSES,
+    "size": Cfg.SIZE,
 }
 
 
 def _typed(key: str, value: object, type_name: str) -> object:
+    if type_name.startswith("tuple["):  # tuple[str, ...] or tuple[int, ...]: a list in the record
+        item = type_name[len("tuple[") :].split(",")[0]
+        if not isinstance(value, list | tuple):
+            raise RoundPlanError(f"'{key}' must be a list, got {value!r}")
+        return tuple(_typed(key, v, item) for v in value)
     if type_name == "bool":
         if not isinstance(value, bool):
             raise RoundPlanError(f"'{key}' must be true or false, got {value!r}")

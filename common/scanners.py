@@ -40,9 +40,13 @@ def scanner_for(index: int) -> Scanner:
 
 
 def acquire(images: np.ndarray, scanner: Scanner, rng: np.random.Generator) -> np.ndarray:
-    """Render N x H x W images in [0, 1] the way `scanner` would (MONAI smoothing and contrast)."""
+    """Render N x H x W (or N x C x H x W colour) images in [0, 1] the way `scanner` would (MONAI
+    smoothing and contrast, each channel as an image)."""
     if images.size == 0:
         return images.astype(np.float32)
+    if images.ndim == 4:
+        n, c = images.shape[:2]
+        return acquire(images.reshape(n * c, *images.shape[2:]), scanner, rng).reshape(images.shape)
     x = torch.as_tensor(images, dtype=torch.float32)
     if scanner.blur > 0:
         x = GaussianSmooth(sigma=scanner.blur)(x)  # channel-first: each image smoothed in H, W

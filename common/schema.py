@@ -21,6 +21,10 @@ DEFAULT_GRAD_SAMPLE_MODE = "hooks"  # the fastest on cnn28 (bench/bench_dp_overh
 # ----------------------------------------------------------------------------- study config
 
 
+class ConfigError(ValueError):
+    """A config file or value a user can fix: the message names the file, the key and the fix."""
+
+
 @dataclass
 class PartitionConfig:
     scheme: str = "iid"  # iid | label_skew: how each class's images are divided among sites
@@ -37,6 +41,7 @@ class SyntheticConfig:
     test_per_site: int = 150
     val_per_site: int = 100  # drawn after train and test (they are the same with or without it)
     image_size: int = 28
+    colour: bool = False  # RGB images whose finding only colour shows (common.synthetic)
 
 
 @dataclass
@@ -121,8 +126,12 @@ class OperatingPointConfig:
 
 @dataclass
 class InputConfig:
-    """What the model takes: the study's own statement, which the package carries to the hospitals."""
+    """What the model takes: the study's own statement (common.model_spec), from which the coordinator
+    builds the model without reading any site's data, which every site checks its data against before
+    it trains, and which the package carries to the hospitals."""
 
+    channels: int = 0  # 1 (grey) or 3 (colour); 0: the data source's own (synthetic, MedMNIST), else 1
+    size: list[int] = field(default_factory=list)  # [H, W]; []: the data source's own, not checked for sites
     # DICOM Modality codes the model is for (CR, DX, US, CT, ...); a file of another modality is
     # predicted but marked. Empty: the MedMNIST data set's own modality; none known: not checked.
     modalities: list[str] = field(default_factory=list)
@@ -135,6 +144,8 @@ class StudyConfig:
     rounds: int = 5
     min_sites: int = 2  # a round needs this many sites; fewer ends the study, saying why
     round_timeout_s: float = 900.0
+    task: str = "classification"  # what the model does (common.model_spec.TASKS)
+    classes: list[str] = field(default_factory=list)  # []: the data source's own (synthetic, MedMNIST)
     data: DataConfig = field(default_factory=DataConfig)
     input: InputConfig = field(default_factory=InputConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -201,6 +212,9 @@ class SiteDataConfig:
     classes: list[str] = field(default_factory=list)
     on_bad_file: str = "skip"  # skip (leave the file out, report it) | fail (the data cannot be used)
     window: list[float] = field(default_factory=list)  # [center, width] in modality units (CT: HU)
+    # grey: every image grey (colour files become BT.601 luma; the site check counts them) | rgb: colour
+    # kept, 3 channels (a grey file is then a bad file); needs preprocess.channels 3
+    colour: str = "grey"
     frame: int | str = "middle"  # multi-frame DICOM / NIfTI volume: 0-based index, first, middle, last
     split_seed: int = 0  # patients are drawn into train/val/test with this seed
     split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])  # train, val, test

@@ -13,6 +13,7 @@ from pathlib import Path
 from common.config import ConfigError, load_site, medmnist_path
 from common.schema import (
     EvaluationPolicyConfig,
+    PreprocessConfig,
     SiteConfig,
     SiteDataConfig,
     SitePartition,
@@ -59,6 +60,13 @@ def simulated_sites(study: StudyConfig, state_root: str | Path | None = None) ->
 
 
 def _partition_sites(study: StudyConfig) -> list[SiteConfig]:
+    from common.model_spec import model_spec  # late: it imports common.config, as this module does
+
+    channels = model_spec(study).in_channels  # the sites read their images as the study's model takes them
+    reading = {
+        "colour": "rgb" if channels == 3 else "grey",
+        "preprocess": PreprocessConfig(channels=channels),
+    }
     sites = []
     for i, name in enumerate(site_names(study)):
         part = SitePartition(
@@ -72,29 +80,15 @@ def _partition_sites(study: StudyConfig) -> list[SiteConfig]:
             seed=study.seed if study.data.partition.seed is None else study.data.partition.seed,
         )
         if study.data.source == "medmnist":
-            data = SiteDataConfig(format="medmnist", path=str(medmnist_path(study)), partition=part)
+            data = SiteDataConfig(
+                format="medmnist", path=str(medmnist_path(study)), partition=part, **reading
+            )
         else:
-            data = SiteDataConfig(format="synthetic", partition=part, synthetic=study.data.synthetic)
+            data = SiteDataConfig(
+                format="synthetic", partition=part, synthetic=study.data.synthetic, **reading
+            )
         # sites a simulation makes from the study itself follow the study's privacy setting and
         # release exact evaluation aggregates, as before (the study's owner holds their data anyway)
         policy = SitePolicyConfig(required=False, evaluation=EvaluationPolicyConfig(release="exact"))
         sites.append(SiteConfig(site=name, data=data, privacy=policy))
     return sites
-
-
-def model_shape(study: StudyConfig) -> tuple[list[str], int]:
-    """The model's classes and input channels, from the study's first simulated site (all agree).
-
-    Synthetic sites are binary and grey; a MedMNIST study's classes are counted in its `.npz` labels;
-    site configs list their classes and channels.
-    """
-    site = simulated_sites(study)[0]
-    if site.data.format == "synthetic":
-        from common.synthetic import CLASSES
-
-        return list(CLASSES), 1
-    if site.data.format == "medmnist":
-        from common.medmnist import load_npz, npz_classes
-
-        return npz_classes(site.data.path, load_npz(site.data.path), site.data.classes), 1
-    return list(site.data.classes), int(site.data.preprocess.channels)

@@ -32,7 +32,6 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,10 +39,11 @@ from monai.data import PersistentDataset
 from monai.utils import convert_to_tensor
 
 from common.files import write_atomic
-from common.labels import SPLITS, LabelFileError, LabelRow, label_problem, read_labels_csv, split_rows
+from common.labels import LabelFileError, LabelRow, label_problem, read_labels_csv, split_rows
 from common.readers import FORMATS, BadImageFileError, SiteImageReader, reader_for
 from common.schema import SiteConfig, SiteDataConfig
 from common.sitedata import SiteData, SiteDataError
+from common.source_report import BadFile, Sample, SourceReport, describe
 from common.transforms import build_transforms, settings_key
 
 log = logging.getLogger("fedward.site")
@@ -51,121 +51,6 @@ log = logging.getLogger("fedward.site")
 FOLDER_FORMATS = FORMATS  # dicom, image, nifti: a folder of files read by common.readers
 CACHE_SUBDIR = Path("cache") / "images"
 INDEX_SUBDIR = Path("cache") / "index"  # one JSON file per site config: the cache entries it uses
-
-
-@dataclass
-class BadFile:
-    """A file or label row left out (or, with on_bad_file: fail, refused), and why."""
-
-    file: str  # relative to the image folder; a SOP Instance UID for a row that names only that
-    problem: str  # short: truncated, not DICOM, no pixel data, unsupported compression, ...
-    detail: str  # the full reason and what to do
-    line: int | None = None  # the label sheet's line, when the problem comes from a row
-
-
-@dataclass
-class Sample:
-    """One usable image: its row in the label sheet and the facts read from its file."""
-
-    file: str  # relative to the image folder
-    patient_id: str  # from the label sheet
-    label: str
-    label_index: int
-    split: str  # train | val | test
-    line: int
-    modality: str = ""
-    orig_size: tuple[int, ...] = ()  # rows, cols as stored
-    spacing: tuple[float, ...] = ()  # row, col spacing in mm; () when unknown
-    n_frames: int = 1
-    sop_instance_uid: str = ""
-    file_patient_id: str = ""  # Patient ID inside the DICOM file ("" for other formats)
-    sha1: str = ""
-
-
-@dataclass
-class SourceReport:
-    """Everything `scan_site` found; `usable` says whether the site can train on it."""
-
-    site: str
-    format: str
-    root: Path
-    labels: Path
-    classes: list[str]
-    on_bad_file: str
-    samples: list[Sample] = field(default_factory=list)
-    images: torch.Tensor | None = None  # N x C x H x W float32, in the order of `samples`
-    bad: list[BadFile] = field(default_factory=list)
-    unlabelled: list[str] = field(default_factory=list)  # files in the folder that no row names
-    split_conflicts: dict[str, list[str]] = field(default_factory=dict)  # patient -> splits
-    fatal: list[str] = field(default_factory=list)  # why the data cannot be used, whatever the policy
-    notes: list[str] = field(default_factory=list)
-    decoded: int = 0  # images read from their files in this scan
-    from_cache: int = 0  # images served by the cache
-    seconds: float = 0.0
-
-    @property
-    def usable(self) -> bool:
-        return not self.fatal and not (self.on_bad_file == "fail" and self.bad)
-
-    def reasons(self) -> list[str]:
-        """Why the data is not usable (empty when it is)."""
-        out = list(self.fatal)
-        if self.on_bad_file == "fail" and self.bad:
-            out.append(
-                f"{len(self.bad)} bad file(s) or row(s) and 'data.on_bad_file' is 'fail' "
-                f"(first: {_describe(self.bad[0])}); fix or remove them, or set on_bad_file: skip"
-            )
-        return out
-
-    def count(self, split: str, label_index: int | None = None) -> int:
-        return sum(1 for s in self.samples if s.split == split and label_index in (None, s.label_index))
-
-    def patients(self, split: str | None = None) -> set[str]:
-        return {s.patient_id for s in self.samples if split is None or s.split == split}
-
-    def summary(self) -> str:
-        counts = ", ".join(f"{s} {self.count(s)}" for s in SPLITS)
-        state = "usable" if self.usable else "NOT usable: " + "; ".join(self.reasons())
-        return (
-            f"site '{self.site}': {len(self.samples)} images ({counts}) of {len(self.patients())} "
-            f"patients, {len(self.bad)} bad file(s) or row(s), {len(self.unlabelled)} unlabelled "
-            f"file(s); {state}"
-        )
-
-    def to_site_data(self) -> SiteData:
-        assert self.images is not None and self.usable, "to_site_data needs a usable report"
-        x, y, patients = {}, {}, {}
-        for split in SPLITS:
-            idx = [i for i, s in enumerate(self.samples) if s.split == split]
-            x[split] = self.images[idx].contiguous()
-            y[split] = torch.tensor([self.samples[i].label_index for i in idx], dtype=torch.int64)
-            patients[split] = [self.samples[i].patient_id for i in idx]
-        notes = list(self.notes)
-        if self.bad:
-            notes.append(
-                f"skipped {len(self.bad)} bad file(s) or row(s) (on_bad_file: skip): "
-                + ", ".join(f"{b.file} ({b.problem})" for b in self.bad)
-            )
-        has_val = len(y["val"]) > 0
-        return SiteData(
-            site=self.site,
-            train_x=x["train"],
-            train_y=y["train"],
-            test_x=x["test"],
-            test_y=y["test"],
-            val_x=x["val"] if has_val else None,
-            val_y=y["val"] if has_val else None,
-            classes=list(self.classes),
-            notes=notes,
-            train_patients=patients["train"],
-            test_patients=patients["test"],
-            val_patients=patients["val"] if has_val else None,
-        )
-
-
-def _describe(bad: BadFile) -> str:
-    where = f" (labels line {bad.line})" if bad.line else ""
-    return f"{bad.file}{where}: {bad.problem}"
 
 
 def load_folder_site(config: SiteConfig) -> SiteData:
@@ -192,7 +77,7 @@ def log_report(report: SourceReport) -> None:
             "skipped (on_bad_file: skip)" if report.on_bad_file == "skip" else "(on_bad_file: fail)",
         )
         for bad in report.bad:
-            log.warning("site '%s': %s: %s", report.site, _describe(bad), bad.detail)
+            log.warning("site '%s': %s: %s", report.site, describe(bad), bad.detail)
     if report.unlabelled:
         log.info(
             "site '%s': %d file(s) have no label row and are not used", report.site, len(report.unlabelled)
@@ -224,7 +109,9 @@ def scan_site(config: SiteConfig) -> SourceReport:
     if data.format not in FOLDER_FORMATS:
         raise ValueError(f"scan_site reads the formats {FOLDER_FORMATS}, not {data.format!r}")
     root, labels = site_paths(config)
-    report = SourceReport(config.site, data.format, root, labels, list(data.classes), data.on_bad_file)
+    report = SourceReport(
+        config.site, data.format, root, labels, list(data.classes), data.on_bad_file, colour=data.colour
+    )
     if not root.is_dir():
         report.fatal.append(f"the image folder '{root}' does not exist; set 'data.root' to the export folder")
     if not labels.is_file():
@@ -365,6 +252,7 @@ def _take_samples(
                 orig_size=tuple(int(v) for v in item["orig_size"]),
                 spacing=tuple(float(v) for v in item["spacing"]),
                 n_frames=int(item["n_frames"]),
+                colour_file=bool(item.get("colour_file", False)),
                 sop_instance_uid=str(uid),
                 file_patient_id=str(item["file_patient_id"]),
                 sha1=str(item["sha1"]),

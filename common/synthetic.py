@@ -1,7 +1,9 @@
 """fedward's own synthetic hospitals: the default data of demos and fast tests, no download needed.
 
 Each image is a soft "organ" on a smooth background; positive images carry a small bright finding
-inside the organ. Sites differ in acquisition (common.scanners) and in class prevalence, so they are
+inside the organ. The colour variant (`data.synthetic.colour`) tints the organ like a fundus
+photograph and draws the finding as a change of hue at equal luma (redder, less green): a site that
+reads it in grey sees no finding at all, so only a model that keeps colour can learn it. Sites differ in acquisition (common.scanners) and in class prevalence, so they are
 different populations. Every site computes its own share from its site config (seed, index), so a
 simulated site never needs another site's images.
 """
@@ -10,11 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from common.readers.base import LUMA, luma
 from common.scanners import acquire, scanner_for
 from common.schema import SiteConfig
 from common.sitedata import SiteData, site_data_from_arrays
 
 CLASSES = ["normal", "finding"]
+TINT = np.array([0.6, 0.45, 0.3], dtype=np.float32)  # the colour variant's organ: orange-red
+ISOLUMINANT = np.array([1.0, -LUMA[0] / LUMA[1], 0.0], dtype=np.float32)  # its BT.601 luma: 0
 
 
 def synthetic_images(
@@ -26,14 +31,15 @@ def synthetic_images(
 
 
 def synthetic_images_with_findings(
-    n: int, prevalence: float, size: int, rng: np.random.Generator
+    n: int, prevalence: float, size: int, rng: np.random.Generator, *, colour: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """synthetic_images plus where each finding was drawn: n x 3 (row, col, sigma) in pixels, NaN for
-    images without one (what a test of an explanation's location needs)."""
+    images without one (what a test of an explanation's location needs). With `colour` the images are
+    n x 3 x H x W RGB (the module docstring), drawn from the same random numbers."""
     findings = np.full((n, 3), np.nan)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / (size - 1)
     labels = (rng.random(n) < prevalence).astype(np.int64)
-    imgs = np.empty((n, size, size), dtype=np.float32)
+    imgs = np.empty((n, 3, size, size) if colour else (n, size, size), dtype=np.float32)
     for i in range(n):
         cy, cx = rng.uniform(0.4, 0.6, 2)
         ry, rx = rng.uniform(0.25, 0.38, 2)
@@ -45,11 +51,14 @@ def synthetic_images_with_findings(
             for _ in range(3)
         )
         img = 0.25 + 0.45 * organ + bg
+        if colour:
+            img = img[None] * TINT[:, None, None]
         if labels[i]:
             r, a = rng.uniform(0, 0.6), rng.uniform(0, 2 * np.pi)
             fy, fx = cy + r * ry * np.sin(a), cx + r * rx * np.cos(a)
             sigma = rng.uniform(0.06, 0.09)
-            img = img + rng.uniform(0.35, 0.5) * np.exp(-((yy - fy) ** 2 + (xx - fx) ** 2) / (2 * sigma**2))
+            blob = rng.uniform(0.35, 0.5) * np.exp(-((yy - fy) ** 2 + (xx - fx) ** 2) / (2 * sigma**2))
+            img = img + (0.5 * blob[None] * ISOLUMINANT[:, None, None] if colour else blob)
             findings[i] = (fy * (size - 1), fx * (size - 1), sigma * (size - 1))
         imgs[i] = img
     return np.clip(imgs, 0, 1), labels, findings
@@ -63,6 +72,13 @@ def synthetic_site(config: SiteConfig) -> SiteData:
     for split, n in (("train", syn.train_per_site), ("test", syn.test_per_site), ("val", syn.val_per_site)):
         if split == "val" and n == 0:  # no validation split
             continue
-        clean, labels = synthetic_images(n, scanner.prevalence, syn.image_size, rng)
-        splits[split] = (acquire(clean, scanner, rng), labels)
+        clean, labels, _ = synthetic_images_with_findings(
+            n, scanner.prevalence, syn.image_size, rng, colour=syn.colour
+        )
+        images = acquire(clean, scanner, rng)
+        if syn.colour and config.data.colour == "grey":  # the site reads its colour images in grey
+            images = luma(images)
+        elif not syn.colour and config.data.preprocess.channels == 3:  # grey repeated for a 3-channel net
+            images = np.repeat(images[:, None], 3, axis=1)
+        splits[split] = (images, labels)
     return site_data_from_arrays(config.site, splits, list(CLASSES))

@@ -48,15 +48,15 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_tensor
 
-from common.readers import reader_for
+from common.readers import channel_first, reader_for
 from common.schema import AugmentConfig, PreprocessConfig, SiteDataConfig
 
-READER_VERSION = 1  # bump when reading or preprocessing changes, so cached images are made again
+READER_VERSION = 2  # bump when reading or preprocessing changes, so cached images are made again
 
 
 class LoadSiteImaged(MapTransform):
     """Read `image` (a path) with the site's reader (common.readers.reader_for) into a float32
-    1 x H x W array in [0, 1], and record the file's facts a site check reports: modality,
+    1 x H x W (grey) or 3 x H x W (colour kept) array in [0, 1], and record the file's facts a site check reports: modality,
     patient id and SOP Instance UID in the file, pixel spacing, size, number of frames and the
     SHA-1 of the file's bytes. The facts are plain values (str, int, lists), so a cached sample
     loads with torch.load(weights_only=True). Unreadable files raise common.readers.BadImageFileError.
@@ -77,10 +77,24 @@ class LoadSiteImaged(MapTransform):
             spacing=list(img.pixel_spacing) if img.pixel_spacing else [],
             orig_size=list(img.pixels.shape),
             n_frames=img.n_frames,
+            colour_file=img.colour_file,
             sha1=hashlib.sha1(path.read_bytes()).hexdigest(),
         )
-        d["image"] = np.ascontiguousarray(img.pixels, dtype=np.float32)[None]
+        d["image"] = channel_first(img.pixels)
         return d
+
+
+class GreyToChannelsd(MapTransform):
+    """A grey image's one channel repeated to `channels` (for 3-channel networks); an image that already
+    has them (colour, `data.colour: rgb`) passes unchanged."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(keys="image")
+        self.repeat = RepeatChanneld("image", repeats=channels)
+        self.channels = channels
+
+    def __call__(self, data: dict) -> dict:
+        return self.repeat(data) if data["image"].shape[0] == 1 and self.channels > 1 else data
 
 
 class ScaleImaged(MapTransform):
@@ -123,7 +137,7 @@ def preprocess_transforms(pre: PreprocessConfig) -> list:
     if size and pre.spatial in ("fit", "crop_or_pad"):
         steps.append(ResizeWithPadOrCropd("image", spatial_size=size))
     if pre.channels == 3:
-        steps.append(RepeatChanneld("image", repeats=3))
+        steps.append(GreyToChannelsd(3))
     steps.append(CastToTyped("image", dtype=np.float32))
     return steps
 

@@ -12,9 +12,10 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from common.model_spec import model_spec
 from common.runconfig import study_from_run_config
 from common.schema import StudyConfig
-from common.simulated import model_shape, num_sites
+from common.simulated import num_sites
 from server.coordinator import Reporter, run_study
 from server.interrupt import StopRequest
 from server.run_claim import claim_run_folder
@@ -37,7 +38,7 @@ def make_server_app(
     def main(grid: Grid, context: Context) -> None:
         rc = context.run_config
         the_study = study or study_from_run_config(rc)
-        classes, in_channels = model_shape(the_study)
+        spec = model_spec(the_study)  # from the study alone: never a site's data or config
         out = out_dir or str(rc.get("out-dir", "runs/flwr"))
         resuming = resume or bool(rc.get("resume", False))
         # a deployment's ServerApp claims its run folder itself (`fedward simulate` already holds it)
@@ -47,15 +48,14 @@ def make_server_app(
             else claim_run_folder(out, resume=resuming, force=False, command=f"flwr run (ServerApp) -> {out}")
         )
         with claim:
-            _run(grid, the_study, out, classes, in_channels, resuming, rc)
+            _run(grid, the_study, out, spec, resuming, rc)
 
-    def _run(grid, the_study, out, classes, in_channels, resuming, rc) -> None:
+    def _run(grid, the_study, out, spec, resuming, rc) -> None:
         run_study(
             grid,
             the_study,
             out,
-            classes=classes,
-            in_channels=in_channels,
+            spec=spec,
             n_sites=n_sites or num_sites(the_study),
             resume=resuming,
             reporter=reporter,

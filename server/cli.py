@@ -82,7 +82,7 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
     from common.package import PackageError
 
     try:
-        path = predict(args.package, args.input, args.out, heatmaps=not args.no_heatmaps)
+        path = predict(args.package, args.input, args.out, heatmaps=not args.no_heatmaps, site=args.site)
     except PackageError as err:
         console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         return 2
@@ -156,7 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("package", help="a run folder (its model/ package) or a package folder")
     pr.add_argument("input", help="a DICOM, PNG/JPEG or NIfTI file, or a folder of them")
     pr.add_argument("--out", required=True, help="folder for predictions.csv and heatmaps/")
-    pr.add_argument("--no-heatmaps", action="store_true", help="skip the Grad-CAM heat maps")
+    pr.add_argument("--no-heatmaps", action="store_true", help="skip the heat maps (occlusion sensitivity)")
+    pr.add_argument(
+        "--site", default="", help="prepare images as this training site did (default: the first)"
+    )
     pr.set_defaults(func=_predict)
     sv = sub.add_parser(
         "serve", help="beside the PACS: images in (C-STORE or DICOMweb), report and heat map back"

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from common.keys import Cfg, Met, Rec, Site
+from common.model_spec import ModelSpec
 from common.models import build_model, save_model
 from common.privacy import request_config
 from common.round import RoundPlan
@@ -100,8 +101,7 @@ class Coordinator:
         study: StudyConfig,
         out_dir: str | Path,
         *,
-        classes: list[str],
-        in_channels: int,
+        spec: ModelSpec,
         n_sites: int,
         reporter: Reporter | None = None,
         stop: StopRequest | None = None,
@@ -115,9 +115,11 @@ class Coordinator:
         self.node_site: dict[int, str] = {}
         self.model_meta = {
             "model": study.model.name,
-            "in_channels": int(in_channels),
-            "num_classes": len(classes),
-            "classes": list(classes),
+            "task": spec.task,
+            "in_channels": spec.in_channels,
+            "num_classes": spec.num_classes,
+            "classes": list(spec.classes),
+            "size": list(spec.size),
         }
         self.study_id = ""
         self.test_releases: dict[str, dict] = {}  # the newest test evaluation's releases, per site
@@ -132,6 +134,8 @@ class Coordinator:
             in_channels=self.model_meta["in_channels"],
             num_classes=self.model_meta["num_classes"],
             study_id=self.study_id,
+            classes=tuple(self.model_meta["classes"]),
+            size=tuple(self.model_meta.get("size", ())),
         )
         privacy = request_config(self.study.privacy) if self.study.privacy.enabled else {}
         return ConfigRecord({**plan.to_config(), **privacy})
@@ -293,6 +297,7 @@ class Coordinator:
             )
             record_stop(results, reason, rnd, got)
             return None
+        results.setdefault("site_inputs", {}).update(got.inputs)  # for the package (server.model_card)
         new_arrays, _ = strategy.aggregate_train(rnd, got.ok)
         arrays = new_arrays if new_arrays is not None else arrays
         evaluation = self.evaluate_all(rnd, arrays, skip=got.silent)
@@ -395,17 +400,16 @@ def run_study(
     study: StudyConfig,
     out_dir: str | Path,
     *,
-    classes: list[str],
-    in_channels: int,
+    spec: ModelSpec,
     n_sites: int,
     resume: bool = False,
     reporter: Reporter | None = None,
     stop: StopRequest | None = None,
     resume_command: str = "",
 ) -> Results:
-    """Run a study over `grid`, waiting for `n_sites` sites; the model has `classes` and `in_channels`."""
+    """Run a study over `grid`, waiting for `n_sites` sites; the model is `spec` (common.model_spec)."""
     coordinator = Coordinator(
-        grid, study, out_dir, classes=classes, in_channels=in_channels, n_sites=n_sites,
+        grid, study, out_dir, spec=spec, n_sites=n_sites,
         reporter=reporter, stop=stop, resume_command=resume_command,
     )  # fmt: skip
     return coordinator.run(resume=resume)

@@ -8,7 +8,6 @@ the sites where it does worst first.
 
 from __future__ import annotations
 
-import dataclasses
 import html
 import time
 from pathlib import Path
@@ -17,48 +16,40 @@ from typing import Any
 from torch import nn
 
 from common.files import write_atomic
-from common.medmnist import KNOWN_MODALITIES
+from common.model_spec import ModelSpec, model_spec
 from common.package import CARD_HTML, CARD_MD, PACKAGE_DIR, write_package
 from common.schema import StudyConfig
-from common.simulated import simulated_sites
 
 METRIC_COLUMNS = ("n_test", "auc", "auc_ci", "accuracy", "sensitivity", "specificity", "ece", "release")
 
 
-def input_modalities(study: StudyConfig) -> list[str]:
-    """The modalities the model is for: the study's `input.modalities`, else its MedMNIST set's."""
-    if study.input.modalities:
-        return [m.upper() for m in study.input.modalities]
-    if study.data.source == "medmnist":
-        return list(KNOWN_MODALITIES.get(study.data.dataset.lower(), []))
-    return []
-
-
-def input_spec(study: StudyConfig) -> dict[str, Any]:
-    """What the model takes as input, as the training sites prepared it (their preprocessing), and the
-    modalities it is for."""
-    modalities = input_modalities(study)
-    try:
-        site = simulated_sites(study)[0]
-    except Exception:  # noqa: BLE001 - a deployment's coordinator may not hold the sites' configs
-        return {"source": study.data.source, "modalities": modalities}
-    if site.data.format in ("synthetic", "medmnist"):  # arrays in [0, 1] at their size, grey
-        size = study.data.synthetic.image_size if site.data.format == "synthetic" else 28
-        source = "synthetic" if site.data.format == "synthetic" else f"medmnist:{study.data.dataset}"
-        preprocess = {"size": [size, size], "spatial": "resize", "channels": 1}
-        return {"source": source, "modalities": modalities, "preprocess": preprocess}
-    preprocess = dataclasses.asdict(site.data.preprocess)
-    return {"source": site.data.format, "modalities": modalities, "preprocess": preprocess}
+def input_spec(study: StudyConfig, spec: ModelSpec, site_inputs: dict[str, dict]) -> dict[str, Any]:
+    """What the model takes (the study's model spec) and how the training sites read and prepared
+    their images, as each site said in its train replies (client.site.SiteRuntime.input_description):
+    `fedward predict` prepares new images as the first site (by name) did, or as `--site` names."""
+    source = f"medmnist:{study.data.dataset}" if study.data.source == "medmnist" else study.data.source
+    out: dict[str, Any] = {"source": source, "modalities": list(spec.modalities), "channels": spec.in_channels,
+                           "size": list(spec.size)}  # fmt: skip
+    if site_inputs:
+        first = site_inputs[sorted(site_inputs)[0]]
+        out |= {"format": first.get("format", ""), "colour": first.get("colour", "grey"),
+                "frame": first.get("frame", "middle"), "window": first.get("window", []),
+                "preprocess": first.get("preprocess", {}), "sites": dict(sorted(site_inputs.items()))}  # fmt: skip
+    else:  # no site trained: the study's own statement of the input
+        out["preprocess"] = {"size": list(spec.size), "spatial": "resize", "channels": spec.in_channels}
+    return out
 
 
 def package_meta(study: StudyConfig, model_meta: dict, results: dict) -> dict[str, Any]:
+    spec = model_spec(study)
     final = results.get("final", {})
     sites = final.get("sites", {})
     return {
         "model": model_meta["model"],
         "in_channels": model_meta["in_channels"],
         "classes": model_meta["classes"],
-        "input": input_spec(study),
+        "task": spec.task,
+        "input": input_spec(study, spec, results.get("site_inputs", {})),
         "operating_point": results.get("operating_point"),
         "performance": {"round": final.get("round"), "sites": sites, "pooled": final.get("pooled", {})},
         "privacy": {

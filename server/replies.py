@@ -9,6 +9,7 @@ reply's `site` record; a node that never said its name is `node-<id>`.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ class Replies:
     failed: dict[str, str] = field(default_factory=dict)
     privacy: dict[str, dict] = field(default_factory=dict)  # site -> epsilon, delta, noise, steps
     silent: set[int] = field(default_factory=set)  # nodes that did not answer within round_timeout_s
+    inputs: dict[str, dict] = field(default_factory=dict)  # site -> how it prepares its images (Site.INPUT)
 
 
 def check_update(update: ArrayRecord | None, reference: ArrayRecord) -> str | None:
@@ -107,6 +109,12 @@ def _sort_reply(msg: Message, name: str, reference: ArrayRecord | None, out: Rep
         out.refused[name] = refused
         log.warning("site %s refused: %s", name, refused)
         return
+    described = str(msg.content[Rec.SITE].get(Site.INPUT, ""))
+    if described:
+        try:
+            out.inputs[name] = dict(json.loads(described))
+        except (ValueError, TypeError):
+            log.warning("site %s: its input description is not a JSON object; left out of the package", name)
     if reference is not None:
         problem = check_update(msg.content.array_records.get(Rec.ARRAYS), reference)
         if problem:

@@ -16,6 +16,7 @@ from pathlib import Path
 from client.ledger import LedgerError, ledger_notices
 from common.config import ConfigError
 from common.data import load_site_data
+from common.model_spec import model_spec
 from common.schema import MIN_INPUT_SIZE, StudyConfig
 from common.simulated import simulated_sites
 from common.sitedata import SiteDataError
@@ -35,6 +36,7 @@ def preflight(study: StudyConfig, out_dir: Path) -> list:
     site config names a state_dir.
     """
     sites = simulated_sites(study, state_root=out_dir / "sites")
+    spec = model_spec(study)
     for site in sites:
         try:
             data = load_site_data(site)
@@ -48,6 +50,9 @@ def preflight(study: StudyConfig, out_dir: Path) -> list:
                 f"{study.source_path}: site '{site.site}' lists classes {site.data.classes} but site "
                 f"'{sites[0].site}' lists {sites[0].data.classes}; every site must list the same classes."
             )
+        problem = spec.problem_with(data)
+        if problem:  # the site would refuse every round: say so now
+            raise ConfigError(f"{study.source_path}: site '{site.site}' refuses the study: {problem}.")
         needed = MIN_INPUT_SIZE.get(study.model.name, 0)
         if min(data.train_x.shape[-2:]) < needed:
             raise ConfigError(

@@ -6,7 +6,8 @@ data.format    reader          files              pixels (float32 H x W in [0, 1
 dicom          DicomReader     any name           frame `data.frame`; modality LUT, then
                                                   `data.window` or the file's VOI LUT /
                                                   window, MONOCHROME1 inverted (dicom.py)
-image          RasterReader    .png .jpg .jpeg    grey (BT.601 luma) (raster.py)
+image          RasterReader    .png .jpg .jpeg    grey (BT.601 luma), or RGB with
+                                                  `data.colour: rgb` (raster.py)
 nifti          NiftiReader     .nii .nii.gz       axial slice `data.frame`, through
                                                   `data.window`, else its min..max (nifti.py)
 =============  ==============  =================  =========================================
@@ -23,10 +24,12 @@ Label sheets are common.labels. Nothing here imports flwr.
 from __future__ import annotations
 
 from common.readers.base import (
+    COLOURS,
     PROBLEMS,
     BadImageFileError,
     ReadImage,
     SiteImageReader,
+    channel_first,
 )
 from common.readers.dicom import DicomImage, DicomReader, read_dicom
 from common.readers.nifti import NiftiReader, read_nifti
@@ -34,6 +37,7 @@ from common.readers.raster import RasterReader, read_image
 from common.schema import SiteDataConfig
 
 __all__ = [
+    "COLOURS",
     "FORMATS",
     "PROBLEMS",
     "READERS",
@@ -44,6 +48,7 @@ __all__ = [
     "RasterReader",
     "ReadImage",
     "SiteImageReader",
+    "channel_first",
     "read_dicom",
     "read_image",
     "read_nifti",
@@ -57,7 +62,7 @@ FORMATS = tuple(READERS)  # the site config formats read from a folder of files
 
 
 def reader_for(data: SiteDataConfig) -> SiteImageReader:
-    """The reader of a site's `data.format`, with its `frame` and `window` settings."""
+    """The reader of a site's `data.format`, with its `frame`, `window` and `colour` settings."""
     if data.format not in READERS:
         raise ValueError(f"format {data.format!r}: the image readers read {FORMATS}")
-    return READERS[data.format](frame=data.frame, window=data.window)
+    return READERS[data.format](frame=data.frame, window=data.window, colour=data.colour)

@@ -21,14 +21,18 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "COLOURS",
     "FRAME_WORDS",
+    "LUMA",
     "PROBLEMS",
     "BadImageFileError",
     "FrameSpec",
     "PathLike",
     "ReadImage",
     "SiteImageReader",
+    "channel_first",
     "frame_index",
+    "luma",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -44,7 +48,10 @@ PROBLEMS = (
     "not an image",
     "not NIfTI",
     "corrupt",
+    "not colour",
 )
+COLOURS = ("grey", "rgb")  # a site config's data.colour
+LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luma weights: PIL "L" and YBR_FULL's Y, grey from RGB
 
 
 class BadImageFileError(ValueError):
@@ -67,12 +74,26 @@ class BadImageFileError(ValueError):
 class ReadImage:
     """One image as a site uses it: the pixels and the facts read from its file."""
 
-    pixels: np.ndarray  # float32 (rows, cols) in [0, 1]
+    pixels: (
+        np.ndarray
+    )  # float32 in [0, 1]: (rows, cols) grey, or (rows, cols, 3) RGB from a reader keeping colour
     modality: str = ""  # "CT", "CR", "US", ... ("" when the format has none)
     patient_id: str = ""  # the Patient ID inside the file ("" when the format has none)
     sop_instance_uid: str = ""
     pixel_spacing: tuple[float, float] | None = None  # (row, col) in mm; None when unknown
     n_frames: int = 1
+    colour_file: bool = False  # the file holds a colour image (kept as RGB, or read as grey)
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """N x 3 x H x W RGB arrays (MedMNIST's, fedward's colour synthetic images) to N x H x W grey."""
+    return np.tensordot(LUMA.astype(np.float32), rgb, axes=([0], [1])).astype(np.float32)
+
+
+def channel_first(pixels: np.ndarray) -> np.ndarray:
+    """A read image as the C x H x W float32 array the transforms and models take."""
+    arr = np.ascontiguousarray(pixels, dtype=np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1)) if arr.ndim == 3 else arr[None]
 
 
 class SiteImageReader(ABC):
@@ -87,9 +108,20 @@ class SiteImageReader(ABC):
     format: str = ""  # the site config's `data.format`
     suffixes: tuple[str, ...] = ()  # lower-case file name endings the reader takes; () = any file
 
-    def __init__(self, *, frame: FrameSpec = "middle", window: Sequence[float] | None = None) -> None:
+    def __init__(
+        self, *, frame: FrameSpec = "middle", window: Sequence[float] | None = None, colour: str = "grey"
+    ) -> None:
+        if colour not in COLOURS:
+            raise ValueError(f"colour={colour!r}: use one of {COLOURS}")
         self.frame = frame
         self.window = tuple(float(v) for v in window) if window else None
+        self.colour = colour
+
+    def grey_at_colour_site(self, path: PathLike) -> BadImageFileError:
+        return BadImageFileError(
+            path, "a grey image at a site that reads colour (data.colour: rgb)", problem="not colour",
+            hint="Remove it from the colour site's data, or read the site in grey (data.colour: grey)",
+        )  # fmt: skip
 
     def verify_suffix(self, path: PathLike) -> bool:
         """Whether the file's name ends in one of `suffixes` (any case); always, when they are ()."""
@@ -100,7 +132,7 @@ class SiteImageReader(ABC):
         """The file's pixels in [0, 1] and its facts; BadImageFileError when it cannot be used."""
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(frame={self.frame!r}, window={self.window!r})"
+        return f"{type(self).__name__}(frame={self.frame!r}, window={self.window!r}, colour={self.colour!r})"
 
 
 def frame_index(frame: FrameSpec, n_frames: int, path: Path, unit: str = "frame") -> int:

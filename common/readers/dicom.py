@@ -37,6 +37,7 @@ from pydicom.pixels import apply_voi as apply_voi_sequence  # `apply_voi` is our
 from pydicom.pixels.utils import get_nr_frames
 
 from common.readers.base import (
+    LUMA,
     BadImageFileError,
     FrameSpec,
     PathLike,
@@ -47,7 +48,6 @@ from common.readers.base import (
 
 __all__ = ["DicomImage", "DicomReader", "read_dicom"]
 
-_LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as PIL "L" and YBR_FULL's Y
 
 # pydicom names a plugin's dependencies by import name; these are the names pip installs.
 _PIP_NAMES = {"gdcm": "python-gdcm"}
@@ -61,8 +61,11 @@ class DicomReader(SiteImageReader):
     suffixes = ()
 
     def read(self, path: PathLike) -> ReadImage:
-        img = read_dicom(path, frame=self.frame, window=self.window)  # type: ignore[arg-type]
+        img = read_dicom(path, frame=self.frame, window=self.window, colour=self.colour == "rgb")  # type: ignore[arg-type]
+        if self.colour == "rgb" and not img.is_colour:
+            raise self.grey_at_colour_site(path)
         return ReadImage(
+            colour_file=img.is_colour,
             pixels=img.pixels,
             modality=img.modality,
             patient_id=img.patient_id,
@@ -76,7 +79,7 @@ class DicomReader(SiteImageReader):
 class DicomImage:
     """One frame of a DICOM file as a float32 HxW array plus the tags a study needs."""
 
-    pixels: np.ndarray  # float32 (rows, cols)
+    pixels: np.ndarray  # float32 (rows, cols), or (rows, cols, 3) RGB with colour=True for a colour file
     modality: str  # "CT", "CR", "US", ... ("" when the file has none)
     patient_id: str
     sop_instance_uid: str
@@ -87,6 +90,10 @@ class DicomImage:
     n_frames: int
     frame: int  # the 0-based frame that `pixels` holds
 
+    @property
+    def is_colour(self) -> bool:
+        return self.photometric not in ("MONOCHROME1", "MONOCHROME2", "")
+
 
 def read_dicom(
     path: PathLike,
@@ -94,6 +101,7 @@ def read_dicom(
     frame: FrameSpec = "middle",
     window: tuple[float, float] | None = None,
     apply_voi: bool = True,
+    colour: bool = False,
 ) -> DicomImage:
     """Read one frame of a DICOM file the way a viewer displays it.
 
@@ -105,7 +113,9 @@ def read_dicom(
 
     With apply_voi=True the pixels are in [0, 1]: the window from `window`, else the file's VOI
     LUT Sequence, else its Window Center/Width (first pair), else the frame's own min..max.
-    Colour frames are turned into luma (see the module docstring) scaled by their bit depth.
+    Colour frames are turned into luma (see the module docstring) scaled by their bit depth, or
+    with `colour` kept as RGB (rows x cols x 3: YBR_FULL, YBR_FULL_422 and the rest converted by
+    pydicom, palette colour through its lookup table), scaled by their bit depth.
     Enhanced multi-frame files (per-frame functional groups) use the rescale, window and pixel
     spacing of the chosen frame.
     """
@@ -119,12 +129,14 @@ def read_dicom(
     attrs = _frame_attributes(ds, index)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
 
-    if stored.ndim == 3 or photometric == "PALETTE COLOR":
+    if colour and (stored.ndim == 3 or photometric == "PALETTE COLOR"):
+        pixels = _colour_rgb(stored, ds, photometric)
+    elif stored.ndim == 3 or photometric == "PALETTE COLOR":
         pixels = _colour_to_gray(stored, ds, photometric, window=window, apply_voi=apply_voi)
     else:
         pixels = _monochrome(stored, attrs, photometric, window, apply_voi, path)
 
-    rows, cols = pixels.shape
+    rows, cols = pixels.shape[:2]
     return DicomImage(
         pixels=np.ascontiguousarray(pixels, dtype=np.float32),
         modality=str(ds.get("Modality", "")),
@@ -393,6 +405,17 @@ def _modality_range(attrs: Dataset) -> tuple[float, float]:
     return float(mapped.min()), float(mapped.max())
 
 
+def _rgb_and_bits(stored: np.ndarray, ds: Dataset, photometric: str) -> tuple[np.ndarray, int]:
+    if photometric == "PALETTE COLOR":
+        return apply_color_lut(stored, ds), int(ds.RedPaletteColorLookupTableDescriptor[2])
+    return stored, int(ds.get("BitsStored", 8))
+
+
+def _colour_rgb(stored: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
+    rgb, bits = _rgb_and_bits(stored, ds, photometric)
+    return np.clip(rgb.astype(np.float64) / (2**bits - 1), 0.0, 1.0)
+
+
 def _colour_to_gray(
     stored: np.ndarray,
     ds: Dataset,
@@ -401,13 +424,8 @@ def _colour_to_gray(
     window: tuple[float, float] | None,
     apply_voi: bool,
 ) -> np.ndarray:
-    if photometric == "PALETTE COLOR":
-        rgb = apply_color_lut(stored, ds)
-        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
-    else:
-        rgb = stored
-        bits = int(ds.get("BitsStored", 8))
-    gray = rgb.astype(np.float64) @ _LUMA
+    rgb, bits = _rgb_and_bits(stored, ds, photometric)
+    gray = rgb.astype(np.float64) @ LUMA
     if not apply_voi:
         return gray
     if window is not None:

@@ -35,6 +35,8 @@ class NiftiReader(SiteImageReader):
     suffixes = (".nii", ".nii.gz")
 
     def read(self, path: PathLike) -> ReadImage:
+        if self.colour == "rgb":  # the site config refuses it; a direct caller gets the same answer
+            raise ValueError("NIfTI files are read grey: data.colour rgb is for DICOM and PNG/JPEG")
         pixels = read_nifti(path, slice_index=self.frame)
         if self.window:
             return ReadImage(pixels=_window01(pixels, self.window))  # type: ignore[arg-type]

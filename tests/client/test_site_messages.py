@@ -4,6 +4,8 @@ ClientApp handlers answer real Flower Messages for a DICOM site."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -82,8 +84,12 @@ def test_site_replies_carry_only_arrays_and_aggregate_numbers(site):
     for content in replies:
         for name, record in content.items():
             assert isinstance(record, ArrayRecord | MetricRecord | ConfigRecord), name
-            if isinstance(record, ConfigRecord):  # the site's name, a refusal reason, the release kind
-                assert set(record.keys()) == {Site.NAME, Site.REFUSED, Site.RELEASE}
+            if isinstance(record, ConfigRecord):  # name, refusal reason, release kind, how it reads images
+                assert set(record.keys()) == {Site.NAME, Site.REFUSED, Site.RELEASE, Site.INPUT}
+                if record[Site.INPUT]:  # reading and preprocessing settings of the site config, nothing else
+                    described = json.loads(record[Site.INPUT])
+                    assert set(described) == {"format", "colour", "frame", "window", "preprocess"}
+                    assert described["preprocess"] == dataclasses.asdict(site.data.preprocess)
             if isinstance(record, MetricRecord):
                 for key, value in record.items():
                     values = value if isinstance(value, list) else [value]

@@ -22,6 +22,7 @@ from client.ledger import SiteAccountant
 from client.site import SiteRuntime
 from common.config import ConfigError
 from common.keys import Met, Rec, Site
+from common.model_spec import model_spec
 from common.schema import (
     EvaluationPolicyConfig,
     SiteConfig,
@@ -144,9 +145,7 @@ def _study(rounds: int = 2, min_sites: int = 1) -> StudyConfig:
 
 
 def _run(grid: LocalGrid, study: StudyConfig, out, resume: bool = False) -> dict:
-    run_study(
-        grid, study, out, classes=["normal", "finding"], in_channels=1, n_sites=len(grid.nodes), resume=resume
-    )
+    run_study(grid, study, out, spec=model_spec(study), n_sites=len(grid.nodes), resume=resume)
     return json.loads((out / RESULTS_FILE).read_text())
 
 
