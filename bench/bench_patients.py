@@ -60,7 +60,7 @@ def run(folder: Path, unit: str, rounds: int, args) -> tuple[float, dict]:
     study_file = folder / f"study-{unit}.yaml"
     study_file.write_text(yaml.safe_dump({
         "name": f"patients-{unit}", "rounds": rounds, "min_sites": 2,
-        "data": {"source": "sites", "site_configs": [str(p) for p in paths]},
+        "classes": ["normal", "pneumonia"], "data": {"source": "sites", "site_configs": [str(p) for p in paths]},
         "model": {"name": "cnn28"}, "train": {"local_epochs": 1, "batch_size": 16, "lr": 0.002},
         "privacy": {"enabled": True, "target_epsilon": 8.0},
     }))  # fmt: skip

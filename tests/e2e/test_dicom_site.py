@@ -28,6 +28,7 @@ def test_two_dicom_sites_pass_the_check_and_train_for_two_rounds(tmp_path):
     study = tmp_path / "study.yaml"
     study.write_text(
         "name: dicom-sites\nseed: 0\nrounds: 2\nmin_sites: 2\n"
+        "classes: [normal, pneumonia]\n"
         f"data: {{source: sites, site_configs: [{a.relative_to(tmp_path)}, {b.relative_to(tmp_path)}]}}\n"
         "model: {name: cnn28}\ntrain: {local_epochs: 1, batch_size: 16}\n"
     )
@@ -75,6 +76,7 @@ def test_a_private_study_on_dicom_sites_protects_patients_within_the_target(tmp_
     study = tmp_path / "study.yaml"
     study.write_text(
         "name: dicom-dp\nseed: 0\nrounds: 2\nmin_sites: 2\n"
+        "classes: [normal, pneumonia]\n"
         f"data: {{source: sites, site_configs: [{a.relative_to(tmp_path)}, {b.relative_to(tmp_path)}]}}\n"
         "model: {name: cnn28-small}\ntrain: {local_epochs: 1, batch_size: 4}\n"
         "privacy: {enabled: true, target_epsilon: 8.0}\n"

@@ -134,6 +134,7 @@ PLAIN_STUDY = """
 name: policy-test
 rounds: 1
 min_sites: 1
+classes: [normal, finding]
 data:
   source: sites
   site_configs: [{a}, {b}]

@@ -23,6 +23,7 @@ STUDY = """
 name: sites-study
 rounds: 2
 min_sites: 2
+classes: [normal, finding]
 data: {{source: sites, site_configs: [{a}, {b}]}}
 model: {{name: cnn28-small}}
 train: {{local_epochs: 1, batch_size: 20}}
