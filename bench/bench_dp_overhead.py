@@ -1,12 +1,13 @@
 """How much slower is a DP-SGD step than a plain one, per Opacus grad_sample_mode?
 
-Times one optimizer step (forward, backward, clip + noise, update) of the `cnn28` model on a fixed
-batch of 28x28 images, without DP and with DP in each mode, interleaved step by step in one run so
+Times one optimizer step (forward, backward, clip + noise, update) of a model (`--model`: `cnn28` on
+28x28 images, `cnn3d` on 16 x 28 x 28 volumes, `unet` segmenting 28x28 images with Dice + CE) on a
+fixed batch, without DP and with DP in each mode, interleaved step by step in one run so
 that all modes see the same machine load. Prints the median per mode and its ratio to non-DP.
 `opacus-hooks` is Opacus's hooks mode as shipped; `hooks`, `ghost`, `functorch` are as fedward runs
 them (client.grad_sample's Conv2d sampler; in `hooks`, no unused batch weight gradients).
 
-    python bench/bench_dp_overhead.py [--steps 30] [--batch 64] [--threads 0] [--device cpu]
+    python bench/bench_dp_overhead.py [--model cnn28] [--steps 30] [--batch 64] [--threads 0] [--device cpu]
 """
 
 from __future__ import annotations
@@ -29,13 +30,20 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from client.dp import make_private  # noqa: E402
+from client.train import make_criterion  # noqa: E402
 from common.models import build_model  # noqa: E402
 
 MODES = ("opacus-hooks", "hooks", "ghost", "functorch")
 
 
-def build_cnn28() -> nn.Module:
-    return build_model("cnn28", in_channels=1, num_classes=2, seed=0)
+SHAPES = {"cnn28": (1, 28, 28), "cnn3d": (1, 16, 28, 28), "unet": (1, 28, 28)}  # one input, per model
+
+
+def batch(name: str, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(size, *SHAPES[name], generator=g)
+    y = (x[:, 0] > 1.0).long() if name == "unet" else torch.arange(size) % 2  # masks, or labels
+    return x.to(device), y.to(device)
 
 
 @contextmanager
@@ -49,13 +57,15 @@ def opacus_conv_sampler():
         GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] = ours
 
 
-def make_step(mode: str | None, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Callable[[], None]:
-    """One training step of a fresh cnn28: plain (mode None), DP-SGD as fedward runs it in `mode`,
-    or "opacus-hooks": Opacus's hooks mode as shipped (its unfold conv sampler, autograd's batch
-    weight gradients computed and thrown away)."""
-    model = build_cnn28().to(device)
+def make_step(
+    mode: str | None, x: torch.Tensor, y: torch.Tensor, device: torch.device, name: str = "cnn28"
+) -> Callable[[], None]:
+    """One training step of a fresh `name` model: plain (mode None), DP-SGD as fedward runs it in
+    `mode`, or "opacus-hooks": Opacus's hooks mode as shipped (its unfold conv sampler, autograd's
+    batch weight gradients computed and thrown away)."""
+    model = build_model(name, in_channels=1, num_classes=2, seed=0).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    criterion = nn.CrossEntropyLoss()
+    criterion = make_criterion(y, 2, False, "segmentation" if name == "unet" else "classification")
     as_shipped = mode == "opacus-hooks"
     if mode is not None:
         dp = make_private(
@@ -84,6 +94,7 @@ def make_step(mode: str | None, x: torch.Tensor, y: torch.Tensor, device: torch.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=tuple(SHAPES), default="cnn28")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per mode first")
     parser.add_argument("--batch", type=int, default=64)
@@ -97,13 +108,11 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*poisson_sampling=False.*")
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 1, 28, 28, generator=g).to(device)
-    y = (torch.arange(args.batch) % 2).to(device)
-    steps: dict[str, Callable[[], None]] = {"no DP": make_step(None, x, y, device)}
+    x, y = batch(args.model, args.batch, device)
+    steps: dict[str, Callable[[], None]] = {"no DP": make_step(None, x, y, device, args.model)}
     for mode in MODES:
         try:
-            steps[mode] = make_step(mode, x, y, device)
+            steps[mode] = make_step(mode, x, y, device, args.model)
             steps[mode]()
         except Exception as e:  # a mode this torch/opacus cannot run: report it, time the rest
             print(f"{mode}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
@@ -124,7 +133,7 @@ def main() -> None:
 
     base = statistics.median(times["no DP"])
     threads = torch.get_num_threads()
-    print(f"cnn28, batch {args.batch}, {args.steps} steps per mode, {device} ({threads} threads)")
+    print(f"{args.model}, batch {args.batch}, {args.steps} steps per mode, {device} ({threads} threads)")
     print(f"{'mode':<10} {'median ms':>10} {'p90 ms':>8} {'DP/no-DP':>9}")
     for name, ts in times.items():
         med, p90 = statistics.median(ts), statistics.quantiles(ts, n=10)[-1]

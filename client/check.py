@@ -86,7 +86,9 @@ def stats(report: SourceReport) -> dict[str, Counter]:
     """What the check shows about the images: modality, stored size, spacing, frames."""
 
     def spacing(s: Sample) -> str:
-        return f"{s.spacing[0]:.3g} x {s.spacing[1]:.3g} mm" if s.spacing else "unknown"
+        return (
+            " x ".join(f"{v:.3g}" for v in s.spacing) + " mm" if s.spacing else "unknown"
+        )  # volumes: slice first
 
     return {
         "modality": Counter(s.modality or "-" for s in report.samples),

@@ -4,7 +4,10 @@
                     operating point) and the probability of each class, citing the source image
     <stem>-sc.dcm   a Secondary Capture: the source image in grey with the heat map over it in colour
 
-Both join the source's study (same Study Instance UID and patient) in series of their own, so a
+A segmentation package writes `<stem>-seg.dcm` instead: a DICOM-SEG with one segment per foreground
+class (`segmentation_object`).
+
+All join the source's study (same Study Instance UID and patient) in series of their own, so a
 viewer shows them beside the image they describe.
 """
 
@@ -19,7 +22,7 @@ from pydicom.sr.codedict import codes
 from scipy.ndimage import zoom
 
 SCHEME = "99FEDWARD"  # private coding scheme of fedward's own concepts
-SR_SERIES, SC_SERIES = 9901, 9902
+SR_SERIES, SC_SERIES, SEG_SERIES = 9901, 9902, 9903
 MANUFACTURER = "fedward"
 
 
@@ -89,6 +92,43 @@ def heatmap_capture(source: pydicom.Dataset, pixels: np.ndarray, heat: np.ndarra
         series_instance_uid=hd.UID(), series_number=SC_SERIES, sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer=MANUFACTURER, series_description="fedward: heat map",
     )  # fmt: skip
+
+
+def segmentation_object(
+    source: pydicom.Dataset, label_map: np.ndarray, classes: list[str]
+) -> hd.seg.Segmentation:
+    """A DICOM-SEG of `label_map` (the source's rows x cols, values = class indices): one segment per
+    foreground class, in the source's study, referencing the source image."""
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=c, segment_label=name[:64],
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=_concept(f"seg-{name}", name),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=hd.AlgorithmIdentificationSequence(
+                name=MANUFACTURER, version="1", family=codes.cid7162.ArtificialIntelligence
+            ),
+        )
+        for c, name in enumerate(classes) if c > 0
+    ]  # fmt: skip
+    return hd.seg.Segmentation(
+        source_images=[source], pixel_array=label_map.astype(np.uint8)[None],
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(), series_number=SEG_SERIES, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer=MANUFACTURER, manufacturer_model_name=MANUFACTURER, software_versions="1",
+        device_serial_number="0", series_description="fedward: segmentation",
+    )  # fmt: skip
+
+
+def write_dicom_segmentation(
+    source_path: Path, label_map: np.ndarray, classes: list[str], out_dir: Path
+) -> Path:
+    """Write the DICOM-SEG of one DICOM input's predicted label map; its path."""
+    source = pydicom.dcmread(source_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"{source_path.stem}-seg.dcm"
+    segmentation_object(source, label_map, classes).save_as(target)
+    return target
 
 
 def write_dicom_results(source_path: Path, pixels: np.ndarray, heat: np.ndarray | None, classes: list[str],

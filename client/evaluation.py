@@ -34,6 +34,7 @@ from common.keys import Met
 from common.metrics import binned_histogram, logit_edges, site_summary
 from common.privacy import HistoryItem, rdp_epsilon
 from common.schema import EvaluationPolicyConfig, SiteConfig
+from common.seg_metrics import per_image_scores, sums_from_scores
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,37 @@ def release(
         confusion = np.zeros((n_classes, n_classes))
         np.add.at(confusion, (labels, probs.argmax(axis=1)), 1)
         metrics[Met.CONFUSION] = _noised(confusion, std, noise)
+    return Release("dp_histogram", metrics, spends=(float(policy.noise), 1.0, 1))
+
+
+SEG_KEYS = {"dice_sum": Met.DICE_SUM, "dice_n": Met.DICE_N, "hd95_sum": Met.HD95_SUM, "hd95_n": Met.HD95_N}
+
+
+def segmentation_release(
+    true: np.ndarray,
+    pred: np.ndarray,
+    num_classes: int,
+    policy: EvaluationPolicyConfig,
+    noise: torch.Generator,
+    *,
+    per_unit: int = 1,
+) -> Release:
+    """What a site releases of a segmentation evaluation (true and predicted label maps): per
+    foreground class the sums and counts of Dice and HD95 (common.seg_metrics). `exact` and `summary`
+    send them as they are (a summary is no safer here: the sums are the means); `dp_histogram` clips
+    each image's HD95 to the image's diagonal (its largest possible value), divides by it, and adds
+    Gaussian noise to all four sums of every class: one image moves each by at most 1, so the L2
+    sensitivity is 2 x sqrt(classes - 1), times `per_unit` images per unit of privacy."""
+    dice, hd95 = per_image_scores(true, pred, num_classes)
+    if policy.release != "dp_histogram":
+        sums = sums_from_scores(dice, hd95)
+        metrics = {SEG_KEYS[k]: v.tolist() for k, v in sums.items()} | {Met.N_TEST: int(len(true))}
+        return Release("exact", metrics)
+    cap = float(np.sqrt(np.sum(np.square(true.shape[1:]))))
+    sums = sums_from_scores(dice, np.minimum(hd95, cap) / cap)
+    std = policy.noise * 2.0 * math.sqrt(num_classes - 1) * per_unit
+    metrics = {SEG_KEYS[k]: _noised(v, std, noise) for k, v in sums.items()}
+    metrics |= {Met.EVAL_NOISE: std, Met.EVAL_HD_CAP: cap}
     return Release("dp_histogram", metrics, spends=(float(policy.noise), 1.0, 1))
 
 

@@ -36,9 +36,9 @@ from monai.transforms import Compose
 from monai.visualize import OcclusionSensitivity
 from rich.progress import track
 
-from client.dicom_out import write_dicom_results
+from client.dicom_out import write_dicom_results, write_dicom_segmentation
 from common.package import PackageError, load_package
-from common.readers import READERS, BadImageFileError, ReadImage, channel_first
+from common.readers import READERS, VOLUME_READERS, BadImageFileError, ReadImage, channel_first
 from common.schema import PreprocessConfig
 from common.transforms import preprocess_transforms
 
@@ -52,6 +52,7 @@ class Prediction:
     study_instance_uid: str = ""
     modality: str = ""
     heatmap: str = ""
+    mask: str = ""  # a segmentation package's predicted label map (NIfTI)
     dicom: list[str] = field(default_factory=list)  # the SR and Secondary Capture written for a DICOM input
     warning: str = ""  # predicted, but outside what the package was trained for (input_warnings)
     error: str = ""
@@ -67,8 +68,22 @@ def format_of(path: Path) -> str:
         return "dicom" if f.read(132)[128:] == b"DICM" else ""
 
 
-def input_files(path: Path) -> list[Path]:
-    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+def input_files(path: Path, *, series: bool = False) -> list[Path]:
+    """The files under `path`; with `series` (a volume package), NIfTI files and every folder that
+    holds files (a DICOM series each)."""
+    if path.is_file():
+        return [path]
+    if series:
+        folders = [
+            d
+            for d in [path, *sorted(path.rglob("*"))]
+            if d.is_dir()
+            and any(f.is_file() and not f.name.endswith((".nii", ".nii.gz")) for f in d.iterdir())
+        ]
+        return folders + sorted(
+            p for p in path.rglob("*") if p.is_file() and p.name.endswith((".nii", ".nii.gz"))
+        )
+    return sorted(p for p in path.rglob("*") if p.is_file())
 
 
 class Predictor:
@@ -89,6 +104,8 @@ class Predictor:
         pre = PreprocessConfig(**reading.get("preprocess", {}))
         self.reading = {"frame": reading.get("frame", "middle"), "window": reading.get("window") or None,
                         "colour": reading.get("colour", "grey")}  # fmt: skip
+        self.volume = bool(reading.get("volume", False))  # volumes: NIfTI files and DICOM series folders
+        self.task = self.meta.get("task", "classification")
         self.prepare = Compose(preprocess_transforms(pre))
         size = min(pre.size or [28])
         self.classes = list(self.meta["classes"])
@@ -110,25 +127,54 @@ class Predictor:
         found = []
         if self.modalities and image.modality and image.modality.upper() not in self.modalities:
             found.append(f"modality {image.modality}, the model is for {'/'.join(self.modalities)} only")
-        rows, cols = image.pixels.shape[:2]
-        if self.size and (rows < self.size[0] or cols < self.size[1]):
-            found.append(
-                f"{rows}x{cols} pixels, smaller than the model's {self.size[0]}x{self.size[1]} input"
-            )
-        if image.n_frames > 1:
+        rows, cols = image.pixels.shape[-2:] if image.volume else image.pixels.shape[:2]
+        want = self.size[-2:]
+        if want and (rows < want[0] or cols < want[1]):
+            found.append(f"{rows}x{cols} pixels, smaller than the model's {want[0]}x{want[1]} input")
+        if image.n_frames > 1 and not image.volume:
             found.append(f"{image.n_frames} frames: one was predicted")
         if image.colour_file and self.reading["colour"] == "grey":
             found.append("a colour image, read as grey: the model was trained on grey images")
         return found
 
     def tensor(self, image: ReadImage) -> torch.Tensor:
-        return torch.as_tensor(self.prepare({"image": channel_first(image.pixels)})["image"]).float()[None]
+        return torch.as_tensor(self.prepare({"image": channel_first(image)})["image"]).float()[None]
 
     def label(self, probs: np.ndarray) -> str:
         op = self.operating_point
         if op and len(self.classes) == 2:
             return self.classes[1] if probs[1] >= float(op["threshold"]) else self.classes[0]
         return self.classes[int(np.argmax(probs))]
+
+    def _segmented(self, out: Prediction, path: Path, image: ReadImage, label_map: np.ndarray,
+                   masks: Path | None, dicom_out: Path | None) -> Prediction:  # fmt: skip
+        """A segmentation's row: each class's share of the image, the largest foreground class present
+        (else the background) as the label, and the label map back at the image's own size (nearest
+        neighbour: exact for `spatial: resize`, the default) as NIfTI and, for DICOM, DICOM-SEG."""
+        from scipy.ndimage import zoom
+
+        rows, cols = image.pixels.shape[:2]
+        full = zoom(label_map, (rows / label_map.shape[0], cols / label_map.shape[1]), order=0)
+        shares = np.bincount(full.ravel(), minlength=len(self.classes)) / full.size
+        out.probabilities = [float(v) for v in shares]
+        found = [c for c in range(1, len(self.classes)) if shares[c] > 0]
+        out.label = self.classes[max(found, key=lambda c: shares[c])] if found else self.classes[0]
+        out.warning = "; ".join(self.input_warnings(image))
+        if masks is not None:
+            import nibabel as nib
+
+            masks.mkdir(parents=True, exist_ok=True)
+            target = masks / f"{path.stem}-mask.nii.gz"
+            nib.save(
+                nib.Nifti1Image(full.T[::-1, ::-1].astype(np.uint8), np.eye(4)), target
+            )  # read_nifti's layout
+            out.mask = str(target)
+        if dicom_out is not None:
+            try:
+                out.dicom = [str(write_dicom_segmentation(path, full, self.classes, dicom_out))]
+            except (AttributeError, ValueError, TypeError) as err:
+                out.error = f"segmented, but its header lacks what a DICOM-SEG needs ({err})"
+        return out
 
     def heatmap(self, x: torch.Tensor, class_index: int) -> np.ndarray:
         """How much hiding each pixel's neighbourhood lowers `class_index`'s logit, H x W in [0, 1]."""
@@ -138,29 +184,55 @@ class Predictor:
         drop = np.clip(logit - occluded[0, class_index].numpy(), 0, None)
         return drop / drop.max() if drop.max() > 0 else drop
 
-    def predict_file(self, path: Path, heatmaps: Path | None, dicom_out: Path | None = None) -> Prediction:
-        """One file's prediction; a heat map PNG into `heatmaps`, and for DICOM the SR and the heat-map
-        Secondary Capture into `dicom_out` (client.dicom_out), when given."""
-        out = Prediction(str(path))
-        fmt = format_of(path)
-        if not fmt:
-            out.error = "not a DICOM, PNG/JPEG or NIfTI file"
-            return out
+    def _read(self, path: Path, out: Prediction) -> tuple[str, ReadImage | None]:
+        """The input's format and image, or (format, None) with `out.error` saying why it cannot be used."""
+        fmt = "dicom" if path.is_dir() else format_of(path)
+        if not fmt or (self.volume and fmt not in VOLUME_READERS):
+            out.error = (
+                "not a DICOM series folder or NIfTI volume"
+                if self.volume
+                else "not a DICOM, PNG/JPEG or NIfTI file"
+            )
+            return fmt, None
+        if path.is_dir() and not self.volume:
+            out.error = "a folder: this package takes 2-D images, one file each"
+            return fmt, None
         try:
-            image = READERS[fmt](**self.reading).read(path)
+            if self.volume:
+                image = VOLUME_READERS[fmt](window=self.reading["window"]).read(path)
+            else:
+                image = READERS[fmt](**self.reading).read(path)
         except BadImageFileError as err:
             out.error = err.reason
-            return out
+            return fmt, None
         out.sop_instance_uid, out.modality = image.sop_instance_uid, image.modality
-        if fmt == "dicom":
+        if fmt == "dicom" and not image.volume:
             out.study_instance_uid = str(
                 pydicom.dcmread(path, stop_before_pixels=True).get("StudyInstanceUID", "")
             )
+        return fmt, image
+
+    def predict_file(
+        self, path: Path, heatmaps: Path | None, dicom_out: Path | None = None, masks: Path | None = None
+    ) -> Prediction:
+        """One file's prediction; a heat map PNG into `heatmaps`, and for DICOM the SR and the heat-map
+        Secondary Capture into `dicom_out` (client.dicom_out), when given. A segmentation package writes
+        the predicted label map instead, as NIfTI into `masks` and, for DICOM, as DICOM-SEG."""
+        out = Prediction(str(path))
+        fmt, image = self._read(path, out)
+        if image is None:
+            return out
         x = self.tensor(image)
         with torch.no_grad():
             probs = torch.softmax(self.model(x), dim=1)[0].numpy()
+        if self.task == "segmentation":
+            return self._segmented(
+                out, path, image, probs.argmax(axis=0), masks, dicom_out if fmt == "dicom" else None
+            )
         out.probabilities, out.label = [float(p) for p in probs], self.label(probs)
         out.warning = "; ".join(self.input_warnings(image))
+        if image.volume:  # no heat map or DICOM results for volumes yet (README)
+            return out
         dicom_out = dicom_out if fmt == "dicom" else None
         heat = self.heatmap(x, self.classes.index(out.label)) if heatmaps or dicom_out else None
         if heatmaps is not None:
@@ -207,14 +279,14 @@ def predict(
     returns the path of predictions.csv."""
     predictor, out = Predictor(package, site=site), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = input_files(Path(inputs))
-    rows = [predictor.predict_file(p, out / "heatmaps" if heatmaps else None, out / "dicom")
+    files = input_files(Path(inputs), series=predictor.volume)
+    rows = [predictor.predict_file(p, out / "heatmaps" if heatmaps else None, out / "dicom", out / "masks")
             for p in track(files, description="predicting", disable=len(files) < 20)]  # fmt: skip
     csv_path = out / "predictions.csv"
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["file", "sop_instance_uid", "study_instance_uid", "modality",
-                    *(f"p_{c}" for c in predictor.classes), "label", "heatmap", "dicom_results", "warning",
+                    *(f"p_{c}" for c in predictor.classes), "label", "heatmap", "mask", "dicom_results", "warning",
                     "error"])  # fmt: skip
         for r in rows:
             probs = (
@@ -229,6 +301,7 @@ def predict(
                     *probs,
                     r.label,
                     r.heatmap,
+                    r.mask,
                     ";".join(r.dicom),
                     r.warning,
                     r.error,

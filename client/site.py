@@ -171,7 +171,7 @@ class SiteRuntime:
         else:
             prepare = dataclasses.asdict(data.preprocess)
         return {"format": data.format, "colour": data.colour, "frame": data.frame, "window": list(data.window),
-                "preprocess": prepare}  # fmt: skip
+                "volume": data.volume or self.data.train_x.ndim == 5, "preprocess": prepare}  # fmt: skip
 
     def refusal(self, reason: str) -> SiteReply:
         epsilon, delta = guard.spent(self.config)
@@ -220,7 +220,12 @@ class SiteRuntime:
             keep = evaluation.patient_subset(patients, policy.max_images_per_patient)
             labels, probs, per_unit = labels[keep], probs[keep], policy.max_images_per_patient
         noise = evaluation.randomness(self.config, plan.seed, plan.round).noise
-        out = evaluation.release(labels, probs, policy, noise, per_unit=per_unit)
+        if self.data.task == "segmentation":  # label maps: the predicted class of every pixel
+            out = evaluation.segmentation_release(
+                labels, probs.argmax(axis=1), self.data.num_classes, policy, noise, per_unit=per_unit
+            )
+        else:
+            out = evaluation.release(labels, probs, policy, noise, per_unit=per_unit)
         metrics = dict(out.metrics) | {Met.PRIVACY_UNIT: int(unit == "patient")}
         if out.spends is not None:
             with guard.site_lock(self.config):

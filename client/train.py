@@ -74,9 +74,31 @@ class BalancedCrossEntropy(nn.CrossEntropyLoss):
         return losses.sum() if self.reduction == "sum" else losses.mean()
 
 
-def make_criterion(train_y: torch.Tensor, num_classes: int, balanced: bool) -> nn.Module:
+class SegmentationLoss(nn.Module):
+    """Dice plus cross-entropy (MONAI's DiceCELoss, softmax over the classes) of logits N x K x H x W
+    against label maps N x H x W, averaged over the batch (so each image's loss is its own, as
+    DP-SGD's per-sample clipping needs); an empty batch (Poisson sampling) gives a zero loss."""
+
+    def __init__(self):
+        super().__init__()
+        from monai.losses import DiceCELoss
+
+        self.dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.shape[0] == 0:
+            return logits.sum() * 0.0
+        return self.dice_ce(logits, target[:, None].long())
+
+
+def make_criterion(
+    train_y: torch.Tensor, num_classes: int, balanced: bool, task: str = "classification"
+) -> nn.Module:
     """The training loss: plain cross-entropy, or class-balanced (weights n / (classes x n_class),
-    counted on these training labels; a class absent here gets weight 0)."""
+    counted on these training labels; a class absent here gets weight 0); for segmentation Dice plus
+    cross-entropy."""
+    if task == "segmentation":
+        return SegmentationLoss()
     if not balanced:
         return nn.CrossEntropyLoss()
     counts = torch.bincount(train_y.long().flatten(), minlength=num_classes).double()
@@ -189,7 +211,10 @@ def train_round(
         dataset = PatientDataset(x, y, dp.patients)
         loader = DataLoader(dataset, batch_size=1, collate_fn=collate_patients, generator=randomness.sampling)
     optimizer = make_optimizer(model, plan.optimizer, plan.lr)
-    criterion = make_criterion(y, plan.num_classes, plan.class_balance).to(next(model.parameters()).device)
+    criterion = make_criterion(y, plan.num_classes, plan.class_balance, plan.task).to(
+        next(model.parameters()).device
+    )
+    segmenting = plan.task == "segmentation"  # image-only augmentation would move the image off its mask
     private, trainee = None, model
     if dp is not None:
         private = make_private_for(
@@ -210,7 +235,8 @@ def train_round(
     try:
         result = train_epochs(
             trainee, loader, optimizer, criterion=criterion, epochs=plan.local_epochs, proximal_mu=plan.proximal_mu,
-            use_augment=plan.augment, augment_fn=augment_fn, generator=randomness.augment, private=dp is not None,
+            use_augment=plan.augment and not segmenting, augment_fn=None if segmenting else augment_fn,
+            generator=randomness.augment, private=dp is not None,
         )  # fmt: skip
     finally:
         if private is not None:

@@ -152,8 +152,21 @@ def _validate_input(study: StudyConfig, p: str) -> None:
         raise ConfigError(
             f"{p}: 'input.channels' is {inp.channels}; use 1 (grey) or 3 (colour), or 0 for the data's own."
         )
-    if inp.size and (len(inp.size) != 2 or min(inp.size) < 1 or max(inp.size) > 4096):
-        raise ConfigError(f"{p}: 'input.size' is {inp.size}; use [height, width] in pixels, or [].")
+    if inp.size and (len(inp.size) not in (2, 3) or min(inp.size) < 1 or max(inp.size) > 4096):
+        raise ConfigError(
+            f"{p}: 'input.size' is {inp.size}; use [height, width] in pixels ([slices, height, width] for "
+            "volumes), or []."
+        )
+    if inp.spacing and (len(inp.spacing) != 3 or min(inp.spacing) <= 0):
+        raise ConfigError(
+            f"{p}: 'input.spacing' is {inp.spacing}; use [slice, row, col] in mm, each > 0, or []."
+        )
+    if study.data.synthetic.depth and study.data.synthetic.colour:
+        raise ConfigError(f"{p}: 'data.synthetic.colour' is for 2-D images; synthetic volumes are grey.")
+    if not 0 <= study.data.synthetic.depth <= 256:
+        raise ConfigError(
+            f"{p}: 'data.synthetic.depth' must be from 0 (2-D) to 256, got {study.data.synthetic.depth}."
+        )
     if len(set(study.classes)) != len(study.classes):
         raise ConfigError(f"{p}: 'classes' has repeats: {study.classes}.")
     model_spec(study)  # raises ModelSpecError (a ConfigError) naming what the study must say
@@ -300,8 +313,27 @@ def _validate_site_privacy(site: SiteConfig, p: str) -> None:
     _positive(ev.max_epsilon, "privacy.evaluation.max_epsilon", p)
 
 
+def _validate_geometry(data: SiteDataConfig, p: str) -> None:
+    pre = data.preprocess
+    dims = 3 if data.volume else 2
+    if pre.size and (len(pre.size) != dims or min(pre.size) < 1):
+        shape = "[slices, height, width] (data.volume: true)" if data.volume else "[height, width]"
+        raise ConfigError(f"{p}: 'data.preprocess.size' is {pre.size}; use {shape} or [].")
+    if pre.spacing and (not data.volume or len(pre.spacing) != 3 or min(pre.spacing) <= 0):
+        raise ConfigError(
+            f"{p}: 'data.preprocess.spacing' is {pre.spacing}; it resamples volumes (data.volume: true) to "
+            "[slice, row, col] millimetres, each > 0, e.g. [2.5, 1.0, 1.0]."
+        )
+
+
 def _validate_colour(data: SiteDataConfig, p: str) -> None:
     _choice(data.colour, ("grey", "rgb"), "data.colour", p)
+    if data.volume and data.format not in ("dicom", "nifti", "synthetic"):
+        raise ConfigError(
+            f"{p}: 'data.volume' reads DICOM series and NIfTI volumes, not format {data.format}."
+        )
+    if data.volume and data.colour == "rgb":
+        raise ConfigError(f"{p}: 'data.colour' rgb is for 2-D images; volumes are read grey.")
     if data.colour == "rgb" and data.format == "nifti":
         raise ConfigError(
             f"{p}: 'data.colour' rgb is for dicom, image and medmnist; NIfTI volumes are read grey."
@@ -346,8 +378,7 @@ def _validate_site_data(data: SiteDataConfig, p: str) -> None:
             f"{p}: 'data.split_fractions' is {fr}; use [train, val, test], each >= 0 (train and "
             f"test > 0), adding up to 1, e.g. [0.7, 0.15, 0.15]."
         )
-    if pre.size and (len(pre.size) != 2 or min(pre.size) < 1):
-        raise ConfigError(f"{p}: 'data.preprocess.size' is {pre.size}; use [height, width] or [].")
+    _validate_geometry(data, p)
     _choice(pre.spatial, ("resize", "fit", "crop_or_pad"), "data.preprocess.spatial", p)
     _choice(pre.normalize, ("none", "minmax", "zscore"), "data.preprocess.normalize", p)
     if pre.percentiles and (

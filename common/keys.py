@@ -64,6 +64,13 @@ class Met(StrEnum):
     SCORE_HIST = "score-hist"  # flattened K x 2 x B histograms of scores (counts; see common.metrics)
     EVAL_NOISE = "eval-noise"  # dp_histogram: std of the Gaussian noise on every released count
     EVAL_BINS = "eval-bins"  # dp_histogram: the number of logit-spaced score bins
+    # segmentation (common.seg_metrics), per foreground class: sums and counts of Dice and HD95; with
+    # dp_histogram noised, HD95 clipped to EVAL_HD_CAP and released divided by it
+    DICE_SUM = "dice-sum"
+    DICE_N = "dice-n"
+    HD95_SUM = "hd95-sum"
+    HD95_N = "hd95-n"
+    EVAL_HD_CAP = "eval-hd-cap"
     EVAL_EPSILON = "eval-epsilon"  # dp_histogram: the site's evaluation epsilon, all its evaluations
 
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.round import RoundPlan
-from common.schema import ConfigError, StudyConfig
+from common.schema import SEGMENTATION_MODELS, VOLUME_MODELS, ConfigError, StudyConfig
 from common.sitedata import SiteData
 
-TASKS = ("classification",)
+TASKS = ("classification", "segmentation")
 
 
 class ModelSpecError(ConfigError):
@@ -31,8 +31,10 @@ class ModelSpec:
     task: str
     classes: tuple[str, ...]
     in_channels: int
-    size: tuple[int, ...]  # (H, W); () when the study does not fix it
+    size: tuple[int, ...]  # (H, W), or (D, H, W) for volumes; () when the study does not fix it
     modalities: tuple[str, ...]
+    spacing: tuple[float, ...] = ()  # volumes: (slice, row, col) mm the sites resample to; () as stored
+    volume: bool = False  # a 3-D model (common.schema.VOLUME_MODELS)
 
     @property
     def num_classes(self) -> int:
@@ -40,21 +42,32 @@ class ModelSpec:
 
     def problem_with(self, data: SiteData) -> str | None:
         """What differs between this model and a site's data (as `spec_problem`); None if nothing."""
-        return _difference(self.task, self.classes, self.num_classes, self.in_channels, self.size, data)
+        return _difference(
+            self.task, self.classes, self.num_classes, self.in_channels, self.size, data, self.volume
+        )
 
 
 def model_spec(study: StudyConfig) -> ModelSpec:
     """The model the study trains, from the study config and its data source's known facts only."""
     from common.medmnist import KNOWN_CHANNELS, KNOWN_CLASSES, KNOWN_MODALITIES
-    from common.synthetic import CLASSES
+    from common.synthetic import CLASSES, SEGMENTATION_CLASSES
 
     p, source = study.source_path or "study config", study.data.source
     dataset = study.data.dataset.lower()
     if study.task not in TASKS:
         raise ModelSpecError(f"{p}: 'task' is {study.task!r}; fedward trains {', '.join(TASKS)}.")
+    if (study.task == "segmentation") != (study.model.name in SEGMENTATION_MODELS):
+        raise ModelSpecError(
+            f"{p}: 'task' {study.task} with 'model.name' {study.model.name}: segmentation takes "
+            f"{', '.join(SEGMENTATION_MODELS)}, classification any other model"
+        )
+    if study.task == "segmentation" and study.train.class_balance:
+        raise ModelSpecError(
+            f"{p}: 'train.class_balance' weighs image labels; segmentation has none (Dice + CE)."
+        )
     classes = list(study.classes)
     if not classes and source == "synthetic":
-        classes = list(CLASSES)
+        classes = list(SEGMENTATION_CLASSES if study.task == "segmentation" else CLASSES)
     elif not classes and source == "medmnist":
         classes = list(KNOWN_CLASSES.get(dataset, []))
     if len(classes) < 2:
@@ -69,26 +82,39 @@ def model_spec(study: StudyConfig) -> ModelSpec:
         )
     channels = study.input.channels or (KNOWN_CHANNELS.get(dataset, 1) if source == "medmnist" else 1)
     size = list(study.input.size)
+    syn = study.data.synthetic
     if not size and source == "synthetic":
-        size = [study.data.synthetic.image_size] * 2
+        size = ([syn.depth] if syn.depth else []) + [syn.image_size] * 2
     elif not size and source == "medmnist":
         size = [28, 28]
     modalities = [m.upper() for m in study.input.modalities] or (
         KNOWN_MODALITIES.get(dataset, []) if source == "medmnist" else []
     )
-    return ModelSpec(
-        study.task, tuple(classes), int(channels), tuple(int(v) for v in size), tuple(modalities)
-    )
+    volume = study.model.name in VOLUME_MODELS
+    if size and len(size) != (3 if volume else 2):
+        raise ModelSpecError(
+            f"{p}: 'model.name' {study.model.name} is a {'3' if volume else '2'}-D network but the input is "
+            f"{size}; use a {'3-D model (' + ', '.join(VOLUME_MODELS) + ')' if len(size) == 3 else '2-D model'} "
+            "or the matching 'input.size'"
+        )
+    return ModelSpec(study.task, tuple(classes), int(channels), tuple(int(v) for v in size), tuple(modalities),
+                     tuple(float(v) for v in study.input.spacing), volume)  # fmt: skip
 
 
 def spec_problem(plan: RoundPlan, data: SiteData) -> str | None:
     """What differs between the study's model (in the round's plan) and the site's data; None if nothing."""
-    return _difference(plan.task, plan.classes, plan.num_classes, plan.in_channels, plan.size, data)
+    volume = plan.model in VOLUME_MODELS
+    return _difference(plan.task, plan.classes, plan.num_classes, plan.in_channels, plan.size, data, volume)
 
 
-def _difference(task, classes, num_classes, in_channels, size, data: SiteData) -> str | None:
-    if task != "classification":
-        return f"the study's task is {task!r}; this site's data is for classification"
+def _difference(task, classes, num_classes, in_channels, size, data: SiteData, volume: bool) -> str | None:
+    if volume != (data.train_x.ndim == 5):
+        return (
+            f"the study's model is {'3' if volume else '2'}-D; this site's images are "
+            f"{'volumes' if data.train_x.ndim == 5 else '2-D'} (data.volume in the site config)"
+        )
+    if task != data.task:
+        return f"the study's task is {task!r}; this site's data is for {data.task} (masks: segmentation)"
     if classes and list(classes) != list(data.classes):
         return (
             f"the study's classes {list(classes)} differ from this site's {list(data.classes)} "

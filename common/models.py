@@ -26,19 +26,25 @@ def _gn(channels: int) -> nn.GroupNorm:
 class AvgMaxPool(nn.Module):
     """Global average and max pooling side by side: max finds small findings, average the rest."""
 
+    def __init__(self, dims: int = 2):
+        super().__init__()
+        self.axes = tuple(range(-dims, 0))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x.mean(dim=(-2, -1)), x.amax(dim=(-2, -1))], dim=1)
+        return torch.cat([x.mean(dim=self.axes), x.amax(dim=self.axes)], dim=1)
 
 
 class CNN28(nn.Module):
-    """A compact CNN for small (28x28) grey-scale images: 3 conv stages, GroupNorm, global pooling."""
+    """A compact CNN for small images (28x28, or 3-D volumes with `dims` 3): 3 conv stages, GroupNorm,
+    global pooling."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 2, width: int = 32):
+    def __init__(self, in_channels: int = 1, num_classes: int = 2, width: int = 32, dims: int = 2):
         super().__init__()
+        conv, pool = (nn.Conv3d, nn.MaxPool3d) if dims == 3 else (nn.Conv2d, nn.MaxPool2d)
 
         def block(cin: int, cout: int) -> list[nn.Module]:
             return [
-                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                conv(cin, cout, 3, padding=1, bias=False),
                 _gn(cout),
                 nn.ReLU(inplace=True),
             ]
@@ -47,12 +53,12 @@ class CNN28(nn.Module):
         self.features = nn.Sequential(
             *block(in_channels, w),
             *block(w, w),
-            nn.MaxPool2d(2),
+            pool(2),
             *block(w, 2 * w),
             *block(2 * w, 2 * w),
-            nn.MaxPool2d(2),
+            pool(2),
             *block(2 * w, 4 * w),
-            AvgMaxPool(),
+            AvgMaxPool(dims),
         )
         self.head = nn.Linear(8 * w, num_classes)
 
@@ -60,12 +66,12 @@ class CNN28(nn.Module):
         return self.head(self.features(x))
 
 
-def _monai_resnet(depth: int) -> Callable[[int, int], nn.Module]:
+def _monai_resnet(depth: int, dims: int = 2) -> Callable[[int, int], nn.Module]:
     def make(in_channels: int, num_classes: int) -> nn.Module:
         from monai.networks.nets import resnet10, resnet18
 
         fn = {10: resnet10, 18: resnet18}[depth]
-        return fn(spatial_dims=2, n_input_channels=in_channels, num_classes=num_classes)
+        return fn(spatial_dims=dims, n_input_channels=in_channels, num_classes=num_classes)
 
     return make
 
@@ -88,6 +94,16 @@ def _monai_efficientnet_b0(in_channels: int, num_classes: int) -> nn.Module:
     )
 
 
+def _monai_unet(in_channels: int, num_classes: int) -> nn.Module:
+    """MONAI's BasicUNet with GroupNorm and interpolation instead of transposed convolutions in the
+    decoder (Opacus computes per-sample gradients of every layer of it)."""
+    from monai.networks.nets import BasicUNet
+
+    return BasicUNet(spatial_dims=2, in_channels=in_channels, out_channels=num_classes,
+                     features=(16, 16, 32, 64, 128, 16), norm=("group", {"num_groups": 4}),
+                     upsample="nontrainable")  # fmt: skip
+
+
 MODELS: dict[str, Callable[[int, int], nn.Module]] = {
     "cnn28": lambda c, k: CNN28(c, k),
     "cnn28-small": lambda c, k: CNN28(c, k, width=16),
@@ -96,6 +112,9 @@ MODELS: dict[str, Callable[[int, int], nn.Module]] = {
     "resnet18": _monai_resnet(18),
     "densenet121": _monai_densenet121,
     "efficientnet-b0": _monai_efficientnet_b0,
+    "cnn3d": lambda c, k: CNN28(c, k, width=16, dims=3),  # volumes
+    "resnet10-3d": _monai_resnet(10, dims=3),
+    "unet": lambda c, k: _monai_unet(c, k),  # segmentation: a label map per image
 }
 
 

@@ -13,7 +13,10 @@ import dataclasses
 from dataclasses import dataclass, field
 
 # The choices some keys allow, here so that loading a config needs neither torch nor Opacus.
-MODEL_NAMES = ("cnn28", "cnn28-small", "cnn28-wide", "resnet10", "resnet18", "densenet121", "efficientnet-b0")
+MODEL_NAMES = ("cnn28", "cnn28-small", "cnn28-wide", "resnet10", "resnet18", "densenet121", "efficientnet-b0",
+               "cnn3d", "resnet10-3d", "unet")  # fmt: skip
+SEGMENTATION_MODELS = ("unet",)  # networks that give a label map: task segmentation
+VOLUME_MODELS = ("cnn3d", "resnet10-3d")  # 3-D networks: their input is [slices, height, width]
 MIN_INPUT_SIZE = {"densenet121": 32, "efficientnet-b0": 32}  # networks for large images need >= this
 GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch", "ew")  # Opacus's per-sample gradient modes
 DEFAULT_GRAD_SAMPLE_MODE = "hooks"  # the fastest on cnn28 (bench/bench_dp_overhead.py)
@@ -42,6 +45,10 @@ class SyntheticConfig:
     val_per_site: int = 100  # drawn after train and test (they are the same with or without it)
     image_size: int = 28
     colour: bool = False  # RGB images whose finding only colour shows (common.synthetic)
+    depth: int = 0  # > 0: volumes of this many slices with a 3-D finding (common.synthetic); 0: 2-D images
+    masks: bool = (
+        False  # the segmentation variant: each image's lesion mask as its label (task: segmentation)
+    )
 
 
 @dataclass
@@ -131,7 +138,10 @@ class InputConfig:
     it trains, and which the package carries to the hospitals."""
 
     channels: int = 0  # 1 (grey) or 3 (colour); 0: the data source's own (synthetic, MedMNIST), else 1
-    size: list[int] = field(default_factory=list)  # [H, W]; []: the data source's own, not checked for sites
+    size: list[int] = field(
+        default_factory=list
+    )  # [H, W] or [D, H, W]; []: the data source's own, not checked for sites
+    spacing: list[float] = field(default_factory=list)  # volumes: [slice, row, col] mm the sites resample to
     # DICOM Modality codes the model is for (CR, DX, US, CT, ...); a file of another modality is
     # predicted but marked. Empty: the MedMNIST data set's own modality; none known: not checked.
     modalities: list[str] = field(default_factory=list)
@@ -183,7 +193,12 @@ class PreprocessConfig:
     """How each image becomes a model input: the same at training, evaluation and prediction
     (common.transforms). Order: scale to size, intensity (percentiles, normalize), pad or crop, channels."""
 
-    size: list[int] = field(default_factory=lambda: [128, 128])  # [H, W]; [] keeps the files' size
+    size: list[int] = field(
+        default_factory=lambda: [128, 128]
+    )  # [H, W], or [D, H, W] for volumes; [] keeps the files' size
+    spacing: list[float] = field(
+        default_factory=list
+    )  # volumes: [slice, row, col] mm to resample to first; []: as stored
     spatial: str = "resize"  # resize (stretch to size) | fit (keep aspect ratio, pad) | crop_or_pad
     percentiles: list[float] = field(default_factory=list)  # [low, high], e.g. [0.5, 99.5]: clip first
     normalize: str = "none"  # none | minmax (each image to [0, 1]) | zscore (each image to mean 0, sd 1)
@@ -215,6 +230,7 @@ class SiteDataConfig:
     # grey: every image grey (colour files become BT.601 luma; the site check counts them) | rgb: colour
     # kept, 3 channels (a grey file is then a bad file); needs preprocess.channels 3
     colour: str = "grey"
+    volume: bool = False  # 3-D: a DICOM series (the sheet's `file` names its folder) or a whole NIfTI volume
     frame: int | str = "middle"  # multi-frame DICOM / NIfTI volume: 0-based index, first, middle, last
     split_seed: int = 0  # patients are drawn into train/val/test with this seed
     split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])  # train, val, test

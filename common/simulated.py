@@ -8,6 +8,7 @@ ClientApp run by `flwr run .` in simulation all get their sites from `simulated_
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from common.config import ConfigError, load_site, medmnist_path
@@ -84,9 +85,8 @@ def _partition_sites(study: StudyConfig) -> list[SiteConfig]:
                 format="medmnist", path=str(medmnist_path(study)), partition=part, **reading
             )
         else:
-            data = SiteDataConfig(
-                format="synthetic", partition=part, synthetic=study.data.synthetic, **reading
-            )
+            synthetic = dataclasses.replace(study.data.synthetic, masks=study.task == "segmentation")
+            data = SiteDataConfig(format="synthetic", partition=part, synthetic=synthetic, **reading)
         # sites a simulation makes from the study itself follow the study's privacy setting and
         # release exact evaluation aggregates, as before (the study's owner holds their data anyway)
         policy = SitePolicyConfig(required=False, evaluation=EvaluationPolicyConfig(release="exact"))

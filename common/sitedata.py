@@ -36,6 +36,11 @@ class SiteData:
         return len(self.classes)
 
     @property
+    def task(self) -> str:
+        """segmentation when the labels are masks (N x H x W label maps), else classification."""
+        return "segmentation" if self.train_y.ndim > 1 else "classification"
+
+    @property
     def in_channels(self) -> int:
         return int(self.train_x.shape[1])
 

@@ -157,9 +157,9 @@ def _find_and_read(
 ) -> tuple[dict[int, str], dict[str, dict]]:
     """Row index -> file, and file -> read sample, for every row whose file exists and reads;
     fills report.bad (files missing or unreadable) and report.unlabelled (files no row names)."""
-    root = report.root
-    on_disk = _list_files(root, reader_for(config.data), exclude=report.labels)
-    by_row, wanted = _files_for_rows(rows, root, bad_rows, report)
+    root, reader = report.root, reader_for(config.data)
+    on_disk = _list_files(root, reader, exclude=report.labels)
+    by_row, wanted = _files_for_rows(rows, root, bad_rows, report, folders=reader.takes_folders)
     uid_rows = [i for i, r in enumerate(rows) if r.file is None and i not in bad_rows]
     candidates = sorted(set(on_disk) - set(wanted)) if uid_rows else []
     decoded = _decode(config, root, sorted(set(wanted) | set(candidates)), report)
@@ -183,11 +183,18 @@ def _find_and_read(
 
 def _list_files(root: Path, reader: SiteImageReader, *, exclude: Path) -> list[str]:
     """Files under `root` the site's reader takes (by suffix), relative, sorted; hidden files,
-    DICOMDIR and the label sheet itself are left out."""
+    DICOMDIR and the label sheet itself are left out. A reader of folders (DICOM series) takes
+    every folder that holds files."""
     out = []
     skip = exclude.resolve()
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if reader.takes_folders:
+            if any(
+                not n.startswith(".") and Path(dirpath, n).resolve() != skip for n in filenames
+            ) and dirpath != str(root):
+                out.append(Path(dirpath).relative_to(root).as_posix())
+            continue
         for name in filenames:
             if name.startswith(".") or name.upper() == "DICOMDIR":
                 continue
@@ -198,17 +205,20 @@ def _list_files(root: Path, reader: SiteImageReader, *, exclude: Path) -> list[s
 
 
 def _files_for_rows(
-    rows: list[LabelRow], root: Path, bad_rows: set[int], report: SourceReport
+    rows: list[LabelRow], root: Path, bad_rows: set[int], report: SourceReport, *, folders: bool = False
 ) -> tuple[dict[int, str], list[str]]:
-    """Row index -> file (relative to root) for rows that name a file that exists; rows whose
-    file is missing are reported and added to `bad_rows`."""
+    """Row index -> file (relative to root) for rows that name a file (with `folders`: a series
+    folder) that exists; rows whose file is missing are reported and added to `bad_rows`."""
     by_row, wanted = {}, []
     for i, row in enumerate(rows):
         if row.file is None or i in bad_rows:
             continue
         path = root / row.file
-        if not path.is_file():
-            report.bad.append(BadFile(row.file, "file not found", f"'{path}' does not exist", row.line))
+        if not (path.is_dir() if folders else path.is_file()):
+            what = "series folder" if folders else "file"
+            report.bad.append(
+                BadFile(row.file, "file not found", f"the {what} '{path}' does not exist", row.line)
+            )
             bad_rows.add(i)
             continue
         rel = os.path.relpath(path, root).replace(os.sep, "/")
@@ -267,11 +277,11 @@ def _decode(config: SiteConfig, root: Path, files: list[str], report: SourceRepo
     items, present = [], []
     for rel in files:
         try:
-            st = (root / rel).stat()
+            stamp = _stamp(root / rel)
         except OSError as err:  # gone since the folder was listed, or unreadable
             report.bad.append(BadFile(rel, "file not found", f"'{root / rel}' cannot be opened ({err})"))
             continue
-        items.append({"image": str(root / rel), "stamp": f"{st.st_size}:{st.st_mtime_ns}", "settings": key})
+        items.append({"image": str(root / rel), "stamp": stamp, "settings": key})
         present.append(rel)
     folder = cache_dir(config)
     ds = PersistentDataset(items, transform=build_transforms(config.data), cache_dir=folder)
@@ -294,6 +304,17 @@ def _decode(config: SiteConfig, root: Path, files: list[str], report: SourceRepo
     if folder is not None and folder.is_dir():
         _update_cache(config, root, folder, entries)
     return out
+
+
+def _stamp(path: Path) -> str:
+    """What changes when a file (or a series folder's files) changes: sizes and modification times."""
+    if path.is_dir():
+        stats = [p.stat() for p in sorted(path.iterdir()) if p.is_file()]
+        return (
+            f"{len(stats)}:{sum(s.st_size for s in stats)}:{max((s.st_mtime_ns for s in stats), default=0)}"
+        )
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def _unreadable(rel: str, path: Path, exc: BaseException) -> BadFile:

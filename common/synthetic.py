@@ -18,6 +18,7 @@ from common.schema import SiteConfig
 from common.sitedata import SiteData, site_data_from_arrays
 
 CLASSES = ["normal", "finding"]
+SEGMENTATION_CLASSES = ["background", "lesion"]  # the segmentation variant's label map values
 TINT = np.array([0.6, 0.45, 0.3], dtype=np.float32)  # the colour variant's organ: orange-red
 ISOLUMINANT = np.array([1.0, -LUMA[0] / LUMA[1], 0.0], dtype=np.float32)  # its BT.601 luma: 0
 
@@ -64,6 +65,37 @@ def synthetic_images_with_findings(
     return np.clip(imgs, 0, 1), labels, findings
 
 
+def synthetic_volumes_with_findings(
+    n: int, prevalence: float, depth: int, size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The 3-D variant (`data.synthetic.depth`): n x D x H x W volumes of a soft ellipsoid organ on a
+    smooth background; positives carry a small bright 3-D finding inside it. Also where each finding
+    was drawn: n x 4 (slice, row, col, sigma in pixels), NaN without one."""
+    findings = np.full((n, 4), np.nan)
+    zz, yy, xx = np.mgrid[0:depth, 0:size, 0:size].astype(np.float32)
+    zz, yy, xx = zz / max(depth - 1, 1), yy / (size - 1), xx / (size - 1)
+    labels = (rng.random(n) < prevalence).astype(np.int64)
+    vols = np.empty((n, depth, size, size), dtype=np.float32)
+    for i in range(n):
+        c = rng.uniform(0.4, 0.6, 3)
+        r = rng.uniform(0.28, 0.4, 3)
+        organ = np.exp(
+            -((((zz - c[0]) / r[0]) ** 2 + ((yy - c[1]) / r[1]) ** 2 + ((xx - c[2]) / r[2]) ** 2) ** 2)
+        )
+        bg = rng.uniform(0.03, 0.08) * np.sin(2 * np.pi * (rng.uniform(0.5, 2) * yy + rng.random() + zz))
+        vol = 0.25 + 0.45 * organ + bg
+        if labels[i]:
+            d = rng.normal(size=3)
+            f = c + rng.uniform(0, 0.5) * r * d / np.linalg.norm(d)
+            sigma = rng.uniform(0.08, 0.11)
+            vol = vol + rng.uniform(0.3, 0.45) * np.exp(
+                -((zz - f[0]) ** 2 + (yy - f[1]) ** 2 + (xx - f[2]) ** 2) / (2 * sigma**2)
+            )
+            findings[i] = (f[0] * (depth - 1), f[1] * (size - 1), f[2] * (size - 1), sigma * (size - 1))
+        vols[i] = vol
+    return np.clip(vols, 0, 1), labels, findings
+
+
 def synthetic_site(config: SiteConfig) -> SiteData:
     part, syn = config.data.partition, config.data.synthetic
     scanner = scanner_for(part.index)
@@ -71,6 +103,18 @@ def synthetic_site(config: SiteConfig) -> SiteData:
     splits = {}
     for split, n in (("train", syn.train_per_site), ("test", syn.test_per_site), ("val", syn.val_per_site)):
         if split == "val" and n == 0:  # no validation split
+            continue
+        if syn.masks:  # segmentation: the label is the finding's mask (where it is over half its peak)
+            clean, labels, findings = synthetic_images_with_findings(
+                n, scanner.prevalence, syn.image_size, rng
+            )
+            splits[split] = (acquire(clean, scanner, rng), lesion_masks(findings, syn.image_size))
+            continue
+        if syn.depth:  # volumes: N x 1 x D x H x W, each slice acquired as an image
+            clean, labels, _ = synthetic_volumes_with_findings(
+                n, scanner.prevalence, syn.depth, syn.image_size, rng
+            )
+            splits[split] = (acquire(clean, scanner, rng)[:, None], labels)
             continue
         clean, labels, _ = synthetic_images_with_findings(
             n, scanner.prevalence, syn.image_size, rng, colour=syn.colour
@@ -81,4 +125,20 @@ def synthetic_site(config: SiteConfig) -> SiteData:
         elif not syn.colour and config.data.preprocess.channels == 3:  # grey repeated for a 3-channel net
             images = np.repeat(images[:, None], 3, axis=1)
         splits[split] = (images, labels)
-    return site_data_from_arrays(config.site, splits, list(CLASSES))
+    named = (
+        list(config.data.classes) if len(config.data.classes) == 2 else []
+    )  # a site may name its two classes
+    return site_data_from_arrays(
+        config.site, splits, named or list(SEGMENTATION_CLASSES if syn.masks else CLASSES)
+    )
+
+
+def lesion_masks(findings: np.ndarray, size: int) -> np.ndarray:
+    """N x H x W int64 label maps: 1 where a drawn finding is above half its peak (within
+    sigma x sqrt(2 ln 2) of its centre), 0 elsewhere and in images without one."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    masks = np.zeros((len(findings), size, size), dtype=np.int64)
+    for i, (r, c, sigma) in enumerate(findings):
+        if np.isfinite(r):
+            masks[i] = (yy - r) ** 2 + (xx - c) ** 2 <= (sigma * np.sqrt(2 * np.log(2))) ** 2
+    return masks

@@ -49,6 +49,7 @@ from monai.transforms import (
 from monai.utils import convert_to_tensor
 
 from common.readers import channel_first, reader_for
+from common.readers.volume import folder_sha1
 from common.schema import AugmentConfig, PreprocessConfig, SiteDataConfig
 
 READER_VERSION = 2  # bump when reading or preprocessing changes, so cached images are made again
@@ -74,13 +75,13 @@ class LoadSiteImaged(MapTransform):
             modality=img.modality,
             file_patient_id=img.patient_id,
             sop_instance_uid=img.sop_instance_uid,
-            spacing=list(img.pixel_spacing) if img.pixel_spacing else [],
+            spacing=list(img.voxel_spacing or img.pixel_spacing or []),
             orig_size=list(img.pixels.shape),
             n_frames=img.n_frames,
             colour_file=img.colour_file,
-            sha1=hashlib.sha1(path.read_bytes()).hexdigest(),
+            sha1=folder_sha1(path) if path.is_dir() else hashlib.sha1(path.read_bytes()).hexdigest(),
         )
-        d["image"] = channel_first(img.pixels)
+        d["image"] = channel_first(img)
         return d
 
 
@@ -99,13 +100,14 @@ class GreyToChannelsd(MapTransform):
 
 class ScaleImaged(MapTransform):
     """MONAI's Resized with the interpolation that suits the direction: area (box averaging, so
-    no aliasing) when shrinking, bilinear when enlarging. size_mode as in Resized."""
+    no aliasing) when shrinking, bilinear (trilinear for volumes) when enlarging. size_mode as in Resized."""
 
     def __init__(self, spatial_size: tuple[int, ...] | int, size_mode: str = "all") -> None:
         super().__init__(keys="image")
         self.spatial_size, self.size_mode = spatial_size, size_mode
+        grow = "trilinear" if isinstance(spatial_size, tuple) and len(spatial_size) == 3 else "bilinear"
         self.shrink = Resized("image", spatial_size, size_mode=size_mode, mode="area")
-        self.grow = Resized("image", spatial_size, size_mode=size_mode, mode="bilinear")
+        self.grow = Resized("image", spatial_size, size_mode=size_mode, mode=grow)
 
     def __call__(self, data: dict) -> dict:
         shape = tuple(data["image"].shape[1:])
@@ -116,13 +118,33 @@ class ScaleImaged(MapTransform):
         return (self.shrink if shrinking else self.grow)(data)
 
 
+class ResampleToSpacingd(MapTransform):
+    """A volume resampled to `spacing` (slice, row, col in mm) from the spacing its file gave (the
+    sample's `spacing` fact), trilinear with MONAI's Resized: the voxel grids are axis-aligned, so
+    this is MONAI's Spacing without an affine to carry."""
+
+    def __init__(self, spacing: tuple[float, ...]) -> None:
+        super().__init__(keys="image")
+        self.spacing = tuple(float(v) for v in spacing)
+
+    def __call__(self, data: dict) -> dict:
+        have = data.get("spacing") or []
+        if len(have) != 3:
+            raise ValueError(
+                f"{data.get('image_path', 'a volume')}: its file gives no slice spacing to resample from"
+            )
+        shape = tuple(data["image"].shape[1:])
+        size = tuple(max(1, round(n * h / t)) for n, h, t in zip(shape, have, self.spacing, strict=True))
+        return Resized("image", size, mode="trilinear")(data) if size != shape else data
+
+
 def preprocess_transforms(pre: PreprocessConfig) -> list:
     """The deterministic steps after reading: scale, intensity, then pad or crop, then channels.
 
     Intensity comes after scaling (cheaper on the smaller image) and before padding (so the padding
     does not enter the percentiles or the mean and standard deviation)."""
     size = tuple(int(v) for v in pre.size)
-    steps: list = []
+    steps: list = [ResampleToSpacingd(tuple(pre.spacing))] if pre.spacing else []
     if size and pre.spatial == "resize":
         steps.append(ScaleImaged(size))
     elif size and pre.spatial == "fit":

@@ -121,6 +121,7 @@ class Coordinator:
             "classes": list(spec.classes),
             "size": list(spec.size),
         }
+        self.headline = "dice" if spec.task == "segmentation" else "auc"  # the metric the log shows
         self.study_id = ""
         self.test_releases: dict[str, dict] = {}  # the newest test evaluation's releases, per site
 
@@ -310,9 +311,9 @@ class Coordinator:
         results["rounds"].append(record)
         add_timing(results, rnd, got, evaluation, round_s)
         log.info(
-            "round %d/%d done in %.1fs: pooled AUC %s; sites %s; trained: %s; refused: %s; failed: %s",
-            rnd, self.study.rounds, round_s, record["pooled"].get("auc"),
-            {k: v["auc"] for k, v in record["sites"].items()}, record["participants"],
+            "round %d/%d done in %.1fs: pooled %s %s; sites %s; trained: %s; refused: %s; failed: %s",
+            rnd, self.study.rounds, round_s, self.headline, record["pooled"].get(self.headline),
+            {k: v.get(self.headline) for k, v in record["sites"].items()}, record["participants"],
             record["refused"] or "none", record["failed"] or "none",
         )  # fmt: skip
         return arrays
@@ -359,6 +360,7 @@ class Coordinator:
         """Binary models: a threshold from one more release, of each site's validation split."""
         if (
             self.model_meta["num_classes"] != 2
+            or self.model_meta.get("task") == "segmentation"  # no threshold: each pixel's arg-max
             or self.study.operating_point.rule == "none"
             or not results["rounds"]
         ):

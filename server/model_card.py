@@ -21,6 +21,7 @@ from common.package import CARD_HTML, CARD_MD, PACKAGE_DIR, write_package
 from common.schema import StudyConfig
 
 METRIC_COLUMNS = ("n_test", "auc", "auc_ci", "accuracy", "sensitivity", "specificity", "ece", "release")
+SEGMENTATION_COLUMNS = ("n_test", "dice", "hd95", "release")
 
 
 def input_spec(study: StudyConfig, spec: ModelSpec, site_inputs: dict[str, dict]) -> dict[str, Any]:
@@ -34,6 +35,7 @@ def input_spec(study: StudyConfig, spec: ModelSpec, site_inputs: dict[str, dict]
         first = site_inputs[sorted(site_inputs)[0]]
         out |= {"format": first.get("format", ""), "colour": first.get("colour", "grey"),
                 "frame": first.get("frame", "middle"), "window": first.get("window", []),
+                "volume": first.get("volume", False),
                 "preprocess": first.get("preprocess", {}), "sites": dict(sorted(site_inputs.items()))}  # fmt: skip
     else:  # no site trained: the study's own statement of the input
         out["preprocess"] = {"size": list(spec.size), "spatial": "resize", "channels": spec.in_channels}
@@ -90,20 +92,22 @@ def _fmt(value: Any) -> str:
 
 def _worst_first(meta: dict) -> list[tuple[str, dict]]:
     sites = meta["performance"]["sites"]
-    return sorted(sites.items(), key=lambda kv: (kv[1].get("auc") is None, kv[1].get("auc") or 0.0))
+    key = "dice" if meta.get("task") == "segmentation" else "auc"
+    return sorted(sites.items(), key=lambda kv: (kv[1].get(key) is None, kv[1].get(key) or 0.0))
 
 
 def _sections(meta: dict) -> list[tuple[str, list[str], list[list[str]] | None]]:
     """(heading, paragraphs, table rows with a header row first) of the card."""
     op = meta.get("operating_point") or {}
     privacy = meta["privacy"]
-    rows = [["site", *METRIC_COLUMNS, "training images", "epsilon"]]
+    columns = SEGMENTATION_COLUMNS if meta.get("task") == "segmentation" else METRIC_COLUMNS
+    rows = [["site", *columns, "training images", "epsilon"]]
     for site, m in _worst_first(meta):
         eps = (privacy.get("epsilon") or {}).get(site)
         rows.append(
             [
                 site,
-                *(_fmt(m.get(c)) for c in METRIC_COLUMNS),
+                *(_fmt(m.get(c)) for c in columns),
                 _fmt(meta["training_data"].get(site)),
                 _fmt(eps),
             ]
@@ -111,7 +115,8 @@ def _sections(meta: dict) -> list[tuple[str, list[str], list[list[str]] | None]]
     worst = _worst_first(meta)[0] if meta["performance"]["sites"] else None
     return [
         ("Intended use", [
-            f"Classifies {meta['input'].get('source')} images into {', '.join(meta['classes'])}, as decision support "
+            f"{'Segments' if meta.get('task') == 'segmentation' else 'Classifies'} {meta['input'].get('source')} "
+            f"images into {', '.join(meta['classes'])}, as decision support "
             "for a radiologist, never alone. Trained by federated learning with fedward: no image left a site.",
             (f"For {', '.join(meta['input']['modalities'])} images: `fedward predict` marks a file of any other "
              "modality, and one smaller than the model's input." if meta["input"].get("modalities") else
@@ -121,8 +126,11 @@ def _sections(meta: dict) -> list[tuple[str, list[str], list[list[str]] | None]]
         ("Performance at each site (its own test data), worst first", [
             f"Global model after round {meta['performance']['round']}. `release` says what the site let out: "
             "exact metrics, its summary, or noised counts (dp_histogram) from which these were computed. "
-            "`auc_ci` is a 95% interval from the site's counts (Hanley-McNeil, widened by the release's noise and its ties); "
-            "`ece` the expected calibration error of its score histogram (10 bins; 0 is perfectly calibrated).",
+            + ("`dice` is the mean Dice over the site's test images that hold each class, `hd95` their mean 95% "
+               "Hausdorff distance in pixels." if meta.get("task") == "segmentation" else
+               "`auc_ci` is a 95% interval from the site's counts (Hanley-McNeil, widened by the release's noise "
+               "and its ties); `ece` the expected calibration error of its score histogram (10 bins; 0 is "
+               "perfectly calibrated)."),
         ], rows),
         ("Operating point", [
             f"Threshold {_fmt(op.get('threshold'))} on the probability of '{op.get('class', '-')}', chosen by "
@@ -137,7 +145,8 @@ def _sections(meta: dict) -> list[tuple[str, list[str], list[list[str]] | None]]
              "were not protected."),
         ], None),
         ("Limitations", [
-            (f"Worst at {worst[0]} (AUC {_fmt(worst[1].get('auc'))}): check it on your own data before use."
+            (f"Worst at {worst[0]} ({columns[1]} {_fmt(worst[1].get(columns[1]))}): check it on your own data "
+             "before use."
              if worst else "No per-site evaluation was recorded."),
             "Validated only on the sites above; other scanners, protocols and populations may differ.",
         ], None),

@@ -27,6 +27,7 @@ class RichReporter(Reporter):
         self.task = None
 
     def start(self, study: StudyConfig, first_round: int) -> None:
+        self.headline = "Dice" if study.task == "segmentation" else "AUC"
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -46,7 +47,8 @@ class RichReporter(Reporter):
 
     def round_done(self, record: dict, round_s: float) -> None:
         sites = "  ".join(
-            f"{name} {_fmt(m['auc'])}" + (f" ε{m['epsilon']:.2f}" if m.get("epsilon") is not None else "")
+            f"{name} {_fmt(m.get(self.key))}"
+            + (f" ε{m['epsilon']:.2f}" if m.get("epsilon") is not None else "")
             for name, m in record["sites"].items()
         )
         extra = ""
@@ -55,11 +57,15 @@ class RichReporter(Reporter):
         if record.get("failed"):
             extra += f"  [red]failed: {', '.join(record['failed'])}[/]"
         self.console.print(
-            f"round {record['round']:>3}/{self.total}  pooled AUC {_fmt(record['pooled'].get('auc'))}"
+            f"round {record['round']:>3}/{self.total}  pooled {self.headline} {_fmt(record['pooled'].get(self.key))}"
             f"  | {sites}  ({round_s:.1f}s){extra}"
         )
         if self.progress is not None:
             self.progress.advance(self.task)
+
+    @property
+    def key(self) -> str:
+        return getattr(self, "headline", "AUC").lower()
 
     def finish(self, results: dict) -> None:
         if self.progress is not None:
@@ -72,6 +78,8 @@ def summary_table(results: dict) -> Table:
 
     The rows are the report's (server.report.tables.run_rows), so terminal and report.html agree.
     """
+    if results.get("study", {}).get("task") == "segmentation":
+        return segmentation_table(results)
     rows, private = run_rows(results), is_private(results)
     table = Table(
         title=f"fedward: {results.get('study', {}).get('name', '')} after "
@@ -83,6 +91,23 @@ def summary_table(results: dict) -> Table:
     for row in rows:
         site, *cells = row.texts(private, missing="-")
         table.add_row(Text(site, style="bold" if row.pooled else ""), *cells)
+    if results.get("stop_reason"):
+        table.caption = f"stopped: {results['stop_reason']}"
+    return table
+
+
+def segmentation_table(results: dict) -> Table:
+    """Per site (and pooled): test images, Dice of the initial and the final model, final HD95."""
+    final, initial = results.get("final", {}), results.get("initial", {})
+    table = Table(title=f"fedward: {results.get('study', {}).get('name', '')} after {final.get('round', 0)} rounds "
+                  f"({results.get('status')})")  # fmt: skip
+    for col in ("site", "test", "Dice 0", "Dice", "HD95 (px)"):
+        table.add_column(col, justify="left" if col == "site" else "right", no_wrap=True)
+    rows = [*final.get("sites", {}).items(), ("pooled", final.get("pooled", {}))]
+    for site, m in rows:
+        init = (initial.get("pooled") if site == "pooled" else initial.get("sites", {}).get(site)) or {}
+        table.add_row(Text(site, style="bold" if site == "pooled" else ""), str(m.get("n_test", "-")),
+                      _fmt(init.get("dice")), _fmt(m.get("dice")), _fmt(m.get("hd95"), 2))  # fmt: skip
     if results.get("stop_reason"):
         table.caption = f"stopped: {results['stop_reason']}"
     return table

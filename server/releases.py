@@ -25,6 +25,7 @@ from common.metrics import (
     public_metrics,
     summary_from_counts,
 )
+from common.seg_metrics import segmentation_summary
 from common.uncertainty import auc_interval, calibration_from_histogram
 
 NOISE_DRAWS = 200  # draws of the parametric bootstrap of a noised release's AUC
@@ -37,8 +38,27 @@ NAMED = (
 )
 
 
+SEG_SUMS = {"dice_sum": Met.DICE_SUM, "dice_n": Met.DICE_N, "hd95_sum": Met.HD95_SUM, "hd95_n": Met.HD95_N}
+
+
+def _segmentation_release(kind: str, m) -> dict:
+    """A segmentation reply (client.evaluation.segmentation_release): its Dice and HD95 sums, with
+    a dp_histogram's HD95 scaled back from its cap; they pool by adding."""
+    sums = {k: np.asarray(m[key], dtype=np.float64) for k, key in SEG_SUMS.items()}
+    noise = 0.0
+    if kind == "dp_histogram":
+        sums["hd95_sum"] = sums["hd95_sum"] * float(m[Met.EVAL_HD_CAP])
+        noise = float(m[Met.EVAL_NOISE])
+    n_test = int(m[Met.N_TEST]) if Met.N_TEST in m else None
+    summary = segmentation_summary(sums, n_test)
+    return {"kind": kind, "summary": summary, "pool": {"key": (kind, "segmentation"), "sums": sums},
+            "noise": noise, "task": "segmentation"}  # fmt: skip
+
+
 def site_release(kind: str, m, n_classes: int) -> dict:
     """A site's evaluation reply as {kind, summary (common.metrics), pool (aggregates or None), noise}."""
+    if Met.DICE_SUM in m:
+        return _segmentation_release(kind, m)
     if kind == "dp_histogram":
         bins = int(m[Met.EVAL_BINS])
         k = 1 if n_classes == 2 else n_classes
@@ -64,6 +84,8 @@ def site_release(kind: str, m, n_classes: int) -> dict:
 
 def site_metrics(release: dict, m) -> dict:
     """results.json's metrics of one site's release."""
+    if release.get("task") == "segmentation":
+        return _segmentation_metrics(release["summary"], release["kind"], m)
     out = public_metrics({k: (np.nan if v is None else v) for k, v in release["summary"].items()})
     out["release"] = release["kind"]
     if Met.PRIVACY_UNIT in m:
@@ -90,8 +112,36 @@ def _interval_and_calibration(pool: dict | None, auc: float | None, noise_sd: fl
     return {"auc_ci": auc_ci, "ece": calibration_from_histogram(neg, pos, edges)}
 
 
+def _segmentation_metrics(summary: dict, kind: str, m=None) -> dict:
+    out = {k: (None if v is None else round(float(v), 6)) for k, v in summary.items()} | {"release": kind}
+    out["n_test"] = int(summary["n_test"])
+    if m is not None and Met.PRIVACY_UNIT in m:
+        out["privacy_unit"] = "patient" if m[Met.PRIVACY_UNIT] else "image"
+    if m is not None and kind == "dp_histogram":
+        out["evaluation_epsilon"] = float(m[Met.EVAL_EPSILON])
+    return out
+
+
+def _pooled_segmentation(releases: dict[str, dict]) -> dict:
+    """Dice and HD95 over every counted image of every site (the sums of one kind of release)."""
+    kinds: dict[str, list[str]] = {}
+    for site, r in releases.items():
+        kinds.setdefault(r["kind"], []).append(site)
+    kind = max(kinds, key=lambda k: sum(releases[s]["summary"]["n_test"] for s in kinds[k]))
+    members = sorted(kinds[kind])
+    sums = {k: sum(releases[s]["pool"]["sums"][k] for s in members) for k in SEG_SUMS}
+    n_test = sum(releases[s]["summary"]["n_test"] for s in members)
+    out = _segmentation_metrics(segmentation_summary(sums, n_test), kind) | {"sites": members}
+    left_out = sorted(set(releases) - set(members))
+    if left_out:
+        out["left_out"] = left_out
+    return out
+
+
 def pooled_metrics(releases: dict[str, dict]) -> dict:
     """Metrics over the sites whose releases can be added up (the kind with the most test images)."""
+    if releases and all(r.get("task") == "segmentation" for r in releases.values()):
+        return _pooled_segmentation(releases)
     groups: dict[tuple, list[str]] = {}
     for site, r in releases.items():
         if r["pool"] is not None:

@@ -34,6 +34,7 @@ from common.readers.base import (
 from common.readers.dicom import DicomImage, DicomReader, read_dicom
 from common.readers.nifti import NiftiReader, read_nifti
 from common.readers.raster import RasterReader, read_image
+from common.readers.volume import DicomSeriesReader, NiftiVolumeReader, read_dicom_series
 from common.schema import SiteDataConfig
 
 __all__ = [
@@ -44,12 +45,16 @@ __all__ = [
     "BadImageFileError",
     "DicomImage",
     "DicomReader",
+    "DicomSeriesReader",
     "NiftiReader",
+    "NiftiVolumeReader",
+    "VOLUME_READERS",
     "RasterReader",
     "ReadImage",
     "SiteImageReader",
     "channel_first",
     "read_dicom",
+    "read_dicom_series",
     "read_image",
     "read_nifti",
     "reader_for",
@@ -59,10 +64,15 @@ READERS: dict[str, type[SiteImageReader]] = {
     reader.format: reader for reader in (DicomReader, RasterReader, NiftiReader)
 }
 FORMATS = tuple(READERS)  # the site config formats read from a folder of files
+VOLUME_READERS: dict[str, type[SiteImageReader]] = {"dicom": DicomSeriesReader, "nifti": NiftiVolumeReader}
 
 
 def reader_for(data: SiteDataConfig) -> SiteImageReader:
     """The reader of a site's `data.format`, with its `frame`, `window` and `colour` settings."""
     if data.format not in READERS:
         raise ValueError(f"format {data.format!r}: the image readers read {FORMATS}")
+    if data.volume:
+        if data.format not in VOLUME_READERS:
+            raise ValueError(f"format {data.format!r}: volumes are read from {tuple(VOLUME_READERS)}")
+        return VOLUME_READERS[data.format](window=data.window)
     return READERS[data.format](frame=data.frame, window=data.window, colour=data.colour)

@@ -49,6 +49,11 @@ PROBLEMS = (
     "not NIfTI",
     "corrupt",
     "not colour",
+    "several series",
+    "mixed orientation",
+    "duplicate slice",
+    "missing slice",
+    "uneven spacing",
 )
 COLOURS = ("grey", "rgb")  # a site config's data.colour
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luma weights: PIL "L" and YBR_FULL's Y, grey from RGB
@@ -83,6 +88,8 @@ class ReadImage:
     pixel_spacing: tuple[float, float] | None = None  # (row, col) in mm; None when unknown
     n_frames: int = 1
     colour_file: bool = False  # the file holds a colour image (kept as RGB, or read as grey)
+    volume: bool = False  # pixels are a D x H x W volume (common.readers.volume)
+    voxel_spacing: tuple[float, float, float] | None = None  # a volume's (slice, row, col) spacing in mm
 
 
 def luma(rgb: np.ndarray) -> np.ndarray:
@@ -90,10 +97,12 @@ def luma(rgb: np.ndarray) -> np.ndarray:
     return np.tensordot(LUMA.astype(np.float32), rgb, axes=([0], [1])).astype(np.float32)
 
 
-def channel_first(pixels: np.ndarray) -> np.ndarray:
-    """A read image as the C x H x W float32 array the transforms and models take."""
-    arr = np.ascontiguousarray(pixels, dtype=np.float32)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1)) if arr.ndim == 3 else arr[None]
+def channel_first(image: ReadImage) -> np.ndarray:
+    """A read image as the C x H x W (or 1 x D x H x W volume) float32 array the transforms take."""
+    arr = np.ascontiguousarray(image.pixels, dtype=np.float32)
+    if arr.ndim == 3 and not image.volume:  # H x W x 3 colour
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    return arr[None]
 
 
 class SiteImageReader(ABC):
@@ -107,6 +116,7 @@ class SiteImageReader(ABC):
 
     format: str = ""  # the site config's `data.format`
     suffixes: tuple[str, ...] = ()  # lower-case file name endings the reader takes; () = any file
+    takes_folders = False  # each image is a folder of files (a DICOM series), not a file
 
     def __init__(
         self, *, frame: FrameSpec = "middle", window: Sequence[float] | None = None, colour: str = "grey"

@@ -21,7 +21,7 @@ from common.readers.base import (
     frame_index,
 )
 
-__all__ = ["NiftiReader", "read_nifti"]
+__all__ = ["NiftiReader", "load_ras", "read_nifti"]
 
 
 class NiftiReader(SiteImageReader):
@@ -53,14 +53,10 @@ def _min_max01(x: np.ndarray) -> np.ndarray:
     return np.zeros_like(x) if high == low else ((x - low) / (high - low)).astype(np.float32)
 
 
-def read_nifti(path: PathLike, *, slice_index: FrameSpec = "middle") -> np.ndarray:
-    """Read one axial slice of a NIfTI volume as float32 HxW, in stored units after scaling.
-
-    The volume is first turned to the closest RAS+ orientation, so slice 0 is the most
-    inferior; the slice is then laid out as a DICOM axial image is displayed (anterior at
-    the top, the patient's right on the image's left), so NIfTI and DICOM slices line up.
-    Needs nibabel (`pip install nibabel`).
-    """
+def load_ras(path: PathLike) -> tuple[np.ndarray, tuple[float, ...]]:
+    """A NIfTI file's data (stored units after scaling) turned to the closest RAS+ orientation, and
+    its voxel sizes (x, y, z) in that orientation; BadImageFileError naming the file when it cannot
+    be read. Needs nibabel (`pip install nibabel`)."""
     try:
         import nibabel as nib
         from nibabel.filebasedimages import ImageFileError
@@ -100,7 +96,19 @@ def read_nifti(path: PathLike, *, slice_index: FrameSpec = "middle") -> np.ndarr
         raise BadImageFileError(
             path, f"the NIfTI data cannot be read ({exc}): it is corrupt or truncated", problem="truncated"
         ) from exc
-    ras = nib.as_closest_canonical(nib.Nifti1Image(data, img.affine)).get_fdata(dtype=np.float32)
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(data, img.affine))
+    return canonical.get_fdata(dtype=np.float32), tuple(float(z) for z in canonical.header.get_zooms()[:3])
+
+
+def read_nifti(path: PathLike, *, slice_index: FrameSpec = "middle") -> np.ndarray:
+    """Read one axial slice of a NIfTI volume as float32 HxW, in stored units after scaling.
+
+    The volume is first turned to the closest RAS+ orientation (load_ras), so slice 0 is the most
+    inferior; the slice is then laid out as a DICOM axial image is displayed (anterior at
+    the top, the patient's right on the image's left), so NIfTI and DICOM slices line up.
+    """
+    path = Path(path)
+    ras, _ = load_ras(path)
     index = frame_index(slice_index, ras.shape[2], path, unit="slice")
     # RAS array [x: left->right, y: posterior->anterior] -> rows anterior->posterior,
     # columns patient right->left.

@@ -88,7 +88,7 @@ def test_site_replies_carry_only_arrays_and_aggregate_numbers(site):
                 assert set(record.keys()) == {Site.NAME, Site.REFUSED, Site.RELEASE, Site.INPUT}
                 if record[Site.INPUT]:  # reading and preprocessing settings of the site config, nothing else
                     described = json.loads(record[Site.INPUT])
-                    assert set(described) == {"format", "colour", "frame", "window", "preprocess"}
+                    assert set(described) == {"format", "colour", "frame", "window", "volume", "preprocess"}
                     assert described["preprocess"] == dataclasses.asdict(site.data.preprocess)
             if isinstance(record, MetricRecord):
                 for key, value in record.items():
@@ -137,8 +137,8 @@ def test_site_trains_with_its_own_class_balance_when_asked(site, monkeypatch):
     seen = []
     real = train.make_criterion
 
-    def spy(train_y, num_classes, balanced):
-        crit = real(train_y, num_classes, balanced)
+    def spy(train_y, num_classes, balanced, task="classification"):
+        crit = real(train_y, num_classes, balanced, task)
         seen.append((balanced, getattr(crit, "class_weights", None)))
         return crit
 

@@ -6,15 +6,17 @@ from torch import nn
 
 from common.config import ConfigError, load_study
 from common.models import MODELS, build_model, load_model, save_model
-from common.schema import MIN_INPUT_SIZE
+from common.schema import MIN_INPUT_SIZE, SEGMENTATION_MODELS, VOLUME_MODELS
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_model_builds_without_batchnorm_and_classifies(name):
+def test_model_builds_without_batchnorm_and_runs(name):
     model = build_model(name, in_channels=1, num_classes=3)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     size = max(28, MIN_INPUT_SIZE.get(name, 0))
-    assert model.eval()(torch.randn(2, 1, size, size)).shape == (2, 3)
+    shape = (2, 1, 8, size, size) if name in VOLUME_MODELS else (2, 1, size, size)
+    out = (2, 3, size, size) if name in SEGMENTATION_MODELS else (2, 3)  # a label map per image, or classes
+    assert model.eval()(torch.randn(*shape)).shape == out
     again = build_model(name, in_channels=1, num_classes=3)
     assert {k: v.shape for k, v in model.state_dict().items()} == {
         k: v.shape for k, v in again.state_dict().items()

@@ -97,6 +97,7 @@ def deployment(folder):
     (folder / "export-a").chmod(0o700)  # the hospital's images: only the site service reads them
     (templates / "hospital-a.yaml").write_text(yaml.safe_dump(site_a))
     site_b = {"site": "hospital-b", "data": {"format": "synthetic", "partition": {"index": 1, "num_sites": 2},
+              "classes": ["normal", "pneumonia"],  # named as hospital-a's sheet names them
               "synthetic": {"train_per_site": 48, "test_per_site": 16}}}  # fmt: skip
     (templates / "hospital-b.yaml").write_text(yaml.safe_dump(site_b))
     with LocalDeployment(folder / "deploy", site_templates=templates) as dep:
@@ -107,6 +108,7 @@ def deployment(folder):
 def _study(folder: Path) -> Path:
     study = {
         "name": "isolation",
+        "classes": ["normal", "pneumonia"],  # the sites' classes: each checks them against its data
         "rounds": 1,
         "min_sites": 2,
         "round_timeout_s": 180,
