@@ -209,3 +209,21 @@ def test_fedward_predict_takes_series_folders_and_nifti_volumes(tmp_path):
             and not rows[good]["error"]
         )
     assert "a slice is missing" in rows["patient2/ct"]["error"] and not rows["patient2/ct"]["p_normal"]
+
+
+def test_nibabels_own_nifti_files_read_as_volumes_with_their_spacing():
+    import os
+
+    import nibabel as nib
+    from nibabel.testing import data_path
+
+    anatomical = NiftiVolumeReader().read(os.path.join(data_path, "anatomical.nii"))
+    assert anatomical.pixels.shape == (25, 41, 33) and anatomical.voxel_spacing == (2.0, 2.0, 2.0)
+    standard = NiftiVolumeReader().read(os.path.join(data_path, "standard.nii.gz"))  # voxels 1 x 3 x 2 mm
+    canonical = nib.as_closest_canonical(nib.load(os.path.join(data_path, "standard.nii.gz")))
+    x, y, z = canonical.header.get_zooms()[:3]
+    assert (
+        standard.voxel_spacing == (float(z), float(y), float(x))
+        and standard.pixels.shape == canonical.shape[::-1]
+    )
+    assert 0.0 <= standard.pixels.min() and standard.pixels.max() == 1.0
