@@ -48,13 +48,13 @@ def batch(name: str, size: int, device: torch.device) -> tuple[torch.Tensor, tor
 
 @contextmanager
 def opacus_conv_sampler():
-    """Opacus's own Conv2d per-sample gradients (unfold), as shipped, instead of client.grad_sample's."""
-    ours = GradSampleModule.GRAD_SAMPLERS[nn.Conv2d]
-    GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] = compute_conv_grad_sample
+    """Opacus's own Conv2d / Conv3d per-sample gradients (unfold), as shipped, instead of client.grad_sample's."""
+    ours = {c: GradSampleModule.GRAD_SAMPLERS[c] for c in (nn.Conv2d, nn.Conv3d)}
+    GradSampleModule.GRAD_SAMPLERS.update({c: compute_conv_grad_sample for c in ours})
     try:
         yield
     finally:
-        GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] = ours
+        GradSampleModule.GRAD_SAMPLERS.update(ours)
 
 
 def make_step(

@@ -111,8 +111,12 @@ def segmentation_object(
         )
         for c, name in enumerate(classes) if c > 0
     ]  # fmt: skip
+    spacing = [float(v) for v in source.get("PixelSpacing") or source.get("ImagerPixelSpacing") or [1.0, 1.0]]
+    measures = hd.PixelMeasuresSequence(
+        pixel_spacing=spacing, slice_thickness=float(source.get("SliceThickness") or 1.0)
+    )
     return hd.seg.Segmentation(
-        source_images=[source], pixel_array=label_map.astype(np.uint8)[None],
+        source_images=[source], pixel_array=label_map.astype(np.uint8)[None], pixel_measures=measures,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
         series_instance_uid=hd.UID(), series_number=SEG_SERIES, sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer=MANUFACTURER, manufacturer_model_name=MANUFACTURER, software_versions="1",

@@ -36,7 +36,7 @@ from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
-import client.grad_sample  # noqa: F401  (registers the faster Conv2d per-sample gradients)
+import client.grad_sample  # noqa: F401  (registers the faster Conv2d / Conv3d per-sample gradients)
 from common.privacy import HistoryItem, PrivacyConfigError, PrivacyRequest
 from common.schema import DEFAULT_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES
 
@@ -218,7 +218,9 @@ def _check_settings(
         )
 
 
-def _conv_forward_without_weight_grad(self: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def _conv_forward_without_weight_grad(
+    self: torch.nn.Conv2d | torch.nn.Conv3d, x: torch.Tensor
+) -> torch.Tensor:
     # the first layer (its input needs no gradient): without the weights in the graph its output would
     # need no gradient either, and Opacus's backward hook would never fire
     if not x.requires_grad:
@@ -230,11 +232,12 @@ def _conv_forward_without_weight_grad(self: torch.nn.Conv2d, x: torch.Tensor) ->
 def _skip_batch_weight_grads(model: torch.nn.Module) -> list[torch.nn.Module]:
     """In `hooks` mode DP-SGD never uses the batch gradient autograd computes for a weight: Opacus's
     hooks compute per-sample gradients from the layer's input and output gradient, and the DP
-    optimizer replaces `.grad` with the clipped, noised sum of those. For Conv2d layers that batch
+    optimizer replaces `.grad` with the clipped, noised sum of those. For Conv2d and Conv3d layers that batch
     weight gradient is a large share of the backward pass, so their forward uses detached weights
     (the input gradient still flows). Not for ghost clipping, whose second backward pass needs it.
     `PrivateTraining.unwrap` restores the layers' own forward."""
-    layers = [m for m in model.modules() if type(m) is torch.nn.Conv2d and "forward" not in m.__dict__]
+    convs = (torch.nn.Conv2d, torch.nn.Conv3d)
+    layers = [m for m in model.modules() if type(m) in convs and "forward" not in m.__dict__]
     for layer in layers:
         layer.forward = types.MethodType(_conv_forward_without_weight_grad, layer)
     return layers

@@ -1,4 +1,4 @@
-"""Per-sample gradients of Conv2d layers as one grouped convolution (faster than Opacus's default).
+"""Per-sample gradients of Conv2d and Conv3d layers as one grouped convolution (faster than Opacus's default).
 
 Opacus computes a Conv2d layer's per-sample weight gradients by unfolding the layer's input (a copy
 k*k times its size) and multiplying it with the output gradients sample by sample. The same numbers are
@@ -8,7 +8,7 @@ backward for its weight gradient, which comes out n*c_out x c_in/groups x kh x k
 That runs on oneDNN / cuDNN kernels without the unfolded copy; on the 28x28 `cnn28` model it is several
 times faster than the unfold path (bench/bench_dp_overhead.py).
 
-Registered for nn.Conv2d on import (client.dp imports this module), for Opacus's per-sample hooks
+Registered for nn.Conv2d and nn.Conv3d on import (client.dp imports this module), for Opacus's per-sample hooks
 (`hooks`) and for fast gradient clipping (`ghost`). Layers it does not cover (string padding such as
 "same", a padding mode other than zeros) fall back to Opacus's own sampler. Tests check both give the
 same per-sample gradients.
@@ -22,15 +22,20 @@ from opacus.grad_sample.utils import register_grad_sampler
 from torch import nn
 
 
-def _covered(layer: nn.Conv2d) -> bool:
-    return isinstance(layer.padding, tuple) and layer.padding_mode == "zeros" and type(layer) is nn.Conv2d
+def _covered(layer: nn.Conv2d | nn.Conv3d) -> bool:
+    return (
+        isinstance(layer.padding, tuple)
+        and layer.padding_mode == "zeros"
+        and type(layer) in (nn.Conv2d, nn.Conv3d)
+    )
 
 
-@register_grad_sampler(nn.Conv2d)
-def conv2d_grad_sample(
-    layer: nn.Conv2d, activations: list[torch.Tensor], backprops: torch.Tensor
+@register_grad_sampler([nn.Conv2d, nn.Conv3d])
+def conv_grad_sample(
+    layer: nn.Conv2d | nn.Conv3d, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[nn.Parameter, torch.Tensor]:
-    """Per-sample gradients {param: n x *param.shape} of a Conv2d layer (Opacus's sampler signature)."""
+    """Per-sample gradients {param: n x *param.shape} of a Conv2d or Conv3d layer (Opacus's sampler
+    signature)."""
     if not _covered(layer):
         return compute_conv_grad_sample(layer, activations, backprops)
     x = activations[0].to(backprops.dtype)
@@ -38,9 +43,10 @@ def conv2d_grad_sample(
     out: dict[nn.Parameter, torch.Tensor] = {}
     if n == 0:
         return compute_conv_grad_sample(layer, activations, backprops)
+    spatial = tuple(range(2, backprops.dim()))
     if layer.weight.requires_grad:
-        c_out, c_in_g, kh, kw = layer.weight.shape
-        weight_shape = (n * c_out, c_in_g, kh, kw)
+        c_out, c_in_g, *kernel = layer.weight.shape
+        weight_shape = (n * c_out, c_in_g, *kernel)
         grad = torch.ops.aten.convolution_backward(
             backprops.reshape(1, n * c_out, *backprops.shape[2:]),
             x.reshape(1, n * x.shape[1], *x.shape[2:]),
@@ -51,11 +57,11 @@ def conv2d_grad_sample(
             list(layer.padding),
             list(layer.dilation),
             False,
-            [0, 0],
+            [0] * len(spatial),
             n * layer.groups,
             [False, True, False],
         )[1]
-        out[layer.weight] = grad.view(n, c_out, c_in_g, kh, kw)
+        out[layer.weight] = grad.view(n, c_out, c_in_g, *kernel)
     if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = backprops.sum(dim=(2, 3))
+        out[layer.bias] = backprops.sum(dim=spatial)
     return out

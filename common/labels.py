@@ -69,6 +69,7 @@ class LabelRow:
     label_index: int  # position of `label` in the study's classes; -1: not one (strict=False)
     split: str | None  # "train" / "val" / "test" when the site fixes it
     line: int  # line in the CSV, for messages
+    mask: str = ""  # segmentation sheets: the mask file of the image (PNG, NIfTI or DICOM-SEG)
 
 
 def read_labels_csv(path: PathLike, *, classes: list[str], strict: bool = True) -> list[LabelRow]:
@@ -132,7 +133,7 @@ def _columns(header: list[str], path: Path) -> tuple[list[str], list[str]]:
             line=1,
             column="file",
         )
-    for required in ("patient_id", "label"):
+    for required in ("patient_id",) if "mask" in columns else ("patient_id", "label"):
         if required not in columns:
             raise LabelFileError(path, f"missing column (header has {columns})", line=1, column=required)
     return columns, keys
@@ -162,6 +163,11 @@ def _row(values: dict[str, str], allowed: list[str], strict: bool, path: Path, l
         raise LabelFileError(
             path, "empty: patient_id keeps a patient in one split", line=line, column="patient_id"
         )
+    if "mask" in values:  # a segmentation sheet: the mask is the label
+        if not values["mask"]:
+            raise LabelFileError(path, "empty: every row of a sheet with masks names its mask file", line=line,
+                                 column="mask")  # fmt: skip
+        values = {**values, "label": allowed[0] if allowed else ""}
     label = values["label"]
     if label not in allowed and strict:
         raise LabelFileError(
@@ -187,6 +193,7 @@ def _row(values: dict[str, str], allowed: list[str], strict: bool, path: Path, l
         label_index=allowed.index(label) if label in allowed else -1,
         split=split,
         line=line,
+        mask=values.get("mask", ""),
     )
 
 

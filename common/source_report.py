@@ -56,6 +56,7 @@ class SourceReport:
     on_bad_file: str
     colour: str = "grey"  # the site config's data.colour
     samples: list[Sample] = field(default_factory=list)
+    masks: list[torch.Tensor] = field(default_factory=list)  # segmentation sheets: each sample's label map
     images: torch.Tensor | None = None  # N x C x H x W float32, in the order of `samples`
     bad: list[BadFile] = field(default_factory=list)
     unlabelled: list[str] = field(default_factory=list)  # files in the folder that no row names
@@ -101,7 +102,15 @@ class SourceReport:
         for split in SPLITS:
             idx = [i for i, s in enumerate(self.samples) if s.split == split]
             x[split] = self.images[idx].contiguous()
-            y[split] = torch.tensor([self.samples[i].label_index for i in idx], dtype=torch.int64)
+            if self.masks:  # segmentation: the label maps
+                size = tuple(self.images.shape[2:])
+                y[split] = (
+                    torch.stack([self.masks[i] for i in idx])
+                    if idx
+                    else torch.zeros((0, *size), dtype=torch.int64)
+                )
+            else:
+                y[split] = torch.tensor([self.samples[i].label_index for i in idx], dtype=torch.int64)
             patients[split] = [self.samples[i].patient_id for i in idx]
         notes = list(self.notes)
         in_colour = sum(s.colour_file for s in self.samples)

@@ -41,6 +41,7 @@ from monai.utils import convert_to_tensor
 from common.files import write_atomic
 from common.labels import LabelFileError, LabelRow, label_problem, read_labels_csv, split_rows
 from common.readers import FORMATS, BadImageFileError, SiteImageReader, reader_for
+from common.readers.masks import MaskError, read_mask
 from common.schema import SiteConfig, SiteDataConfig
 from common.sitedata import SiteData, SiteDataError
 from common.source_report import BadFile, Sample, SourceReport, describe
@@ -124,6 +125,10 @@ def scan_site(config: SiteConfig) -> SourceReport:
         report.fatal.append(f"label sheet: {err}")
         return report
 
+    if any(r.mask for r in rows) and (data.preprocess.spatial != "resize" or data.volume):
+        report.fatal.append("masks are resized with their images: they need data.preprocess.spatial: resize "
+                            "(2-D images)")  # fmt: skip
+        return report
     by_row, decoded = _find_and_read(config, report, rows, bad_rows)
     split_of = _splits(rows, data, report)
     keep = _take_samples(report, rows, by_row, decoded, split_of)
@@ -246,6 +251,12 @@ def _take_samples(
             detail = f"the same image as '{first}' (same bytes or SOP Instance UID); remove one"
             report.bad.append(BadFile(rel, "duplicate", detail, row.line))
             continue
+        if row.mask:  # a segmentation sheet: the mask beside the image, checked against it
+            try:
+                report.masks.append(_mask_for(report, row, item))
+            except MaskError as err:
+                report.bad.append(BadFile(rel, err.problem, f"mask '{row.mask}': {err.reason}", row.line))
+                continue
         seen_sha[item["sha1"]] = rel
         if uid:
             seen_uid[uid] = rel
@@ -269,6 +280,17 @@ def _take_samples(
             )
         )
     return keep
+
+
+def _mask_for(report: SourceReport, row: LabelRow, item: dict) -> torch.Tensor:
+    """The row's mask, read and checked against its image, at the image's preprocessed size (nearest)."""
+    mask = read_mask(report.root / row.mask, shape=tuple(item["orig_size"][:2]), patient_id=str(item["file_patient_id"]),
+                     sop_instance_uid=str(item["sop_instance_uid"]), num_classes=len(report.classes))  # fmt: skip
+    size = tuple(item["image"].shape[1:])
+    resized = torch.nn.functional.interpolate(
+        torch.from_numpy(mask)[None, None].float(), size=size, mode="nearest"
+    )
+    return resized[0, 0].long()
 
 
 def _decode(config: SiteConfig, root: Path, files: list[str], report: SourceReport) -> dict[str, dict]:

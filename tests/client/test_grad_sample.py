@@ -8,7 +8,7 @@ from opacus import GradSampleModule
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch import nn
 
-from client.grad_sample import conv2d_grad_sample
+from client.grad_sample import conv_grad_sample
 from common.models import build_model
 
 
@@ -32,7 +32,7 @@ def test_cnn28_per_sample_gradients_match_one_backward_per_sample():
     nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
     for (name, p), want in zip(model.named_parameters(), expected, strict=True):
         assert torch.allclose(p.grad_sample, want, rtol=1e-4, atol=1e-5), name
-    assert GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] is conv2d_grad_sample  # ours did the convs
+    assert GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] is conv_grad_sample  # ours did the convs
 
 
 @pytest.mark.parametrize(
@@ -50,13 +50,39 @@ def test_conv_layers_give_opacus_per_sample_gradients(conv):
     layer = nn.Conv2d(**conv)
     x = torch.randn(5, conv["in_channels"], 17, 15)
     backprops = torch.randn_like(layer(x))
-    ours, opacus = conv2d_grad_sample(layer, [x], backprops), compute_conv_grad_sample(layer, [x], backprops)
+    ours, opacus = conv_grad_sample(layer, [x], backprops), compute_conv_grad_sample(layer, [x], backprops)
     assert set(ours) == set(opacus)
     for p in opacus:
         assert torch.allclose(ours[p], opacus[p], rtol=1e-4, atol=1e-4)
 
 
-def test_hooks_mode_without_batch_weight_grads_updates_exactly_like_opacus():
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(in_channels=2, out_channels=4, kernel_size=3, padding=1, bias=False),
+        dict(
+            in_channels=4,
+            out_channels=6,
+            kernel_size=(1, 3, 3),
+            stride=(1, 2, 2),
+            padding=(0, 1, 1),
+            groups=2,
+        ),
+    ],
+)
+def test_conv3d_layers_give_opacus_per_sample_gradients(conv):
+    torch.manual_seed(0)
+    layer = nn.Conv3d(**conv)
+    x = torch.randn(3, conv["in_channels"], 6, 9, 8)
+    backprops = torch.randn_like(layer(x))
+    ours, opacus = conv_grad_sample(layer, [x], backprops), compute_conv_grad_sample(layer, [x], backprops)
+    assert GradSampleModule.GRAD_SAMPLERS[nn.Conv3d] is conv_grad_sample and set(ours) == set(opacus)
+    for p in opacus:
+        assert torch.allclose(ours[p], opacus[p], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("name", "shape"), [("cnn28", (1, 28, 28)), ("cnn3d", (1, 8, 12, 12))])
+def test_hooks_mode_without_batch_weight_grads_updates_exactly_like_opacus(name, shape):
     """client.dp skips autograd's (unused) batch weight gradient of conv layers in hooks mode: the
     clipped, noised update must be what Opacus gives with the layers' own forward."""
     import warnings
@@ -66,10 +92,10 @@ def test_hooks_mode_without_batch_weight_grads_updates_exactly_like_opacus():
     from client.dp import make_private
 
     torch.manual_seed(0)
-    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 2, (16,))
+    x, y = torch.randn(16, *shape), torch.randint(0, 2, (16,))
     updates = []
     for skip in (True, False):
-        model = build_model("cnn28", seed=3)
+        model = build_model(name, seed=3)
         before = [p.detach().clone() for p in model.parameters()]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

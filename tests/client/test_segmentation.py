@@ -128,3 +128,105 @@ def test_fedward_predict_writes_masks_as_nifti_and_dicom_seg(tmp_path):
     assert seg.StudyInstanceUID == source.StudyInstanceUID and seg.Modality == "SEG"
     cited = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
     assert cited == source.SOPInstanceUID and seg.SegmentSequence[0].SegmentLabel == "lesion"
+
+
+def _seg_site(tmp_path, kind: str):
+    """A hospital's export for segmentation: DICOM images, a mask per image (PNG, NIfTI or DICOM-SEG)."""
+    import highdicom as hd
+    import nibabel as nib
+    import pydicom
+    from PIL import Image
+
+    from client.dicom_out import segmentation_object
+    from tests.common.test_sources import write_dicom
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir(parents=True)
+    (tmp_path / "masks").mkdir()
+    lines = ["file,patient_id,mask"]
+    truth = {}
+    for i in range(8):
+        image = rng.random((32, 32)) * 0.3
+        mask = np.zeros((32, 32), np.uint8)
+        mask[4 + i : 12 + i, 6:14] = 1
+        image[mask == 1] += 0.6
+        path = write_dicom(tmp_path / "img" / f"i{i}.dcm", image, patient_id=f"P{i}")
+        ds = pydicom.dcmread(path)
+        ds.PatientName, ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = (
+            "X^Y",
+            "20260101",
+            "120000",
+            "A",
+            "1",
+        )
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = hd.UID(), hd.UID()
+        ds.ReferringPhysicianName, ds.PatientBirthDate, ds.PatientSex, ds.SeriesNumber, ds.InstanceNumber = (
+            "",
+            "",
+            "O",
+            1,
+            1,
+        )
+        ds.PatientOrientation = ["L", "F"]
+        ds.save_as(path)
+        name = {"png": f"m{i}.png", "nifti": f"m{i}.nii.gz", "seg": f"m{i}.dcm"}[kind]
+        if kind == "png":
+            Image.fromarray(mask * 255).save(tmp_path / "masks" / name)
+        elif kind == "nifti":  # read_nifti lays a slice out as a DICOM image: store it the other way round
+            nib.save(
+                nib.Nifti1Image(mask.T[::-1, ::-1, None].astype(np.float32), np.eye(4)),
+                tmp_path / "masks" / name,
+            )
+        else:
+            segmentation_object(pydicom.dcmread(path), mask, ["background", "lesion"]).save_as(
+                tmp_path / "masks" / name
+            )
+        lines.append(f"img/i{i}.dcm,P{i},masks/{name}")
+        truth[f"P{i}"] = mask
+    return lines, truth
+
+
+def test_a_sites_own_masks_png_nifti_or_dicom_seg_become_its_labels(tmp_path):
+    from common.sources import scan_site
+
+    for kind in ("png", "nifti", "seg"):
+        folder = tmp_path / kind
+        lines, truth = _seg_site(folder, kind)
+        (folder / "labels.csv").write_text("\n".join(lines) + "\n")
+        data = SiteDataConfig(format="dicom", root=str(folder), labels=str(folder / "labels.csv"),
+                              classes=["background", "lesion"], split_fractions=[0.75, 0.0, 0.25])  # fmt: skip
+        data.preprocess.size = [32, 32]
+        report = scan_site(SiteConfig(site="a", data=data))
+        assert not report.bad, (kind, report.bad)
+        site = report.to_site_data()
+        assert site.task == "segmentation" and site.train_y.shape[1:] == (32, 32)
+        for sample, mask in zip(report.samples, report.masks, strict=True):
+            assert torch.equal(mask, torch.from_numpy(truth[sample.patient_id]).long()), (kind, sample.file)
+
+
+def test_a_mask_of_another_size_or_another_image_is_a_bad_file_named(tmp_path):
+    import pydicom
+    from PIL import Image
+
+    from client.dicom_out import segmentation_object
+    from common.sources import scan_site
+
+    lines, _ = _seg_site(tmp_path / "png", "png")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "png" / "masks" / "m0.png")  # wrong size
+    (tmp_path / "png" / "labels.csv").write_text("\n".join(lines) + "\n")
+    seg_lines, _ = _seg_site(tmp_path / "seg", "seg")
+    other = pydicom.dcmread(tmp_path / "seg" / "img" / "i2.dcm")  # m1's SEG made for another image
+    segmentation_object(other, np.zeros((32, 32), np.uint8), ["background", "lesion"]).save_as(
+        tmp_path / "seg" / "masks" / "m1.dcm"
+    )
+    (tmp_path / "seg" / "labels.csv").write_text("\n".join(seg_lines) + "\n")
+    for kind, file, words in (
+        ("png", "i0.dcm", "the mask is 16x16, its image 32x32"),
+        ("seg", "i1.dcm", "the SEG is of patient 'P2', its image of 'P1'"),
+    ):
+        data = SiteDataConfig(format="dicom", root=str(tmp_path / kind), labels=str(tmp_path / kind / "labels.csv"),
+                              classes=["background", "lesion"], split_fractions=[0.75, 0.0, 0.25])  # fmt: skip
+        data.preprocess.size = [32, 32]
+        report = scan_site(SiteConfig(site="a", data=data))
+        assert [(b.file, b.problem) for b in report.bad] == [(f"img/{file}", "mask mismatch")], report.bad
+        assert words in report.bad[0].detail and len(report.samples) == 7
