@@ -153,8 +153,8 @@ class Predictor:
         neighbour: exact for `spatial: resize`, the default) as NIfTI and, for DICOM, DICOM-SEG."""
         from scipy.ndimage import zoom
 
-        rows, cols = image.pixels.shape[:2]
-        full = zoom(label_map, (rows / label_map.shape[0], cols / label_map.shape[1]), order=0)
+        shape = image.pixels.shape if image.volume else image.pixels.shape[:2]  # the image's own grid
+        full = zoom(label_map, [n / m for n, m in zip(shape, label_map.shape, strict=True)], order=0)
         shares = np.bincount(full.ravel(), minlength=len(self.classes)) / full.size
         out.probabilities = [float(v) for v in shares]
         found = [c for c in range(1, len(self.classes)) if shares[c] > 0]
@@ -165,11 +165,11 @@ class Predictor:
 
             masks.mkdir(parents=True, exist_ok=True)
             target = masks / f"{path.stem}-mask.nii.gz"
-            nib.save(
-                nib.Nifti1Image(full.T[::-1, ::-1].astype(np.uint8), np.eye(4)), target
-            )  # read_nifti's layout
+            # back into NIfTI's own layout (the inverse of common.readers' NIfTI slice and volume layout)
+            stored = full.transpose(2, 1, 0)[::-1, ::-1, :] if image.volume else full.T[::-1, ::-1]
+            nib.save(nib.Nifti1Image(np.ascontiguousarray(stored).astype(np.uint8), np.eye(4)), target)
             out.mask = str(target)
-        if dicom_out is not None:
+        if dicom_out is not None and not image.volume:  # DICOM-SEG of a series: not yet (README)
             try:
                 out.dicom = [str(write_dicom_segmentation(path, full, self.classes, dicom_out))]
             except (AttributeError, ValueError, TypeError) as err:

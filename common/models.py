@@ -94,12 +94,12 @@ def _monai_efficientnet_b0(in_channels: int, num_classes: int) -> nn.Module:
     )
 
 
-def _monai_unet(in_channels: int, num_classes: int) -> nn.Module:
+def _monai_unet(in_channels: int, num_classes: int, dims: int = 2) -> nn.Module:
     """MONAI's BasicUNet with GroupNorm and interpolation instead of transposed convolutions in the
     decoder (Opacus computes per-sample gradients of every layer of it)."""
     from monai.networks.nets import BasicUNet
 
-    return BasicUNet(spatial_dims=2, in_channels=in_channels, out_channels=num_classes,
+    return BasicUNet(spatial_dims=dims, in_channels=in_channels, out_channels=num_classes,
                      features=(16, 16, 32, 64, 128, 16), norm=("group", {"num_groups": 4}),
                      upsample="nontrainable")  # fmt: skip
 
@@ -115,6 +115,7 @@ MODELS: dict[str, Callable[[int, int], nn.Module]] = {
     "cnn3d": lambda c, k: CNN28(c, k, width=16, dims=3),  # volumes
     "resnet10-3d": _monai_resnet(10, dims=3),
     "unet": lambda c, k: _monai_unet(c, k),  # segmentation: a label map per image
+    "unet-3d": lambda c, k: _monai_unet(c, k, dims=3),  # ... per volume
 }
 
 

@@ -104,6 +104,15 @@ def synthetic_site(config: SiteConfig) -> SiteData:
     for split, n in (("train", syn.train_per_site), ("test", syn.test_per_site), ("val", syn.val_per_site)):
         if split == "val" and n == 0:  # no validation split
             continue
+        if syn.masks and syn.depth:  # 3-D segmentation: N x 1 x D x H x W volumes, N x D x H x W masks
+            clean, labels, findings = synthetic_volumes_with_findings(
+                n, scanner.prevalence, syn.depth, syn.image_size, rng
+            )
+            splits[split] = (
+                acquire(clean, scanner, rng)[:, None],
+                lesion_masks_3d(findings, syn.depth, syn.image_size),
+            )
+            continue
         if syn.masks:  # segmentation: the label is the finding's mask (where it is over half its peak)
             clean, labels, findings = synthetic_images_with_findings(
                 n, scanner.prevalence, syn.image_size, rng
@@ -131,6 +140,19 @@ def synthetic_site(config: SiteConfig) -> SiteData:
     return site_data_from_arrays(
         config.site, splits, named or list(SEGMENTATION_CLASSES if syn.masks else CLASSES)
     )
+
+
+def lesion_masks_3d(findings: np.ndarray, depth: int, size: int) -> np.ndarray:
+    """N x D x H x W label maps of the volumes' findings (slice, row, col, sigma in row pixels): 1 above
+    half the finding's peak. A volume's slices are spaced as its rows scaled to the depth."""
+    zz, yy, xx = np.mgrid[0:depth, 0:size, 0:size].astype(np.float64)
+    z_scale = (size - 1) / max(depth - 1, 1)  # the generator's unit cube: a slice is this many row pixels
+    masks = np.zeros((len(findings), depth, size, size), dtype=np.int64)
+    for i, (z, r, c, sigma) in enumerate(findings):
+        if np.isfinite(z):
+            d2 = ((zz - z) * z_scale) ** 2 + (yy - r) ** 2 + (xx - c) ** 2
+            masks[i] = d2 <= (sigma * np.sqrt(2 * np.log(2))) ** 2
+    return masks
 
 
 def lesion_masks(findings: np.ndarray, size: int) -> np.ndarray:

@@ -14,8 +14,8 @@ def test_model_builds_without_batchnorm_and_runs(name):
     model = build_model(name, in_channels=1, num_classes=3)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     size = max(28, MIN_INPUT_SIZE.get(name, 0))
-    shape = (2, 1, 8, size, size) if name in VOLUME_MODELS else (2, 1, size, size)
-    out = (2, 3, size, size) if name in SEGMENTATION_MODELS else (2, 3)  # a label map per image, or classes
+    shape = (2, 1, 16, size, size) if name in VOLUME_MODELS else (2, 1, size, size)
+    out = (2, 3, *shape[2:]) if name in SEGMENTATION_MODELS else (2, 3)  # a label map per image, or classes
     assert model.eval()(torch.randn(*shape)).shape == out
     again = build_model(name, in_channels=1, num_classes=3)
     assert {k: v.shape for k, v in model.state_dict().items()} == {
