@@ -176,7 +176,9 @@ def _images_table(check: SiteCheck) -> Table:
     if colours and "colour" in colours:
         table.add_row("colour", f"{_counter(colours)}; read as {d.colour}")
     frames = check.facts.get("frames")
-    if frames and set(frames) != {"1"}:
+    if frames and d.volume:  # a DICOM series or a NIfTI volume: every slice is used
+        table.add_row("slices per volume", _counter(frames))
+    elif frames and set(frames) != {"1"}:
         table.add_row("frames per file", f"{_counter(frames)}; frame used: {d.frame}")
     if check.input_shape:
         pre = d.preprocess

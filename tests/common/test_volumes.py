@@ -227,3 +227,31 @@ def test_nibabels_own_nifti_files_read_as_volumes_with_their_spacing():
         and standard.pixels.shape == canonical.shape[::-1]
     )
     assert 0.0 <= standard.pixels.min() and standard.pixels.max() == 1.0
+
+
+def test_site_check_reports_volumes_their_spacing_and_a_broken_series(tmp_path):
+    from tests.conftest import run_fedward
+
+    root, lines = tmp_path / "export", ["file,patient_id,label"]
+    for i in range(4):
+        _series(root / f"p{i}" / "ct", [0, 2, 4, 6])
+        lines.append(f"p{i}/ct,P{i},{['normal', 'finding'][i % 2]}")
+    _series(root / "broken" / "ct", [0, 2, 6, 8])
+    lines.append("broken/ct,P9,normal")
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "site.yaml").write_text(
+        "site: vol\ndata: {format: dicom, volume: true, root: export, labels: labels.csv, classes: [normal, finding], "
+        "split_fractions: [0.5, 0.0, 0.5], preprocess: {size: [4, 8, 8]}}\n"
+    )
+    proc = run_fedward("site", "check", str(tmp_path / "site.yaml"), timeout=120)
+    out = " ".join(proc.stdout.split())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for words in (
+        "slices per volume │ 4 (4)",
+        "2 x 0.7 x 0.7 mm (4)",
+        "4x8x8 (4)",
+        "broken/ct",
+        "missing slice",
+        "usable: 4 images; 1 skipped",
+    ):
+        assert words in out, (words, proc.stdout)
