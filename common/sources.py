@@ -125,9 +125,9 @@ def scan_site(config: SiteConfig) -> SourceReport:
         report.fatal.append(f"label sheet: {err}")
         return report
 
-    if any(r.mask for r in rows) and (data.preprocess.spatial != "resize" or data.volume):
-        report.fatal.append("masks are resized with their images: they need data.preprocess.spatial: resize "
-                            "(2-D images)")  # fmt: skip
+    if any(r.mask for r in rows) and data.preprocess.spatial != "resize":
+        report.fatal.append("masks are resized with their images (nearest neighbour): they need "
+                            "data.preprocess.spatial: resize")  # fmt: skip
         return report
     by_row, decoded = _find_and_read(config, report, rows, bad_rows)
     split_of = _splits(rows, data, report)
@@ -284,8 +284,13 @@ def _take_samples(
 
 def _mask_for(report: SourceReport, row: LabelRow, item: dict) -> torch.Tensor:
     """The row's mask, read and checked against its image, at the image's preprocessed size (nearest)."""
-    mask = read_mask(report.root / row.mask, shape=tuple(item["orig_size"][:2]), patient_id=str(item["file_patient_id"]),
-                     sop_instance_uid=str(item["sop_instance_uid"]), num_classes=len(report.classes))  # fmt: skip
+    volume = len(item["image"].shape) == 4  # C x D x H x W
+    shape = tuple(item["orig_size"]) if volume else tuple(item["orig_size"][:2])
+    mask = read_mask(report.root / row.mask, shape=shape, patient_id=str(item["file_patient_id"]),
+                     sop_instance_uid=str(item["sop_instance_uid"]), num_classes=len(report.classes),
+                     slice_uids=tuple(item.get("slice_uids") or ()))  # fmt: skip
+    # resampling to a spacing and resizing are both stretches of the grid: one nearest-neighbour resize
+    # from the stored grid to the preprocessed one is their composition
     size = tuple(item["image"].shape[1:])
     resized = torch.nn.functional.interpolate(
         torch.from_numpy(mask)[None, None].float(), size=size, mode="nearest"

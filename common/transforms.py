@@ -52,7 +52,7 @@ from common.readers import channel_first, reader_for
 from common.readers.volume import folder_sha1
 from common.schema import AugmentConfig, PreprocessConfig, SiteDataConfig
 
-READER_VERSION = 2  # bump when reading or preprocessing changes, so cached images are made again
+READER_VERSION = 3  # bump when reading or preprocessing changes, so cached images are made again
 
 
 class LoadSiteImaged(MapTransform):
@@ -79,6 +79,7 @@ class LoadSiteImaged(MapTransform):
             orig_size=list(img.pixels.shape),
             n_frames=img.n_frames,
             colour_file=img.colour_file,
+            slice_uids=list(img.slice_uids),
             sha1=folder_sha1(path) if path.is_dir() else hashlib.sha1(path.read_bytes()).hexdigest(),
         )
         d["image"] = channel_first(img)

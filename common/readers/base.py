@@ -90,6 +90,7 @@ class ReadImage:
     colour_file: bool = False  # the file holds a colour image (kept as RGB, or read as grey)
     volume: bool = False  # pixels are a D x H x W volume (common.readers.volume)
     voxel_spacing: tuple[float, float, float] | None = None  # a volume's (slice, row, col) spacing in mm
+    slice_uids: tuple[str, ...] = ()  # a DICOM series: each slice's SOP Instance UID, in slice order
 
 
 def luma(rgb: np.ndarray) -> np.ndarray:

@@ -34,29 +34,36 @@ class MaskError(ValueError):
 def read_mask(
     path: PathLike,
     *,
-    shape: tuple[int, int],
+    shape: tuple[int, ...],
     patient_id: str,
     sop_instance_uid: str,
     num_classes: int,
     frame: FrameSpec = "middle",
+    slice_uids: tuple[str, ...] = (),
 ) -> np.ndarray:
     """The label map of an image (its stored `shape`, Patient ID and SOP Instance UID as read from its
-    file) from the mask file at `path` (the module docstring)."""
+    file) from the mask file at `path` (the module docstring). A volume (`shape` of 3) takes a whole
+    NIfTI mask volume, or a DICOM-SEG whose frames reference its slices (`slice_uids`, in slice order:
+    each frame lands on the slice it references)."""
     path = Path(path)
     name = path.name.lower()
     if not path.is_file():
         raise MaskError(path, "the mask file does not exist", problem="file not found")
     if name.endswith((".png", ".jpg", ".jpeg")):
         mask = _raster(path)
+    elif name.endswith((".nii", ".nii.gz")) and len(shape) == 3:
+        mask = np.rint(_nifti_volume(path)).astype(np.int64)
     elif name.endswith((".nii", ".nii.gz")):
         from common.readers.nifti import read_nifti
 
         mask = np.rint(read_nifti(path, slice_index=frame)).astype(np.int64)
     else:
-        mask = _dicom_seg(path, patient_id, sop_instance_uid)
-    rows, cols = shape
-    if mask.shape != (rows, cols):
-        raise MaskError(path, f"the mask is {mask.shape[0]}x{mask.shape[1]}, its image {rows}x{cols}")
+        mask = _dicom_seg(path, patient_id, tuple(slice_uids) or (sop_instance_uid,))
+        mask = mask if slice_uids else mask[0]
+    if mask.shape != tuple(shape):
+        raise MaskError(
+            path, f"the mask is {'x'.join(map(str, mask.shape))}, its image {'x'.join(map(str, shape))}"
+        )
     if mask.min() < 0 or mask.max() >= num_classes:
         raise MaskError(path, f"mask values {sorted(np.unique(mask).tolist())[:8]} run past the site's "
                         f"{num_classes} classes (0..{num_classes - 1})", problem="bad mask")  # fmt: skip
@@ -77,7 +84,16 @@ def _raster(path: Path) -> np.ndarray:
     return (mask > 0).astype(np.int64) if values <= {0, 255} else mask
 
 
-def _dicom_seg(path: Path, patient_id: str, sop_instance_uid: str) -> np.ndarray:
+def _nifti_volume(path: Path) -> np.ndarray:
+    """A NIfTI mask in the layout of common.readers.volume's NIfTI volumes (slices, rows, columns)."""
+    from common.readers.nifti import load_ras
+
+    ras, _ = load_ras(path)
+    return ras[::-1, ::-1, :].transpose(2, 1, 0)
+
+
+def _dicom_seg(path: Path, patient_id: str, uids: tuple[str, ...]) -> np.ndarray:
+    """The SEG's label map of each image in `uids` (len(uids) x rows x cols), in that order."""
     import highdicom as hd
 
     try:
@@ -87,11 +103,11 @@ def _dicom_seg(path: Path, patient_id: str, sop_instance_uid: str) -> np.ndarray
     if patient_id and str(seg.get("PatientID", "")) not in ("", patient_id):
         raise MaskError(path, f"the SEG is of patient '{seg.PatientID}', its image of '{patient_id}'")
     referenced = {uid for _, _, uid in seg.get_source_image_uids()}
-    if sop_instance_uid not in referenced:
-        raise MaskError(
-            path, f"the SEG references {sorted(referenced)[:3]}, not its image {sop_instance_uid}"
-        )
-    numbers = seg.get_segment_numbers()
-    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=[sop_instance_uid],
-                                               segment_numbers=numbers, combine_segments=True)  # fmt: skip
-    return np.asarray(pixels[0], dtype=np.int64)
+    if not referenced & set(uids):
+        raise MaskError(path, f"the SEG references {sorted(referenced)[:3]}, not its image {uids[0]}"
+                        + (f" or any of its {len(uids)} slices" if len(uids) > 1 else ""))  # fmt: skip
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=list(uids), segment_numbers=seg.get_segment_numbers(), combine_segments=True,
+        assert_missing_frames_are_empty=True,
+    )  # fmt: skip
+    return np.asarray(pixels, dtype=np.int64)

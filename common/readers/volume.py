@@ -65,8 +65,10 @@ class DicomSeriesReader(SiteImageReader):
     takes_folders = True
 
     def read(self, path: PathLike) -> ReadImage:
-        voxels, spacing, first = read_dicom_series(path, window=self.window)
+        headers: list = []
+        voxels, spacing, first = read_dicom_series(path, window=self.window, headers_out=headers)
         return ReadImage(
+            slice_uids=tuple(str(ds.SOPInstanceUID) for ds in headers),
             pixels=voxels,
             volume=True,
             modality=str(first.get("Modality", "")),
@@ -96,10 +98,11 @@ class NiftiVolumeReader(SiteImageReader):
 
 
 def read_dicom_series(
-    folder: PathLike, *, window: tuple[float, float] | None = None
+    folder: PathLike, *, window: tuple[float, float] | None = None, headers_out: list | None = None
 ) -> tuple[np.ndarray, tuple[float, float, float], pydicom.Dataset]:
     """A series folder as (D x H x W voxels in [0, 1], (slice, row, col) spacing in mm, first slice's
-    header); BadImageFileError naming the folder and what is wrong (the module docstring)."""
+    header); BadImageFileError naming the folder and what is wrong (the module docstring). With
+    `headers_out`, every slice's header is appended to it, in the volume's slice order."""
     folder = Path(folder)
     headers = []
     for p in folder_files(folder):
@@ -115,6 +118,8 @@ def read_dicom_series(
         raise BadImageFileError(folder, f"it holds {len(uids)} series ({', '.join(uids)})", problem="several series",
                                 hint="Give each series a folder of its own")  # fmt: skip
     ordered, spacing_z = _order(folder, headers)
+    if headers_out is not None:
+        headers_out.extend(ds for _, ds in ordered)
     values = np.stack([read_dicom(p, apply_voi=False).pixels for p, _ in ordered]).astype(np.float64)
     first = ordered[0][1]
     if window is None and "WindowCenter" in first and "WindowWidth" in first:

@@ -255,3 +255,74 @@ def test_site_check_reports_volumes_their_spacing_and_a_broken_series(tmp_path):
         "usable: 4 images; 1 skipped",
     ):
         assert words in out, (words, proc.stdout)
+
+
+def _series_for_seg(folder, positions, patient="P1"):
+    """A CT series highdicom can segment: one study, frame of reference, spacing and thickness."""
+    import highdicom as hd
+
+    _series(folder, positions)
+    study, frame = hd.UID(), hd.UID()
+    slices = []
+    for path in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(path)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.CTImageStorage
+        ds.StudyInstanceUID, ds.FrameOfReferenceUID, ds.SliceThickness, ds.PatientID = (
+            study,
+            frame,
+            2.0,
+            patient,
+        )
+        ds.PatientName, ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = (
+            "X^Y",
+            "20260101",
+            "120000",
+            "A",
+            "1",
+        )
+        ds.ReferringPhysicianName, ds.PatientBirthDate, ds.PatientSex, ds.SeriesNumber, ds.InstanceNumber = (
+            "",
+            "",
+            "O",
+            1,
+            1,
+        )
+        ds.save_as(path)
+        slices.append(ds)
+    return slices
+
+
+def test_dicom_seg_masks_land_on_the_right_slices_of_a_shuffled_series(tmp_path):
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    rng = np.random.default_rng(0)
+    root, lines = tmp_path / "export", ["file,patient_id,mask"]
+    for i in range(4):
+        slices = _series_for_seg(root / f"p{i}" / "ct", [0, 2, 4, 6], patient=f"P{i}")
+        order = list(rng.permutation(len(slices)))  # the SEG's frames in an order of their own
+        frames = np.zeros((4, 8, 8), np.uint8)
+        by_z = np.argsort([float(s.ImagePositionPatient[2]) for s in slices])  # slice indices, lowest z first
+        frames[order.index(int(by_z[i % 4])), 2:5, 2:5] = 1  # the lesion on the slice at z = 2 * (i % 4)
+        description = hd.seg.SegmentDescription(
+            segment_number=1, segment_label="lesion", segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=codes.SCT.MorphologicallyAbnormalStructure,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+        )  # fmt: skip
+        seg = hd.seg.Segmentation(
+            source_images=[slices[k] for k in order], pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[description], series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(),
+            instance_number=1, manufacturer="test", manufacturer_model_name="test", software_versions="1", device_serial_number="0",
+        )  # fmt: skip
+        seg.save_as(root / f"p{i}" / "seg.dcm")
+        lines.append(f"p{i}/ct,P{i},p{i}/seg.dcm")
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    data = SiteDataConfig(format="dicom", volume=True, root=str(root), labels=str(tmp_path / "labels.csv"),
+                          classes=["background", "lesion"], split_fractions=[0.5, 0.0, 0.5])  # fmt: skip
+    data.preprocess.size = [4, 8, 8]
+    report = scan_site(SiteConfig(site="a", data=data))
+    assert not report.bad, report.bad
+    for sample, mask in zip(report.samples, report.masks, strict=True):
+        i = int(sample.patient_id[1:])
+        assert mask.shape == (4, 8, 8) and mask.sum() == 9
+        assert int(mask.sum(dim=(1, 2)).argmax()) == i % 4  # the slice at z = 2 * (i % 4), in slice order
