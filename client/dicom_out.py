@@ -21,6 +21,8 @@ import pydicom
 from pydicom.sr.codedict import codes
 from scipy.ndimage import zoom
 
+from common.readers.volume import folder_files
+
 SCHEME = "99FEDWARD"  # private coding scheme of fedward's own concepts
 SR_SERIES, SC_SERIES, SEG_SERIES = 9901, 9902, 9903
 MANUFACTURER = "fedward"
@@ -95,10 +97,14 @@ def heatmap_capture(source: pydicom.Dataset, pixels: np.ndarray, heat: np.ndarra
 
 
 def segmentation_object(
-    source: pydicom.Dataset, label_map: np.ndarray, classes: list[str]
+    source: pydicom.Dataset | list[pydicom.Dataset], label_map: np.ndarray, classes: list[str]
 ) -> hd.seg.Segmentation:
-    """A DICOM-SEG of `label_map` (the source's rows x cols, values = class indices): one segment per
-    foreground class, in the source's study, referencing the source image."""
+    """A DICOM-SEG of `label_map` (values = class indices): one segment per foreground class, in the
+    source's study, referencing the source image; or, given a series' slices in slice order and a
+    slices x rows x cols label map, one frame per slice, each referencing its slice."""
+    sources = source if isinstance(source, list) else [source]
+    frames = label_map if label_map.ndim == 3 else label_map[None]
+    source = sources[0]
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=c, segment_label=name[:64],
@@ -116,7 +122,7 @@ def segmentation_object(
         pixel_spacing=spacing, slice_thickness=float(source.get("SliceThickness") or 1.0)
     )
     return hd.seg.Segmentation(
-        source_images=[source], pixel_array=label_map.astype(np.uint8)[None], pixel_measures=measures,
+        source_images=sources, pixel_array=frames.astype(np.uint8), pixel_measures=measures,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
         series_instance_uid=hd.UID(), series_number=SEG_SERIES, sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer=MANUFACTURER, manufacturer_model_name=MANUFACTURER, software_versions="1",
@@ -125,12 +131,23 @@ def segmentation_object(
 
 
 def write_dicom_segmentation(
-    source_path: Path, label_map: np.ndarray, classes: list[str], out_dir: Path
+    source_path: Path,
+    label_map: np.ndarray,
+    classes: list[str],
+    out_dir: Path,
+    *,
+    slice_uids: tuple[str, ...] = (),
 ) -> Path:
-    """Write the DICOM-SEG of one DICOM input's predicted label map; its path."""
-    source = pydicom.dcmread(source_path)
+    """Write the DICOM-SEG of one DICOM input's predicted label map (a file, or a series folder whose
+    slices `slice_uids` names in slice order); its path."""
+    if slice_uids:
+        by_uid = {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread, folder_files(source_path))}
+        source: pydicom.Dataset | list[pydicom.Dataset] = [by_uid[uid] for uid in slice_uids]
+        stem = "-".join(source_path.parts[-2:])
+    else:
+        source, stem = pydicom.dcmread(source_path), source_path.stem
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"{source_path.stem}-seg.dcm"
+    target = out_dir / f"{stem}-seg.dcm"
     segmentation_object(source, label_map, classes).save_as(target)
     return target
 

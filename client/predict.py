@@ -169,9 +169,12 @@ class Predictor:
             stored = full.transpose(2, 1, 0)[::-1, ::-1, :] if image.volume else full.T[::-1, ::-1]
             nib.save(nib.Nifti1Image(np.ascontiguousarray(stored).astype(np.uint8), np.eye(4)), target)
             out.mask = str(target)
-        if dicom_out is not None and not image.volume:  # DICOM-SEG of a series: not yet (README)
+        if dicom_out is not None and (image.slice_uids or not image.volume):  # a file, or a DICOM series
             try:
-                out.dicom = [str(write_dicom_segmentation(path, full, self.classes, dicom_out))]
+                written = write_dicom_segmentation(
+                    path, full, self.classes, dicom_out, slice_uids=image.slice_uids
+                )
+                out.dicom = [str(written)]
             except (AttributeError, ValueError, TypeError) as err:
                 out.error = f"segmented, but its header lacks what a DICOM-SEG needs ({err})"
         return out

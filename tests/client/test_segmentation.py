@@ -237,10 +237,13 @@ def test_3d_segmentation_trains_evaluates_and_predicts_volumes(tmp_path):
     Dice is MONAI's, and predict writes a NIfTI mask of the volume's own size."""
     import csv
 
+    import highdicom as hd
     import nibabel as nib
+    import pydicom
 
     from client.predict import predict as predict_files
     from common.package import write_package
+    from tests.common.test_volumes import _series_for_seg
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     data = SiteDataConfig(
@@ -279,5 +282,13 @@ def test_3d_segmentation_trains_evaluates_and_predicts_volumes(tmp_path):
         nib.Nifti1Image(np.random.default_rng(0).random((20, 20, 10)).astype(np.float32), np.eye(4)),
         tmp_path / "in" / "v.nii.gz",
     )
-    (row,) = csv.DictReader(open(predict_files(package, tmp_path / "in", tmp_path / "out")))
+    _series_for_seg(tmp_path / "series" / "p1" / "ct", [0, 2, 4, 6])
+    rows = list(csv.DictReader(open(predict_files(package, tmp_path / "in", tmp_path / "out"))))
+    (row,) = rows
     assert not row["error"] and nib.load(row["mask"]).shape == (20, 20, 10)  # the volume's own grid
+    meta["input"]["format"] = "dicom"
+    series_package = write_package(tmp_path / "model-dicom", model, meta)
+    (row,) = csv.DictReader(open(predict_files(series_package, tmp_path / "series", tmp_path / "out-series")))
+    seg = hd.seg.segread(row["dicom_results"])  # a DICOM-SEG over the series, frame by slice
+    slices = {pydicom.dcmread(p).SOPInstanceUID for p in (tmp_path / "series" / "p1" / "ct").iterdir()}
+    assert not row["error"] and {uid for _, _, uid in seg.get_source_image_uids()} == slices
