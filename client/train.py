@@ -52,6 +52,20 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
 
 
+def augment_with_masks(
+    x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segmentation's augmentation: each image flipped along each spatial axis at random (half the
+    time each), its mask flipped with it, so the two stay aligned."""
+    for axis in range(-1, -(y.dim() - 1) - 1, -1):  # the mask's spatial axes, last first
+        flip = (torch.rand(x.shape[0], generator=generator, device="cpu") < 0.5).to(x.device)
+        shape_x = (-1,) + (1,) * (x.dim() - 1)
+        shape_y = (-1,) + (1,) * (y.dim() - 1)
+        x = torch.where(flip.view(shape_x), x.flip(axis), x)
+        y = torch.where(flip.view(shape_y), y.flip(axis), y)
+    return x, y
+
+
 def make_optimizer(model: nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
@@ -123,13 +137,16 @@ def train_epochs(
     augment_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
     private: bool = False,
+    mask_augment: bool = False,
 ) -> TrainResult:
     """Run `epochs` local epochs; with proximal_mu > 0 add FedProx's (mu/2)||w - w_global||^2.
 
     With `private=True` the model, optimizer, loader and criterion are Opacus's (client.dp): every
     batch is stepped, an empty Poisson batch included, since each step is counted as spent.
     `augment_fn` (the site's own augmentation, common.transforms) wins over `use_augment` (the
-    study's simple flips and shifts). `generator` drives the augmentation (default: seeded with 0).
+    study's simple flips and shifts); with `mask_augment` (segmentation, `train.augment`) image and
+    mask are flipped together instead (augment_with_masks). `generator` drives the augmentation
+    (default: seeded with 0).
     """
     batch_augment = augment_fn or (augment if use_augment else None)
     dev = next(model.parameters()).device
@@ -144,7 +161,9 @@ def train_epochs(
             if len(yb) == 0 and not private:
                 continue
             xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
-            if batch_augment is not None:
+            if mask_augment:
+                xb, yb = augment_with_masks(xb, yb, gen)
+            elif batch_augment is not None:
                 xb = batch_augment(xb, gen)
             optimizer.zero_grad(set_to_none=True)
             loss = criterion(model(xb), yb)
@@ -214,7 +233,7 @@ def train_round(
     criterion = make_criterion(y, plan.num_classes, plan.class_balance, plan.task).to(
         next(model.parameters()).device
     )
-    segmenting = plan.task == "segmentation"  # image-only augmentation would move the image off its mask
+    segmenting = plan.task == "segmentation"  # flips of image and mask together, never image-only ones
     private, trainee = None, model
     if dp is not None:
         private = make_private_for(
@@ -236,7 +255,7 @@ def train_round(
         result = train_epochs(
             trainee, loader, optimizer, criterion=criterion, epochs=plan.local_epochs, proximal_mu=plan.proximal_mu,
             use_augment=plan.augment and not segmenting, augment_fn=None if segmenting else augment_fn,
-            generator=randomness.augment, private=dp is not None,
+            generator=randomness.augment, private=dp is not None, mask_augment=segmenting and plan.augment,
         )  # fmt: skip
     finally:
         if private is not None:

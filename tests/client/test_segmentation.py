@@ -292,3 +292,30 @@ def test_3d_segmentation_trains_evaluates_and_predicts_volumes(tmp_path):
     seg = hd.seg.segread(row["dicom_results"])  # a DICOM-SEG over the series, frame by slice
     slices = {pydicom.dcmread(p).SOPInstanceUID for p in (tmp_path / "series" / "p1" / "ct").iterdir()}
     assert not row["error"] and {uid for _, _, uid in seg.get_source_image_uids()} == slices
+
+
+def test_segmentation_augmentation_flips_image_and_mask_together():
+    from client.train import augment_with_masks
+
+    for shape in ((6, 1, 12, 10), (6, 1, 8, 12, 10)):  # images, volumes
+        x = torch.rand(*shape)
+        y = (x[:, 0] > 0.7).long()  # a mask that is a function of its image
+        gen = torch.Generator().manual_seed(1)
+        xa, ya = augment_with_masks(x, y, gen)
+        assert torch.equal(ya, (xa[:, 0] > 0.7).long())  # still each other's
+        assert not torch.equal(xa, x)  # and something was flipped
+    site_round = round_config(**SEG, local_epochs=1, batch_size=16, augment=True)
+    from common.round import RoundPlan
+
+    data = SiteDataConfig(
+        format="synthetic",
+        synthetic=SyntheticConfig(train_per_site=32, test_per_site=8, val_per_site=0, masks=True),
+    )
+    site = SiteRuntime.load(SiteConfig(site="a", data=data, privacy=SitePolicyConfig(required=False)))
+    result = train_round(
+        build_model("unet", num_classes=2),
+        site.data.train_x,
+        site.data.train_y,
+        RoundPlan.from_config(site_round),
+    )
+    assert np.isfinite(result.loss)
