@@ -35,7 +35,7 @@ from client.dicom_node import DicomNode  # noqa: E402
 from client.predict import predict  # noqa: E402
 from common.synthetic import synthetic_images_with_findings  # noqa: E402
 from server.processes import free_port  # noqa: E402
-from tests.common.test_sources import write_dicom  # noqa: E402
+from tests.common.test_sources import with_study_header, write_dicom  # noqa: E402
 from tests.packages import pointing_game, synthetic_package  # noqa: E402
 
 
@@ -51,15 +51,7 @@ def dicom_inputs(folder: Path, n: int) -> list[Path]:
         write_dicom(path, img, patient_id="BENCH")
         ds = pydicom.dcmread(path)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series  # one study, as a PACS holds it
-        ds.PatientName, ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = (
-            "BENCH^PATIENT",
-            "20260101",
-            "120000",
-            "A1",
-            "1",
-        )
-        ds.ReferringPhysicianName, ds.PatientBirthDate, ds.PatientSex = "", "", "O"
-        ds.Manufacturer, ds.SeriesNumber, ds.InstanceNumber = "fedward-bench", 1, 1
+        with_study_header(ds, patient_name="BENCH^PATIENT", accession="A1").Manufacturer = "fedward-bench"
         ds.save_as(path)
     return paths
 

@@ -34,7 +34,7 @@ from common.keys import Met
 from common.metrics import binned_histogram, logit_edges, site_summary
 from common.privacy import HistoryItem, rdp_epsilon
 from common.schema import EvaluationPolicyConfig, SiteConfig
-from common.seg_metrics import per_image_scores, sums_from_scores
+from common.seg_metrics import SUM_KEYS, per_image_scores, sums_from_scores
 
 
 @dataclass(frozen=True)
@@ -85,9 +85,6 @@ def release(
     return Release("dp_histogram", metrics, spends=(float(policy.noise), 1.0, 1))
 
 
-SEG_KEYS = {"dice_sum": Met.DICE_SUM, "dice_n": Met.DICE_N, "hd95_sum": Met.HD95_SUM, "hd95_n": Met.HD95_N}
-
-
 def segmentation_release(
     true: np.ndarray,
     pred: np.ndarray,
@@ -106,12 +103,12 @@ def segmentation_release(
     dice, hd95 = per_image_scores(true, pred, num_classes)
     if policy.release != "dp_histogram":
         sums = sums_from_scores(dice, hd95)
-        metrics = {SEG_KEYS[k]: v.tolist() for k, v in sums.items()} | {Met.N_TEST: int(len(true))}
+        metrics = {SUM_KEYS[k]: v.tolist() for k, v in sums.items()} | {Met.N_TEST: int(len(true))}
         return Release("exact", metrics)
     cap = float(np.sqrt(np.sum(np.square(true.shape[1:]))))
     sums = sums_from_scores(dice, np.minimum(hd95, cap) / cap)
     std = policy.noise * 2.0 * math.sqrt(num_classes - 1) * per_unit
-    metrics = {SEG_KEYS[k]: _noised(v, std, noise) for k, v in sums.items()}
+    metrics = {SUM_KEYS[k]: _noised(v, std, noise) for k, v in sums.items()}
     metrics |= {Met.EVAL_NOISE: std, Met.EVAL_HD_CAP: cap}
     return Release("dp_histogram", metrics, spends=(float(policy.noise), 1.0, 1))
 

@@ -19,7 +19,10 @@ import math
 import numpy as np
 import torch
 
-SUM_KEYS = ("dice_sum", "dice_n", "hd95_sum", "hd95_n")
+from common.keys import Met
+
+# the sums per foreground class, and the record key each travels under in a site's evaluation reply
+SUM_KEYS = {"dice_sum": Met.DICE_SUM, "dice_n": Met.DICE_N, "hd95_sum": Met.HD95_SUM, "hd95_n": Met.HD95_N}
 
 
 def per_image_scores(true: np.ndarray, pred: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

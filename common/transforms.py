@@ -132,7 +132,7 @@ class ResampleToSpacingd(MapTransform):
         have = data.get("spacing") or []
         if len(have) != 3:
             raise ValueError(
-                f"{data.get('image_path', 'a volume')}: its file gives no slice spacing to resample from"
+                "the volume's file gives no slice spacing to resample from (data.preprocess.spacing)"
             )
         shape = tuple(data["image"].shape[1:])
         size = tuple(max(1, round(n * h / t)) for n, h, t in zip(shape, have, self.spacing, strict=True))

@@ -25,7 +25,7 @@ from common.metrics import (
     public_metrics,
     summary_from_counts,
 )
-from common.seg_metrics import segmentation_summary
+from common.seg_metrics import SUM_KEYS, segmentation_summary
 from common.uncertainty import auc_interval, calibration_from_histogram
 
 NOISE_DRAWS = 200  # draws of the parametric bootstrap of a noised release's AUC
@@ -38,13 +38,10 @@ NAMED = (
 )
 
 
-SEG_SUMS = {"dice_sum": Met.DICE_SUM, "dice_n": Met.DICE_N, "hd95_sum": Met.HD95_SUM, "hd95_n": Met.HD95_N}
-
-
 def _segmentation_release(kind: str, m) -> dict:
     """A segmentation reply (client.evaluation.segmentation_release): its Dice and HD95 sums, with
     a dp_histogram's HD95 scaled back from its cap; they pool by adding."""
-    sums = {k: np.asarray(m[key], dtype=np.float64) for k, key in SEG_SUMS.items()}
+    sums = {k: np.asarray(m[key], dtype=np.float64) for k, key in SUM_KEYS.items()}
     noise = 0.0
     if kind == "dp_histogram":
         sums["hd95_sum"] = sums["hd95_sum"] * float(m[Met.EVAL_HD_CAP])
@@ -129,7 +126,7 @@ def _pooled_segmentation(releases: dict[str, dict]) -> dict:
         kinds.setdefault(r["kind"], []).append(site)
     kind = max(kinds, key=lambda k: sum(releases[s]["summary"]["n_test"] for s in kinds[k]))
     members = sorted(kinds[kind])
-    sums = {k: sum(releases[s]["pool"]["sums"][k] for s in members) for k in SEG_SUMS}
+    sums = {k: sum(releases[s]["pool"]["sums"][k] for s in members) for k in SUM_KEYS}
     n_test = sum(releases[s]["summary"]["n_test"] for s in members)
     out = _segmentation_metrics(segmentation_summary(sums, n_test), kind) | {"sites": members}
     left_out = sorted(set(releases) - set(members))

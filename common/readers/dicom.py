@@ -102,6 +102,7 @@ def read_dicom(
     window: tuple[float, float] | None = None,
     apply_voi: bool = True,
     colour: bool = False,
+    dataset: Dataset | None = None,
 ) -> DicomImage:
     """Read one frame of a DICOM file the way a viewer displays it.
 
@@ -117,12 +118,13 @@ def read_dicom(
     with `colour` kept as RGB (rows x cols x 3: YBR_FULL, YBR_FULL_422 and the rest converted by
     pydicom, palette colour through its lookup table), scaled by their bit depth.
     Enhanced multi-frame files (per-frame functional groups) use the rescale, window and pixel
-    spacing of the chosen frame.
+    spacing of the chosen frame. `dataset`: the file as `read_dataset` already read it (a series'
+    slices are read once).
     """
     path = Path(path)
     if window is not None:
         _check_window(window)
-    ds = _read_dataset(path)
+    ds = dataset if dataset is not None else read_dataset(path)
     n_frames = _number_of_frames(ds, path)
     index = frame_index(frame, n_frames, path)
     stored = _decode_frame(ds, index, path)
@@ -159,7 +161,7 @@ def _check_window(window: tuple[float, float]) -> None:
         )
 
 
-def _read_dataset(path: Path) -> Dataset:
+def read_dataset(path: Path) -> Dataset:
     """dcmread with the ways a file can be unusable turned into BadImageFileError."""
     try:
         ds = pydicom.dcmread(path)

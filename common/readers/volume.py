@@ -26,10 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from common.readers.base import BadImageFileError, PathLike, ReadImage, SiteImageReader
-from common.readers.dicom import read_dicom
+from common.readers.dicom import read_dataset, read_dicom
 from common.readers.nifti import load_ras
 
 __all__ = ["DicomSeriesReader", "NiftiVolumeReader", "folder_files", "folder_sha1", "read_dicom_series"]
@@ -105,11 +104,11 @@ def read_dicom_series(
     `headers_out`, every slice's header is appended to it, in the volume's slice order."""
     folder = Path(folder)
     headers = []
-    for p in folder_files(folder):
+    for p in folder_files(folder):  # each slice read once: its header orders it, its pixels fill it
         try:
-            headers.append((p, pydicom.dcmread(p, stop_before_pixels=True)))
-        except (InvalidDicomError, OSError, ValueError, EOFError) as err:
-            raise BadImageFileError(folder, f"'{p.name}' is not a DICOM file ({err})", problem="not DICOM",
+            headers.append((p, read_dataset(p)))
+        except BadImageFileError as err:
+            raise BadImageFileError(folder, f"'{p.name}': {err.reason}", problem=err.problem,
                                     hint="A series folder holds the series' DICOM files only") from err  # fmt: skip
     if not headers:
         raise BadImageFileError(folder, "the series folder holds no files", problem="not DICOM")
@@ -120,7 +119,9 @@ def read_dicom_series(
     ordered, spacing_z = _order(folder, headers)
     if headers_out is not None:
         headers_out.extend(ds for _, ds in ordered)
-    values = np.stack([read_dicom(p, apply_voi=False).pixels for p, _ in ordered]).astype(np.float64)
+    values = np.stack([read_dicom(p, apply_voi=False, dataset=ds).pixels for p, ds in ordered]).astype(
+        np.float64
+    )
     first = ordered[0][1]
     if window is None and "WindowCenter" in first and "WindowWidth" in first:
         window = (_first(first.WindowCenter), _first(first.WindowWidth))

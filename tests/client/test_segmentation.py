@@ -138,7 +138,7 @@ def _seg_site(tmp_path, kind: str):
     from PIL import Image
 
     from client.dicom_out import segmentation_object
-    from tests.common.test_sources import write_dicom
+    from tests.common.test_sources import with_study_header, write_dicom
 
     rng = np.random.default_rng(0)
     (tmp_path / "img").mkdir(parents=True)
@@ -152,21 +152,7 @@ def _seg_site(tmp_path, kind: str):
         image[mask == 1] += 0.6
         path = write_dicom(tmp_path / "img" / f"i{i}.dcm", image, patient_id=f"P{i}")
         ds = pydicom.dcmread(path)
-        ds.PatientName, ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = (
-            "X^Y",
-            "20260101",
-            "120000",
-            "A",
-            "1",
-        )
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = hd.UID(), hd.UID()
-        ds.ReferringPhysicianName, ds.PatientBirthDate, ds.PatientSex, ds.SeriesNumber, ds.InstanceNumber = (
-            "",
-            "",
-            "O",
-            1,
-            1,
-        )
+        with_study_header(ds).StudyInstanceUID, ds.SeriesInstanceUID = hd.UID(), hd.UID()
         ds.PatientOrientation = ["L", "F"]
         ds.save_as(path)
         name = {"png": f"m{i}.png", "nifti": f"m{i}.nii.gz", "seg": f"m{i}.dcm"}[kind]
@@ -319,3 +305,14 @@ def test_segmentation_augmentation_flips_image_and_mask_together():
         RoundPlan.from_config(site_round),
     )
     assert np.isfinite(result.loss)
+
+
+def test_a_coordinator_asking_for_segmentation_evaluations_again_and_again_is_refused_at_the_budget(tmp_path):
+    site = _site(tmp_path, release="dp_histogram")
+    site.config.privacy.evaluation.max_epsilon = 5.0  # the evaluation budget: about two releases at noise 2
+    weights = build_model("unet", num_classes=2).state_dict()
+    replies = [site.evaluate(round_config(**SEG), weights) for _ in range(5)]  # the same round, replayed
+    released = [r for r in replies if not r.refused]
+    entries = [e for e in SiteAccountant(str(tmp_path)).ledger.entries() if e.kind == "evaluation"]
+    assert 1 <= len(released) < 5 and len(entries) == len(released)
+    assert "privacy.evaluation.max_epsilon 5" in replies[-1].refused and not replies[-1].metrics

@@ -76,6 +76,18 @@ def write_dicom(
     return path
 
 
+def with_study_header(ds: Dataset, *, patient_name: str = "X^Y", accession: str = "A") -> Dataset:
+    """The patient and study attributes a DICOM report, Secondary Capture or SEG copies from its source
+    (write_dicom's files have none of them)."""
+    ds.PatientName, ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = (
+        patient_name, "20260101", "120000", accession, "1",
+    )  # fmt: skip
+    ds.ReferringPhysicianName, ds.PatientBirthDate, ds.PatientSex, ds.SeriesNumber, ds.InstanceNumber = (
+        "", "", "O", 1, 1,
+    )  # fmt: skip
+    return ds
+
+
 def chest(label: int, size: int, rng: np.random.Generator, contrast: float = 0.35) -> np.ndarray:
     """A soft 'lung field'; pneumonia (label 1) adds a bright patch of `contrast` (noise sd 0.03)."""
     yy, xx = np.mgrid[0:size, 0:size] / (size - 1)

@@ -22,7 +22,7 @@ from common.readers.volume import NiftiVolumeReader
 from common.schema import PrivacyConfig, SiteConfig, SiteDataConfig, SitePolicyConfig, SyntheticConfig
 from common.sources import scan_site
 from common.transforms import build_transforms
-from tests.common.test_sources import write_dicom
+from tests.common.test_sources import with_study_header, write_dicom
 from tests.plans import round_config
 
 CT_SERIES = "98892001/CT5N"  # pydicom-data: a 5-slice CT series, 2.5 mm apart
@@ -273,21 +273,7 @@ def _series_for_seg(folder, positions, patient="P1"):
             2.0,
             patient,
         )
-        ds.PatientName, ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = (
-            "X^Y",
-            "20260101",
-            "120000",
-            "A",
-            "1",
-        )
-        ds.ReferringPhysicianName, ds.PatientBirthDate, ds.PatientSex, ds.SeriesNumber, ds.InstanceNumber = (
-            "",
-            "",
-            "O",
-            1,
-            1,
-        )
-        ds.save_as(path)
+        with_study_header(ds).save_as(path)
         slices.append(ds)
     return slices
 
