@@ -266,8 +266,9 @@ def train_round(
 
 
 @torch.no_grad()
+@torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> np.ndarray:
-    """Class probabilities, N x C, as float64 numpy."""
+    """Class probabilities, N x C (segmentation: N x C x H x W per pixel), as float64 numpy."""
     dev = next(model.parameters()).device
     model.eval()
     out = [

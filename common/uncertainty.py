@@ -93,7 +93,7 @@ def _nanmean(x: np.ndarray, axis: int) -> np.ndarray:
     return np.where(n > 0, total / np.maximum(n, 1), np.nan)
 
 
-def _interval(values: np.ndarray, confidence: float) -> list[float] | None:
+def percentile_interval(values: np.ndarray, confidence: float) -> list[float] | None:
     values = values[~np.isnan(values)]
     if len(values) == 0:
         return None
@@ -130,7 +130,7 @@ def bootstrap_intervals(
     if len(labels) == 0:
         return dict.fromkeys(CI_METRICS)
     (draws,) = _bootstrap(labels, [probs], samples, seed)
-    return {k: _interval(v, confidence) for k, v in draws.items()}
+    return {k: percentile_interval(v, confidence) for k, v in draws.items()}
 
 
 def paired_difference(
@@ -157,7 +157,7 @@ def paired_difference(
         d = float(pa[k][0] - pb[k][0])
         out[k] = {
             "difference": None if math.isnan(d) else round(d, 6),
-            "ci": _interval(a[k] - b[k], confidence),
+            "ci": percentile_interval(a[k] - b[k], confidence),
         }
     return out
 

@@ -12,8 +12,8 @@ from rich.text import Text
 
 from common.schema import StudyConfig
 from server.coordinator import Reporter
-from server.report.doc import is_private
-from server.report.tables import RUN_HEAD_SHORT, run_rows
+from server.report.doc import is_private, metric_of
+from server.report.tables import RUN_COLUMNS, run_rows
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -74,40 +74,21 @@ class RichReporter(Reporter):
 
 
 def summary_table(results: dict) -> Table:
-    """Per site (and pooled): sizes, AUC before -> after, and the final threshold metrics.
+    """Per site (and pooled): sizes, AUC (Dice) before -> after, and the final metrics.
 
     The rows are the report's (server.report.tables.run_rows), so terminal and report.html agree.
     """
-    if results.get("study", {}).get("task") == "segmentation":
-        return segmentation_table(results)
     rows, private = run_rows(results), is_private(results)
     table = Table(
         title=f"fedward: {results.get('study', {}).get('name', '')} after "
         f"{results.get('final', {}).get('round', 0)} rounds ({results.get('status')})"
     )
     table.add_column("site", no_wrap=True)
-    for col in (*RUN_HEAD_SHORT[1:], *(("ε",) if private else ())):
+    for col in (*RUN_COLUMNS[metric_of(results)][2][1:], *(("ε",) if private else ())):
         table.add_column(col, justify="right", no_wrap=True)
     for row in rows:
         site, *cells = row.texts(private, missing="-")
         table.add_row(Text(site, style="bold" if row.pooled else ""), *cells)
-    if results.get("stop_reason"):
-        table.caption = f"stopped: {results['stop_reason']}"
-    return table
-
-
-def segmentation_table(results: dict) -> Table:
-    """Per site (and pooled): test images, Dice of the initial and the final model, final HD95."""
-    final, initial = results.get("final", {}), results.get("initial", {})
-    table = Table(title=f"fedward: {results.get('study', {}).get('name', '')} after {final.get('round', 0)} rounds "
-                  f"({results.get('status')})")  # fmt: skip
-    for col in ("site", "test", "Dice 0", "Dice", "HD95 (px)"):
-        table.add_column(col, justify="left" if col == "site" else "right", no_wrap=True)
-    rows = [*final.get("sites", {}).items(), ("pooled", final.get("pooled", {}))]
-    for site, m in rows:
-        init = (initial.get("pooled") if site == "pooled" else initial.get("sites", {}).get(site)) or {}
-        table.add_row(Text(site, style="bold" if site == "pooled" else ""), str(m.get("n_test", "-")),
-                      _fmt(init.get("dice")), _fmt(m.get("dice")), _fmt(m.get("hd95"), 2))  # fmt: skip
     if results.get("stop_reason"):
         table.caption = f"stopped: {results['stop_reason']}"
     return table

@@ -3,8 +3,8 @@
     fedward report runs/study-demo     # a `fedward study` folder (study.json)
     fedward report runs/demo           # a `fedward simulate` folder (results.json only)
 
-Writes into DIR: auc_by_round.png, epsilon_by_round.png (when privacy was on), and for a study also
-roc_curves.png, cross_site.png and comparison.png; then report.html, one self-contained file with the
+Writes into DIR: auc_by_round.png (dice_by_round.png for segmentation), epsilon_by_round.png (when
+privacy was on), and for a study also roc_curves.png (classification), cross_site.png and comparison.png; then report.html, one self-contained file with the
 plots embedded (no scripts, no external files), the per-site tables and a plain-language summary.
 Nothing is recomputed from models or data: every number comes from study.json / results.json, which
 `load_run` checks first, so a file of the wrong shape ends in a ReportError that names it.
@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from common.files import write_atomic
+from server.report.doc import METRIC_LABELS, metric_of
 from server.report.page import render_html
 from server.report.plots import PLOTS
 from server.report.shape import RESULTS, STUDY, ShapeError, check
@@ -98,8 +99,9 @@ def build_report(run_dir: str | Path) -> Path:
     """
     d = Path(run_dir)
     doc = load_run(d)
-    plots = []
+    plots, metric = [], metric_of(doc)
     for name, fn, caption in PLOTS:
+        name, caption = (t.format(metric=metric, label=METRIC_LABELS[metric]) for t in (name, caption))
         path = fn(doc, d / name)
         if path is not None:
             plots.append((name, caption, path))

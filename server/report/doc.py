@@ -30,8 +30,16 @@ def sites_of(doc: dict) -> list[str]:
     return list(doc["sites"]) if is_study(doc) else site_names(doc)
 
 
-def auc_text(x: float | None) -> str:
-    """An AUC as the summary and the plots' legends write it."""
+METRIC_LABELS = {"auc": "AUC", "dice": "Dice"}  # a run's headline metric, as the report names it
+
+
+def metric_of(doc: dict) -> str:
+    """The run's headline metric: `dice` for a segmentation study, else `auc`."""
+    return "dice" if doc.get("study", {}).get("task") == "segmentation" else "auc"
+
+
+def score_text(x: float | None) -> str:
+    """An AUC or a Dice as the summary and the plots' legends write it."""
     return "n/a" if x is None else f"{x:.3f}"
 
 

@@ -1,6 +1,7 @@
 """The report's plots (matplotlib, no display), each drawn from a run's document into a PNG file.
 
-    PLOTS: (file name, function(doc, path) -> path or None, caption)
+    PLOTS: (file name, function(doc, path) -> path or None, caption); name and caption name the
+    run's headline metric ({metric}: auc or dice, {label}: AUC or Dice)
 
 A function returns None when its plot does not apply (no privacy, or a plain run without a study's
 references); `server.report.build_report` writes the others into the run folder.
@@ -19,11 +20,13 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from server.report.doc import (  # noqa: E402
-    auc_text,
+    METRIC_LABELS,
     federated_runs,
     is_private,
     is_study,
+    metric_of,
     model_label,
+    score_text,
     sites_of,
 )
 from server.run_folder import FEDERATED_VARIANTS, VARIANT_LABELS, Variant, model_key  # noqa: E402
@@ -53,9 +56,10 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def plot_auc_by_round(doc: dict, path: Path) -> Path | None:
+def plot_metric_by_round(doc: dict, path: Path) -> Path | None:
+    """Each site's (and the pooled) AUC, or Dice for segmentation, after every round."""
     runs = federated_runs(doc)
-    names = sites_of(doc)
+    names, m = sites_of(doc), metric_of(doc)
     if not any(r.get("rounds") for r in runs.values()):
         return None
     colors = _colors(names)
@@ -65,15 +69,15 @@ def plot_auc_by_round(doc: dict, path: Path) -> Path | None:
         blocks = ([res["initial"]] if res.get("initial") else []) + res.get("rounds", [])
         xs = [b.get("round", 0) for b in blocks]
         for s in names:
-            ys = [b.get("sites", {}).get(s, {}).get("auc") for b in blocks]
+            ys = [b.get("sites", {}).get(s, {}).get(m) for b in blocks]
             ax.plot(xs, _nan(ys), marker="o", ms=3, color=colors[s], label=s)
-        ys = [b.get("pooled", {}).get("auc") for b in blocks]
+        ys = [b.get("pooled", {}).get(m) for b in blocks]
         ax.plot(xs, _nan(ys), color="black", lw=2.2, label="pooled")
         ax.set_title(VARIANT_LABELS.get(label, label))
         ax.set_xlabel("round (0 = initial model)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test AUC at each site")
+    axes[0].set_ylabel(f"test {METRIC_LABELS[m]} at each site")
     axes[-1].legend(loc="lower right", fontsize=8)
     return _save(fig, path)
 
@@ -125,7 +129,7 @@ def _roc_curves(doc: dict, test_set: str) -> list[tuple[Variant, dict, float | N
 
 
 def plot_roc_curves(doc: dict, path: Path) -> Path | None:
-    if not is_study(doc):
+    if not is_study(doc) or metric_of(doc) != "auc":  # segmentation has no ROC curve
         return None
     panels = [*doc["sites"], "pooled"]
     cols = min(len(panels), 4)
@@ -135,7 +139,7 @@ def plot_roc_curves(doc: dict, path: Path) -> Path | None:
     for ax, name in zip(axes, panels, strict=False):
         for kind, roc, auc in _roc_curves(doc, name):
             color, ls = ROC_STYLES[kind]
-            label = f"{VARIANT_LABELS[kind]} {auc_text(auc)}"
+            label = f"{VARIANT_LABELS[kind]} {score_text(auc)}"
             ax.plot(roc["fpr"], roc["tpr"], color=color, ls=ls, lw=1.6, label=label)
         ax.plot([0, 1], [0, 1], color="lightgrey", lw=1)
         ax.set_title(f"{name} test data" if name != "pooled" else "all test data (pooled)")
@@ -152,8 +156,8 @@ def plot_roc_curves(doc: dict, path: Path) -> Path | None:
 def plot_cross_site(doc: dict, path: Path) -> Path | None:
     if not is_study(doc) or not doc.get("cross_site", {}).get("rows"):
         return None
-    cs = doc["cross_site"]
-    values = [_nan(row) for row in cs["auc"]]
+    cs, m = doc["cross_site"], metric_of(doc)
+    values = [_nan(row) for row in cs[m]]
     finite = [v for row in values for v in row if not math.isnan(v)]
     fig = Figure(figsize=(1.3 * len(cs["columns"]) + 3.2, 0.48 * len(cs["rows"]) + 1.8))
     ax = fig.subplots()
@@ -168,15 +172,15 @@ def plot_cross_site(doc: dict, path: Path) -> Path | None:
     ax.set_yticks(range(len(cs["rows"])), [model_label(r) for r in cs["rows"]])
     ax.set_xlabel("test data of")
     ax.set_ylabel("model trained")
-    ax.set_title("cross-site AUC: each model on each site's test data")
-    fig.colorbar(image, ax=ax, label="AUC")
+    ax.set_title(f"cross-site {METRIC_LABELS[m]}: each model on each site's test data")
+    fig.colorbar(image, ax=ax, label=METRIC_LABELS[m])
     return _save(fig, path)
 
 
 def plot_comparison(doc: dict, path: Path) -> Path | None:
     if not is_study(doc):
         return None
-    comp = doc["comparison"]
+    comp, m = doc["comparison"], metric_of(doc)
     sets = [*doc["sites"], "pooled"]
     columns = comp["columns"]
     fig = Figure(figsize=(1.9 * len(sets) + 3, 4.0))
@@ -188,30 +192,30 @@ def plot_comparison(doc: dict, path: Path) -> Path | None:
         xs, ys, err = [], [], [[], []]
         for i, s in enumerate(sets):
             cell = comp["rows"].get(s, {}).get(c)
-            if not cell or cell.get("auc") is None:
+            if not cell or cell.get(m) is None:
                 continue
             xs.append(i + (k - (len(columns) - 1) / 2) * width)
-            ys.append(cell["auc"])
-            ci = cell.get("ci") or [cell["auc"], cell["auc"]]
-            err[0].append(max(cell["auc"] - ci[0], 0))
-            err[1].append(max(ci[1] - cell["auc"], 0))
+            ys.append(cell[m])
+            ci = cell.get("ci") or [cell[m], cell[m]]
+            err[0].append(max(cell[m] - ci[0], 0))
+            err[1].append(max(ci[1] - cell[m], 0))
             lows.append(ci[0])
         if xs:
             label = VARIANT_LABELS.get(c, c)
             ax.bar(xs, ys, width, yerr=err, capsize=2, color=cmap(k % 10), label=label)
     ax.set_xticks(range(len(sets)), sets)
     ax.set_ylim(max(0.0, min([0.5, *lows]) - 0.05), 1.0)
-    ax.set_ylabel("test AUC (95% CI)")
+    ax.set_ylabel(f"test {METRIC_LABELS[m]} (95% CI)")
     ax.set_title("local, federated and centralized, per site")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
 
 
-PLOTS = (
-    ("auc_by_round.png", plot_auc_by_round, "Test AUC at each site after every round"),
+PLOTS = (  # names and captions are formatted with the run's headline metric (auc / AUC, dice / Dice)
+    ("{metric}_by_round.png", plot_metric_by_round, "Test {label} at each site after every round"),
     ("epsilon_by_round.png", plot_epsilon_by_round, "Privacy spent (epsilon) per site by round"),
     ("roc_curves.png", plot_roc_curves, "ROC curves per site for the final models"),
     ("cross_site.png", plot_cross_site, "Cross-site matrix: every model on every site's test data"),
-    ("comparison.png", plot_comparison, "Local, federated and centralized AUC per site, with 95% CIs"),
+    ("comparison.png", plot_comparison, "Local, federated and centralized {label} per site, with 95% CIs"),
 )

@@ -211,6 +211,8 @@ METRICS = Record(
     {
         "n_test?": COUNT,
         **{f"{k}?": MAYBE for k in ("auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy")},
+        "dice?": MAYBE,
+        "hd95?": MAYBE,
         "epsilon?": MAYBE,
     }
 )
@@ -257,7 +259,9 @@ ROC = Agrees(Record({"fpr": ListOf(NUMBER), "tpr": ListOf(NUMBER)}), _same_lengt
 EVAL_BLOCK = Record(
     {
         **{f"{k}?": MAYBE for k in ("auc", "sensitivity", "specificity", "balanced_accuracy", "ece")},
-        "ci?": Record({"auc?": INTERVAL, "sensitivity?": INTERVAL, "specificity?": INTERVAL}),
+        "dice?": MAYBE,
+        "hd95?": MAYBE,
+        "ci?": Record({f"{k}?": INTERVAL for k in ("auc", "sensitivity", "specificity", "dice", "hd95")}),
         "roc?": Nullable(ROC),
     }
 )
@@ -285,8 +289,9 @@ MODEL = ByKind(
 )
 COMPARISON = Record(
     {
+        "metric?": OneOf(("auc", "dice")),
         "columns": ListOf(TEXT),
-        "rows": MapOf(MapOf(Record({"auc?": MAYBE, "ci?": INTERVAL}))),
+        "rows": MapOf(MapOf(Record({"auc?": MAYBE, "dice?": MAYBE, "ci?": INTERVAL}))),
         "gains": MapOf(MapOf(Nullable(Record({"difference?": MAYBE, "ci?": INTERVAL})))),
     }
 )
@@ -294,7 +299,9 @@ COMPARISON = Record(
 
 def _rectangular(cs: dict) -> str | None:
     rows, columns = len(cs["rows"]), len(cs["columns"])
-    for key in ("auc", "ci"):
+    for key in (cs.get("metric", "auc"), "ci"):
+        if key not in cs:
+            return f"'{key}' is missing: the matrix of the study's metric"
         if len(cs[key]) != rows or any(len(row) != columns for row in cs[key]):
             return f"'{key}' is not {rows} rows (one per model) of {columns} values (one per test set)"
     return None
@@ -305,7 +312,9 @@ CROSS_SITE = Agrees(
         {
             "rows": ListOf(TEXT),
             "columns": ListOf(TEXT),
-            "auc": ListOf(ListOf(MAYBE)),
+            "metric?": OneOf(("auc", "dice")),
+            "auc?": ListOf(ListOf(MAYBE)),
+            "dice?": ListOf(ListOf(MAYBE)),
             "ci": ListOf(ListOf(INTERVAL)),
         }
     ),

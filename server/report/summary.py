@@ -7,12 +7,12 @@ in study.json's "summary" and prints them.
 
 from __future__ import annotations
 
-from server.report.doc import auc_text, is_study
+from server.report.doc import METRIC_LABELS, is_study, metric_of, score_text
 from server.run_folder import LOCAL_OF, Variant
 
 
-def _pts(x: float) -> str:
-    return f"{abs(x) * 100:.1f} AUC points"
+def _pts(x: float, doc: dict) -> str:
+    return f"{abs(x) * 100:.1f} {METRIC_LABELS[metric_of(doc)]} points"
 
 
 def plain_summary(doc: dict) -> list[str]:
@@ -41,27 +41,28 @@ def plain_summary(doc: dict) -> list[str]:
 
 def _site_verdict(doc: dict, site: str, kind: str) -> tuple[str, str, str] | None:
     """(site, "gain" | "loss" | "unclear", the sentence) from the paired difference federated - alone."""
+    m, name = metric_of(doc), METRIC_LABELS[metric_of(doc)]
     rows, primary = doc["comparison"]["rows"], doc["primary"]
     local = LOCAL_OF[primary]
     g = doc["comparison"]["gains"].get(site, {}).get(f"{primary}_vs_{local}")
     if not g or g.get("difference") is None:
         return None
     d, ci = g["difference"], g.get("ci") or [None, None]
-    fed_auc = auc_text(rows.get(site, {}).get(primary, {}).get("auc"))
-    loc_auc = auc_text(rows.get(site, {}).get(local, {}).get("auc"))
+    fed_auc = score_text(rows.get(site, {}).get(primary, {}).get(m))
+    loc_auc = score_text(rows.get(site, {}).get(local, {}).get(m))
     interval = f"95% CI {ci[0]:+.3f} to {ci[1]:+.3f}" if ci[0] is not None else "no interval"
     if ci[0] is not None and ci[0] > 0:
         return (
             site,
             "gain",
-            f"{site} gains from federating: AUC {fed_auc} with {kind} against {loc_auc} "
+            f"{site} gains from federating: {name} {fed_auc} with {kind} against {loc_auc} "
             f"trained alone ({d:+.3f}, {interval}).",
         )
     if ci[1] is not None and ci[1] < 0:
         return (
             site,
             "loss",
-            f"{site} does better alone: AUC {loc_auc} trained alone against {fed_auc} with "
+            f"{site} does better alone: {name} {loc_auc} trained alone against {fed_auc} with "
             f"{kind} ({d:+.3f}, {interval}).",
         )
     lean = "slightly better than" if d >= 5e-4 else "slightly worse than" if d <= -5e-4 else "as good as"
@@ -69,74 +70,80 @@ def _site_verdict(doc: dict, site: str, kind: str) -> tuple[str, str, str] | Non
         site,
         "unclear",
         f"{site}: no clear difference; {kind} is {lean} training alone "
-        f"(AUC {fed_auc} against {loc_auc}, {d:+.3f}, {interval} includes 0).",
+        f"({name} {fed_auc} against {loc_auc}, {d:+.3f}, {interval} includes 0).",
     )
 
 
 def _pooled_lines(doc: dict, kind: str) -> list[str]:
     """On all test data: the primary federation against centralized training, and what privacy costs."""
+    m, name = metric_of(doc), METRIC_LABELS[metric_of(doc)]
     pooled, primary, lines = doc["comparison"]["rows"].get("pooled", {}), doc["primary"], []
-    f = pooled.get(primary, {}).get("auc")
-    c = pooled.get(Variant.CENTRALIZED, {}).get("auc")
+    f = pooled.get(primary, {}).get(m)
+    c = pooled.get(Variant.CENTRALIZED, {}).get(m)
     if f is not None and c is not None:
         rel = "above" if f > c else "below"
         lines.append(
-            f"On all test data together, {kind} reaches AUC {auc_text(f)}, {_pts(f - c)} {rel} "
-            f"centralized training on the pooled data ({auc_text(c)}), which federation avoids."
+            f"On all test data together, {kind} reaches {name} {score_text(f)}, {_pts(f - c, doc)} {rel} "
+            f"centralized training on the pooled data ({score_text(c)}), which federation avoids."
         )
-    f = pooled.get(Variant.FEDERATED, {}).get("auc")
-    p = pooled.get(Variant.FEDERATED_DP, {}).get("auc")
+    f = pooled.get(Variant.FEDERATED, {}).get(m)
+    p = pooled.get(Variant.FEDERATED_DP, {}).get(m)
     if f is not None and p is not None:
         epsilon = doc["models"].get(Variant.FEDERATED_DP, {}).get("epsilon") or {}
         eps = [e for e in epsilon.values() if e is not None]
-        effect = f"costs {_pts(f - p)} of" if f >= p else f"adds {_pts(p - f)} to"
+        effect = f"costs {_pts(f - p, doc)} of" if f >= p else f"adds {_pts(p - f, doc)} to"
         lines.append(
-            f"Privacy {effect} pooled AUC ({auc_text(p)} with privacy, {auc_text(f)} without)"
+            f"Privacy {effect} pooled {name} ({score_text(p)} with privacy, {score_text(f)} without)"
             + (f" at epsilon up to {max(eps):.2f} per site." if eps else ".")
         )
     return lines
 
 
 def _leave_one_out_lines(doc: dict) -> list[str]:
+    m, name = metric_of(doc), METRIC_LABELS[metric_of(doc)]
     rows = doc["comparison"]["rows"]
-    loo = [(s, rows.get(s, {}).get(Variant.LEAVE_ONE_OUT, {}).get("auc")) for s in doc["sites"]]
+    loo = [(s, rows.get(s, {}).get(Variant.LEAVE_ONE_OUT, {}).get(m)) for s in doc["sites"]]
     loo = [(s, a) for s, a in loo if a is not None]
     if not loo:
         return []
     worst = min(loo, key=lambda t: t[1])
-    parts = ", ".join(f"{s} {auc_text(a)}" for s, a in loo)
+    parts = ", ".join(f"{s} {score_text(a)}" for s, a in loo)
     return [
-        f"On a hospital that never took part (federated without it, tested on it), AUC is: {parts}; "
+        f"On a hospital that never took part (federated without it, tested on it), {name} is: {parts}; "
         f"the hardest to reach is {worst[0]}."
     ]
 
 
 def _worst_site_lines(doc: dict) -> list[str]:
+    m, name = metric_of(doc), METRIC_LABELS[metric_of(doc)]
     rows, primary = doc["comparison"]["rows"], doc["primary"]
-    fed_sites = [(s, rows.get(s, {}).get(primary, {}).get("auc")) for s in doc["sites"]]
+    fed_sites = [(s, rows.get(s, {}).get(primary, {}).get(m)) for s in doc["sites"]]
     fed_sites = [(s, a) for s, a in fed_sites if a is not None]
-    pooled = rows.get("pooled", {}).get(primary, {}).get("auc")
+    pooled = rows.get("pooled", {}).get(primary, {}).get(m)
     if not fed_sites or pooled is None:
         return []
     s, a = min(fed_sites, key=lambda t: t[1])
     gap = pooled - a
     side = "below" if gap >= 0 else "above"
-    return [f"The worst site under federation is {s} (AUC {auc_text(a)}), {_pts(gap)} {side} the pooled AUC."]
+    return [
+        f"The worst site under federation is {s} ({name} {score_text(a)}), {_pts(gap, doc)} {side} the pooled {name}."
+    ]
 
 
 def simulate_summary(results: dict) -> list[str]:
-    """The summary of one federated run (a `fedward simulate` folder): pooled AUC, best and worst site."""
+    """The summary of one federated run (a `fedward simulate` folder): pooled AUC (Dice), best and worst site."""
     final = results.get("final", {})
-    sites = {s: m.get("auc") for s, m in final.get("sites", {}).items() if m.get("auc") is not None}
+    m, name = metric_of(results), METRIC_LABELS[metric_of(results)]
+    sites = {s: b.get(m) for s, b in final.get("sites", {}).items() if b.get(m) is not None}
     lines = [
         f"A federated run of {final.get('round', 0)} rounds over {len(final.get('sites', {}))} sites "
-        f"({results.get('status')}): pooled test AUC {auc_text(final.get('pooled', {}).get('auc'))}."
+        f"({results.get('status')}): pooled test {name} {score_text(final.get('pooled', {}).get(m))}."
     ]
     if sites:
         best, worst = max(sites, key=sites.get), min(sites, key=sites.get)
         lines.append(
-            f"Best site {best} (AUC {auc_text(sites[best])}), worst site {worst} "
-            f"(AUC {auc_text(sites[worst])})."
+            f"Best site {best} ({name} {score_text(sites[best])}), worst site {worst} "
+            f"({name} {score_text(sites[worst])})."
         )
     if results.get("stop_reason"):
         lines.append(f"The run stopped early: {results['stop_reason']}")

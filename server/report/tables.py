@@ -11,23 +11,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.report.doc import is_private, model_label
+from server.report.doc import METRIC_LABELS, is_private, metric_of, model_label
 from server.run_folder import LOCAL_OF, VARIANT_LABELS, Variant
 
 MISSING = "–"  # a value the run does not have
-RUN_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy")
-RUN_HEAD = (
-    "site",
-    "train",
-    "test",
-    "AUC 0",
-    "AUC",
-    "accuracy",
-    "sensitivity",
-    "specificity",
-    "balanced acc.",
-)
-RUN_HEAD_SHORT = ("site", "train", "test", "AUC 0", "AUC", "acc", "sens", "spec", "bal acc")  # terminal
+# a plain run's final metrics per headline metric: (keys, report header, terminal header); the
+# header's first columns are the site, its sizes and the initial model's headline metric
+RUN_COLUMNS = {
+    "auc": (
+        ("auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy"),
+        ("site", "train", "test", "AUC 0", "AUC", "accuracy", "sensitivity", "specificity", "balanced acc."),
+        ("site", "train", "test", "AUC 0", "AUC", "acc", "sens", "spec", "bal acc"),
+    ),
+    "dice": (
+        ("dice", "hd95"),
+        ("site", "train", "test", "Dice 0", "Dice", "HD95 (px)"),
+        ("site", "train", "test", "Dice 0", "Dice", "HD95 (px)"),
+    ),
+}
+DIGITS = {"hd95": 2}  # decimals where not 3
 
 
 @dataclass(frozen=True)
@@ -54,19 +56,16 @@ class RunRow:
     site: str
     n_train: int | None  # images trained on in the last round (pooled: all sites)
     n_test: int | None
-    initial_auc: float | None  # the initial model's AUC, before round 1
-    auc: float | None
-    accuracy: float | None
-    sensitivity: float | None
-    specificity: float | None
-    balanced_accuracy: float | None
+    initial: float | None  # the initial model's headline metric (AUC or Dice), before round 1
+    values: dict[str, float | None]  # the final metrics, in RUN_COLUMNS order
     epsilon: float | None  # with privacy: the site's whole ledger; never for pooled
     pooled: bool = False
 
     def texts(self, private: bool, missing: str = MISSING) -> list[str]:
-        """The row's cells as text, the site first: counts, metrics to 3 decimals, ε to 2."""
+        """The row's cells as text, the site first: counts, metrics to 3 decimals (HD95 2), ε to 2."""
         out = [self.site, *(missing if n is None else str(n) for n in (self.n_train, self.n_test))]
-        out += [number(getattr(self, k), missing=missing) for k in ("initial_auc", *RUN_METRICS)]
+        out.append(number(self.initial, missing=missing))
+        out += [number(v, DIGITS.get(k, 3), missing=missing) for k, v in self.values.items()]
         if private:
             out.append("" if self.pooled else number(self.epsilon, 2, missing=missing))
         return out
@@ -85,8 +84,10 @@ def _cell(value: float | None, ci: list[float] | None = None) -> Cell:
 
 
 def run_rows(results: dict) -> list[RunRow]:
-    """Per site (in results.json's order) and pooled: sizes, the initial AUC, the final metrics."""
+    """Per site (in results.json's order) and pooled: sizes, the initial AUC (Dice), the final metrics."""
     final, initial = results.get("final", {}), results.get("initial", {})
+    metric = metric_of(results)
+    keys = RUN_COLUMNS[metric][0]
     train = results["rounds"][-1].get("train", {}) if results.get("rounds") else {}
     rows = []
     for site, m in [*final.get("sites", {}).items(), ("pooled", final.get("pooled", {}))]:
@@ -101,8 +102,8 @@ def run_rows(results: dict) -> list[RunRow]:
                 site,
                 n_train,
                 m.get("n_test"),
-                init.get("auc"),
-                *(m.get(k) for k in RUN_METRICS),
+                init.get(metric),
+                {k: m.get(k) for k in keys},
                 epsilon=None if pooled else m.get("epsilon"),
                 pooled=pooled,
             )
@@ -117,7 +118,8 @@ def run_table(results: dict) -> Table:
         [Cell(t, bold=r.pooled and i == 0) for i, t in enumerate(r.texts(private))] for r in run_rows(results)
     ]
     caption = f"Final model after round {results.get('final', {}).get('round', 0)}, on each site's test data"
-    return Table("per-site-table", caption, [*RUN_HEAD, *(["ε"] if private else [])], rows)
+    head = RUN_COLUMNS[metric_of(results)][1]
+    return Table("per-site-table", caption, [*head, *(["ε"] if private else [])], rows)
 
 
 # ----------------------------------------------------------------------------- a study's tables
@@ -142,7 +144,7 @@ def _sizes(doc: dict, test_set: str) -> tuple[int, int]:
 
 
 def _comparison_table(doc: dict) -> Table:
-    comp, primary = doc["comparison"], doc["primary"]
+    comp, primary, m = doc["comparison"], doc["primary"], metric_of(doc)
     local = LOCAL_OF[primary]
     head = ["site", "train", "test", *[VARIANT_LABELS.get(c, c) for c in comp["columns"]]]
     head.append(f"{VARIANT_LABELS[primary]} − {VARIANT_LABELS[local]}")
@@ -160,12 +162,12 @@ def _comparison_table(doc: dict) -> Table:
                 Cell(s, bold=s == "pooled"),
                 Cell(str(n_train)),
                 Cell(str(n_test)),
-                *[_cell(row.get(c, {}).get("auc"), row.get(c, {}).get("ci")) for c in comp["columns"]],
+                *[_cell(row.get(c, {}).get(m), row.get(c, {}).get("ci")) for c in comp["columns"]],
                 gain,
             ]
         )
     caption = (
-        "Test AUC per site [95% bootstrap CI]: trained alone, federated, federated with privacy, "
+        f"Test {METRIC_LABELS[m]} per site [95% bootstrap CI]: trained alone, federated, federated with privacy, "
         "centralized, and federated without the site. Pooled: all test data; 'local' there scores "
         "each site's data with its own model."
     )
@@ -173,21 +175,25 @@ def _comparison_table(doc: dict) -> Table:
 
 
 def _uncertainty_table(doc: dict, variant: str) -> Table:
-    m = doc["models"][variant]
-    private = m.get("private")
-    head = ["site", "AUC", "sensitivity", "specificity", "balanced acc.", "ECE", *(["ε"] if private else [])]
+    model = doc["models"][variant]
+    private, segmentation = model.get("private"), metric_of(doc) == "dice"
+    if segmentation:
+        head, with_ci, plain = ["site", "Dice", "HD95 (px)"], ("dice", "hd95"), ()
+    else:
+        head = ["site", "AUC", "sensitivity", "specificity", "balanced acc.", "ECE"]
+        with_ci, plain = ("auc", "sensitivity", "specificity"), ("balanced_accuracy", "ece")
     rows = []
     for s in [*doc["sites"], "pooled"]:
-        b = m["eval"].get(s, {})
+        b = model["eval"].get(s, {})
         ci = b.get("ci", {})
-        row = [Cell(s), *[_cell(b.get(k), ci.get(k)) for k in ("auc", "sensitivity", "specificity")]]
-        row += [_cell(b.get("balanced_accuracy")), _cell(b.get("ece"))]
+        row = [Cell(s), *[_cell(b.get(k), ci.get(k)) for k in with_ci], *[_cell(b.get(k)) for k in plain]]
         if private:
-            row.append(Cell(number((m.get("epsilon") or {}).get(s), 2)))
+            row.append(Cell(number((model.get("epsilon") or {}).get(s), 2)))
         rows.append(row)
-    caption = (
-        f"{VARIANT_LABELS[variant]} model: metrics with 95% bootstrap CIs and expected calibration error"
-    )
+    head += ["ε"] if private else []
+    what = "mean Dice and HD95 over the test images" if segmentation else "metrics"
+    calibration = "" if segmentation else " and expected calibration error"
+    caption = f"{VARIANT_LABELS[variant]} model: {what} with 95% bootstrap CIs{calibration}"
     return Table(f"{variant}-uncertainty-table", caption, head, rows)
 
 
@@ -195,7 +201,7 @@ def _leave_one_out_table(doc: dict) -> Table | None:
     loo = [m for m in doc["models"].values() if m["kind"] == Variant.LEAVE_ONE_OUT]
     if not loo:
         return None
-    primary = doc["primary"]
+    primary, metric = doc["primary"], metric_of(doc)
     rows = []
     for m in loo:
         s = m["held_out"]
@@ -205,16 +211,17 @@ def _leave_one_out_table(doc: dict) -> Table | None:
             [
                 Cell(s),
                 Cell(", ".join(m["nodes"])),
-                _cell(b.get("auc"), b.get("ci", {}).get("auc")),
-                _cell(own.get(primary, {}).get("auc")),
-                _cell(own.get(LOCAL_OF[primary], {}).get("auc")),
+                _cell(b.get(metric), b.get("ci", {}).get(metric)),
+                _cell(own.get(primary, {}).get(metric)),
+                _cell(own.get(LOCAL_OF[primary], {}).get(metric)),
             ]
         )
-    head = ["left out", "federation (its nodes)", "AUC on the left-out site", "AUC with it federated"]
+    name = METRIC_LABELS[metric]
+    head = ["left out", "federation (its nodes)", f"{name} on the left-out site", f"{name} with it federated"]
     return Table(
         "leave-one-out-table",
         "A hospital that never took part: the model federated without it, on its test data",
-        [*head, "AUC alone"],
+        [*head, f"{name} alone"],
         rows,
     )
 
@@ -225,9 +232,10 @@ def _cross_site_table(doc: dict) -> Table | None:
         return None
     rows = [
         [Cell(model_label(k)), *[_cell(v, ci) for v, ci in zip(vals, cis, strict=True)]]
-        for k, vals, cis in zip(cs["rows"], cs["auc"], cs["ci"], strict=True)
+        for k, vals, cis in zip(cs["rows"], cs[metric_of(doc)], cs["ci"], strict=True)
     ]
-    return Table("cross-site-table", "Cross-site AUC [95% CI]", ["model", *cs["columns"]], rows)
+    caption = f"Cross-site {METRIC_LABELS[metric_of(doc)]} [95% CI]"
+    return Table("cross-site-table", caption, ["model", *cs["columns"]], rows)
 
 
 def _privacy_spent_table(doc: dict) -> Table:

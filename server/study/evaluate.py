@@ -1,7 +1,11 @@
 """Every model of a study on every site's test data: metrics, intervals, calibration, comparisons.
 
-`Evaluator` predicts each model on each test set once and keeps the probabilities; `compare` builds the
-per-site comparison table and the paired gains of federating, `cross_site` the cross-site matrix.
+An evaluator predicts each model on each test set once and keeps what its metrics are computed from
+(`outputs`): class probabilities for classification (`Evaluator`: AUC, sensitivity, specificity with
+bootstrap intervals, calibration, ROC), each image's Dice and HD95 for segmentation
+(`SegmentationEvaluator`: mean Dice and HD95 with bootstrap intervals). `compare` builds the per-site
+comparison table and the paired gains of federating in the evaluator's headline metric (`metric`),
+`cross_site` the cross-site matrix.
 """
 
 from __future__ import annotations
@@ -12,28 +16,42 @@ from torch import nn
 from client.train import device, predict
 from common.metrics import public_metrics, site_summary
 from common.schema import StudyConfig
+from common.seg_metrics import (
+    paired_score_difference,
+    per_image_scores,
+    score_intervals,
+    segmentation_summary,
+    sums_from_scores,
+)
 from common.sitedata import SiteData
 from common.uncertainty import bootstrap_intervals, calibration, paired_difference, roc_points
 from server.run_folder import FEDERATED_VARIANTS, LOCAL_OF, Variant, model_key
 
 
 class Evaluator:
-    """Every model on every site's test data (and pooled), with intervals, calibration and ROC."""
+    """Every classification model on every site's test data (and pooled), with intervals,
+    calibration and ROC."""
+
+    metric = "auc"  # the headline metric of the comparison and the cross-site matrix
 
     def __init__(self, data: dict[str, SiteData], study: StudyConfig):
         self.data, self.cfg, self.seed = data, study.study, study.seed
         self.labels = {s: d.test_y.numpy().astype(np.int64) for s, d in data.items()}
         self.labels["pooled"] = np.concatenate([self.labels[s] for s in data])
-        self.probs: dict[str, dict[str, np.ndarray]] = {}  # model -> test set -> N x C probabilities
+        self.outputs: dict[str, dict[str, np.ndarray]] = {}  # model -> test set -> its predictions' record
+
+    def _outputs(self, model: nn.Module, site: str) -> np.ndarray:
+        return predict(model, self.data[site].test_x)  # N x C probabilities
 
     def predict(self, key: str, model: nn.Module, sites: list[str] | None = None) -> None:
         sites = list(self.data) if sites is None else sites
         model = model.to(device())
-        self.probs[key] = {s: predict(model, self.data[s].test_x) for s in sites}
+        self.outputs[key] = {s: self._outputs(model, s) for s in sites}
         if sites == list(self.data):
-            self.probs[key]["pooled"] = np.concatenate([self.probs[key][s] for s in self.data])
+            self.outputs[key]["pooled"] = np.concatenate([self.outputs[key][s] for s in self.data])
 
-    def block(self, labels: np.ndarray, probs: np.ndarray, *, roc: bool) -> dict:
+    def block(self, test_set: str, probs: np.ndarray, *, roc: bool) -> dict:
+        labels = self.labels[test_set]
         out = public_metrics(site_summary(labels, probs))
         out["ci"] = bootstrap_intervals(labels, probs, samples=self.cfg.bootstrap_samples, seed=self.seed)
         cal = calibration(labels, probs, bins=self.cfg.calibration_bins)
@@ -44,25 +62,56 @@ class Evaluator:
 
     def evaluate(self, key: str, *, roc_on: set[str] | None = None) -> dict:
         """{test set: metrics} for a predicted model; ROC points for the test sets in `roc_on`."""
-        roc_on = set(self.probs[key]) if roc_on is None else roc_on
-        return {s: self.block(self.labels[s], p, roc=s in roc_on) for s, p in self.probs[key].items()}
+        roc_on = set(self.outputs[key]) if roc_on is None else roc_on
+        return {s: self.block(s, out, roc=s in roc_on) for s, out in self.outputs[key].items()}
 
     def pooled_own(self, keys: dict[str, str]) -> np.ndarray:
-        """Pooled predictions where each site's test data is scored by its own model (site -> key)."""
-        return np.concatenate([self.probs[keys[s]][s] for s in self.data])
+        """Pooled outputs where each site's test data is scored by its own model (site -> key)."""
+        return np.concatenate([self.outputs[keys[s]][s] for s in self.data])
 
-    def difference(self, test_set: str, probs_a: np.ndarray, probs_b: np.ndarray) -> dict:
+    def difference(self, test_set: str, outputs_a: np.ndarray, outputs_b: np.ndarray) -> dict:
+        """{metric: {difference, ci}}: model a minus model b on the same bootstrap resamples."""
         return paired_difference(
-            self.labels[test_set], probs_a, probs_b, samples=self.cfg.bootstrap_samples, seed=self.seed
+            self.labels[test_set], outputs_a, outputs_b, samples=self.cfg.bootstrap_samples, seed=self.seed
         )
 
 
-def _slim(block: dict) -> dict:
-    return {"auc": block.get("auc"), "ci": block.get("ci", {}).get("auc")}
+class SegmentationEvaluator(Evaluator):
+    """Every segmentation model on every site's test data: each image's Dice and HD95 per foreground
+    class (common.seg_metrics, MONAI's metrics on the arg-max label maps), their means (pooled: over
+    every image of every site, as the federation pools its sites' sums) with bootstrap intervals."""
+
+    metric = "dice"
+    PREDICT_BATCH = 16  # a UNet's activations per image are large: predict a few at a time
+
+    def _outputs(self, model: nn.Module, site: str) -> np.ndarray:
+        pred = predict(model, self.data[site].test_x, batch_size=self.PREDICT_BATCH).argmax(axis=1)
+        dice, hd95 = per_image_scores(self.labels[site], pred, self.data[site].num_classes)
+        return np.stack([dice, hd95], axis=1)  # N x 2 x (classes - 1)
+
+    def block(self, test_set: str, scores: np.ndarray, *, roc: bool) -> dict:
+        out = segmentation_summary(sums_from_scores(scores[:, 0], scores[:, 1]), n_test=len(scores))
+        out["ci"] = score_intervals(scores, samples=self.cfg.bootstrap_samples, seed=self.seed)
+        return out
+
+    def difference(self, test_set: str, outputs_a: np.ndarray, outputs_b: np.ndarray) -> dict:
+        return paired_score_difference(
+            outputs_a, outputs_b, samples=self.cfg.bootstrap_samples, seed=self.seed
+        )
+
+
+def evaluator_for(data: dict[str, SiteData], study: StudyConfig) -> Evaluator:
+    """The evaluator of the study's task."""
+    return (SegmentationEvaluator if study.task == "segmentation" else Evaluator)(data, study)
+
+
+def _slim(block: dict, metric: str) -> dict:
+    return {metric: block.get(metric), "ci": block.get("ci", {}).get(metric)}
 
 
 def compare(doc: dict, ev: Evaluator) -> dict:
-    """Per site and pooled: AUC (with interval) of each kind of model, and what federating gains.
+    """Per site and pooled: the headline metric (with interval) of each kind of model, and what
+    federating gains.
 
     Pooled columns: federated and centralized models on all test data together; `local` and
     `local-dp` score each site's test data with that site's own model (what the hospitals would get
@@ -78,50 +127,50 @@ def compare(doc: dict, ev: Evaluator) -> dict:
         for c in columns:
             key = c if c in models else model_key(c, s)
             if key in models and s in models[key]["eval"]:
-                row[c] = {"model": key, **_slim(models[key]["eval"][s])}
+                row[c] = {"model": key, **_slim(models[key]["eval"][s], ev.metric)}
         rows[s] = row
     rows["pooled"] = _pooled_row(columns, models, sites, ev)
-    return {"columns": columns, "rows": rows, "gains": {s: _gains(s, sites, ev) for s in [*sites, "pooled"]}}
+    gains = {s: _gains(s, sites, ev) for s in [*sites, "pooled"]}
+    return {"metric": ev.metric, "columns": columns, "rows": rows, "gains": gains}
 
 
 def _pooled_row(columns: list[str], models: dict, sites: list[str], ev: Evaluator) -> dict:
     pooled = {}
     for c in columns:
         if c in models:
-            pooled[c] = {"model": c, **_slim(models[c]["eval"]["pooled"])}
-        elif all(model_key(c, s) in ev.probs for s in sites):
-            probs = ev.pooled_own({s: model_key(c, s) for s in sites})
-            block = ev.block(ev.labels["pooled"], probs, roc=False)
-            pooled[c] = {"model": f"{c}:<each site>", **_slim(block)}
+            pooled[c] = {"model": c, **_slim(models[c]["eval"]["pooled"], ev.metric)}
+        elif all(model_key(c, s) in ev.outputs for s in sites):
+            block = ev.block("pooled", ev.pooled_own({s: model_key(c, s) for s in sites}), roc=False)
+            pooled[c] = {"model": f"{c}:<each site>", **_slim(block, ev.metric)}
     return pooled
 
 
 def _gains(test_set: str, sites: list[str], ev: Evaluator) -> dict:
-    """Paired AUC differences on `test_set`: each federated model against the local models and
+    """Paired differences of the headline metric on `test_set`: each federated model against the local models and
     against centralized training."""
     gains = {}
     for fed in FEDERATED_VARIANTS:
         local = LOCAL_OF[fed]
-        if fed not in ev.probs or not all(model_key(local, x) in ev.probs for x in sites):
+        if fed not in ev.outputs or not all(model_key(local, x) in ev.outputs for x in sites):
             continue
         own = (
             ev.pooled_own({x: model_key(local, x) for x in sites})
             if test_set == "pooled"
-            else ev.probs[model_key(local, test_set)][test_set]
+            else ev.outputs[model_key(local, test_set)][test_set]
         )
-        gains[f"{fed}_vs_{local}"] = ev.difference(test_set, ev.probs[fed][test_set], own)["auc"]
-    if Variant.CENTRALIZED in ev.probs:
+        gains[f"{fed}_vs_{local}"] = ev.difference(test_set, ev.outputs[fed][test_set], own)[ev.metric]
+    if Variant.CENTRALIZED in ev.outputs:
         for fed in FEDERATED_VARIANTS:
-            if fed in ev.probs:
-                central = ev.probs[Variant.CENTRALIZED][test_set]
-                gains[f"{fed}_vs_centralized"] = ev.difference(test_set, ev.probs[fed][test_set], central)[
-                    "auc"
-                ]
+            if fed in ev.outputs:
+                central = ev.outputs[Variant.CENTRALIZED][test_set]
+                diff = ev.difference(test_set, ev.outputs[fed][test_set], central)
+                gains[f"{fed}_vs_centralized"] = diff[ev.metric]
     return gains
 
 
-def cross_site(doc: dict) -> dict:
-    """Rows: every model trained on a site, each federated model, centralized; columns: test sets."""
+def cross_site(doc: dict, metric: str) -> dict:
+    """Rows: every model trained on a site, each federated model, centralized; columns: test sets;
+    values: the headline metric (`metric`) and its interval."""
     models, sites = doc["models"], doc["sites"]
     keys = [k for k in models if models[k]["kind"] == Variant.LOCAL]
     keys += [str(v) for v in FEDERATED_VARIANTS if v in models]
@@ -130,6 +179,7 @@ def cross_site(doc: dict) -> dict:
     return {
         "rows": keys,
         "columns": columns,
-        "auc": [[models[k]["eval"].get(c, {}).get("auc") for c in columns] for k in keys],
-        "ci": [[models[k]["eval"].get(c, {}).get("ci", {}).get("auc") for c in columns] for k in keys],
+        "metric": metric,
+        metric: [[models[k]["eval"].get(c, {}).get(metric) for c in columns] for k in keys],
+        "ci": [[models[k]["eval"].get(c, {}).get("ci", {}).get(metric) for c in columns] for k in keys],
     }

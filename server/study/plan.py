@@ -20,12 +20,6 @@ from server.run_folder import Variant, model_key
 def validate_comparison(study: StudyConfig) -> None:
     """The `study` section's values; raises ConfigError naming the key."""
     p, c = study.source_path or "study config", study.study
-    if study.task == "segmentation":
-        raise ConfigError(
-            f"{p}: `fedward study` compares classification models (AUC with bootstrap intervals); it does "
-            "not compare segmentation yet. Run the federated model with `fedward simulate`, which reports "
-            "per-site Dice and HD95."
-        )
     if c.bootstrap_samples < 100:
         raise ConfigError(
             f"{p}: 'study.bootstrap_samples' is {c.bootstrap_samples}; a 95% interval needs at least "

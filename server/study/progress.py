@@ -17,6 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common.schema import StudyConfig
 from server.coordinator import Reporter
+from server.report.doc import METRIC_LABELS
 from server.run_folder import PROGRESS_FILE, write_json
 from server.study.plan import Part
 
@@ -34,6 +35,7 @@ class StudyProgress(Reporter):
 
     def __init__(self, parts: list[Part], out_dir: Path, console: Console):
         self.parts, self.dir, self.console = parts, out_dir, console
+        self.metric = "auc"  # the rounds' headline (start: dice for a segmentation study)
         self.t0 = time.perf_counter()
         self.done_units = 0.0
         # measured [seconds, units] per kind of work: (federated run?, with privacy?)
@@ -133,6 +135,7 @@ class StudyProgress(Reporter):
     # ------------------------------------------------------------------ Reporter (federated runs)
 
     def start(self, study: StudyConfig, first_round: int) -> None:
+        self.metric = "dice" if study.task == "segmentation" else "auc"  # the rounds' headline
         self._update(f"round 0/{self.part.rounds}: evaluating the initial model")
 
     def phase(self, round_: int, text: str) -> None:
@@ -149,12 +152,14 @@ class StudyProgress(Reporter):
         self.done_units += units
         self.part_done += units
         sites = "  ".join(
-            f"{name} {fmt(m.get('auc'))}" + (f" ε{m['epsilon']:.2f}" if m.get("epsilon") is not None else "")
+            f"{name} {fmt(m.get(self.metric))}"
+            + (f" ε{m['epsilon']:.2f}" if m.get("epsilon") is not None else "")
             for name, m in record["sites"].items()
         )
         skipped = sorted({*record.get("refused", {}), *record.get("failed", {})})
         self._say(
-            f"round {record['round']}/{part.rounds}  pooled AUC {fmt(record['pooled'].get('auc'))}  | {sites}"
+            f"round {record['round']}/{part.rounds}  pooled {METRIC_LABELS[self.metric]} "
+            f"{fmt(record['pooled'].get(self.metric))}  | {sites}"
             + (f"  (did not train: {', '.join(skipped)})" if skipped else "")
         )
 

@@ -47,6 +47,7 @@ from common.transforms import augment_fn
 from server.interrupt import Interrupted, StopRequest, interruptible
 from server.ray_session import backend_config, one_ray_session
 from server.report import build_report, plain_summary
+from server.report.doc import METRIC_LABELS
 from server.run_claim import check_run_folder, claim_run_folder
 from server.run_folder import (
     FEDERATED_VARIANTS,
@@ -66,7 +67,7 @@ from server.run_folder import (
     write_json,
 )
 from server.simulate import preflight, simulate
-from server.study.evaluate import Evaluator, compare, cross_site
+from server.study.evaluate import compare, cross_site, evaluator_for
 from server.study.plan import Part, plan, validate_comparison, variants, with_privacy
 from server.study.progress import StudyProgress, fmt
 from server.study.references import train_alone
@@ -91,7 +92,7 @@ class ComparisonRun:
             check_policies(study, self.sites, self.parts)
         self.study_ids: set[str] = set()  # every run's study id: what this study spent at each site
         self.progress = StudyProgress(self.parts, out, console)
-        self.evaluator = Evaluator(self.data, study)
+        self.evaluator = evaluator_for(self.data, study)
         self.t0 = time.perf_counter()
         self.doc = {
             "kind": STUDY_KIND,
@@ -99,6 +100,7 @@ class ComparisonRun:
             "study": study.to_dict(),
             "status": "running",
             "primary": variants(study)[0],
+            "metric": self.evaluator.metric,  # the headline of the comparison: auc, or dice for segmentation
             "variants": variants(study),
             "sites": list(self.data),
             "site_info": {s: _site_info(d) for s, d in self.data.items()},
@@ -145,7 +147,7 @@ class ComparisonRun:
             self.progress.close()
             torch.set_num_threads(threads)
         self.doc["comparison"] = compare(self.doc, self.evaluator)
-        self.doc["cross_site"] = cross_site(self.doc)
+        self.doc["cross_site"] = cross_site(self.doc, self.evaluator.metric)
         done = all(self.models[v].get("status") == "completed" for v in self.doc["variants"])
         self.doc["status"] = "completed" if done else "stopped"
         self.doc["summary"] = plain_summary(self.doc)
@@ -258,8 +260,9 @@ class ComparisonRun:
             "eval": self.evaluator.evaluate(key, roc_on={site}),
         }
         eps = f", ε {info['epsilon']:.2f}" if part.private and info["epsilon"] is not None else ""
-        own = self.models[key]["eval"][site]["auc"]
-        self.progress.site_done(site, f"trained alone, AUC on its own test data {fmt(own)}{eps}")
+        own = self.models[key]["eval"][site][self.evaluator.metric]
+        label = METRIC_LABELS[self.evaluator.metric]
+        self.progress.site_done(site, f"trained alone, {label} on its own test data {fmt(own)}{eps}")
 
     def centralized(self, part: Part) -> None:
         x = torch.cat([d.train_x for d in self.data.values()])
@@ -299,8 +302,9 @@ class ComparisonRun:
             "eval": self.evaluator.evaluate(part.key),
             "results": results,
         }
-        auc = self.models[part.key]["eval"][held_out]["auc"]
-        self.progress.site_done(held_out, f"never took part; AUC on its test data {fmt(auc)}")
+        score = self.models[part.key]["eval"][held_out][self.evaluator.metric]
+        label = METRIC_LABELS[self.evaluator.metric]
+        self.progress.site_done(held_out, f"never took part; {label} on its test data {fmt(score)}")
 
     def _meta(self, key: str) -> dict:
         return {
@@ -312,6 +316,7 @@ class ComparisonRun:
 
 
 def _site_info(d: SiteData) -> dict:
+    """Sizes and the share of class 1 (for segmentation: of the label maps' pixels)."""
     return {
         "n_train": int(len(d.train_y)),
         "n_test": int(len(d.test_y)),
@@ -369,14 +374,15 @@ def run_comparison(
 
 def summary_table(doc: dict) -> Table:
     comp = doc["comparison"]
-    table = Table(title=f"fedward study '{doc['study']['name']}': test AUC per site ({doc['status']})")
+    label = METRIC_LABELS[comp["metric"]]
+    table = Table(title=f"fedward study '{doc['study']['name']}': test {label} per site ({doc['status']})")
     table.add_column("site", no_wrap=True)
     for c in comp["columns"]:
         table.add_column(c, justify="right", no_wrap=True)
     for s, row in comp["rows"].items():
         table.add_row(
             f"[bold]{s}[/]" if s == "pooled" else s,
-            *(fmt(row.get(c, {}).get("auc")) for c in comp["columns"]),
+            *(fmt(row.get(c, {}).get(comp["metric"])) for c in comp["columns"]),
         )
     return table
 
