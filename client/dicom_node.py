@@ -2,7 +2,8 @@
 
 It accepts images by C-STORE, predicts on each (client.predict: the package's preprocessing, model,
 operating point and heat map), and stores the results back to the PACS by C-STORE: the Structured
-Report and the heat-map Secondary Capture (client.dicom_out), in the image's study. An image it
+Report and the heat-map Secondary Capture (client.dicom_out), in the image's study; a segmentation
+package's result is a DICOM-SEG of the predicted mask over the image. An image it
 cannot use (no pixels, corrupt) gets a failure status (0xC210, "cannot understand") and a line in the
 log naming it; the service goes on. A result the PACS refuses is logged; the service goes on. An image
 outside the model's training (another modality: a CT sent to a chest X-ray model) is predicted, its
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
+from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, SegmentationStorage
 
 from client.predict import Predictor
 
@@ -42,7 +43,11 @@ class DicomNode:
         self.work = Path(tempfile.mkdtemp(prefix="fedward-serve-"))
         self.ae = AE(ae_title=ae_title)
         self.ae.supported_contexts = AllStoragePresentationContexts
-        for sop in (Comprehensive3DSRStorage, SecondaryCaptureImageStorage):
+        for sop in (
+            Comprehensive3DSRStorage,
+            SecondaryCaptureImageStorage,
+            SegmentationStorage,
+        ):  # what it sends
             self.ae.add_requested_context(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         self.server = None
         self.handled: list[dict] = []  # per received image: its SOP Instance UID, status, results sent

@@ -5,6 +5,7 @@ study; a file without pixels gets a failure status, and the node goes on."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -176,3 +177,34 @@ def test_new_images_are_pulled_over_dicomweb_and_their_results_stored_back(ortha
     assert poller.poll_once() == []  # its own results are not predicted on, nothing is done twice
     again = DicomWebPoller(package, url=f"{base}/dicom-web", state=state)  # a restart, from the state file
     assert again.poll_once() == [] and len(_rest(base, "/instances")) == 5
+
+
+def test_a_segmentation_package_stores_a_dicom_seg_of_the_image_in_its_study(orthanc, tmp_path):
+    from common.package import write_package
+    from tests.client.test_segmentation import _site, _trained
+
+    meta = {"model": "unet", "task": "segmentation", "in_channels": 1, "classes": ["background", "lesion"],
+            "input": {"preprocess": {"size": [28, 28], "spatial": "resize", "channels": 1}}}  # fmt: skip
+    seg_package = write_package(tmp_path / "model", _trained(_site(tmp_path / "site")), meta)
+    node = DicomNode(
+        seg_package, ae_title="FEDWARD", port=orthanc["node"], pacs=("127.0.0.1", orthanc["dicom"], "ORTHANC")
+    )
+    node.start()
+    try:
+        source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        pushed = _push(orthanc["base"], source, tmp_path)
+        _rest(orthanc["base"], "/modalities/fedward/store",
+              json.dumps({"Resources": [pushed["ID"]], "Synchronous": True}).encode())  # fmt: skip
+        deadline = time.time() + 60
+        while len(_rest(orthanc["base"], "/instances")) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        assert _modalities(orthanc["base"], pushed["ParentStudy"]) == ["CT", "SEG"]  # the image, its mask
+        assert node.handled[-1]["status"] == 0 and node.handled[-1]["sent"] == [0], node.handled
+        seg_id = next(i["ID"] for i in _rest(orthanc["base"], f"/studies/{pushed['ParentStudy']}/instances")
+                      if _rest(orthanc["base"], f"/instances/{i['ID']}/simplified-tags")["Modality"] == "SEG")  # fmt: skip
+        with urllib.request.urlopen(f"{orthanc['base']}/instances/{seg_id}/file") as reply:
+            seg = pydicom.dcmread(io.BytesIO(reply.read()))
+        cited = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
+        assert cited == source.SOPInstanceUID and seg.SegmentSequence[0].SegmentLabel == "lesion"
+    finally:
+        node.stop()
