@@ -66,6 +66,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "cnn28"  # see common.models.MODELS
+    init_from: str = ""  # a model package to start round 1 from (server.packages); "" = fresh weights
 
 
 @dataclass

@@ -32,6 +32,7 @@ from common.schema import StudyConfig
 from server.interrupt import Interrupted, StopRequest
 from server.model_card import write_model_package
 from server.operating_point import operating_point
+from server.packages import study_package
 from server.releases import pooled_metrics, site_metrics, site_release
 from server.replies import Replies, classify, site_name
 from server.round_records import (
@@ -320,7 +321,7 @@ class Coordinator:
 
     def _initial_state(self, resume: bool) -> tuple[int, ArrayRecord, Results, dict]:
         """(first round, global arrays, results so far, strategy state): from the newest checkpoint when
-        resuming, else a fresh model and empty results."""
+        resuming, else the `model.init_from` package's weights or a fresh model, and empty results."""
         ck = self.store.load_latest_checkpoint() if resume else None
         if resume and ck is None:
             log.warning("--resume: no checkpoint in %s; starting from round 1", self.store.dir)
@@ -331,6 +332,14 @@ class Coordinator:
             log.info("resuming after round %d from %s", ck["round"], self.store.dir)
             random.setstate(ck["python_rng"])
             return ck["round"] + 1, ArrayRecord(ck["arrays"]), ck["results"], ck["strategy_state"]
+        self.study_id = f"{self.study.name}-{uuid.uuid4().hex[:8]}"
+        results = new_results(self.study_id, self.study.to_dict())
+        if self.study.model.init_from:  # continue from a package: its weights are round 1's model
+            package = study_package(self.study.model.init_from, self.study)
+            results["init_from"] = package.identity
+            results["lineage"] = package.lineage  # the package this run starts from, and its ancestors
+            log.info("starting from the package %s (study %s)", package.path, package.identity["study_id"])
+            return 1, ArrayRecord(package.model.state_dict()), results, {}
         meta = self.model_meta
         model = build_model(
             self.study.model.name,
@@ -338,8 +347,7 @@ class Coordinator:
             num_classes=meta["num_classes"],
             seed=self.study.seed,
         )
-        self.study_id = f"{self.study.name}-{uuid.uuid4().hex[:8]}"
-        return 1, ArrayRecord(model.state_dict()), new_results(self.study_id, self.study.to_dict()), {}
+        return 1, ArrayRecord(model.state_dict()), results, {}
 
     def _save(self, rnd: int, arrays: ArrayRecord, results: Results, strategy: FedAvg) -> None:
         self.store.save_checkpoint(

@@ -68,6 +68,7 @@ def package_meta(study: StudyConfig, model_meta: dict, results: dict) -> dict[st
             "rounds": study.rounds,
             "config": study.to_dict(),
         },
+        "lineage": results.get("lineage", []),  # the packages it was trained on from, newest first
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -98,6 +99,23 @@ def _worst_first(meta: dict) -> list[tuple[str, dict]]:
 
 def _sections(meta: dict) -> list[tuple[str, list[str], list[list[str]] | None]]:
     """(heading, paragraphs, table rows with a header row first) of the card."""
+    return [*_main_sections(meta), _lineage_section(meta)]
+
+
+def _lineage_section(meta: dict) -> tuple[str, list[str], list[list[str]] | None]:
+    """Which packages the model was trained on from (`model.init_from`), newest first."""
+    lineage = meta.get("lineage") or []
+    if not lineage:
+        return ("Lineage", ["Trained from fresh weights (no `model.init_from`)."], None)
+    first = lineage[0]
+    text = (f"Started from the package {first['package']} (study {first.get('study_id')}, round "
+            f"{first.get('round')}, weights SHA-256 {first['sha256'][:16]}...), then trained in this study.")  # fmt: skip
+    rows = [["package", "study", "round", "weights SHA-256"]]
+    rows += [[e["package"], str(e.get("study_id")), str(e.get("round")), e["sha256"][:16]] for e in lineage]
+    return ("Lineage", [text], rows)
+
+
+def _main_sections(meta: dict) -> list[tuple[str, list[str], list[list[str]] | None]]:
     op = meta.get("operating_point") or {}
     privacy = meta["privacy"]
     columns = SEGMENTATION_COLUMNS if meta.get("task") == "segmentation" else METRIC_COLUMNS

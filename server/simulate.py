@@ -22,9 +22,10 @@ from common.simulated import simulated_sites
 from common.sitedata import SiteDataError
 from server.coordinator import Reporter
 from server.interrupt import StopRequest
+from server.packages import continue_simulated_ledgers, study_package
 from server.ray_session import backend_config, one_ray_session
 from server.run_claim import check_run_folder, claim_run_folder
-from server.run_folder import LOG_FILE, RESULTS_FILE
+from server.run_folder import LOG_FILE, RESULTS_FILE, SITES_DIR
 
 log = logging.getLogger("fedward.simulate")
 
@@ -33,10 +34,17 @@ def preflight(study: StudyConfig, out_dir: Path) -> list:
     """Load every simulated site's data once before any training: bad input fails here, named.
 
     Simulated sites keep their state (privacy ledger) in OUT_DIR/sites/<site> unless their own
-    site config names a state_dir.
+    site config names a state_dir. A study with `model.init_from` has its package checked against
+    it, and its simulated sites go on with the ledgers of the package's run (server.packages).
     """
-    sites = simulated_sites(study, state_root=out_dir / "sites")
+    sites = simulated_sites(study, state_root=out_dir / SITES_DIR)
     spec = model_spec(study)
+    if study.model.init_from:  # checked against the study now; the simulated sites' ledgers go on
+        carried = continue_simulated_ledgers(
+            study_package(study.model.init_from, study), sites, out_dir / SITES_DIR
+        )
+        if carried:
+            log.info("model.init_from: the ledgers of %s go on from the package's run", ", ".join(carried))
     for site in sites:
         try:
             data = load_site_data(site)
