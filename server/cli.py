@@ -212,7 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     deploy_cli.add_arguments(dp)
     dp.set_defaults(func=lambda args, console: deploy_cli.run(args))
 
-    from server import audit_cli
+    from server import audit_cli, compare, validate_cli
+
+    va = sub.add_parser("validate", help=validate_cli.HELP)
+    validate_cli.add_arguments(va)
+    va.set_defaults(func=validate_cli.run)
+    co = sub.add_parser("compare", help=compare.HELP)
+    compare.add_arguments(co)
+    co.set_defaults(func=compare.run)
 
     audit_cli.add_arguments(sub.add_parser("audit", help=audit_cli.HELP))
     return parser

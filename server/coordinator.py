@@ -32,7 +32,7 @@ from common.schema import StudyConfig
 from server.interrupt import Interrupted, StopRequest
 from server.model_card import write_model_package
 from server.operating_point import operating_point
-from server.packages import study_package
+from server.packages import initial_model, study_package
 from server.releases import pooled_metrics, site_metrics, site_release
 from server.replies import Replies, classify, site_name
 from server.round_records import (
@@ -339,14 +339,8 @@ class Coordinator:
             results["init_from"] = package.identity
             results["lineage"] = package.lineage  # the package this run starts from, and its ancestors
             log.info("starting from the package %s (study %s)", package.path, package.identity["study_id"])
-            return 1, ArrayRecord(package.model.state_dict()), results, {}
         meta = self.model_meta
-        model = build_model(
-            self.study.model.name,
-            in_channels=meta["in_channels"],
-            num_classes=meta["num_classes"],
-            seed=self.study.seed,
-        )
+        model = initial_model(self.study, in_channels=meta["in_channels"], num_classes=meta["num_classes"])
         return 1, ArrayRecord(model.state_dict()), results, {}
 
     def _save(self, rnd: int, arrays: ArrayRecord, results: Results, strategy: FedAvg) -> None:

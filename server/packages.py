@@ -18,6 +18,7 @@ from torch import nn
 
 from common.config import ConfigError
 from common.model_spec import model_spec
+from common.models import build_model
 from common.package import WEIGHTS_FILE, PackageError, load_package, package_folder
 from common.schema import StudyConfig
 from server.run_folder import SITES_DIR
@@ -47,6 +48,14 @@ class StudyPackage:
     def lineage(self) -> list[dict]:
         """This package and every package it was started from, newest first."""
         return [self.identity, *self.meta.get("lineage", [])]
+
+
+def initial_model(study: StudyConfig, *, in_channels: int, num_classes: int) -> nn.Module:
+    """The study's round-1 model: the `model.init_from` package's, else fresh weights from the seed.
+    The federation and the study's in-process references (local-only, centralized) all start here."""
+    if study.model.init_from:
+        return study_package(study.model.init_from, study).model
+    return build_model(study.model.name, in_channels=in_channels, num_classes=num_classes, seed=study.seed)
 
 
 def _differences(meta: dict, study: StudyConfig) -> list[str]:

@@ -22,7 +22,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from server.run_folder import CHECKPOINTS_DIR, RESULTS_FILE, STUDY_FILE, RunFolderError, io_error
+from server.run_folder import (
+    CHECKPOINTS_DIR,
+    RESULTS_FILE,
+    STUDY_FILE,
+    VALIDATION_FILE,
+    RunFolderError,
+    io_error,
+)
 
 LOCK_FILE = ".fedward.lock"
 
@@ -34,6 +41,8 @@ def holds_run(folder: Path) -> str | None:
     "interrupted"), or None when it holds none."""
     if (folder / STUDY_FILE).exists():
         return "study"
+    if (folder / VALIDATION_FILE).exists():
+        return "validation"
     results = folder / RESULTS_FILE
     if results.exists():
         try:
@@ -90,7 +99,8 @@ def _move_aside(folder: Path) -> Path:
 
 
 def check_run_folder(folder: Path, *, resume: bool, force: bool, kind: str = "run") -> None:
-    """Raise RunFolderError unless a `kind` run ("run" or "study") may write to `folder` as asked.
+    """Raise RunFolderError unless a `kind` run ("run", "study" or "validation") may write to `folder`
+    as asked (only a "run" resumes).
 
     Checks only (no lock, nothing written): callers run it before starting anything."""
     if folder.exists() and not folder.is_dir():
@@ -98,10 +108,12 @@ def check_run_folder(folder: Path, *, resume: bool, force: bool, kind: str = "ru
     held = holds_run(folder) if folder.is_dir() else None
     if held is None or force:
         return
-    if resume and kind == "run" and held != "study":
+    if resume and kind == "run" and held not in ("study", "validation"):
         return
-    if held == "study" or kind == "study":
-        what = "a `fedward study`" if held == "study" else f"a `fedward simulate` run ({held})"
+    if held in ("study", "validation") or kind in ("study", "validation"):
+        what = {"study": "a `fedward study`", "validation": "a `fedward validate`"}.get(
+            held, f"a `fedward simulate` run ({held})"
+        )
         raise RunFolderError(
             f"'{folder}' already holds {what}; choose a new --out folder, or add --force to move it "
             f"aside (to {folder.name}.replaced-<time>) and start afresh."

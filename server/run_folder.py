@@ -9,6 +9,7 @@ names from here, so a renamed file or key changes in one place.
     DIR/fedward.log             the run's log
     DIR/sites/<site>/           simulated sites' state (privacy ledger, image cache)
     DIR/study.json              a `fedward study`: every number (see server.study)
+    DIR/validation.json         a `fedward validate`: packages evaluated at every site (server.validate)
     DIR/progress.json           a running study's latest state
     DIR/report.html + *.png     the report (server.report)
     DIR/models/<variant>[-<site>].pt   a study's in-process models (local-only, centralized)
@@ -41,6 +42,9 @@ LEAVE_ONE_OUT_DIR = "leave-one-out"
 
 STUDY_KIND = "fedward-study"  # study.json's "kind"
 STUDY_VERSION = 1
+VALIDATION_FILE = "validation.json"  # `fedward validate` (server.validate)
+VALIDATION_KIND = "fedward-validation"
+VALIDATION_VERSION = 1
 
 
 class Variant(StrEnum):

@@ -25,7 +25,7 @@ from server.interrupt import StopRequest
 from server.packages import continue_simulated_ledgers, study_package
 from server.ray_session import backend_config, one_ray_session
 from server.run_claim import check_run_folder, claim_run_folder
-from server.run_folder import LOG_FILE, RESULTS_FILE, SITES_DIR
+from server.run_folder import LOG_FILE, RESULTS_FILE, SITES_DIR, VALIDATION_FILE
 
 log = logging.getLogger("fedward.simulate")
 
@@ -107,18 +107,8 @@ def _resume_command(command: str) -> str:
 def _simulate(
     study: StudyConfig, out: Path, sites: list, *, resume, reporter, verbose, stop, resume_command
 ) -> dict:
-    from flwr.simulation import run_simulation
-
-    from client.app import make_client_app
     from server.app import make_server_app
 
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    config = backend_config(study)
-    os.environ["FEDWARD_SITE_THREADS"] = str(config["client_resources"]["num_cpus"])
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.ERROR)
-        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-        warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
     results_path = out / RESULTS_FILE
     stale = results_path.stat().st_mtime_ns if results_path.exists() else None
     server_app = make_server_app(
@@ -130,6 +120,33 @@ def _simulate(
         stop=stop,
         resume_command=resume_command,
     )
+    run_engine(study, sites, server_app, verbose=verbose, stop=stop)
+    if not results_path.exists() or results_path.stat().st_mtime_ns == stale:
+        raise RuntimeError(f"the simulation ended without writing {results_path}; see {out / LOG_FILE}")
+    results = json.loads(results_path.read_text())
+    if results.get("status") == "interrupted":
+        return results
+    if results.get("status") == "running":
+        raise RuntimeError(f"the study did not finish; see {out / LOG_FILE}")
+    return results
+
+
+def run_engine(
+    study: StudyConfig, sites: list, server_app, *, verbose: bool, stop: StopRequest | None
+) -> None:
+    """`server_app` and the ClientApp of `sites` (one virtual SuperNode each) on Flower's simulation
+    engine, in this process's one Ray session; returns when the ServerApp's main has."""
+    from flwr.simulation import run_simulation
+
+    from client.app import make_client_app
+
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    config = backend_config(study)
+    os.environ["FEDWARD_SITE_THREADS"] = str(config["client_resources"]["num_cpus"])
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
     with one_ray_session(study):  # Ray started here, so that SIGTERM stays ours (server.interrupt)
         if stop is not None:
             stop.rearm()
@@ -140,11 +157,34 @@ def _simulate(
             backend_config=config,
             verbose_logging=verbose,
         )
-    if not results_path.exists() or results_path.stat().st_mtime_ns == stale:
-        raise RuntimeError(f"the simulation ended without writing {results_path}; see {out / LOG_FILE}")
-    results = json.loads(results_path.read_text())
-    if results.get("status") == "interrupted":
-        return results
-    if results.get("status") == "running":
-        raise RuntimeError(f"the study did not finish; see {out / LOG_FILE}")
-    return results
+
+
+def validate_simulated(
+    study: StudyConfig,
+    packages: list[str],
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    reporter: Reporter | None = None,
+    verbose: bool = False,
+    stop: StopRequest | None = None,
+    command: str = "",
+) -> dict:
+    """`fedward validate` (server.validate) on the study's simulated sites; returns validation.json's dict.
+    The packages are checked against the study before any site loads its data."""
+    from server.app import make_server_app
+    from server.validate import check_packages
+
+    out = Path(out_dir)
+    check_packages(study, packages)
+    check_run_folder(out, resume=False, force=force, kind="validation")
+    sites = preflight(study, out)
+    command = command or f"fedward validate ... --out {out}"
+    with claim_run_folder(out, resume=False, force=force, command=command, kind="validation"):
+        server_app = make_server_app(study, out, reporter=reporter, n_sites=len(sites), stop=stop,
+                                     packages=[str(p) for p in packages])  # fmt: skip
+        run_engine(study, sites, server_app, verbose=verbose, stop=stop)
+    path = out / VALIDATION_FILE
+    if not path.exists():
+        raise RuntimeError(f"the validation ended without writing {path}; see {out / LOG_FILE}")
+    return json.loads(path.read_text())

@@ -2,6 +2,7 @@
 
     fedward report runs/study-demo     # a `fedward study` folder (study.json)
     fedward report runs/demo           # a `fedward simulate` folder (results.json only)
+    fedward report runs/validate       # a `fedward validate` folder (validation.json)
 
 Writes into DIR: auc_by_round.png (dice_by_round.png for segmentation), epsilon_by_round.png (when
 privacy was on), and for a study also roc_curves.png (classification), cross_site.png and comparison.png; then report.html, one self-contained file with the
@@ -10,7 +11,8 @@ Nothing is recomputed from models or data: every number comes from study.json / 
 `load_run` checks first, so a file of the wrong shape ends in a ReportError that names it.
 
     shape.py     what the report reads from study.json and results.json, and the check
-    doc.py       a study or one federated run: its runs, sites and model names
+    doc.py       a study, one federated run or a validation: its runs, sites and model names
+    validation.py   a validation's tables, summary and plot
     summary.py   the summary in words (plain_summary)
     tables.py    the tables as rows of cells (also the terminal table of `fedward simulate`)
     plots.py     the matplotlib plots
@@ -25,14 +27,25 @@ import sys
 from pathlib import Path
 
 from common.files import write_atomic
-from server.report.doc import METRIC_LABELS, metric_of
+from server.report.doc import METRIC_LABELS, is_validation, metric_of
 from server.report.page import render_html
 from server.report.plots import PLOTS
-from server.report.shape import RESULTS, STUDY, ShapeError, check
+from server.report.shape import RESULTS, STUDY, VALIDATION, ShapeError, check
 from server.report.summary import plain_summary
-from server.run_folder import REPORT_FILE, RESULTS_FILE, STUDY_FILE, STUDY_KIND
+from server.report.validation import plot_validation
+from server.run_folder import (
+    REPORT_FILE,
+    RESULTS_FILE,
+    STUDY_FILE,
+    STUDY_KIND,
+    VALIDATION_FILE,
+    VALIDATION_KIND,
+)
 
 __all__ = ["ReportError", "build_report", "cli", "load_run", "plain_summary"]
+VALIDATION_PLOTS = (
+    ("validation.png", plot_validation, "Each package's {label} at each site, with 95% intervals"),
+)
 
 
 class ReportError(ValueError):
@@ -62,6 +75,14 @@ def _check_study(path: Path, doc) -> None:
     check(doc, STUDY)
 
 
+def _check_validation(path: Path, doc) -> None:
+    if not isinstance(doc, dict) or doc.get("kind") != VALIDATION_KIND:
+        raise ReportError(
+            f"'{path}' is not a `fedward validate` {VALIDATION_FILE} (kind not '{VALIDATION_KIND}')."
+        )
+    check(doc, VALIDATION)
+
+
 def _check_results(path: Path, doc) -> None:
     if isinstance(doc, dict) and doc.get("kind") == STUDY_KIND:
         raise ReportError(f"'{path}' holds a study, not one federated run: name it {STUDY_FILE}.")
@@ -76,7 +97,11 @@ def load_run(run_dir: str | Path) -> dict:
             reads (the message names the file and the key that is wrong).
     """
     d = Path(run_dir)
-    for name, checker in ((STUDY_FILE, _check_study), (RESULTS_FILE, _check_results)):
+    for name, checker in (
+        (STUDY_FILE, _check_study),
+        (VALIDATION_FILE, _check_validation),
+        (RESULTS_FILE, _check_results),
+    ):
         path = d / name
         if path.is_file():
             doc = _read_json(path)
@@ -86,8 +111,8 @@ def load_run(run_dir: str | Path) -> dict:
                 raise ReportError(f"'{path}' is not a fedward {name} the report can read: {err}.") from err
             return doc
     raise ReportError(
-        f"'{d}' holds neither {STUDY_FILE} nor {RESULTS_FILE}: give the --out folder of a "
-        f"`fedward study` or `fedward simulate` run."
+        f"'{d}' holds none of {STUDY_FILE}, {VALIDATION_FILE}, {RESULTS_FILE}: give the --out folder of a "
+        f"`fedward study`, `fedward validate` or `fedward simulate` run."
     )
 
 
@@ -100,7 +125,8 @@ def build_report(run_dir: str | Path) -> Path:
     d = Path(run_dir)
     doc = load_run(d)
     plots, metric = [], metric_of(doc)
-    for name, fn, caption in PLOTS:
+    chosen = VALIDATION_PLOTS if is_validation(doc) else PLOTS
+    for name, fn, caption in chosen:
         name, caption = (t.format(metric=metric, label=METRIC_LABELS[metric]) for t in (name, caption))
         path = fn(doc, d / name)
         if path is not None:

@@ -1,16 +1,21 @@
 """What the report reads from a run's document: a study or one federated run, its runs and sites.
 
-A document is study.json (`fedward study`) or results.json (`fedward simulate`), checked by
+A document is study.json (`fedward study`), results.json (`fedward simulate`) or validation.json
+(`fedward validate`, server.report.validation), checked by
 `server.report.load_run`; the summary, the plots and the page all see the run through these helpers.
 """
 
 from __future__ import annotations
 
-from server.run_folder import STUDY_KIND, VARIANT_LABELS, Variant, site_names, split_key
+from server.run_folder import STUDY_KIND, VALIDATION_KIND, VARIANT_LABELS, Variant, site_names, split_key
 
 
 def is_study(doc: dict) -> bool:
     return doc.get("kind") == STUDY_KIND
+
+
+def is_validation(doc: dict) -> bool:
+    return doc.get("kind") == VALIDATION_KIND
 
 
 def is_private(results: dict) -> bool:

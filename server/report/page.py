@@ -13,9 +13,10 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from server.report.doc import is_study
+from server.report.doc import is_study, is_validation
 from server.report.summary import plain_summary
 from server.report.tables import run_table, study_tables
+from server.report.validation import validation_tables
 
 _PAGES = Environment(
     loader=PackageLoader("server.report", "templates"),
@@ -36,6 +37,11 @@ class Figure:
 def _meta(doc: dict) -> tuple[str, str]:
     """(what the folder holds, the line under the title: sites, rounds, model, status)."""
     study = doc.get("study", {})
+    if is_validation(doc):
+        return "validation", (
+            f"{len(doc['packages'])} package(s) at {len(doc['sites'])} sites, nothing trained; "
+            f"status {doc['status']}"
+        )
     if is_study(doc):
         return "study", (
             f"{len(doc['sites'])} sites, {study.get('rounds')} rounds x "
@@ -54,7 +60,10 @@ def _meta(doc: dict) -> tuple[str, str]:
 def render_html(doc: dict, plots: list[tuple[str, str, Path]]) -> str:
     """The page for `doc`, with the plots (file name, caption, path of the PNG) embedded."""
     kind, meta = _meta(doc)
-    main, details = study_tables(doc) if is_study(doc) else (run_table(doc), [])
+    if is_validation(doc):
+        main, details = validation_tables(doc)
+    else:
+        main, details = study_tables(doc) if is_study(doc) else (run_table(doc), [])
     figures = [
         Figure(Path(name).stem, name, caption, base64.b64encode(path.read_bytes()).decode("ascii"))
         for name, caption, path in plots

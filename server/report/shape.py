@@ -351,3 +351,26 @@ STUDY = Agrees(
     ),
     _consistent,
 )
+
+
+# ----------------------------------------------------------------------------- validation.json
+
+VALIDATED = Record(
+    {
+        "label": TEXT,
+        "package": TEXT,
+        "sha256": TEXT,
+        "sites": MapOf(METRICS),
+        "pooled": METRICS,
+        "failed": MapOf(TEXT),
+    }
+)
+VALIDATION = Record(
+    {
+        "status": TEXT,
+        "metric": OneOf(("auc", "dice")),
+        "sites": ListOf(TEXT),
+        "packages": ListOf(VALIDATED),
+        "cross_site": CROSS_SITE,
+    }
+)

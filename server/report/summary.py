@@ -7,7 +7,8 @@ in study.json's "summary" and prints them.
 
 from __future__ import annotations
 
-from server.report.doc import METRIC_LABELS, is_study, metric_of, score_text
+from server.report.doc import METRIC_LABELS, is_study, is_validation, metric_of, score_text
+from server.report.validation import validation_summary
 from server.run_folder import LOCAL_OF, Variant
 
 
@@ -17,6 +18,8 @@ def _pts(x: float, doc: dict) -> str:
 
 def plain_summary(doc: dict) -> list[str]:
     """A few sentences: which sites gain from federating and which do not, and the references."""
+    if is_validation(doc):
+        return validation_summary(doc)
     if not is_study(doc):
         return simulate_summary(doc)
     kind = "the federated model" + (" (with privacy)" if doc["primary"] == Variant.FEDERATED_DP else "")

@@ -79,7 +79,7 @@ def _interval(ci: list[float] | None, sign: str = "") -> str:
     return f"[{ci[0]:{sign}.3f}–{ci[1]:{sign}.3f}]" if ci else ""
 
 
-def _cell(value: float | None, ci: list[float] | None = None) -> Cell:
+def value_cell(value: float | None, ci: list[float] | None = None) -> Cell:
     return Cell(number(value), _interval(ci) if value is not None else "")
 
 
@@ -162,7 +162,7 @@ def _comparison_table(doc: dict) -> Table:
                 Cell(s, bold=s == "pooled"),
                 Cell(str(n_train)),
                 Cell(str(n_test)),
-                *[_cell(row.get(c, {}).get(m), row.get(c, {}).get("ci")) for c in comp["columns"]],
+                *[value_cell(row.get(c, {}).get(m), row.get(c, {}).get("ci")) for c in comp["columns"]],
                 gain,
             ]
         )
@@ -186,7 +186,11 @@ def _uncertainty_table(doc: dict, variant: str) -> Table:
     for s in [*doc["sites"], "pooled"]:
         b = model["eval"].get(s, {})
         ci = b.get("ci", {})
-        row = [Cell(s), *[_cell(b.get(k), ci.get(k)) for k in with_ci], *[_cell(b.get(k)) for k in plain]]
+        row = [
+            Cell(s),
+            *[value_cell(b.get(k), ci.get(k)) for k in with_ci],
+            *[value_cell(b.get(k)) for k in plain],
+        ]
         if private:
             row.append(Cell(number((model.get("epsilon") or {}).get(s), 2)))
         rows.append(row)
@@ -211,9 +215,9 @@ def _leave_one_out_table(doc: dict) -> Table | None:
             [
                 Cell(s),
                 Cell(", ".join(m["nodes"])),
-                _cell(b.get(metric), b.get("ci", {}).get(metric)),
-                _cell(own.get(primary, {}).get(metric)),
-                _cell(own.get(LOCAL_OF[primary], {}).get(metric)),
+                value_cell(b.get(metric), b.get("ci", {}).get(metric)),
+                value_cell(own.get(primary, {}).get(metric)),
+                value_cell(own.get(LOCAL_OF[primary], {}).get(metric)),
             ]
         )
     name = METRIC_LABELS[metric]
@@ -231,7 +235,7 @@ def _cross_site_table(doc: dict) -> Table | None:
     if not cs.get("rows"):
         return None
     rows = [
-        [Cell(model_label(k)), *[_cell(v, ci) for v, ci in zip(vals, cis, strict=True)]]
+        [Cell(model_label(k)), *[value_cell(v, ci) for v, ci in zip(vals, cis, strict=True)]]
         for k, vals, cis in zip(cs["rows"], cs[metric_of(doc)], cs["ci"], strict=True)
     ]
     caption = f"Cross-site {METRIC_LABELS[metric_of(doc)]} [95% CI]"

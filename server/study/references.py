@@ -1,6 +1,7 @@
 """A study's in-process references: a model trained on one site's data alone, or on all sites' pooled.
 
-They are trained exactly as a site trains in the federation: the federation's initial weights, the
+They are trained exactly as a site trains in the federation: the federation's initial weights (fresh,
+or the `model.init_from` package's: server.packages.initial_model), the
 study's RoundPlan for every round-equivalent (client.train.train_round, the ClientApp's own recipe),
 the site's own augmentation, and under privacy the request a site builds from the study's privacy
 section (common.privacy), with the noise derived for the same number of steps.
@@ -18,10 +19,10 @@ from torch import nn
 
 from client.randomness import RoundRandomness
 from client.train import DPSettings, device, train_round
-from common.models import build_model
 from common.privacy import PrivacyRequest, rdp_epsilon, request_config
 from common.round import RoundPlan
 from common.schema import StudyConfig
+from server.packages import initial_model
 
 
 def train_alone(
@@ -43,8 +44,7 @@ def train_alone(
     (or `privacy.noise_multiplier`), epsilon counted over all rounds' steps at `report_delta` (the
     site's policy delta). A class-balanced loss is never used with privacy (common.config).
     """
-    model = build_model(study.model.name, in_channels=in_channels, num_classes=num_classes, seed=study.seed)
-    model = model.to(device())
+    model = initial_model(study, in_channels=in_channels, num_classes=num_classes).to(device())
     batches = math.ceil(len(y) / study.train.batch_size)
     request = None
     if private:

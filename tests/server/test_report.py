@@ -221,7 +221,7 @@ def test_report_of_a_simulate_folder_with_only_results_json(tmp_path, private):
 
 def test_report_of_a_folder_without_a_run_says_what_to_give(tmp_path, capsys):
     assert fedward(["report", str(tmp_path)]) == 2
-    assert "neither study.json nor results.json" in capsys.readouterr().err
+    assert "holds none of study.json, validation.json, results.json" in capsys.readouterr().err
     (tmp_path / "results.json").write_text("{not json")
     with pytest.raises(ReportError, match="not valid JSON"):
         build_report(tmp_path)

@@ -1,0 +1,133 @@
+"""`fedward validate`: existing model packages evaluated at every site, training nothing.
+
+    fedward validate runs/demo/model runs/demo-v2/model --study configs/demo.yaml --out runs/validate
+    flwr run . <federation> --run-config 'validate-packages="runs/demo/model" out-dir="runs/validate"'
+
+Each package is checked against the study first (server.packages: task, classes, channels, input
+size; a package of another network is evaluated as that network). Then the coordinator sends each
+package's weights to every site as an ordinary evaluation (server.coordinator.evaluate_all), so every
+site applies its own evaluation policy, releases what that policy allows and charges its evaluation
+budget, exactly as in a study, and may refuse. Nothing is trained. DIR gets validation.json (per
+package: per-site and pooled metrics with their 95% AUC intervals from the releases, the sites that
+refused; the cross-site table), written after each package, report.html and fedward.log.
+`fedward compare OLD NEW` (server.compare) reads validation.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import uuid
+from pathlib import Path
+
+from flwr.app import ArrayRecord
+from flwr.serverapp import Grid
+
+from common.model_spec import model_spec
+from common.schema import StudyConfig
+from server.coordinator import Coordinator, Reporter
+from server.interrupt import Interrupted, StopRequest
+from server.packages import StudyPackage, study_package
+from server.report import build_report
+from server.run_folder import VALIDATION_FILE, VALIDATION_KIND, VALIDATION_VERSION, write_json
+from server.store import RunStore
+
+log = logging.getLogger("fedward.validate")
+
+
+def check_packages(study: StudyConfig, packages: list[str | Path]) -> list[StudyPackage]:
+    """Every package loaded and checked against the study, before any site is asked anything."""
+    if not packages:
+        raise ValueError("give at least one model package to validate")
+    return [study_package(p, study, role="package", same_network=False) for p in packages]
+
+
+def labels_of(packages: list[StudyPackage]) -> list[str]:
+    """A short, unique name per package: the study that made it (its folder's name when that repeats)."""
+    names = [p.meta.get("study", {}).get("name") or p.path.parent.name for p in packages]
+    out = []
+    for i, name in enumerate(names):
+        label = name if names.count(name) == 1 else f"{name} ({packages[i].path.parent.name})"
+        out.append(label if label not in out else f"{label} #{i + 1}")
+    return out
+
+
+def _cross_site(doc: dict) -> dict:
+    """Rows: the packages; columns: the sites and pooled; the headline metric and its interval."""
+    metric, columns = doc["metric"], [*doc["sites"], "pooled"]
+
+    def cell(entry: dict, site: str) -> dict:
+        return entry["pooled"] if site == "pooled" else entry["sites"].get(site, {})
+
+    return {
+        "rows": [e["label"] for e in doc["packages"]],
+        "columns": columns,
+        "metric": metric,
+        metric: [[cell(e, c).get(metric) for c in columns] for e in doc["packages"]],
+        "ci": [[cell(e, c).get(f"{metric}_ci") for c in columns] for e in doc["packages"]],
+    }
+
+
+class Validation:
+    """The packages evaluated at every site of `grid`, one after the other (see the module docstring)."""
+
+    def __init__(self, grid: Grid, study: StudyConfig, packages: list[str | Path], out_dir: str | Path, *,
+                 n_sites: int, reporter: Reporter | None = None, stop: StopRequest | None = None):  # fmt: skip
+        self.study, self.out = study, Path(out_dir)
+        self.packages = check_packages(study, packages)
+        self.coordinator = Coordinator(grid, study, out_dir, spec=model_spec(study), n_sites=n_sites,
+                                       reporter=reporter, stop=stop)  # fmt: skip
+        self.coordinator.study_id = f"{study.name}-validate-{uuid.uuid4().hex[:8]}"  # the ledgers' study
+        self.doc = {
+            "kind": VALIDATION_KIND,
+            "version": VALIDATION_VERSION,
+            "validation_id": self.coordinator.study_id,
+            "status": "running",
+            "study": study.to_dict(),
+            "metric": "dice" if study.task == "segmentation" else "auc",
+            "sites": [],
+            "packages": [],
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+    def save(self) -> None:
+        write_json(self.out / VALIDATION_FILE, self.doc)
+
+    def run(self) -> dict:
+        handler = self.coordinator.store.attach_log()
+        try:
+            self.coordinator.wait_for_sites()
+            for i, (package, label) in enumerate(
+                zip(self.packages, labels_of(self.packages), strict=True), 1
+            ):
+                self._evaluate(i, package, label)
+                self.save()
+            self.doc["status"] = "completed"
+        except Interrupted as why:
+            self.doc["status"] = "interrupted"
+            self.doc["interrupted"] = {"signal": str(why), "packages_done": len(self.doc["packages"])}
+        finally:
+            RunStore.detach_log(handler)
+        self.doc["sites"] = sorted({s for e in self.doc["packages"] for s in (*e["sites"], *e["failed"])})
+        self.doc["cross_site"] = _cross_site(self.doc)
+        self.save()
+        build_report(self.out)
+        return self.doc
+
+    def _evaluate(self, index: int, package: StudyPackage, label: str) -> None:
+        """One package at every site: its network and the evaluation round number `index` (the ledgers'
+        line names it)."""
+        study = copy.deepcopy(self.study)
+        study.model.name = str(package.meta["model"])
+        study.model.init_from = ""
+        study.rounds = max(study.rounds, len(self.packages))
+        self.coordinator.study = study
+        self.coordinator.reporter.phase(index, f"validating {label}")
+        evaluation = self.coordinator.evaluate_all(index, ArrayRecord(package.model.state_dict()))
+        log.info("validated %s: pooled %s %s; refused or failed: %s", label, self.doc["metric"],
+                 evaluation["pooled"].get(self.doc["metric"]), evaluation["failed"] or "none")  # fmt: skip
+        self.doc["packages"].append(
+            {"label": label, **package.identity, "sites": evaluation["sites"], "pooled": evaluation["pooled"],
+             "failed": evaluation["failed"]}
+        )  # fmt: skip
