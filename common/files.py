@@ -1,10 +1,16 @@
-"""Writing a file so that readers never see half of it and a crash never leaves it damaged."""
+"""Writing a file so that readers never see half of it and a crash never leaves it damaged; JSON
+written that way (NaN and infinities as null)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> None:
@@ -31,3 +37,21 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def json_safe(obj: Any) -> Any:
+    """JSON-safe: NaN and infinities become null, numpy scalars plain numbers, keys strings."""
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """`obj` as indented JSON at `path`, atomically (write_atomic)."""
+    write_atomic(path, json.dumps(json_safe(obj), indent=2, allow_nan=False))

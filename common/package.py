@@ -110,3 +110,34 @@ def load_package(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         )
     model.load_state_dict(state)
     return model.eval(), meta
+
+
+def package_identity(path: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """What names a package: where it lies, its weights' SHA-256, the study and round that made it."""
+    import hashlib
+
+    folder = package_folder(path)
+    study = meta.get("study", {})
+    return {
+        "package": str(folder),
+        "sha256": hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest(),
+        "study_id": study.get("id"),
+        "study_name": study.get("name"),
+        "round": meta.get("performance", {}).get("round"),
+        "model": meta.get("model"),
+    }
+
+
+def package_labels(packages: list[tuple[str | Path, dict[str, Any]]]) -> list[str]:
+    """A short, unique name per (path, meta): the study that made it (its run folder's name when
+    that repeats)."""
+    folders = [package_folder(p) for p, _ in packages]
+    names = [
+        meta.get("study", {}).get("name") or f.parent.name
+        for f, (_, meta) in zip(folders, packages, strict=True)
+    ]
+    out: list[str] = []
+    for i, name in enumerate(names):
+        label = name if names.count(name) == 1 else f"{name} ({folders[i].parent.name})"
+        out.append(label if label not in out else f"{label} #{i + 1}")
+    return out

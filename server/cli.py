@@ -71,6 +71,24 @@ def _site_serve(args: argparse.Namespace, console: Console) -> int:
         return 2
 
 
+def _site_validate(args: argparse.Namespace, console: Console) -> int:
+    from client.site_validate import PackageError, SiteDataError, validate_here
+    from common.config import load_site
+    from server.report import build_report
+    from server.validate_cli import table
+
+    try:
+        doc = validate_here(load_site(args.site_config), args.package, args.out, split=args.split)
+    except (SiteDataError, PackageError) as err:
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
+        return 2
+    report = build_report(args.out)
+    console.print(table(doc))
+    console.print(f"validation: {Path(args.out) / 'validation.json'}   report: {report} (nothing left the site)",
+                  highlight=False)  # fmt: skip
+    return 0
+
+
 def _study(args: argparse.Namespace, console: Console) -> int:
     from server.study.run import cli
 
@@ -200,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--socket", help="Unix socket to listen on (default: the site config's service.socket)"
     )
     serve.set_defaults(func=_site_serve)
+    sval = site_sub.add_parser(
+        "validate", help="validate model packages on this site's own data, in-house: nothing leaves the site"
+    )
+    sval.add_argument("site_config", help="the site config YAML")
+    sval.add_argument("--package", action="append", required=True, help="a model package (repeat for more)")
+    sval.add_argument("--out", required=True, help="folder for validation.json and report.html")
+    sval.add_argument("--split", choices=("all", "test"), default="all", help="which images (default: all)")
+    sval.set_defaults(func=_site_validate)
 
     from server import certs, deploy_cli
 

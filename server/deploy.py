@@ -354,13 +354,22 @@ class LocalDeployment:
     # ------------------------------------------------------------------ the study
 
     def run_config(
-        self, study: str | Path, out_dir: str | Path, *, rounds: int | None = None, resume: bool = False
+        self,
+        study: str | Path,
+        out_dir: str | Path,
+        *,
+        rounds: int | None = None,
+        resume: bool = False,
+        packages: list[str | Path] | None = None,
     ) -> str:
+        """`flwr run`'s run config; with `packages` the ServerApp validates them (server.validate)."""
         items = [f"study-config='{Path(study).resolve()}'", f"out-dir='{Path(out_dir).resolve()}'"]
         if rounds:
             items.append(f"num-rounds={int(rounds)}")
         if resume:
             items.append("resume=true")
+        if packages:
+            items.append(f"validate-packages='{','.join(str(Path(p).resolve()) for p in packages)}'")
         return " ".join(items)
 
     def submit(
@@ -371,11 +380,12 @@ class LocalDeployment:
         rounds: int | None = None,
         resume: bool = False,
         app: str | Path | None = None,
+        packages: list[str | Path] | None = None,
     ) -> Service:
         """`flwr run <app> <connection> --stream` in the background (the app: this project, unless
-        another folder is given); its log is the study's log stream."""
+        another folder is given); its log is the study's log stream. With `packages`: a validation."""
         cmd = ["flwr", "run", str(app or self.project), CONNECTION, "--stream"]
-        cmd += ["-c", self.run_config(study, out_dir, rounds=rounds, resume=resume)]
+        cmd += ["-c", self.run_config(study, out_dir, rounds=rounds, resume=resume, packages=packages)]
         n = sum(1 for k in self.services if k.startswith("flwr-run"))
         return self._spawn(f"flwr-run-{n + 1}", cmd, self.env(self.cli_home), self.project)
 

@@ -9,7 +9,6 @@ back through every study it was trained in.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from torch import nn
 from common.config import ConfigError
 from common.model_spec import model_spec
 from common.models import build_model
-from common.package import WEIGHTS_FILE, PackageError, load_package, package_folder
+from common.package import PackageError, load_package, package_folder, package_identity
 from common.schema import StudyConfig
 from server.run_folder import SITES_DIR
 
@@ -32,17 +31,8 @@ class StudyPackage:
 
     @property
     def identity(self) -> dict:
-        """What names this package: where it lay, its weights' SHA-256, the study and round that made it."""
-        weights = (self.path / WEIGHTS_FILE).read_bytes()
-        study = self.meta.get("study", {})
-        return {
-            "package": str(self.path),
-            "sha256": hashlib.sha256(weights).hexdigest(),
-            "study_id": study.get("id"),
-            "study_name": study.get("name"),
-            "round": self.meta.get("performance", {}).get("round"),
-            "model": self.meta.get("model"),
-        }
+        """What names this package (common.package.package_identity)."""
+        return package_identity(self.path, self.meta)
 
     @property
     def lineage(self) -> list[dict]:

@@ -18,16 +18,13 @@ names from here, so a renamed file or key changes in one place.
 from __future__ import annotations
 
 import errno
-import json
-import math
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypedDict
 
-import numpy as np
-
 from common.config import ConfigError
-from common.files import write_atomic
+from common.files import json_safe, write_json  # noqa: F401 - the run folder's writers
+from common.validation_doc import VALIDATION_FILE, VALIDATION_KIND  # noqa: F401 - the run folder's names
 
 RESULTS_FILE = "results.json"
 STUDY_FILE = "study.json"
@@ -42,9 +39,6 @@ LEAVE_ONE_OUT_DIR = "leave-one-out"
 
 STUDY_KIND = "fedward-study"  # study.json's "kind"
 STUDY_VERSION = 1
-VALIDATION_FILE = "validation.json"  # `fedward validate` (server.validate)
-VALIDATION_KIND = "fedward-validation"
-VALIDATION_VERSION = 1
 
 
 class Variant(StrEnum):
@@ -183,24 +177,6 @@ def site_names(results: Results) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- writing JSON
-
-
-def json_safe(obj: Any) -> Any:
-    """JSON-safe: NaN and infinities become null, numpy scalars plain numbers, keys strings."""
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """`obj` as indented JSON at `path`, atomically (common.files)."""
-    write_atomic(path, json.dumps(json_safe(obj), indent=2, allow_nan=False))
 
 
 # ----------------------------------------------------------------------------- I/O failures

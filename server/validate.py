@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 import uuid
 from pathlib import Path
 
@@ -25,12 +24,14 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
 from common.model_spec import model_spec
+from common.package import package_labels
 from common.schema import StudyConfig
+from common.validation_doc import VALIDATION_FILE, finish, new_validation
 from server.coordinator import Coordinator, Reporter
 from server.interrupt import Interrupted, StopRequest
 from server.packages import StudyPackage, study_package
 from server.report import build_report
-from server.run_folder import VALIDATION_FILE, VALIDATION_KIND, VALIDATION_VERSION, write_json
+from server.run_folder import write_json
 from server.store import RunStore
 
 log = logging.getLogger("fedward.validate")
@@ -44,29 +45,7 @@ def check_packages(study: StudyConfig, packages: list[str | Path]) -> list[Study
 
 
 def labels_of(packages: list[StudyPackage]) -> list[str]:
-    """A short, unique name per package: the study that made it (its folder's name when that repeats)."""
-    names = [p.meta.get("study", {}).get("name") or p.path.parent.name for p in packages]
-    out = []
-    for i, name in enumerate(names):
-        label = name if names.count(name) == 1 else f"{name} ({packages[i].path.parent.name})"
-        out.append(label if label not in out else f"{label} #{i + 1}")
-    return out
-
-
-def _cross_site(doc: dict) -> dict:
-    """Rows: the packages; columns: the sites and pooled; the headline metric and its interval."""
-    metric, columns = doc["metric"], [*doc["sites"], "pooled"]
-
-    def cell(entry: dict, site: str) -> dict:
-        return entry["pooled"] if site == "pooled" else entry["sites"].get(site, {})
-
-    return {
-        "rows": [e["label"] for e in doc["packages"]],
-        "columns": columns,
-        "metric": metric,
-        metric: [[cell(e, c).get(metric) for c in columns] for e in doc["packages"]],
-        "ci": [[cell(e, c).get(f"{metric}_ci") for c in columns] for e in doc["packages"]],
-    }
+    return package_labels([(p.path, p.meta) for p in packages])
 
 
 class Validation:
@@ -79,17 +58,7 @@ class Validation:
         self.coordinator = Coordinator(grid, study, out_dir, spec=model_spec(study), n_sites=n_sites,
                                        reporter=reporter, stop=stop)  # fmt: skip
         self.coordinator.study_id = f"{study.name}-validate-{uuid.uuid4().hex[:8]}"  # the ledgers' study
-        self.doc = {
-            "kind": VALIDATION_KIND,
-            "version": VALIDATION_VERSION,
-            "validation_id": self.coordinator.study_id,
-            "status": "running",
-            "study": study.to_dict(),
-            "metric": "dice" if study.task == "segmentation" else "auc",
-            "sites": [],
-            "packages": [],
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
+        self.doc = new_validation(self.coordinator.study_id, study.to_dict(), study.task)
 
     def save(self) -> None:
         write_json(self.out / VALIDATION_FILE, self.doc)
@@ -103,14 +72,13 @@ class Validation:
             ):
                 self._evaluate(i, package, label)
                 self.save()
-            self.doc["status"] = "completed"
+            status = "completed"
         except Interrupted as why:
-            self.doc["status"] = "interrupted"
+            status = "interrupted"
             self.doc["interrupted"] = {"signal": str(why), "packages_done": len(self.doc["packages"])}
         finally:
             RunStore.detach_log(handler)
-        self.doc["sites"] = sorted({s for e in self.doc["packages"] for s in (*e["sites"], *e["failed"])})
-        self.doc["cross_site"] = _cross_site(self.doc)
+        finish(self.doc, status)
         self.save()
         build_report(self.out)
         return self.doc

@@ -14,17 +14,11 @@ import numpy as np
 from torch import nn
 
 from client.train import device, predict
-from common.metrics import public_metrics, site_summary
+from common.evaluation_blocks import classification_block, segmentation_block
 from common.schema import StudyConfig
-from common.seg_metrics import (
-    paired_score_difference,
-    per_image_scores,
-    score_intervals,
-    segmentation_summary,
-    sums_from_scores,
-)
+from common.seg_metrics import paired_score_difference, per_image_scores
 from common.sitedata import SiteData
-from common.uncertainty import bootstrap_intervals, calibration, paired_difference, roc_points
+from common.uncertainty import paired_difference
 from server.run_folder import FEDERATED_VARIANTS, LOCAL_OF, Variant, model_key
 
 
@@ -51,14 +45,8 @@ class Evaluator:
             self.outputs[key]["pooled"] = np.concatenate([self.outputs[key][s] for s in self.data])
 
     def block(self, test_set: str, probs: np.ndarray, *, roc: bool) -> dict:
-        labels = self.labels[test_set]
-        out = public_metrics(site_summary(labels, probs))
-        out["ci"] = bootstrap_intervals(labels, probs, samples=self.cfg.bootstrap_samples, seed=self.seed)
-        cal = calibration(labels, probs, bins=self.cfg.calibration_bins)
-        out["ece"], out["calibration"] = cal["ece"], cal["bins"]
-        if roc:
-            out["roc"] = roc_points(labels, probs)
-        return out
+        return classification_block(self.labels[test_set], probs, samples=self.cfg.bootstrap_samples,
+                                    seed=self.seed, bins=self.cfg.calibration_bins, roc=roc)  # fmt: skip
 
     def evaluate(self, key: str, *, roc_on: set[str] | None = None) -> dict:
         """{test set: metrics} for a predicted model; ROC points for the test sets in `roc_on`."""
@@ -90,9 +78,7 @@ class SegmentationEvaluator(Evaluator):
         return np.stack([dice, hd95], axis=1)  # N x 2 x (classes - 1)
 
     def block(self, test_set: str, scores: np.ndarray, *, roc: bool) -> dict:
-        out = segmentation_summary(sums_from_scores(scores[:, 0], scores[:, 1]), n_test=len(scores))
-        out["ci"] = score_intervals(scores, samples=self.cfg.bootstrap_samples, seed=self.seed)
-        return out
+        return segmentation_block(scores, samples=self.cfg.bootstrap_samples, seed=self.seed)
 
     def difference(self, test_set: str, outputs_a: np.ndarray, outputs_b: np.ndarray) -> dict:
         return paired_score_difference(

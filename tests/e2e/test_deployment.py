@@ -310,3 +310,36 @@ def test_a_restarted_coordinator_resumes_after_the_last_finished_round(deploymen
         spent = SiteAccountant(deployment.state_dir(site)).epsilon(entries[-1].delta)
         assert results["final"]["sites"][site]["epsilon"] == pytest.approx(spent, rel=1e-9)
         assert results["rounds"][0]["sites"][site]["epsilon"] == pytest.approx(entries[1].epsilon, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_packages_are_validated_over_the_deployment_under_each_sites_policy(deployment, tmp_path):
+    """`flwr run` with `validate-packages`: each site evaluates each package and charges its budget."""
+    from common.models import build_model
+    from common.package import write_package
+
+    ensure_online(deployment)
+    meta = {"model": "cnn28", "in_channels": 1, "classes": ["normal", "finding"], "task": "classification",
+            "input": {"size": [28, 28]}, "study": {"id": "candidate-0", "name": "candidate"}}  # fmt: skip
+    packages = [write_package(tmp_path / f"p{i}" / "model", build_model("cnn28", num_classes=2, seed=i), meta)
+                for i in (1, 2)]  # fmt: skip
+    study = write_study(tmp_path / "validate.yaml", rounds=1, timeout_s=180)
+    out = tmp_path / "out"
+    run = deployment.submit(study, out, packages=packages)
+    run.proc.wait(timeout=600)
+    assert run.proc.returncode == 0, run.tail()
+    doc = json.loads((out / "validation.json").read_text())
+    assert doc["status"] == "completed" and doc["sites"] == SITES and len(doc["packages"]) == 2
+    for entry in doc["packages"]:
+        assert sorted(entry["sites"]) == SITES and not entry["failed"]
+        assert all(
+            m["release"] == "dp_histogram" for m in entry["sites"].values()
+        )  # the sites' default policy
+    assert not (out / "results.json").exists()  # nothing trained
+    for site in SITES:
+        lines = [
+            e
+            for e in SiteAccountant(deployment.state_dir(site)).ledger.entries()
+            if e.study == doc["validation_id"]
+        ]
+        assert [(e.kind, e.round) for e in lines] == [("evaluation", 1), ("evaluation", 2)]
