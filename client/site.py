@@ -27,6 +27,7 @@ import torch
 from client import evaluation, guard
 from client.dp import PoissonPlan
 from client.policy import SitePolicy
+from client.profile import record_training_profile
 from client.train import DPSettings, RoundResult, device, predict, train_round
 from common.data import load_site_data
 from common.keys import Cfg, Met
@@ -90,6 +91,9 @@ class SiteRuntime:
         refusal = spec_problem(plan, self.data) or SitePolicy.of(self.config).check_mode(plan.dp_enabled)
         if refusal:
             return self.refusal(guard.refusal_text(self.config, plan.round, refusal))
+        record_training_profile(
+            self.config.state_dir, plan.study_id, self.data
+        )  # what drift is measured against
         if not plan.dp_enabled:
             result = train_round(
                 self.model_for(plan, weights),

@@ -30,6 +30,9 @@ class SiteData:
     train_patients: list[str] | None = None
     test_patients: list[str] | None = None
     val_patients: list[str] | None = None
+    # per split ("train", "val", "test"), each image's acquisition facts (manufacturer, model, kvp,
+    # photometric, date, modality, pixel_spacing: what its file says); None for arrays (synthetic, MedMNIST)
+    acquisition: dict[str, list[dict]] | None = None
 
     @property
     def num_classes(self) -> int:

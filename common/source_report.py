@@ -42,6 +42,15 @@ class Sample:
     sop_instance_uid: str = ""
     file_patient_id: str = ""  # Patient ID inside the DICOM file ("" for other formats)
     sha1: str = ""
+    acquisition: dict = field(default_factory=dict)  # the file's acquisition metadata (DICOM)
+
+    def acquisition_facts(self) -> dict:
+        """What drift monitoring compares of this image's acquisition: the file's metadata, its
+        modality and its row pixel spacing (when known)."""
+        facts = {**self.acquisition, "modality": self.modality} if self.modality else dict(self.acquisition)
+        if self.spacing:
+            facts["pixel_spacing"] = float(self.spacing[-2] if len(self.spacing) >= 2 else self.spacing[0])
+        return facts
 
 
 @dataclass
@@ -98,7 +107,7 @@ class SourceReport:
 
     def to_site_data(self) -> SiteData:
         assert self.images is not None and self.usable, "to_site_data needs a usable report"
-        x, y, patients = {}, {}, {}
+        x, y, patients, acquisition = {}, {}, {}, {}
         for split in SPLITS:
             idx = [i for i, s in enumerate(self.samples) if s.split == split]
             x[split] = self.images[idx].contiguous()
@@ -112,6 +121,7 @@ class SourceReport:
             else:
                 y[split] = torch.tensor([self.samples[i].label_index for i in idx], dtype=torch.int64)
             patients[split] = [self.samples[i].patient_id for i in idx]
+            acquisition[split] = [self.samples[i].acquisition_facts() for i in idx]
         notes = list(self.notes)
         in_colour = sum(s.colour_file for s in self.samples)
         if in_colour and self.colour == "grey":
@@ -138,6 +148,7 @@ class SourceReport:
             train_patients=patients["train"],
             test_patients=patients["test"],
             val_patients=patients["val"] if has_val else None,
+            acquisition=acquisition,
         )
 
 

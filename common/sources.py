@@ -277,6 +277,7 @@ def _take_samples(
                 sop_instance_uid=str(uid),
                 file_patient_id=str(item["file_patient_id"]),
                 sha1=str(item["sha1"]),
+                acquisition=dict(item.get("acquisition") or {}),
             )
         )
     return keep

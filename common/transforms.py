@@ -52,14 +52,15 @@ from common.readers import channel_first, reader_for
 from common.readers.volume import folder_sha1
 from common.schema import AugmentConfig, PreprocessConfig, SiteDataConfig
 
-READER_VERSION = 3  # bump when reading or preprocessing changes, so cached images are made again
+READER_VERSION = 4  # bump when reading or preprocessing changes, so cached images are made again
 
 
 class LoadSiteImaged(MapTransform):
     """Read `image` (a path) with the site's reader (common.readers.reader_for) into a float32
     1 x H x W (grey) or 3 x H x W (colour kept) array in [0, 1], and record the file's facts a site check reports: modality,
-    patient id and SOP Instance UID in the file, pixel spacing, size, number of frames and the
-    SHA-1 of the file's bytes. The facts are plain values (str, int, lists), so a cached sample
+    patient id and SOP Instance UID in the file, pixel spacing, size, number of frames, the acquisition
+    metadata (DICOM: manufacturer, model, kVp, photometric interpretation, date) and the SHA-1 of the
+    file's bytes. The facts are plain values (str, int, lists), so a cached sample
     loads with torch.load(weights_only=True). Unreadable files raise common.readers.BadImageFileError.
     """
 
@@ -80,6 +81,7 @@ class LoadSiteImaged(MapTransform):
             n_frames=img.n_frames,
             colour_file=img.colour_file,
             slice_uids=list(img.slice_uids),
+            acquisition=dict(img.acquisition),
             sha1=folder_sha1(path) if path.is_dir() else hashlib.sha1(path.read_bytes()).hexdigest(),
         )
         d["image"] = channel_first(img)

@@ -89,6 +89,33 @@ def _site_validate(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _site_monitor(args: argparse.Namespace, console: Console) -> int:
+    from client.monitor import monitor
+    from common.config import load_site
+    from common.package import PackageError
+    from common.sitedata import SiteDataError
+    from server.report.monitor import write_monitor_report
+
+    try:
+        doc = monitor(load_site(args.site_config), args.package, data_config=args.data, days=args.days,
+                      reference_config=args.reference)  # fmt: skip
+    except (SiteDataError, PackageError) as err:
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
+        return 2
+    report = write_monitor_report(args.out, doc)
+    for f in doc["features"]:
+        if f["status"] != "stable":
+            console.print(f"[{'red' if f['status'] == 'drift' else 'yellow'}]{f['status']}[/]: {f['feature']} "
+                          f"({f['group']})" + (f", PSI {f['psi']:.2f}, p {f['p']:.2g}" if "psi" in f else ""),
+                          highlight=False)  # fmt: skip
+    for note in doc["notes"]:
+        console.print(f"note: {escape(note)}", highlight=False)
+    console.print(
+        f"{doc['status']}: {len(doc['drifting'])} drifting feature(s); report: {report}", highlight=False
+    )
+    return 1 if doc["status"] == "drift" else 0
+
+
 def _study(args: argparse.Namespace, console: Console) -> int:
     from server.study.run import cli
 
@@ -226,6 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
     sval.add_argument("--out", required=True, help="folder for validation.json and report.html")
     sval.add_argument("--split", choices=("all", "test"), default="all", help="which images (default: all)")
     sval.set_defaults(func=_site_validate)
+    mon = site_sub.add_parser(
+        "monitor",
+        help="has this site's data drifted from what a package was trained on here? (exit 1: drift)",
+    )
+    mon.add_argument("site_config", help="the site config YAML (its state_dir holds what it trained on)")
+    mon.add_argument("--package", required=True, help="the model package in use")
+    mon.add_argument("--out", required=True, help="folder for monitor.json, report.html and the plots")
+    mon.add_argument(
+        "--data", help="a site config whose data section is the new export (default: the site's own)"
+    )
+    mon.add_argument("--days", type=int, help="only images acquired in the last N days (acquisition date)")
+    mon.add_argument("--reference", help="a site config of the export the package was trained on, when the "
+                     "site kept no record of it")  # fmt: skip
+    mon.set_defaults(func=_site_monitor)
 
     from server import certs, deploy_cli
 

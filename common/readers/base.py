@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +91,7 @@ class ReadImage:
     volume: bool = False  # pixels are a D x H x W volume (common.readers.volume)
     voxel_spacing: tuple[float, float, float] | None = None  # a volume's (slice, row, col) spacing in mm
     slice_uids: tuple[str, ...] = ()  # a DICOM series: each slice's SOP Instance UID, in slice order
+    acquisition: dict = field(default_factory=dict)  # DICOM: manufacturer, model, kvp, photometric, date
 
 
 def luma(rgb: np.ndarray) -> np.ndarray:

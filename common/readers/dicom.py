@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +72,7 @@ class DicomReader(SiteImageReader):
             sop_instance_uid=img.sop_instance_uid,
             pixel_spacing=img.pixel_spacing,
             n_frames=img.n_frames,
+            acquisition=dict(img.acquisition),
         )
 
 
@@ -89,6 +90,7 @@ class DicomImage:
     cols: int
     n_frames: int
     frame: int  # the 0-based frame that `pixels` holds
+    acquisition: dict = field(default_factory=dict)  # acquisition_facts: what drift monitoring compares
 
     @property
     def is_colour(self) -> bool:
@@ -150,7 +152,32 @@ def read_dicom(
         cols=cols,
         n_frames=n_frames,
         frame=index,
+        acquisition=acquisition_facts(ds),
     )
+
+
+ACQUISITION_TAGS = {  # fact -> DICOM keyword(s), the first present wins
+    "manufacturer": ("Manufacturer",),
+    "model": ("ManufacturerModelName",),
+    "kvp": ("KVP",),
+    "photometric": ("PhotometricInterpretation",),
+    "date": ("AcquisitionDate", "ContentDate", "StudyDate"),
+}
+
+
+def acquisition_facts(ds: Dataset) -> dict:
+    """The file's acquisition metadata (plain str / float; a tag the file lacks is left out)."""
+    out: dict = {}
+    for fact, keywords in ACQUISITION_TAGS.items():
+        for keyword in keywords:
+            value = ds.get(keyword)
+            if value not in (None, ""):
+                try:
+                    out[fact] = float(value) if fact == "kvp" else str(value).strip()
+                except (TypeError, ValueError):
+                    continue
+                break
+    return out
 
 
 def _check_window(window: tuple[float, float]) -> None:

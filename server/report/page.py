@@ -18,7 +18,7 @@ from server.report.summary import plain_summary
 from server.report.tables import run_table, study_tables
 from server.report.validation import validation_tables
 
-_PAGES = Environment(
+PAGES = Environment(
     loader=PackageLoader("server.report", "templates"),
     autoescape=True,
     undefined=StrictUndefined,  # a name the template uses and the page does not give is an error
@@ -68,7 +68,7 @@ def render_html(doc: dict, plots: list[tuple[str, str, Path]]) -> str:
         Figure(Path(name).stem, name, caption, base64.b64encode(path.read_bytes()).decode("ascii"))
         for name, caption, path in plots
     ]
-    return _PAGES.get_template("report.html").render(
+    return PAGES.get_template("report.html").render(
         kind=kind,
         name=doc.get("study", {}).get("name", ""),
         meta=meta,

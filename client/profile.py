@@ -1,0 +1,102 @@
+"""What a site trained on, kept at the site: the reference that drift monitoring compares new data with.
+
+The first time a site trains in a study it writes `<state_dir>/profiles/<study id>.npz`: each
+training image's intensity features and acquisition facts (common.sitedata: manufacturer, model, kVp,
+photometric interpretation, date, modality, pixel spacing), the training labels' class counts, and a
+sample of at most `SAMPLE` of its test images (never trained on) with their labels, on which
+`fedward site monitor` (client.monitor) computes the package's prediction distribution. It stays in
+the site's private state folder, like the site's image cache: nothing of it leaves the site.
+
+    profile = load_profile(state_dir, study_id)   # None when the site did not train in that study
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.files import write_atomic
+from common.sitedata import SiteData
+
+log = logging.getLogger("fedward.site")
+PROFILES_DIR = "profiles"
+SAMPLE = 300  # test images kept for the prediction distribution
+INTENSITY_FEATURES = ("intensity_mean", "intensity_std", "intensity_p05", "intensity_p50", "intensity_p95")
+
+
+def intensity_features(x: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per image (N x C x ...): the mean, standard deviation and 5th/50th/95th percentiles of its values."""
+    flat = x.reshape(len(x), -1).double()
+    if len(flat) == 0:
+        return {k: np.zeros(0) for k in INTENSITY_FEATURES}
+    q = torch.quantile(flat, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64), dim=1)
+    values = (flat.mean(1), flat.std(1), q[0], q[1], q[2])
+    return {k: v.numpy() for k, v in zip(INTENSITY_FEATURES, values, strict=True)}
+
+
+def profile_of(x: torch.Tensor, y: torch.Tensor, acquisition: list[dict] | None, classes: list[str]) -> dict:
+    """The features of images x (labels y): intensity per image, acquisition facts, class counts."""
+    labels = y.numpy()
+    counts = np.bincount(labels.ravel() if labels.ndim == 1 else (labels.reshape(len(labels), -1).max(1) > 0),
+                         minlength=len(classes) if labels.ndim == 1 else 2)  # fmt: skip
+    return {
+        "intensity": intensity_features(x),
+        "acquisition": list(acquisition) if acquisition is not None else [],
+        "class_counts": counts.astype(np.int64),
+        "n": int(len(x)),
+    }
+
+
+def profile_path(state_dir: str | Path, study_id: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in study_id)
+    return Path(state_dir).expanduser() / PROFILES_DIR / f"{safe}.npz"
+
+
+def record_training_profile(state_dir: str | Path | None, study_id: str, data: SiteData) -> Path | None:
+    """Write the study's reference profile once (see the module docstring); None without a state_dir
+    or a study id. A write that fails is logged and does not stop the training."""
+    if not state_dir or not study_id:
+        return None
+    path = profile_path(state_dir, study_id)
+    if path.exists():
+        return path
+    train = profile_of(data.train_x, data.train_y, (data.acquisition or {}).get("train"), data.classes)
+    keep = np.random.default_rng(0).permutation(len(data.test_x))[:SAMPLE]
+    meta = {"study_id": study_id, "site": data.site, "classes": data.classes, "n_train": train["n"],
+            "acquisition": train["acquisition"]}  # fmt: skip
+    arrays = {f"train_{k}": v for k, v in train["intensity"].items()}
+    arrays |= {"train_class_counts": train["class_counts"], "sample_x": data.test_x[keep].to(torch.float16).numpy(),
+               "sample_y": data.test_y[keep].numpy(), "meta": np.frombuffer(json.dumps(meta).encode(), np.uint8)}  # fmt: skip
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        write_atomic(path, buffer.getvalue())
+    except OSError as err:
+        log.warning("site '%s': could not keep its training profile at %s (%s); drift monitoring of this "
+                    "study will need --reference", data.site, path, err)  # fmt: skip
+        return None
+    return path
+
+
+def load_profile(state_dir: str | Path, study_id: str) -> dict | None:
+    """The reference profile the site kept for `study_id` (record_training_profile), or None."""
+    path = profile_path(state_dir, study_id)
+    if not path.exists():
+        return None
+    with np.load(path) as z:
+        meta = json.loads(bytes(z["meta"]).decode())
+        return {
+            "meta": meta,
+            "intensity": {k: z[f"train_{k}"] for k in INTENSITY_FEATURES},
+            "acquisition": meta["acquisition"],
+            "class_counts": z["train_class_counts"],
+            "sample_x": torch.from_numpy(z["sample_x"].astype(np.float32)),
+            "sample_y": torch.from_numpy(z["sample_y"]),
+            "path": str(path),
+        }
