@@ -24,6 +24,7 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
     from server.progress import RichReporter
     from server.run_folder import FINAL_MODEL_FILE, LOG_FILE, RESULTS_FILE
     from server.simulate import simulate
+    from server.tracking import Tracker, simulate_run
 
     study = load_study(args.config, rounds=args.rounds, num_sites=args.sites, data_dir=args.data_dir)
     console.print(
@@ -31,6 +32,8 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
         f"sites, {study.rounds} rounds, model {study.model.name}, strategy {study.strategy.name} -> {args.out}"
     )
     out = Path(args.out)
+    tracker = Tracker(args.mlflow, console)
+    tracker.check()
     with interruptible() as stop:
         results = simulate(
             study, args.out, resume=args.resume, force=args.force, reporter=RichReporter(console),
@@ -44,6 +47,7 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
         )  # fmt: skip
         return stop.exit_code or 130
     console.print(f"results: {out / RESULTS_FILE}   model: {out / FINAL_MODEL_FILE}   log: {out / LOG_FILE}")
+    simulate_run(tracker, out, results)
     return 0 if results.get("status") == "completed" else 3
 
 
@@ -95,7 +99,10 @@ def _site_monitor(args: argparse.Namespace, console: Console) -> int:
     from common.package import PackageError
     from common.sitedata import SiteDataError
     from server.report.monitor import write_monitor_report
+    from server.tracking import Tracker, monitor_run
 
+    tracker = Tracker(args.mlflow, console)
+    tracker.check()
     try:
         doc = monitor(load_site(args.site_config), args.package, data_config=args.data, days=args.days,
                       reference_config=args.reference)  # fmt: skip
@@ -103,6 +110,7 @@ def _site_monitor(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         return 2
     report = write_monitor_report(args.out, doc)
+    monitor_run(tracker, Path(args.out), doc)
     for f in doc["features"]:
         if f["status"] != "stable":
             console.print(f"[{'red' if f['status'] == 'drift' else 'yellow'}]{f['status']}[/]: {f['feature']} "
@@ -170,6 +178,8 @@ def _report(args: argparse.Namespace, console: Console) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Long: one argparse declaration per command and option, read top to bottom as the CLI's help."""
+    from server import tracking
+
     parser = argparse.ArgumentParser(prog="fedward", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a whole study on this machine (Flower simulation engine)")
@@ -183,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="--out holds a run: move it aside (not deleted) and start afresh"
     )
     sim.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
+    tracking.add_argument(sim)
     sim.set_defaults(func=_simulate)
     st = sub.add_parser(
         "study", help="federated vs local-only vs centralized vs leave-one-site-out, with a report"
@@ -196,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="--out holds a run: move it aside (not deleted) and start afresh"
     )
     st.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
+    tracking.add_argument(st)
     st.set_defaults(func=_study)
     pr = sub.add_parser("predict", help="a model package's predictions and Grad-CAM heat maps on image files")
     pr.add_argument("package", help="a run folder (its model/ package) or a package folder")
@@ -266,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     mon.add_argument("--days", type=int, help="only images acquired in the last N days (acquisition date)")
     mon.add_argument("--reference", help="a site config of the export the package was trained on, when the "
                      "site kept no record of it")  # fmt: skip
+    tracking.add_argument(mon)
     mon.set_defaults(func=_site_monitor)
 
     from server import certs, deploy_cli

@@ -7,11 +7,13 @@ Runs on the study's sites in Flower's simulation engine; over a deployment the s
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from common.config import load_study
+from server import tracking
 from server.interrupt import interruptible
 from server.report.doc import METRIC_LABELS
 from server.run_folder import REPORT_FILE, VALIDATION_FILE
@@ -30,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--force", action="store_true", help="--out holds a run: move it aside and start afresh"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
+    tracking.add_argument(parser)
 
 
 def table(doc: dict) -> Table:
@@ -50,6 +53,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from server.simulate import validate_simulated
 
     study = load_study(args.study, data_dir=args.data_dir)
+    tracker = tracking.Tracker(args.mlflow, console)
+    tracker.check()
     with interruptible() as stop:
         doc = validate_simulated(study, args.packages, args.out, force=args.force, verbose=args.verbose,
                                  stop=stop, command=f"fedward validate ... --out {args.out}")  # fmt: skip
@@ -60,6 +65,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     console.print(
         f"validation: {args.out}/{VALIDATION_FILE}   report: {args.out}/{REPORT_FILE}", highlight=False
     )
+    tracking.validation_run(tracker, Path(args.out), doc)
     if doc["status"] == "interrupted":
         return stop.exit_code or 130
     return 0 if all(not e["failed"] for e in doc["packages"]) else 3

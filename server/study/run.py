@@ -72,6 +72,7 @@ from server.study.plan import Part, plan, validate_comparison, variants, with_pr
 from server.study.progress import StudyProgress, fmt
 from server.study.references import train_alone
 from server.study.site_ledgers import check_policies, privacy_spent, real_sites, train_at_site
+from server.tracking import Tracker, study_run
 
 
 class ComparisonRun:
@@ -391,6 +392,8 @@ def cli(args: argparse.Namespace, console: Console) -> int:
     """`fedward study CONFIG --out DIR [--rounds N] [--sites K] [--data-dir D] [-v]`."""
     study = load_study(args.config, rounds=args.rounds, num_sites=args.sites, data_dir=args.data_dir)
     validate_comparison(study)
+    tracker = Tracker(args.mlflow, console)
+    tracker.check()
     n_sites = num_sites(study)
     console.print(
         f"[bold]fedward study[/] '{study.name}': {n_sites} sites, {study.rounds} rounds x "
@@ -415,4 +418,5 @@ def cli(args: argparse.Namespace, console: Console) -> int:
     for line in doc["summary"]:
         console.print(f"- {line}", highlight=False)
     console.print(f"study: {args.out}/{STUDY_FILE}   report: {args.out}/report.html", highlight=False)
+    study_run(tracker, Path(args.out), doc)
     return 0 if doc["status"] == "completed" else 3

@@ -138,3 +138,33 @@ def test_the_population_stability_index_is_zero_for_equal_shares_and_grows_with_
     same = psi(np.array([50, 50]), np.array([100, 100]))
     small, large = psi(np.array([50, 50]), np.array([60, 40])), psi(np.array([50, 50]), np.array([90, 10]))
     assert same == pytest.approx(0.0) and 0 < small < 0.1 < 0.25 < large
+
+
+def test_a_monitoring_run_is_logged_to_mlflow_and_an_unreachable_store_stops_nothing(trained_site, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from server.processes import free_port
+
+    tmp, site_config, package = trained_site
+    same = write_export(tmp / "tracked", n=60, seed=6)
+    store = f"sqlite:///{tmp / 'mlflow.db'}"
+    code, doc = _run(site_config, package, tmp, data=same, extra=("--mlflow", store))
+    assert code == 0
+    (run,) = MlflowClient(store).search_runs(
+        MlflowClient(store).get_experiment_by_name("fedward").experiment_id
+    )
+    assert run.data.tags["fedward.kind"] == "monitor" and run.data.params["site"] == "hospital-a"
+    assert run.data.metrics["psi/intensity_mean"] == pytest.approx(
+        next(f["psi"] for f in doc["features"] if f["feature"] == "intensity_mean")
+    )
+    assert {a.path for a in MlflowClient(store).list_artifacts(run.info.run_id)} == {
+        "monitor.json",
+        "report.html",
+    }
+    capsys.readouterr()
+    code, doc = _run(
+        site_config, package, tmp, data=same, extra=("--mlflow", f"http://127.0.0.1:{free_port()}")
+    )
+    said = " ".join(capsys.readouterr().out.split())
+    assert code == 0 and doc["status"] == "stable"  # the monitoring ran all the same
+    assert said.count("cannot be reached") == 1 and "this run is not tracked" in said

@@ -31,7 +31,8 @@ simulation: {{client_cpus: 1}}
 def test_a_study_continues_from_a_package_its_weights_and_its_ledgers(tmp_path):
     first = tmp_path / "first.yaml"
     first.write_text(STUDY.format(name="first", rounds=2, model=""))
-    proc = run_fedward("simulate", str(first), "--out", str(tmp_path / "a"))
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_fedward("simulate", str(first), "--out", str(tmp_path / "a"), "--mlflow", store)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     then = tmp_path / "then.yaml"
     then.write_text(
@@ -60,3 +61,18 @@ def test_a_study_continues_from_a_package_its_weights_and_its_ledgers(tmp_path):
         f"Started from the package {tmp_path / 'a' / 'model'}"
         in (tmp_path / "b" / "model" / "MODEL_CARD.md").read_text()
     )
+
+    # the first study is in MLflow: per-site metrics per round, epsilon, results and the model card
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    (run,) = client.search_runs(client.get_experiment_by_name("fedward").experiment_id)
+    assert run.data.params["model.name"] == "cnn28" and run.data.tags["fedward.kind"] == "simulate"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "auc/hospital-a")] == [0, 1, 2]
+    eps = client.get_metric_history(run.info.run_id, "epsilon/hospital-a")
+    assert eps[-1].value == pytest.approx(a["final"]["sites"]["hospital-a"]["epsilon"])
+    assert {x.path for x in client.list_artifacts(run.info.run_id)} >= {
+        "results.json",
+        "model_card.html",
+        "MODEL_CARD.md",
+    }

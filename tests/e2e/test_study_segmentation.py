@@ -49,7 +49,9 @@ def seg_study(tmp_path_factory) -> tuple[Path, Path, dict, str]:
     config = tmp / "study.yaml"
     config.write_text(STUDY)
     out = tmp / "out"
-    proc = run_fedward("study", str(config), "--out", str(out), timeout=900)
+    proc = run_fedward(
+        "study", str(config), "--out", str(out), "--mlflow", f"sqlite:///{tmp / 'mlflow.db'}", timeout=900
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return config, out, json.loads((out / "study.json").read_text()), proc.stdout
 
@@ -143,3 +145,28 @@ def test_report_shows_dice_tables_and_plots_and_rebuilds(seg_study):
     proc = run_fedward("report", str(out))
     assert proc.returncode == 0, proc.stderr
     assert (out / "report.html").read_text() == html
+
+
+@pytest.mark.slow
+def test_the_study_is_in_mlflow_with_every_models_dice(seg_study):
+    from mlflow.tracking import MlflowClient
+
+    _, out, doc, _ = seg_study
+    client = MlflowClient(f"sqlite:///{out.parent / 'mlflow.db'}")
+    (run,) = client.search_runs(client.get_experiment_by_name("fedward").experiment_id)
+    assert run.data.tags["fedward.kind"] == "study" and run.data.params["task"] == "segmentation"
+    for key in ("federated", "centralized", "local:hospital-a"):
+        got = run.data.metrics[f"{key.replace(':', '.')}/pooled/dice"]
+        assert got == pytest.approx(doc["models"][key]["eval"]["pooled"]["dice"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "federated/rounds/dice/pooled")] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
+        "study.json",
+        "report.html",
+        "MODEL_CARD.md",
+    }

@@ -57,7 +57,9 @@ def validated(tmp_path_factory) -> tuple[Path, dict, Path, Path]:
         STUDY.format(name="validate", site_configs=f"site_configs: [{tmp / 'a.yaml'}, {tmp / 'b.yaml'}]")
     )
     out = tmp / "out"
-    proc = run_fedward("validate", str(trained), str(untrained), "--study", str(study), "--out", str(out))
+    store = f"sqlite:///{tmp / 'mlflow.db'}"
+    proc = run_fedward("validate", str(trained), str(untrained), "--study", str(study), "--out", str(out),
+                       "--mlflow", store)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return out, json.loads((out / "validation.json").read_text()), study, trained
 
@@ -100,6 +102,14 @@ def test_the_noised_releases_are_charged_to_the_sites_ledger_and_nothing_is_trai
         "fedward validation" in html
         and "untrained" in html
         and (out / "validation.png").stat().st_size > 5000
+    )
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out.parent / 'mlflow.db'}")
+    (run,) = client.search_runs(client.get_experiment_by_name("fedward").experiment_id)
+    assert run.data.tags["fedward.kind"] == "validation"
+    assert run.data.metrics["trained/hospital-a/auc"] == pytest.approx(
+        doc["packages"][0]["sites"]["hospital-a"]["auc"]
     )
     rebuilt = run_fedward("report", str(out))
     assert rebuilt.returncode == 0 and (out / "report.html").read_text() == html
