@@ -187,4 +187,7 @@ def validate_simulated(
     path = out / VALIDATION_FILE
     if not path.exists():
         raise RuntimeError(f"the validation ended without writing {path}; see {out / LOG_FILE}")
+    from server.report import build_report
+
+    build_report(out)
     return json.loads(path.read_text())

@@ -9,7 +9,9 @@ package's weights to every site as an ordinary evaluation (server.coordinator.ev
 site applies its own evaluation policy, releases what that policy allows and charges its evaluation
 budget, exactly as in a study, and may refuse. Nothing is trained. DIR gets validation.json (per
 package: per-site and pooled metrics with their 95% AUC intervals from the releases, the sites that
-refused; the cross-site table), written after each package, report.html and fedward.log.
+refused; the cross-site table), written after each package, and fedward.log; `fedward validate`
+then writes report.html (over a deployment, `fedward report DIR` does: the app Flower ships holds no
+page templates).
 `fedward compare OLD NEW` (server.compare) reads validation.json.
 """
 
@@ -30,7 +32,6 @@ from common.validation_doc import VALIDATION_FILE, finish, new_validation
 from server.coordinator import Coordinator, Reporter
 from server.interrupt import Interrupted, StopRequest
 from server.packages import StudyPackage, study_package
-from server.report import build_report
 from server.run_folder import write_json
 from server.store import RunStore
 
@@ -80,7 +81,6 @@ class Validation:
             RunStore.detach_log(handler)
         finish(self.doc, status)
         self.save()
-        build_report(self.out)
         return self.doc
 
     def _evaluate(self, index: int, package: StudyPackage, label: str) -> None:

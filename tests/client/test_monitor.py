@@ -31,7 +31,7 @@ CHANGED = Scanner(gain=0.6, offset=0.15, gamma=1.0, blur=1.5, noise=0.03)
 
 
 def write_export(folder: Path, *, n: int, seed: int, scanner: Scanner = SCANNER, vendor: str = "Acme",
-                 spacing: float = 0.2, prevalence: float = 0.5, dated: bool = True) -> Path:  # fmt: skip
+                 spacing: float = 0.2, prevalence: float = 0.5, dated: bool = True, stripped: bool = False) -> Path:  # fmt: skip
     """A hospital's DICOM export of synthetic images: one image per patient, labels.csv, site.yaml."""
     rng = np.random.default_rng(seed)
     clean, labels, _ = synthetic_images_with_findings(n, prevalence, 28, rng)
@@ -44,6 +44,8 @@ def write_export(folder: Path, *, n: int, seed: int, scanner: Scanner = SCANNER,
         ds.PixelSpacing = [spacing, spacing]
         if dated:
             ds.AcquisitionDate = "20261125" if i % 2 else "20261001"
+        if stripped:  # an export tool that drops the vendor's tags
+            del ds.Manufacturer, ds.ManufacturerModelName, ds.KVP
         ds.save_as(path, enforce_file_format=True)
         rows.append((f"P{i:04d}.dcm", f"P{seed}-{i:04d}", ["normal", "finding"][labels[i]]))
     with (folder / "labels.csv").open("w", newline="") as f:
@@ -123,6 +125,11 @@ def test_missing_metadata_and_dates_are_said_and_the_last_days_are_chosen_by_dat
     undated = write_export(tmp / "undated", n=60, seed=4, dated=False)
     code, doc = _run(site_config, package, tmp, data=undated, extra=("--days", "30"))
     assert code == 2 and doc == {}  # no acquisition dates: a clear error, nothing written
+    stripped = write_export(tmp / "stripped", n=60, seed=7, stripped=True)
+    code, doc = _run(site_config, package, tmp, data=stripped)
+    assert code == 0 and any("'manufacturer' is missing in every current image" in n for n in doc["notes"])
+    assert "manufacturer" not in {f["feature"] for f in doc["features"]}  # said, not guessed
+    assert "pixel_spacing" in {f["feature"] for f in doc["features"]}  # what the export kept is compared
     dated = write_export(tmp / "dated", n=60, seed=5)
     from datetime import date
 

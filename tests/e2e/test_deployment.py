@@ -327,7 +327,7 @@ def test_packages_are_validated_over_the_deployment_under_each_sites_policy(depl
     out = tmp_path / "out"
     run = deployment.submit(study, out, packages=packages)
     run.proc.wait(timeout=600)
-    assert run.proc.returncode == 0, run.tail()
+    assert run.proc.returncode == 0 and (out / "validation.json").is_file(), run.tail()
     doc = json.loads((out / "validation.json").read_text())
     assert doc["status"] == "completed" and doc["sites"] == SITES and len(doc["packages"]) == 2
     for entry in doc["packages"]:

@@ -50,3 +50,13 @@ def test_a_package_of_the_same_model_loads_with_its_identity(tmp_path):
     assert loaded.identity["study_id"] == "s-1" and loaded.lineage[0] == loaded.identity
     a, b = model.state_dict(), loaded.model.state_dict()
     assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_validating_a_package_of_another_task_fails_before_any_site_loads_its_data(tmp_path):
+    from server.simulate import validate_simulated
+
+    seg = write_package(tmp_path / "seg", build_model("unet", num_classes=2), {"model": "unet", "in_channels": 1,
+                        "classes": ["background", "lesion"], "task": "segmentation", "input": {"size": [28, 28]}})  # fmt: skip
+    with pytest.raises(ConfigError, match="package .* its task is segmentation"):
+        validate_simulated(_study(tmp_path, ""), [str(seg)], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
