@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from client import evaluation, guard
+from client import evaluation, guard, local_norm
 from client.dp import PoissonPlan
 from client.policy import SitePolicy
 from client.profile import record_training_profile
@@ -91,9 +91,8 @@ class SiteRuntime:
         refusal = spec_problem(plan, self.data) or SitePolicy.of(self.config).check_mode(plan.dp_enabled)
         if refusal:
             return self.refusal(guard.refusal_text(self.config, plan.round, refusal))
-        record_training_profile(
-            self.config.state_dir, plan.study_id, self.data
-        )  # what drift is measured against
+        record_training_profile(self.config.state_dir, plan.study_id, self.data)  # drift's reference
+        received, weights = weights, self._own_norms(plan, weights)
         if not plan.dp_enabled:
             result = train_round(
                 self.model_for(plan, weights),
@@ -102,13 +101,19 @@ class SiteRuntime:
                 plan,
                 augment_fn=self.augment,
             )
-            return self._reply(plan, result, exact=True)
+            return self._reply(plan, result, exact=True, received=received)
         # the budget check to the ledger line is one step: one private training at a time per ledger
         with guard.site_lock(self.config):
-            return self._train_private(plan, config, weights)
+            return self._train_private(plan, config, weights, received)
+
+    def _own_norms(self, plan: RoundPlan, weights: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """With `local_norm`, the global weights with this site's own normalization parameters."""
+        if not plan.local_norm:
+            return weights
+        return local_norm.with_local(weights, local_norm.load_local(self.config.state_dir, plan.study_id))
 
     def _train_private(
-        self, plan: RoundPlan, config: Mapping, weights: Mapping[str, torch.Tensor]
+        self, plan: RoundPlan, config: Mapping, weights: Mapping[str, torch.Tensor], received: Mapping
     ) -> SiteReply:
         private, refusal = guard.plan_round(
             config, plan, self.config, len(self.data.train_y), device(), patients=self.data.train_patients
@@ -131,7 +136,7 @@ class SiteRuntime:
                 patients=private.groups,
             ),
         )
-        reply = self._reply(plan, result, exact=False)
+        reply = self._reply(plan, result, exact=False, received=received)
         entry = entries[0]
         reply.metrics |= {
             Met.NUM_EXAMPLES: int(private.count),  # the released, noised count: FedAvg's weight
@@ -145,10 +150,16 @@ class SiteRuntime:
         }
         return reply
 
-    def _reply(self, plan: RoundPlan, result: RoundResult, *, exact: bool) -> SiteReply:
+    def _reply(self, plan: RoundPlan, result: RoundResult, *, exact: bool, received: Mapping) -> SiteReply:
         """The trained weights; with `exact` (a non-private round) also the exact size, loss and time.
-        A private round sends none of those: they are not covered by its epsilon."""
+        A private round sends none of those: they are not covered by its epsilon. With `local_norm` the
+        normalization parameters stay here and go back as received (client.local_norm)."""
         self.model = result.model
+        weights = result.model.state_dict()
+        if plan.local_norm:
+            keys = local_norm.norm_keys(result.model)
+            local_norm.save_local(self.config.state_dir, plan.study_id, {k: weights[k] for k in keys})
+            weights = local_norm.reply_weights(weights, received, keys)
         metrics: dict = {}
         if exact:
             metrics = {
@@ -162,7 +173,7 @@ class SiteRuntime:
         return SiteReply(
             self.config.site,
             metrics,
-            weights=result.model.state_dict(),
+            weights=weights,
             input=json.dumps(self.input_description()),
         )
 
@@ -205,7 +216,7 @@ class SiteRuntime:
             return SiteReply(
                 self.config.site, {}, refused=guard.refusal_text(self.config, plan.round, problem)
             )
-        model = self.model_for(plan, weights)
+        model = self.model_for(plan, self._own_norms(plan, weights))
         t0 = time.perf_counter()
         x, y, patients = (
             (self.data.val_x, self.data.val_y, self.data.val_patients)

@@ -38,6 +38,7 @@ class Cfg(StrEnum):
     TASK = "task"  # the study's model (common.model_spec): each site checks it against its data
     CLASSES = "classes"
     SIZE = "size"
+    LOCAL_NORM = "local-norm"  # FedBN-style: each site keeps its normalization layers' parameters
 
 
 class Met(StrEnum):

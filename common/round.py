@@ -45,6 +45,7 @@ class RoundPlan:
     task: str = "classification"
     classes: tuple[str, ...] = ()
     size: tuple[int, ...] = ()
+    local_norm: bool = False  # FedBN-style: the site keeps its normalization parameters (client.local_norm)
 
     @classmethod
     def from_study(
@@ -77,6 +78,7 @@ class RoundPlan:
             task=study.task,
             classes=tuple(classes),
             size=tuple(size),
+            local_norm=study.strategy.local_norm,
         )
 
     def to_config(self) -> dict[str, int | float | str | bool | list]:
@@ -117,6 +119,7 @@ _KEYS = {
     "task": Cfg.TASK,
     "classes": Cfg.CLASSES,
     "size": Cfg.SIZE,
+    "local_norm": Cfg.LOCAL_NORM,
 }
 
 

@@ -91,6 +91,9 @@ class StrategyConfig:
     beta_1: float = 0.9
     beta_2: float = 0.99
     tau: float = 1e-3
+    # FedBN-style personalization: each site keeps its normalization layers' affine parameters (they are
+    # trained there and never sent back), the rest is federated (client.local_norm)
+    local_norm: bool = False
 
 
 @dataclass
