@@ -120,6 +120,29 @@ def make_criterion(
     return BalancedCrossEntropy(weights)
 
 
+def expand_views(
+    xb: torch.Tensor, yb: torch.Tensor, views: int, gen: torch.Generator, *, batch_augment, masks: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`views` augmentations of each image, image by image (image i's views at i*views ... i*views+views-1)."""
+    xs, ys = [], []
+    for _ in range(views):
+        if masks:
+            x, y = augment_with_masks(xb, yb, gen)
+        else:
+            x, y = (batch_augment(xb, gen) if batch_augment is not None else augment(xb, gen)), yb
+        xs.append(x)
+        ys.append(y)
+    return torch.stack(xs, 1).flatten(0, 1), torch.stack(ys, 1).flatten(0, 1)
+
+
+def average_views(model: nn.Module, views: int) -> None:
+    """Each image's per-sample gradient: the mean of its views' (Opacus's `grad_sample`, in place)."""
+    for p in model.parameters():
+        grad_sample = getattr(p, "grad_sample", None)
+        if isinstance(grad_sample, torch.Tensor):
+            p.grad_sample = grad_sample.view(-1, views, *grad_sample.shape[1:]).mean(1)
+
+
 def train_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator) -> DataLoader:
     """Shuffled batches drawn with `generator` (with DP, Opacus draws its Poisson batches from it too)."""
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=generator)
@@ -138,6 +161,7 @@ def train_epochs(
     generator: torch.Generator | None = None,
     private: bool = False,
     mask_augment: bool = False,
+    views: int = 1,
 ) -> TrainResult:
     """Run `epochs` local epochs; with proximal_mu > 0 add FedProx's (mu/2)||w - w_global||^2.
 
@@ -146,7 +170,9 @@ def train_epochs(
     `augment_fn` (the site's own augmentation, common.transforms) wins over `use_augment` (the
     study's simple flips and shifts); with `mask_augment` (segmentation, `train.augment`) image and
     mask are flipped together instead (augment_with_masks). `generator` drives the augmentation
-    (default: seeded with 0).
+    (default: seeded with 0). `views` > 1 is augmentation multiplicity (De et al., 2022): each image is
+    augmented `views` times and, with privacy, its views' per-sample gradients are averaged before
+    clipping (average_views), so every image still gives one clipped contribution.
     """
     batch_augment = augment_fn or (augment if use_augment else None)
     dev = next(model.parameters()).device
@@ -161,7 +187,9 @@ def train_epochs(
             if len(yb) == 0 and not private:
                 continue
             xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
-            if mask_augment:
+            if views > 1:
+                xb, yb = expand_views(xb, yb, views, gen, batch_augment=batch_augment, masks=mask_augment)
+            elif mask_augment:
                 xb, yb = augment_with_masks(xb, yb, gen)
             elif batch_augment is not None:
                 xb = batch_augment(xb, gen)
@@ -173,6 +201,8 @@ def train_epochs(
                 )
                 loss = loss + 0.5 * proximal_mu * prox
             loss.backward()
+            if private and views > 1:  # one gradient per image: the mean of its views'
+                average_views(model, views)
             if owner is not None:  # one gradient per patient: the sum of its images' (client.patients)
                 sum_per_patient(model, owner)
             optimizer.step()
@@ -256,6 +286,7 @@ def train_round(
             trainee, loader, optimizer, criterion=criterion, epochs=plan.local_epochs, proximal_mu=plan.proximal_mu,
             use_augment=plan.augment and not segmenting, augment_fn=None if segmenting else augment_fn,
             generator=randomness.augment, private=dp is not None, mask_augment=segmenting and plan.augment,
+            views=plan.augment_views,
         )  # fmt: skip
     finally:
         if private is not None:

@@ -266,6 +266,8 @@ def _validate_privacy(study: StudyConfig, p: str) -> None:
             "site's data make every sample's gradient depend on the others, which DP-SGD's accounting "
             "does not cover; set 'train.class_balance: false' with 'privacy.enabled: true'."
         )
+    if not 1 <= study.train.augment_views <= 32:
+        raise ConfigError(f"{p}: 'train.augment_views' is {study.train.augment_views}; use 1 (off) to 32.")
     if study.privacy.enabled and study.privacy.noise_multiplier < 0:
         raise ConfigError(f"{p}: 'privacy.noise_multiplier' must be >= 0 (0 derives it from target_epsilon).")
 

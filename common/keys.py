@@ -39,6 +39,7 @@ class Cfg(StrEnum):
     CLASSES = "classes"
     SIZE = "size"
     LOCAL_NORM = "local-norm"  # FedBN-style: each site keeps its normalization layers' parameters
+    AUGMENT_VIEWS = "augment-views"  # augmentation multiplicity (client.train.expand_views)
 
 
 class Met(StrEnum):

@@ -46,6 +46,7 @@ class RoundPlan:
     classes: tuple[str, ...] = ()
     size: tuple[int, ...] = ()
     local_norm: bool = False  # FedBN-style: the site keeps its normalization parameters (client.local_norm)
+    augment_views: int = 1  # augmentation multiplicity: views per image, averaged before clipping (DP)
 
     @classmethod
     def from_study(
@@ -79,6 +80,7 @@ class RoundPlan:
             classes=tuple(classes),
             size=tuple(size),
             local_norm=study.strategy.local_norm,
+            augment_views=t.augment_views,
         )
 
     def to_config(self) -> dict[str, int | float | str | bool | list]:
@@ -120,6 +122,7 @@ _KEYS = {
     "classes": Cfg.CLASSES,
     "size": Cfg.SIZE,
     "local_norm": Cfg.LOCAL_NORM,
+    "augment_views": Cfg.AUGMENT_VIEWS,
 }
 
 

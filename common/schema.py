@@ -80,6 +80,9 @@ class TrainConfig:
     # weight each class's loss by n / (classes x n_class), counted on the training images where the
     # model trains (each site its own); not with privacy (the weights would depend on every sample)
     class_balance: bool = False
+    # augmentation multiplicity (De et al., 2022): each image augmented this many times per step; with
+    # privacy its views' gradients are averaged before clipping (one clipped contribution per image)
+    augment_views: int = 1
 
 
 @dataclass
