@@ -135,6 +135,16 @@ def expand_views(
     return torch.stack(xs, 1).flatten(0, 1), torch.stack(ys, 1).flatten(0, 1)
 
 
+def augmented(xb, yb, gen: torch.Generator, *, views: int, batch_augment, masks: bool):
+    """A batch as training sees it: its views (views > 1), image and mask flipped together (masks),
+    the batch augmentation, or as it is."""
+    if views > 1:
+        return expand_views(xb, yb, views, gen, batch_augment=batch_augment, masks=masks)
+    if masks:
+        return augment_with_masks(xb, yb, gen)
+    return (batch_augment(xb, gen) if batch_augment is not None else xb), yb
+
+
 def average_views(model: nn.Module, views: int) -> None:
     """Each image's per-sample gradient: the mean of its views' (Opacus's `grad_sample`, in place)."""
     for p in model.parameters():
@@ -187,12 +197,7 @@ def train_epochs(
             if len(yb) == 0 and not private:
                 continue
             xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
-            if views > 1:
-                xb, yb = expand_views(xb, yb, views, gen, batch_augment=batch_augment, masks=mask_augment)
-            elif mask_augment:
-                xb, yb = augment_with_masks(xb, yb, gen)
-            elif batch_augment is not None:
-                xb = batch_augment(xb, gen)
+            xb, yb = augmented(xb, yb, gen, views=views, batch_augment=batch_augment, masks=mask_augment)
             optimizer.zero_grad(set_to_none=True)
             loss = criterion(model(xb), yb)
             if global_params is not None:
@@ -246,11 +251,10 @@ def train_round(
     """One round of local training of `model` on (x, y) as `plan` says.
 
     A fresh optimizer at the round's learning rate, the plan's loss (class-balanced from these labels
-    when asked), FedProx's proximal term when `plan.proximal_mu` > 0, `augment_fn` (a site's own
-    augmentation) or the plan's simple flips and shifts; with `dp`, DP-SGD with Opacus (client.dp).
-    `randomness` gives the round's generators: a private round must be given them (client.guard
-    makes them secret), a plain round defaults to generators seeded from the plan's seed and round.
-    """
+    when asked), FedProx's term when `plan.proximal_mu` > 0, `augment_fn` (a site's own augmentation)
+    or the plan's flips and shifts, `plan.augment_views` views; with `dp`, DP-SGD (client.dp).
+    `randomness`: the round's generators (a private round's are secret, client.guard; a plain round's
+    default to the plan's seed and round)."""
     if randomness is None:
         if dp is not None:
             raise ValueError("a private round needs its RoundRandomness (client.randomness), not a default")
