@@ -126,6 +126,12 @@ class ComparisonConfig:
     leave_one_out: bool = True  # for each site k: federate without k, test on k (needs >= 2 sites)
     bootstrap_samples: int = 1000  # resamples per 95% confidence interval (stratified by class)
     calibration_bins: int = 10  # equal-width bins of the expected calibration error
+    # personalization (issue 16): a federation in which each site keeps its normalization parameters
+    # (FedBN-style, strategy.local_norm), and the federated model fine-tuned at each site for this many
+    # epochs (0: not), under the site's budget when private; each site's best model chosen on its
+    # validation images
+    fedbn: bool = False
+    fine_tune_epochs: int = 0
 
 
 @dataclass

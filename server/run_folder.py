@@ -51,9 +51,12 @@ class Variant(StrEnum):
     LOCAL_DP = "local-dp"
     CENTRALIZED = "centralized"
     LEAVE_ONE_OUT = "leave-one-out"
+    FEDBN = "fedbn"  # per site: the FedBN-style federation's model with the site's own normalization
+    FINE_TUNED = "fine-tuned"  # per site: the federated model fine-tuned at the site
 
 
 FEDERATED_VARIANTS = (Variant.FEDERATED, Variant.FEDERATED_DP)
+PERSONALIZED = (Variant.FEDBN, Variant.FINE_TUNED)  # one model per site, made from a federation
 LOCAL_OF = {Variant.FEDERATED: Variant.LOCAL, Variant.FEDERATED_DP: Variant.LOCAL_DP}
 VARIANT_LABELS = {
     Variant.LOCAL: "local only",
@@ -62,6 +65,8 @@ VARIANT_LABELS = {
     Variant.FEDERATED_DP: "federated, DP",
     Variant.CENTRALIZED: "centralized",
     Variant.LEAVE_ONE_OUT: "left out of the federation",
+    Variant.FEDBN: "federated, own normalization",
+    Variant.FINE_TUNED: "federated, fine-tuned at the site",
 }
 
 

@@ -51,6 +51,8 @@ def score_text(x: float | None) -> str:
 def model_label(key: str) -> str:
     """A study model's key in words: `local-dp:hospital-a` -> "hospital-a alone, DP"."""
     kind, site = split_key(key)
+    if site is not None and kind in (Variant.FEDBN, Variant.FINE_TUNED):
+        return f"{site}: {VARIANT_LABELS[kind]}"
     if site is not None:
         return f"{site} alone" + (", DP" if kind == Variant.LOCAL_DP else "")
     return VARIANT_LABELS.get(key, key)

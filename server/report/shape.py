@@ -285,6 +285,7 @@ MODEL = ByKind(
         str(Variant.LEAVE_ONE_OUT): Record({**FEDERATION, "held_out": TEXT, "nodes": ListOf(TEXT)}),
         str(Variant.LOCAL): TRAINED_ALONE,
         str(Variant.CENTRALIZED): TRAINED_ALONE,
+        "personalized": Record({"eval": MapOf(EVAL_BLOCK), "site": TEXT}),
     }
 )
 COMPARISON = Record(

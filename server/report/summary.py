@@ -7,7 +7,7 @@ in study.json's "summary" and prints them.
 
 from __future__ import annotations
 
-from server.report.doc import METRIC_LABELS, is_study, is_validation, metric_of, score_text
+from server.report.doc import METRIC_LABELS, is_study, is_validation, metric_of, model_label, score_text
 from server.report.validation import validation_summary
 from server.run_folder import LOCAL_OF, Variant
 
@@ -27,7 +27,7 @@ def plain_summary(doc: dict) -> list[str]:
     gainers = [site for site, verdict, _ in verdicts if verdict == "gain"]
     losers = [site for site, verdict, _ in verdicts if verdict == "loss"]
     lines = [line for _, _, line in verdicts]
-    lines += _pooled_lines(doc, kind) + _leave_one_out_lines(doc) + _worst_site_lines(doc)
+    lines += _pooled_lines(doc, kind) + _leave_one_out_lines(doc) + _worst_site_lines(doc) + _best_lines(doc)
     if gainers and not losers:
         lines.insert(
             0,
@@ -100,6 +100,20 @@ def _pooled_lines(doc: dict, kind: str) -> list[str]:
             + (f" at epsilon up to {max(eps):.2f} per site." if eps else ".")
         )
     return lines
+
+
+def _best_lines(doc: dict) -> list[str]:
+    best = doc.get("best_for_site") or {}
+    if not best:
+        return []
+    m, name = metric_of(doc), METRIC_LABELS[metric_of(doc)]
+    parts = [f"{s}: {model_label(b['model'])} (validation {name} {score_text(b['validation'][b['model']])}, "
+             f"test {score_text(b.get('test'))})" for s, b in best.items()]  # fmt: skip
+    return [
+        f"Each site's best model on its own validation images ({m} there, never the test images): "
+        + "; ".join(parts)
+        + "."
+    ]
 
 
 def _leave_one_out_lines(doc: dict) -> list[str]:

@@ -130,7 +130,12 @@ def study_tables(doc: dict) -> tuple[Table, list[Table]]:
     details = [_uncertainty_table(doc, v) for v in doc["variants"]]
     details += [
         t
-        for t in (_leave_one_out_table(doc), _cross_site_table(doc), _privacy_spent_table(doc))
+        for t in (
+            _best_table(doc),
+            _leave_one_out_table(doc),
+            _cross_site_table(doc),
+            _privacy_spent_table(doc),
+        )
         if t is not None
     ]
     return _comparison_table(doc), details
@@ -199,6 +204,20 @@ def _uncertainty_table(doc: dict, variant: str) -> Table:
     calibration = "" if segmentation else " and expected calibration error"
     caption = f"{VARIANT_LABELS[variant]} model: {what} with 95% bootstrap CIs{calibration}"
     return Table(f"{variant}-uncertainty-table", caption, head, rows)
+
+
+def _best_table(doc: dict) -> Table | None:
+    """Each site's model, chosen on its validation images, with every candidate's validation metric."""
+    best = doc.get("best_for_site") or {}
+    if not best:
+        return None
+    name = METRIC_LABELS[metric_of(doc)]
+    rows = [[Cell(site), Cell(model_label(b["model"]), bold=True), value_cell(b["validation"][b["model"]]),
+             value_cell(b.get("test")),
+             Cell(", ".join(f"{model_label(k)} {v:.3f}" for k, v in b["validation"].items()))]
+            for site, b in best.items()]  # fmt: skip
+    head = ["site", "its model", f"validation {name}", f"test {name}", f"every candidate's validation {name}"]
+    return Table("best-model-table", "The model for each site, chosen on its validation images", head, rows)
 
 
 def _leave_one_out_table(doc: dict) -> Table | None:

@@ -15,11 +15,17 @@ from torch import nn
 
 from client.train import device, predict
 from common.evaluation_blocks import classification_block, segmentation_block
+from common.metrics import public_metrics, site_summary
 from common.schema import StudyConfig
-from common.seg_metrics import paired_score_difference, per_image_scores
+from common.seg_metrics import (
+    paired_score_difference,
+    per_image_scores,
+    segmentation_summary,
+    sums_from_scores,
+)
 from common.sitedata import SiteData
 from common.uncertainty import paired_difference
-from server.run_folder import FEDERATED_VARIANTS, LOCAL_OF, Variant, model_key
+from server.run_folder import FEDERATED_VARIANTS, LOCAL_OF, PERSONALIZED, Variant, model_key
 
 
 class Evaluator:
@@ -36,6 +42,13 @@ class Evaluator:
 
     def _outputs(self, model: nn.Module, site: str) -> np.ndarray:
         return predict(model, self.data[site].test_x)  # N x C probabilities
+
+    def validation_score(self, model: nn.Module, site: str) -> float | None:
+        """The headline metric of `model` on the site's validation images (None without any)."""
+        d = self.data[site]
+        if d.val_x is None or len(d.val_x) == 0:
+            return None
+        return public_metrics(site_summary(d.val_y.numpy(), predict(model.to(device()), d.val_x)))["auc"]
 
     def predict(self, key: str, model: nn.Module, sites: list[str] | None = None) -> None:
         sites = list(self.data) if sites is None else sites
@@ -80,6 +93,14 @@ class SegmentationEvaluator(Evaluator):
     def block(self, test_set: str, scores: np.ndarray, *, roc: bool) -> dict:
         return segmentation_block(scores, samples=self.cfg.bootstrap_samples, seed=self.seed)
 
+    def validation_score(self, model: nn.Module, site: str) -> float | None:
+        d = self.data[site]
+        if d.val_x is None or len(d.val_x) == 0:
+            return None
+        pred = predict(model.to(device()), d.val_x, batch_size=self.PREDICT_BATCH).argmax(axis=1)
+        scores = per_image_scores(d.val_y.numpy(), pred, d.num_classes)
+        return segmentation_summary(sums_from_scores(*scores))["dice"]
+
     def difference(self, test_set: str, outputs_a: np.ndarray, outputs_b: np.ndarray) -> dict:
         return paired_score_difference(
             outputs_a, outputs_b, samples=self.cfg.bootstrap_samples, seed=self.seed
@@ -105,7 +126,8 @@ def compare(doc: dict, ev: Evaluator) -> dict:
     without it. Gains are paired bootstrap differences on the same resamples.
     """
     models, sites = doc["models"], doc["sites"]
-    order = (Variant.LOCAL, Variant.LOCAL_DP, *FEDERATED_VARIANTS, Variant.CENTRALIZED, Variant.LEAVE_ONE_OUT)
+    order = (Variant.LOCAL, Variant.LOCAL_DP, *FEDERATED_VARIANTS, *PERSONALIZED, Variant.CENTRALIZED,
+             Variant.LEAVE_ONE_OUT)  # fmt: skip
     columns = [str(c) for c in order if c in models or any(k.startswith(c + ":") for k in models)]
     rows: dict[str, dict] = {}
     for s in sites:
@@ -116,7 +138,7 @@ def compare(doc: dict, ev: Evaluator) -> dict:
                 row[c] = {"model": key, **_slim(models[key]["eval"][s], ev.metric)}
         rows[s] = row
     rows["pooled"] = _pooled_row(columns, models, sites, ev)
-    gains = {s: _gains(s, sites, ev) for s in [*sites, "pooled"]}
+    gains = {s: _gains(s, sites, ev, doc["primary"]) for s in [*sites, "pooled"]}
     return {"metric": ev.metric, "columns": columns, "rows": rows, "gains": gains}
 
 
@@ -131,26 +153,36 @@ def _pooled_row(columns: list[str], models: dict, sites: list[str], ev: Evaluato
     return pooled
 
 
-def _gains(test_set: str, sites: list[str], ev: Evaluator) -> dict:
-    """Paired differences of the headline metric on `test_set`: each federated model against the local models and
-    against centralized training."""
+def _gains(test_set: str, sites: list[str], ev: Evaluator, primary: str) -> dict:
+    """Paired differences of the headline metric on `test_set`: each federated model against the local
+    models and against centralized training; each site's personalized models (fedbn, fine-tuned)
+    against the local models of the primary federation's privacy."""
+
+    def own(kind: str) -> np.ndarray | None:  # a per-site family scored on test_set (pooled: each its own)
+        keys = {x: model_key(kind, x) for x in sites}
+        if not all(k in ev.outputs for k in keys.values()):
+            return None
+        return ev.pooled_own(keys) if test_set == "pooled" else ev.outputs[keys[test_set]][test_set]
+
     gains = {}
     for fed in FEDERATED_VARIANTS:
-        local = LOCAL_OF[fed]
-        if fed not in ev.outputs or not all(model_key(local, x) in ev.outputs for x in sites):
-            continue
-        own = (
-            ev.pooled_own({x: model_key(local, x) for x in sites})
-            if test_set == "pooled"
-            else ev.outputs[model_key(local, test_set)][test_set]
-        )
-        gains[f"{fed}_vs_{local}"] = ev.difference(test_set, ev.outputs[fed][test_set], own)[ev.metric]
+        alone = own(LOCAL_OF[fed])
+        if fed in ev.outputs and alone is not None:
+            gains[f"{fed}_vs_{LOCAL_OF[fed]}"] = ev.difference(test_set, ev.outputs[fed][test_set], alone)[
+                ev.metric
+            ]
+    alone = own(LOCAL_OF[primary])
+    for kind in PERSONALIZED:
+        mine = own(kind)
+        if mine is not None and alone is not None:
+            gains[f"{kind}_vs_{LOCAL_OF[primary]}"] = ev.difference(test_set, mine, alone)[ev.metric]
     if Variant.CENTRALIZED in ev.outputs:
+        central = ev.outputs[Variant.CENTRALIZED][test_set]
         for fed in FEDERATED_VARIANTS:
             if fed in ev.outputs:
-                central = ev.outputs[Variant.CENTRALIZED][test_set]
-                diff = ev.difference(test_set, ev.outputs[fed][test_set], central)
-                gains[f"{fed}_vs_centralized"] = diff[ev.metric]
+                gains[f"{fed}_vs_centralized"] = ev.difference(test_set, ev.outputs[fed][test_set], central)[
+                    ev.metric
+                ]
     return gains
 
 
@@ -158,7 +190,7 @@ def cross_site(doc: dict, metric: str) -> dict:
     """Rows: every model trained on a site, each federated model, centralized; columns: test sets;
     values: the headline metric (`metric`) and its interval."""
     models, sites = doc["models"], doc["sites"]
-    keys = [k for k in models if models[k]["kind"] == Variant.LOCAL]
+    keys = [k for k in models if models[k]["kind"] in (Variant.LOCAL, "personalized")]
     keys += [str(v) for v in FEDERATED_VARIANTS if v in models]
     keys += [str(Variant.CENTRALIZED)] if Variant.CENTRALIZED in models else []
     columns = [*sites, "pooled"]

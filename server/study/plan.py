@@ -1,7 +1,7 @@
 """What a `fedward study` runs: its parts, in order, and the variants of the federated study.
 
-A part is one federated run (`federated`, `federated-dp`, `leave-one-out:<site>`) or one kind of
-in-process training (`local`, `local-dp`, `centralized`); `plan` lists them from the study config's
+A part is one federated run (`federated`, `federated-dp`, `fedbn`, `leave-one-out:<site>`) or one kind
+of in-process training (`local`, `local-dp`, `centralized`, `fine-tuned`); `plan` lists them from the study config's
 `study` section, each with the training work it holds (rounds x local epochs x images) for the
 estimate of the time left.
 """
@@ -25,6 +25,8 @@ def validate_comparison(study: StudyConfig) -> None:
             f"{p}: 'study.bootstrap_samples' is {c.bootstrap_samples}; a 95% interval needs at least "
             f"100 resamples (1000 is the default)."
         )
+    if c.fine_tune_epochs < 0:
+        raise ConfigError(f"{p}: 'study.fine_tune_epochs' is {c.fine_tune_epochs}; use 0 (off) or more.")
     if c.calibration_bins < 2:
         raise ConfigError(
             f"{p}: 'study.calibration_bins' is {c.calibration_bins}; use 2 or more (10 is usual)."
@@ -80,6 +82,13 @@ def plan(study: StudyConfig, data: dict[str, SiteData]) -> list[Part]:
         )
         for v in variants(study)
     ]
+    primary_private = variants(study)[0] == Variant.FEDERATED_DP
+    if c.fedbn:
+        parts.append(Part(Variant.FEDBN, "federated, each site's own normalization", epochs * total, True,
+                          primary_private, study.rounds))  # fmt: skip
+    if c.fine_tune_epochs:
+        parts.append(Part(Variant.FINE_TUNED, "fine-tuned at each site", c.fine_tune_epochs * total, False,
+                          primary_private, 1))  # fmt: skip
     if c.local:
         for v in variants(study):
             key = Variant.LOCAL_DP if v == Variant.FEDERATED_DP else Variant.LOCAL

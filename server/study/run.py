@@ -67,6 +67,7 @@ from server.run_folder import (
     write_json,
 )
 from server.simulate import preflight, simulate
+from server.study import personal
 from server.study.evaluate import compare, cross_site, evaluator_for
 from server.study.plan import Part, plan, validate_comparison, variants, with_privacy
 from server.study.progress import StudyProgress, fmt
@@ -94,6 +95,7 @@ class ComparisonRun:
         self.study_ids: set[str] = set()  # every run's study id: what this study spent at each site
         self.progress = StudyProgress(self.parts, out, console)
         self.evaluator = evaluator_for(self.data, study)
+        self.trained: dict[str, nn.Module] = {}  # every model by key: the candidates of each site's choice
         self.t0 = time.perf_counter()
         self.doc = {
             "kind": STUDY_KIND,
@@ -149,6 +151,7 @@ class ComparisonRun:
             torch.set_num_threads(threads)
         self.doc["comparison"] = compare(self.doc, self.evaluator)
         self.doc["cross_site"] = cross_site(self.doc, self.evaluator.metric)
+        self.doc["best_for_site"] = personal.best_for_site(self)
         done = all(self.models[v].get("status") == "completed" for v in self.doc["variants"])
         self.doc["status"] = "completed" if done else "stopped"
         self.doc["summary"] = plain_summary(self.doc)
@@ -184,6 +187,11 @@ class ComparisonRun:
                 self.local(part, name)
         elif variant == Variant.CENTRALIZED:
             self.centralized(part)
+        elif variant == Variant.FEDBN:
+            personal.fedbn_models(self, part)
+        elif variant == Variant.FINE_TUNED:
+            for name in self.data:
+                personal.fine_tune(self, part, name)
         else:
             self.leave_one_out(part, site)
 
@@ -193,7 +201,7 @@ class ComparisonRun:
             run_dir,
             reporter=self.progress,
             verbose=self.verbose,
-            sites=_sites_for(study, run_dir, leave_out),
+            sites=self.site_configs(study, run_dir, leave_out),
             stop=self.stop,
             command=f"fedward study {self.study.source_path} --out {self.out}",
         )
@@ -202,8 +210,15 @@ class ComparisonRun:
         model, _ = load_model(run_dir / FINAL_MODEL_FILE)
         return results, model
 
+    def site_configs(
+        self, study: StudyConfig, run_dir: Path, leave_out: str | None = None
+    ) -> list[SiteConfig]:
+        """The sites of a federated run in `run_dir` (server.study.run._sites_for)."""
+        return _sites_for(study, run_dir, leave_out)
+
     def federated(self, part: Part) -> None:
         results, model = self._federate(with_privacy(self.study, part.private), self.out / part.key, None)
+        self.trained[part.key] = model
         self.evaluator.predict(part.key, model)
         self.models[part.key] = {
             "kind": "federated",
@@ -253,6 +268,7 @@ class ComparisonRun:
             augment = augment_fn(self.sites[site].data)
             model, info = self._train(d.train_x, d.train_y, part.private, self.policy_delta[site], augment)
         save_model(self.out / MODELS_DIR / f"{part.key}-{site}.pt", model, meta=self._meta(key))
+        self.trained[key] = model
         self.evaluator.predict(key, model)
         self.models[key] = {
             "kind": "local",

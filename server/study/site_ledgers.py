@@ -27,11 +27,11 @@ from client.ledger import SiteAccountant
 from client.site import SiteRuntime
 from common.config import ConfigError
 from common.keys import Met
-from common.models import build_model
 from common.privacy import rdp_epsilon, request_config
 from common.round import RoundPlan
 from common.schema import SiteConfig, StudyConfig
 from common.sitedata import SiteData
+from server.packages import initial_model
 from server.study.plan import Part
 
 
@@ -65,24 +65,32 @@ def train_at_site(
     *,
     private: bool,
     on_round: Callable[[int, float], None] | None = None,
+    start: nn.Module | None = None,
+    study_id: str | None = None,
+    rounds: range | None = None,
+    local_epochs: int | None = None,
 ) -> tuple[nn.Module, dict]:
-    """A site's model trained alone through its own path, charged to its real ledger when private.
+    """A site's model trained alone through its own path, charged to its ledger when private.
 
     Each round-equivalent is one `SiteRuntime.train` at the site (the study's RoundPlan, the site's
-    policy and guard, its augmentation), so a refusal ends the training there, named in the info."""
+    policy and guard, its augmentation), so a refusal ends the training there, named in the info.
+    By default a model of its own from the study's initial weights, rounds 1..study.rounds under a
+    study id of its own; fine-tuning gives `start` (the federated model), the federation's
+    `study_id` and the `rounds` after the federation's, so its ledger lines follow the federation's."""
     runtime = SiteRuntime(config=site, data=data)
-    model = build_model(
-        study.model.name, in_channels=data.in_channels, num_classes=data.num_classes, seed=study.seed
-    )
-    weights = model.state_dict()
-    study_id = f"{study.name}-local{'-dp' if private else ''}-{uuid.uuid4().hex[:8]}"
+    model = start if start is not None else initial_model(study, in_channels=data.in_channels,
+                                                           num_classes=data.num_classes)  # fmt: skip
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    study_id = study_id or f"{study.name}-local{'-dp' if private else ''}-{uuid.uuid4().hex[:8]}"
     info = {"n_train": int(len(data.train_y)), "private": private, "study_id": study_id, "refused": None}
     t0, epsilons = time.perf_counter(), []
-    for rnd in range(1, study.rounds + 1):
+    for rnd in rounds or range(1, study.rounds + 1):
         plan = RoundPlan.from_study(
-            study, rnd, in_channels=data.in_channels, num_classes=data.num_classes, study_id=study_id
-        )
-        plan = replace(plan, dp_enabled=private, class_balance=plan.class_balance and not private)
+            study, min(rnd, study.rounds), in_channels=data.in_channels, num_classes=data.num_classes,
+            study_id=study_id,
+        )  # fmt: skip
+        plan = replace(plan, round=rnd, dp_enabled=private, class_balance=plan.class_balance and not private,
+                       local_epochs=local_epochs or plan.local_epochs)  # fmt: skip
         config = plan.to_config() | (request_config(study.privacy) if private else {})
         r0 = time.perf_counter()
         reply = runtime.train(config, weights)
