@@ -24,6 +24,7 @@ from client.patients import PatientDataset, collate_patients, sum_per_patient, u
 from client.randomness import RoundRandomness
 from common.privacy import PrivacyRequest
 from common.round import RoundPlan
+from common.transforms import BatchAugment, acquisition_transforms
 
 DEVICE_ENV = "FEDWARD_DEVICE"  # e.g. "cpu" to keep a site with a GPU on its CPU
 
@@ -143,6 +144,17 @@ def augmented(xb, yb, gen: torch.Generator, *, views: int, batch_augment, masks:
     if masks:
         return augment_with_masks(xb, yb, gen)
     return (batch_augment(xb, gen) if batch_augment is not None else xb), yb
+
+
+def with_acquisition(first: Callable | None) -> Callable:
+    """`first` (a batch augmentation, or None), then each image re-rendered as another scanner might
+    (common.transforms.acquisition_transforms), both driven by the round's generator."""
+    rerender = BatchAugment(acquisition_transforms())
+
+    def both(xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return rerender(first(xb, gen) if first is not None else xb, gen)
+
+    return both
 
 
 def average_views(model: nn.Module, views: int) -> None:
@@ -268,6 +280,8 @@ def train_round(
         next(model.parameters()).device
     )
     segmenting = plan.task == "segmentation"  # flips of image and mask together, never image-only ones
+    if plan.acquisition_augment and not segmenting:
+        augment_fn = with_acquisition(augment_fn or (augment if plan.augment else None))
     private, trainee = None, model
     if dp is not None:
         private = make_private_for(

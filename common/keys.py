@@ -40,6 +40,7 @@ class Cfg(StrEnum):
     SIZE = "size"
     LOCAL_NORM = "local-norm"  # FedBN-style: each site keeps its normalization layers' parameters
     AUGMENT_VIEWS = "augment-views"  # augmentation multiplicity (client.train.expand_views)
+    ACQUISITION_AUGMENT = "acquisition-augment"  # harmonization (common.transforms.acquisition_transforms)
 
 
 class Met(StrEnum):

@@ -47,6 +47,7 @@ class RoundPlan:
     size: tuple[int, ...] = ()
     local_norm: bool = False  # FedBN-style: the site keeps its normalization parameters (client.local_norm)
     augment_views: int = 1  # augmentation multiplicity: views per image, averaged before clipping (DP)
+    acquisition_augment: bool = False  # harmonization: images re-rendered as other scanners might
 
     @classmethod
     def from_study(
@@ -81,6 +82,7 @@ class RoundPlan:
             size=tuple(size),
             local_norm=study.strategy.local_norm,
             augment_views=t.augment_views,
+            acquisition_augment=t.acquisition_augment,
         )
 
     def to_config(self) -> dict[str, int | float | str | bool | list]:
@@ -123,6 +125,7 @@ _KEYS = {
     "size": Cfg.SIZE,
     "local_norm": Cfg.LOCAL_NORM,
     "augment_views": Cfg.AUGMENT_VIEWS,
+    "acquisition_augment": Cfg.ACQUISITION_AUGMENT,
 }
 
 

@@ -83,6 +83,9 @@ class TrainConfig:
     # augmentation multiplicity (De et al., 2022): each image augmented this many times per step; with
     # privacy its views' gradients are averaged before clipping (one clipped contribution per image)
     augment_views: int = 1
+    # harmonization: re-render each training image as another scanner might (common.transforms.
+    # acquisition_transforms: blur, gamma, gain, offset, noise), on top of the other augmentation
+    acquisition_augment: bool = False
 
 
 @dataclass

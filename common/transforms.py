@@ -35,8 +35,10 @@ from monai.transforms import (
     Compose,
     MapTransform,
     NormalizeIntensityd,
+    RandAdjustContrastd,
     RandFlipd,
     RandGaussianNoised,
+    RandGaussianSmoothd,
     RandRotated,
     RandScaleIntensityd,
     RandShiftIntensityd,
@@ -184,6 +186,36 @@ def augment_transforms(aug: AugmentConfig) -> list:
     if aug.noise_std > 0:
         steps.append(RandGaussianNoised("image", prob=p, std=aug.noise_std))
     return steps
+
+
+def acquisition_transforms(prob: float = 0.8) -> list:
+    """Harmonization by augmentation: each image re-rendered as another scanner might (MONAI): blur,
+    gamma, gain, offset and noise of the ranges the simulated scanners span (common.scanners), so a
+    model meets the acquisition shift of a hospital it never trained at. Intensities stay in [0, 1]."""
+    return [
+        RandGaussianSmoothd(
+            "image", sigma_x=(0.0, 1.2), sigma_y=(0.0, 1.2), sigma_z=(0.0, 1.2), prob=prob / 2
+        ),
+        RandAdjustContrastd("image", gamma=(0.7, 1.45), prob=prob),
+        RandScaleIntensityd("image", factors=0.2, prob=prob),
+        RandShiftIntensityd("image", offsets=0.1, prob=prob),
+        RandGaussianNoised("image", std=0.06, prob=prob / 2),
+        ClampIntensityd(),
+    ]
+
+
+class ClampIntensityd(MapTransform):
+    """Intensities back to [0, 1] (after gain, offset and noise)."""
+
+    def __init__(self) -> None:
+        super().__init__(keys="image")
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        d["image"] = (
+            d["image"].clamp(0.0, 1.0) if hasattr(d["image"], "clamp") else np.clip(d["image"], 0.0, 1.0)
+        )
+        return d
 
 
 def build_transforms(data: SiteDataConfig) -> Compose:
