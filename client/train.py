@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from opacus.utils.batch_memory_manager import wrap_data_loader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -144,6 +145,15 @@ def augmented(xb, yb, gen: torch.Generator, *, views: int, batch_augment, masks:
     if masks:
         return augment_with_masks(xb, yb, gen)
     return (batch_augment(xb, gen) if batch_augment is not None else xb), yb
+
+
+def physical_batches(loader: DataLoader, optimizer, size: int, private: bool) -> DataLoader:
+    """A private round's logical (Poisson) batches cut into physical ones of at most `size` images
+    (Opacus's BatchMemoryManager loader: the optimizer clips each, and steps and adds noise once per logical batch),
+    so a large logical batch fits in memory; otherwise the loader as it is."""
+    if not private or size <= 0:
+        return loader
+    return wrap_data_loader(data_loader=loader, max_batch_size=size, optimizer=optimizer)
 
 
 def with_acquisition(first: Callable | None) -> Callable:
@@ -284,20 +294,11 @@ def train_round(
         augment_fn = with_acquisition(augment_fn or (augment if plan.augment else None))
     private, trainee = None, model
     if dp is not None:
-        private = make_private_for(
-            dp.request,
-            model=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            criterion=criterion,
-            noise_generator=randomness.noise,
-            poisson=dp.poisson,
-        )
-        trainee, loader, optimizer, criterion = (
-            private.model,
-            private.data_loader,
-            private.optimizer,
-            private.criterion,
+        private = make_private_for(dp.request, model=model, optimizer=optimizer, data_loader=loader,
+                                   criterion=criterion, noise_generator=randomness.noise, poisson=dp.poisson)  # fmt: skip
+        trainee, optimizer, criterion = private.model, private.optimizer, private.criterion
+        loader = physical_batches(
+            private.data_loader, optimizer, plan.max_physical_batch, dp.patients is None
         )
     try:
         result = train_epochs(

@@ -41,6 +41,7 @@ class Cfg(StrEnum):
     LOCAL_NORM = "local-norm"  # FedBN-style: each site keeps its normalization layers' parameters
     AUGMENT_VIEWS = "augment-views"  # augmentation multiplicity (client.train.expand_views)
     ACQUISITION_AUGMENT = "acquisition-augment"  # harmonization (common.transforms.acquisition_transforms)
+    MAX_PHYSICAL_BATCH = "max-physical-batch"  # DP: memory-bounded physical batches (client.train)
 
 
 class Met(StrEnum):

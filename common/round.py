@@ -48,6 +48,7 @@ class RoundPlan:
     local_norm: bool = False  # FedBN-style: the site keeps its normalization parameters (client.local_norm)
     augment_views: int = 1  # augmentation multiplicity: views per image, averaged before clipping (DP)
     acquisition_augment: bool = False  # harmonization: images re-rendered as other scanners might
+    max_physical_batch: int = 0  # DP: logical batches cut into physical ones of at most this (0: not)
 
     @classmethod
     def from_study(
@@ -83,6 +84,7 @@ class RoundPlan:
             local_norm=study.strategy.local_norm,
             augment_views=t.augment_views,
             acquisition_augment=t.acquisition_augment,
+            max_physical_batch=t.max_physical_batch,
         )
 
     def to_config(self) -> dict[str, int | float | str | bool | list]:
@@ -126,6 +128,7 @@ _KEYS = {
     "local_norm": Cfg.LOCAL_NORM,
     "augment_views": Cfg.AUGMENT_VIEWS,
     "acquisition_augment": Cfg.ACQUISITION_AUGMENT,
+    "max_physical_batch": Cfg.MAX_PHYSICAL_BATCH,
 }
 
 

@@ -86,6 +86,9 @@ class TrainConfig:
     # harmonization: re-render each training image as another scanner might (common.transforms.
     # acquisition_transforms: blur, gamma, gain, offset, noise), on top of the other augmentation
     acquisition_augment: bool = False
+    # DP: large logical batches (batch_size) computed in physical batches of at most this many images
+    # (Opacus's BatchMemoryManager); 0: one physical batch per logical one
+    max_physical_batch: int = 0
 
 
 @dataclass
