@@ -67,6 +67,9 @@ class DataConfig:
 class ModelConfig:
     name: str = "cnn28"  # see common.models.MODELS
     init_from: str = ""  # a model package to start round 1 from (server.packages); "" = fresh weights
+    # a package trained on other data (public, or fedward's synthetic images; never a site's): its weights
+    # of the same names and shapes start the model, the rest fresh; classes may differ (server.packages)
+    pretrained: str = ""
 
 
 @dataclass

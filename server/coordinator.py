@@ -32,7 +32,7 @@ from common.schema import StudyConfig
 from server.interrupt import Interrupted, StopRequest
 from server.model_card import write_model_package
 from server.operating_point import operating_point
-from server.packages import initial_model, study_package
+from server.packages import initial_model, pretrained_package, study_package
 from server.releases import pooled_metrics, site_metrics, site_release
 from server.replies import Replies, classify, site_name
 from server.round_records import (
@@ -339,6 +339,10 @@ class Coordinator:
             results["init_from"] = package.identity
             results["lineage"] = package.lineage  # the package this run starts from, and its ancestors
             log.info("starting from the package %s (study %s)", package.path, package.identity["study_id"])
+        elif self.study.model.pretrained:  # pretrained on other data: recorded, not a continuation
+            package = pretrained_package(self.study)
+            results["pretrained_from"] = package.identity
+            results["lineage"] = [package.identity | {"role": "pretrained"}]
         meta = self.model_meta
         model = initial_model(self.study, in_channels=meta["in_channels"], num_classes=meta["num_classes"])
         return 1, ArrayRecord(model.state_dict()), results, {}

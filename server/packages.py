@@ -45,7 +45,32 @@ def initial_model(study: StudyConfig, *, in_channels: int, num_classes: int) -> 
     The federation and the study's in-process references (local-only, centralized) all start here."""
     if study.model.init_from:
         return study_package(study.model.init_from, study).model
-    return build_model(study.model.name, in_channels=in_channels, num_classes=num_classes, seed=study.seed)
+    model = build_model(study.model.name, in_channels=in_channels, num_classes=num_classes, seed=study.seed)
+    if study.model.pretrained:
+        load_pretrained(model, study)
+    return model
+
+
+def pretrained_package(study: StudyConfig) -> StudyPackage:
+    """The `model.pretrained` package: the same network, any classes (ConfigError naming what differs)."""
+    p, path = study.source_path or "study config", study.model.pretrained
+    try:
+        model, meta = load_package(path)
+    except PackageError as err:
+        raise ConfigError(f"{p}: model.pretrained '{path}': {err}") from err
+    if meta.get("model") != study.model.name:
+        raise ConfigError(f"{p}: model.pretrained '{path}' is a {meta.get('model')}, the study's model.name "
+                          f"is {study.model.name}: pretrain the same network")  # fmt: skip
+    return StudyPackage(package_folder(path), model, meta)
+
+
+def load_pretrained(model: nn.Module, study: StudyConfig) -> list[str]:
+    """The pretrained package's weights of the same names and shapes into `model`; the names loaded."""
+    theirs = pretrained_package(study).model.state_dict()
+    mine = model.state_dict()
+    same = [k for k, v in theirs.items() if k in mine and mine[k].shape == v.shape]
+    model.load_state_dict({**mine, **{k: theirs[k] for k in same}})
+    return same
 
 
 def _differences(meta: dict, study: StudyConfig) -> list[str]:

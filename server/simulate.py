@@ -22,7 +22,7 @@ from common.simulated import simulated_sites
 from common.sitedata import SiteDataError
 from server.coordinator import Reporter
 from server.interrupt import StopRequest
-from server.packages import continue_simulated_ledgers, study_package
+from server.packages import continue_simulated_ledgers, pretrained_package, study_package
 from server.ray_session import backend_config, one_ray_session
 from server.run_claim import check_run_folder, claim_run_folder
 from server.run_folder import LOG_FILE, RESULTS_FILE, SITES_DIR, VALIDATION_FILE
@@ -39,6 +39,8 @@ def preflight(study: StudyConfig, out_dir: Path) -> list:
     """
     sites = simulated_sites(study, state_root=out_dir / SITES_DIR)
     spec = model_spec(study)
+    if study.model.pretrained:  # the same network, loadable: checked now
+        pretrained_package(study)
     if study.model.init_from:  # checked against the study now; the simulated sites' ledgers go on
         carried = continue_simulated_ledgers(
             study_package(study.model.init_from, study), sites, out_dir / SITES_DIR
