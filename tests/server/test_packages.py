@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from common.config import ConfigError, load_study
 from common.models import build_model
@@ -60,3 +61,21 @@ def test_validating_a_package_of_another_task_fails_before_any_site_loads_its_da
     with pytest.raises(ConfigError, match="package .* its task is segmentation"):
         validate_simulated(_study(tmp_path, ""), [str(seg)], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_pretrained_package_of_other_classes_starts_the_same_network_and_no_other(tmp_path):
+    from server.packages import initial_model
+
+    source = build_model("cnn28", in_channels=1, num_classes=2, seed=5)
+    package = write_package(tmp_path / "pre", source, {"model": "cnn28", "in_channels": 1, "classes": ["cat", "dog"],
+                                                       "input": {"size": [28, 28]}})  # fmt: skip
+    study = _study(tmp_path, f"model: {{pretrained: {package}}}")
+    model = initial_model(study, in_channels=1, num_classes=2)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), source.state_dict().values(), strict=True)
+    )
+    other = write_package(tmp_path / "other", build_model("cnn28-small", num_classes=2), {"model": "cnn28-small",
+                          "in_channels": 1, "classes": ["cat", "dog"], "input": {"size": [28, 28]}})  # fmt: skip
+    with pytest.raises(ConfigError, match="pretrain the same network"):
+        preflight(_study(tmp_path, f"model: {{pretrained: {other}}}"), tmp_path / "out")
