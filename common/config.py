@@ -266,6 +266,10 @@ def _validate_privacy(study: StudyConfig, p: str) -> None:
             "site's data make every sample's gradient depend on the others, which DP-SGD's accounting "
             "does not cover; set 'train.class_balance: false' with 'privacy.enabled: true'."
         )
+    if not 0 <= study.strategy.ema_decay < 1:
+        raise ConfigError(
+            f"{p}: 'strategy.ema_decay' is {study.strategy.ema_decay}; use 0 (off) up to below 1."
+        )
     if not 1 <= study.train.augment_views <= 32:
         raise ConfigError(f"{p}: 'train.augment_views' is {study.train.augment_views}; use 1 (off) to 32.")
     if study.privacy.enabled and study.privacy.noise_multiplier < 0:

@@ -106,6 +106,9 @@ class StrategyConfig:
     # FedBN-style personalization: each site keeps its normalization layers' affine parameters (they are
     # trained there and never sent back), the rest is federated (client.local_norm)
     local_norm: bool = False
+    # parameter averaging: the model evaluated and packaged is the moving average of the global models,
+    # average = ema_decay x average + (1 - ema_decay) x the round's (0: off); post-processing, no privacy cost
+    ema_decay: float = 0.0
 
 
 @dataclass

@@ -125,6 +125,7 @@ class Coordinator:
         self.headline = "dice" if spec.task == "segmentation" else "auc"  # the metric the log shows
         self.study_id = ""
         self.test_releases: dict[str, dict] = {}  # the newest test evaluation's releases, per site
+        self.average: dict | None = None  # strategy.ema_decay: the moving average of the global models
 
     # ------------------------------------------------------------------ messages
 
@@ -281,8 +282,24 @@ class Coordinator:
             log.debug("round %d took %.1fs", rnd, time.perf_counter() - t0)
             self.stop.check()
         results["timing"]["total_s"] = time.perf_counter() - t_origin
-        self._finish(results, arrays)
+        self._finish(results, ArrayRecord(self.average) if self.average is not None else arrays)
         return results
+
+    def averaged(self, arrays: ArrayRecord) -> ArrayRecord:
+        """With `strategy.ema_decay` d > 0, the moving average of the global models (average = d x average
+        + (1 - d) x this round's), which is what is evaluated and packaged; training goes on from the
+        round's own model. Only the coordinator's own values enter it: no privacy is spent."""
+        decay = self.study.strategy.ema_decay
+        if decay <= 0:
+            return arrays
+        current = arrays.to_torch_state_dict()
+        if self.average is None:
+            self.average = {k: v.clone() for k, v in current.items()}
+        else:
+            for k, v in current.items():
+                floating = v.is_floating_point()
+                self.average[k] = decay * self.average[k] + (1 - decay) * v if floating else v.clone()
+        return ArrayRecord(self.average)
 
     def _round(self, rnd: int, strategy: FedAvg, arrays: ArrayRecord, results: Results) -> ArrayRecord | None:
         """Train round `rnd` and evaluate its model everywhere; the new global arrays, or None when the
@@ -302,7 +319,7 @@ class Coordinator:
         results.setdefault("site_inputs", {}).update(got.inputs)  # for the package (server.model_card)
         new_arrays, _ = strategy.aggregate_train(rnd, got.ok)
         arrays = new_arrays if new_arrays is not None else arrays
-        evaluation = self.evaluate_all(rnd, arrays, skip=got.silent)
+        evaluation = self.evaluate_all(rnd, self.averaged(arrays), skip=got.silent)
         round_s = time.perf_counter() - t0
         record = round_record(rnd, got, evaluation)
         if self.study.privacy.enabled:
@@ -329,6 +346,7 @@ class Coordinator:
             check_resumable(ck["study"], self.study, self.store.dir)
             self.model_meta = ck["model_meta"]
             self.study_id = ck["results"]["study_id"]
+            self.average = ck.get("average")
             log.info("resuming after round %d from %s", ck["round"], self.store.dir)
             random.setstate(ck["python_rng"])
             return ck["round"] + 1, ArrayRecord(ck["arrays"]), ck["results"], ck["strategy_state"]
@@ -358,6 +376,7 @@ class Coordinator:
                 "study": self.study.to_dict(),
                 "model_meta": self.model_meta,
                 "python_rng": random.getstate(),
+                "average": self.average,
             },
         )
         self.store.write_results(results)

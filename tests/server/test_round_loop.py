@@ -262,3 +262,16 @@ def test_the_global_model_is_the_size_weighted_mean_of_the_updates(tmp_path):
     model.load_state_dict(blob["state_dict"])
     expected = (sent[1]["head.weight"] + sent[2]["head.weight"]) / 2  # 32 training images each
     assert torch.allclose(model.state_dict()["head.weight"], expected, atol=1e-6)
+
+
+def test_with_parameter_averaging_the_moving_average_of_the_global_models_is_evaluated_and_kept(tmp_path):
+    grid = LocalGrid({1: honest("hospital-a", 0), 2: honest("hospital-b", 1)})
+    study = _study(rounds=2)
+    study.strategy.ema_decay = 0.5
+    results = _run(grid, study, tmp_path)
+    rounds = [torch.load(tmp_path / "checkpoints" / f"round-{r:04d}.pt", weights_only=False) for r in (1, 2)]
+    first, second = (ck["arrays"]["head.weight"] for ck in rounds)  # each round's own global model
+    blob = torch.load(tmp_path / "final_model.pt", weights_only=False)
+    assert torch.allclose(blob["state_dict"]["head.weight"], 0.5 * first + 0.5 * second, atol=1e-6)
+    assert torch.equal(rounds[1]["average"]["head.weight"], blob["state_dict"]["head.weight"])
+    assert results["status"] == "completed" and not torch.equal(first, second)  # two different rounds averaged
