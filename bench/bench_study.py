@@ -57,6 +57,8 @@ def study_for(dataset: str, args: argparse.Namespace):
     study.study.local = True
     study.study.centralized = True
     study.study.leave_one_out = args.leave_one_out
+    if args.personalize:  # issue 16: FedBN-style federation and fine-tuning at each site
+        study.study.fedbn, study.study.fine_tune_epochs = True, study.train.local_epochs
     return study
 
 
@@ -90,6 +92,28 @@ def _targets(doc: dict) -> list[tuple[str, bool, str]]:
         ),
         ("DP runs within epsilon 8 per site", eps <= 8.0 + 1e-6, f"largest {eps:.2f}"),
     ]
+
+
+def _personalized(docs: list[dict], sites: list[str]) -> None:
+    """Each site's own test data: the best federated variant (federated, its FedBN model, its fine-tuned
+    model) against the best local-only model, medians over the seeds; and each site's validation choice."""
+    print("  personalized, on each site's own test data (median over seeds):")
+    for t in sites:
+        values = {}
+        for key in ("federated", f"fedbn:{t}", f"fine-tuned:{t}", *(f"local:{x}" for x in sites)):
+            got = [a for d in docs if key in d["models"] and (a := _auc(d, key, t)) is not None]
+            values[key] = statistics.median(got) if got else None
+        fed = max(v for k, v in values.items() if not k.startswith("local:") and v is not None)
+        alone = max(v for k, v in values.items() if k.startswith("local:") and v is not None)
+        chosen = [d["best_for_site"][t]["model"] for d in docs if t in d.get("best_for_site", {})]
+        cells = "  ".join(
+            f"{k.split(':')[0]} {v:.4f}"
+            for k, v in values.items()
+            if v is not None and not k.startswith("local:")
+        )
+        print(f"    {t:<12} {cells}  best local-only {alone:.4f}  -> best federated variant "
+              f"{'beats' if fed > alone else 'does NOT beat'} it ({(fed - alone) * 100:+.1f} points); chosen on "
+              f"validation: {', '.join(chosen)}")  # fmt: skip
 
 
 def report(dataset: str, docs: list[dict], wall: float) -> bool:
@@ -140,6 +164,8 @@ def report(dataset: str, docs: list[dict], wall: float) -> bool:
         ]
         print(f"  seed {d['study']['seed']}: federated AUC, 95% bootstrap intervals: {'; '.join(cis)}")
 
+    if "best_for_site" in doc and any(k.startswith("fedbn:") for k in doc["models"]):
+        _personalized(docs, sites)
     per_seed = [_targets(d) for d in docs]
     for i, (text, ok, detail) in enumerate(_targets(median_doc)):
         met = sum(targets[i][1] for targets in per_seed)
@@ -160,6 +186,9 @@ def main() -> int:
     )
     parser.add_argument(
         "--out", default="", help="keep each study in OUT/<dataset> (default: a temporary folder)"
+    )
+    parser.add_argument(
+        "--personalize", action="store_true", help="add the FedBN-style and fine-tuned variants"
     )
     args = parser.parse_args()
 
