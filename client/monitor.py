@@ -202,8 +202,8 @@ def _recent(x, y, facts: list[dict], days: int, today: date, where: str):
 
 def _reference(site: SiteConfig, study_id: str, reference_config: str | None) -> dict:
     if reference_config:  # an export named explicitly: its training split, and a sample of its test split
-        data = load_site_data(dataclasses.replace(site, data=load_site(reference_config).data,
-                                                  source_path=load_site(reference_config).source_path))  # fmt: skip
+        export = load_site(reference_config)
+        data = load_site_data(dataclasses.replace(site, data=export.data, source_path=export.source_path))
         train = profile_of(data.train_x, data.train_y, (data.acquisition or {}).get("train"), data.classes)
         return {"intensity": train["intensity"], "acquisition": train["acquisition"],
                 "class_counts": train["class_counts"], "sample_x": data.test_x, "sample_y": data.test_y,

@@ -137,8 +137,12 @@ def test_missing_metadata_and_dates_are_said_and_the_last_days_are_chosen_by_dat
         load_site(site_config), package, data_config=str(dated), days=30, today=date(2026, 12, 1)
     )
     assert recent["current"]["images"] == 30  # the images of 2026-11-25, not those of 2026-10-01
+    nowhere = SiteConfig(site="hospital-a", state_dir=str(tmp / "nowhere"))
     with pytest.raises(MonitorError, match="kept no record"):
-        monitor(SiteConfig(site="hospital-a", state_dir=str(tmp / "nowhere")), package)
+        monitor(nowhere, package)
+    # a site with no record names the export the package was trained on instead
+    named = monitor(nowhere, package, data_config=str(dated), reference_config=str(site_config))
+    assert named["reference"]["source"] == str(site_config) and "manufacturer" not in named["drifting"]
 
 
 def test_the_population_stability_index_is_zero_for_equal_shares_and_grows_with_the_shift():
