@@ -168,11 +168,18 @@ def with_acquisition(first: Callable | None) -> Callable:
 
 
 def average_views(model: nn.Module, views: int) -> None:
-    """Each image's per-sample gradient: the mean of its views' (Opacus's `grad_sample`, in place)."""
+    """Each image's per-sample gradient: the mean of its views' (Opacus's `grad_sample`, in place).
+    Fails closed: a trainable parameter without per-sample gradients of whole images' views (ghost
+    clipping, say) raises, since clipping each view alone would multiply what one image contributes."""
     for p in model.parameters():
+        if not p.requires_grad:
+            continue
         grad_sample = getattr(p, "grad_sample", None)
-        if isinstance(grad_sample, torch.Tensor):
-            p.grad_sample = grad_sample.view(-1, views, *grad_sample.shape[1:]).mean(1)
+        if not isinstance(grad_sample, torch.Tensor) or grad_sample.shape[0] % views:
+            raise RuntimeError(
+                "augmentation multiplicity needs each view's per-sample gradient (not ghost clipping)"
+            )
+        p.grad_sample = grad_sample.view(-1, views, *grad_sample.shape[1:]).mean(1)
 
 
 def train_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator) -> DataLoader:
@@ -228,7 +235,7 @@ def train_epochs(
                 )
                 loss = loss + 0.5 * proximal_mu * prox
             loss.backward()
-            if private and views > 1:  # one gradient per image: the mean of its views'
+            if private and views > 1 and len(yb):  # one gradient per image: the mean of its views'
                 average_views(model, views)
             if owner is not None:  # one gradient per patient: the sum of its images' (client.patients)
                 sum_per_patient(model, owner)

@@ -32,7 +32,7 @@ from common.schema import StudyConfig
 from server.interrupt import Interrupted, StopRequest
 from server.model_card import write_model_package
 from server.operating_point import operating_point
-from server.packages import initial_model, pretrained_package, study_package
+from server.packages import starting_point
 from server.releases import pooled_metrics, site_metrics, site_release
 from server.replies import Replies, classify, site_name
 from server.round_records import (
@@ -352,17 +352,14 @@ class Coordinator:
             return ck["round"] + 1, ArrayRecord(ck["arrays"]), ck["results"], ck["strategy_state"]
         self.study_id = f"{self.study.name}-{uuid.uuid4().hex[:8]}"
         results = new_results(self.study_id, self.study.to_dict())
-        if self.study.model.init_from:  # continue from a package: its weights are round 1's model
-            package = study_package(self.study.model.init_from, self.study)
-            results["init_from"] = package.identity
-            results["lineage"] = package.lineage  # the package this run starts from, and its ancestors
-            log.info("starting from the package %s (study %s)", package.path, package.identity["study_id"])
-        elif self.study.model.pretrained:  # pretrained on other data: recorded, not a continuation
-            package = pretrained_package(self.study)
-            results["pretrained_from"] = package.identity
-            results["lineage"] = [package.identity | {"role": "pretrained"}]
         meta = self.model_meta
-        model = initial_model(self.study, in_channels=meta["in_channels"], num_classes=meta["num_classes"])
+        model, origin = starting_point(
+            self.study, in_channels=meta["in_channels"], num_classes=meta["num_classes"]
+        )
+        results.update(origin)  # init_from / pretrained_from and the lineage, when a package started it
+        if "init_from" in origin:
+            log.info("starting from the package %s (study %s)", origin["init_from"]["package"],
+                     origin["init_from"]["study_id"])  # fmt: skip
         return 1, ArrayRecord(model.state_dict()), results, {}
 
     def _save(self, rnd: int, arrays: ArrayRecord, results: Results, strategy: FedAvg) -> None:

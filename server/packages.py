@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from torch import nn
@@ -29,7 +30,7 @@ class StudyPackage:
     model: nn.Module
     meta: dict  # its package.json
 
-    @property
+    @cached_property
     def identity(self) -> dict:
         """What names this package (common.package.package_identity)."""
         return package_identity(self.path, self.meta)
@@ -40,15 +41,32 @@ class StudyPackage:
         return [self.identity, *self.meta.get("lineage", [])]
 
 
-def initial_model(study: StudyConfig, *, in_channels: int, num_classes: int) -> nn.Module:
-    """The study's round-1 model: the `model.init_from` package's, else fresh weights from the seed.
-    The federation and the study's in-process references (local-only, centralized) all start here."""
+def starting_point(study: StudyConfig, *, in_channels: int, num_classes: int) -> tuple[nn.Module, dict]:
+    """The study's round-1 model and what results.json records of where it came from: the
+    `model.init_from` package's weights (`init_from`, `lineage`), fresh weights from the seed with the
+    `model.pretrained` package's of the same names and shapes (`pretrained_from`, `lineage`), or fresh
+    weights ({}). Each package is read and hashed once."""
     if study.model.init_from:
-        return study_package(study.model.init_from, study).model
+        package = study_package(study.model.init_from, study)
+        return package.model, {"init_from": package.identity, "lineage": package.lineage}
     model = build_model(study.model.name, in_channels=in_channels, num_classes=num_classes, seed=study.seed)
-    if study.model.pretrained:
-        load_pretrained(model, study)
-    return model
+    if not study.model.pretrained:
+        return model, {}
+    package = pretrained_package(study)
+    theirs, mine = package.model.state_dict(), model.state_dict()
+    model.load_state_dict(
+        {**mine, **{k: v for k, v in theirs.items() if k in mine and mine[k].shape == v.shape}}
+    )
+    return model, {
+        "pretrained_from": package.identity,
+        "lineage": [package.identity | {"role": "pretrained"}],
+    }
+
+
+def initial_model(study: StudyConfig, *, in_channels: int, num_classes: int) -> nn.Module:
+    """The study's round-1 model (starting_point): the federation and the study's in-process
+    references (local-only, centralized, a site alone) all start here."""
+    return starting_point(study, in_channels=in_channels, num_classes=num_classes)[0]
 
 
 def pretrained_package(study: StudyConfig) -> StudyPackage:
@@ -62,15 +80,6 @@ def pretrained_package(study: StudyConfig) -> StudyPackage:
         raise ConfigError(f"{p}: model.pretrained '{path}' is a {meta.get('model')}, the study's model.name "
                           f"is {study.model.name}: pretrain the same network")  # fmt: skip
     return StudyPackage(package_folder(path), model, meta)
-
-
-def load_pretrained(model: nn.Module, study: StudyConfig) -> list[str]:
-    """The pretrained package's weights of the same names and shapes into `model`; the names loaded."""
-    theirs = pretrained_package(study).model.state_dict()
-    mine = model.state_dict()
-    same = [k for k, v in theirs.items() if k in mine and mine[k].shape == v.shape]
-    model.load_state_dict({**mine, **{k: theirs[k] for k in same}})
-    return same
 
 
 def _differences(meta: dict, study: StudyConfig) -> list[str]:
