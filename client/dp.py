@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 import client.grad_sample  # noqa: F401  (registers the faster Conv2d / Conv3d per-sample gradients)
 from common.privacy import HistoryItem, PrivacyConfigError, PrivacyRequest
 from common.schema import DEFAULT_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES
+from common.weight_standardization import WS_CONVS
 
 # Opacus's per-sample hooks sit on every layer, the first one too, whose input (the images) needs no
 # gradient: torch then warns once per backward pass. Expected, and harmless: silence it.
@@ -223,10 +224,11 @@ def _conv_forward_without_weight_grad(
 ) -> torch.Tensor:
     # the first layer (its input needs no gradient): without the weights in the graph its output would
     # need no gradient either, and Opacus's backward hook would never fire
+    weight = self.effective_weight() if isinstance(self, WS_CONVS) else self.weight
     if not x.requires_grad:
-        return self._conv_forward(x, self.weight, self.bias)
+        return self._conv_forward(x, weight, self.bias)
     bias = None if self.bias is None else self.bias.detach()
-    return self._conv_forward(x, self.weight.detach(), bias)
+    return self._conv_forward(x, weight.detach(), bias)
 
 
 def _skip_batch_weight_grads(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -236,7 +238,7 @@ def _skip_batch_weight_grads(model: torch.nn.Module) -> list[torch.nn.Module]:
     weight gradient is a large share of the backward pass, so their forward uses detached weights
     (the input gradient still flows). Not for ghost clipping, whose second backward pass needs it.
     `PrivateTraining.unwrap` restores the layers' own forward."""
-    convs = (torch.nn.Conv2d, torch.nn.Conv3d)
+    convs = (torch.nn.Conv2d, torch.nn.Conv3d, *WS_CONVS)
     layers = [m for m in model.modules() if type(m) in convs and "forward" not in m.__dict__]
     for layer in layers:
         layer.forward = types.MethodType(_conv_forward_without_weight_grad, layer)

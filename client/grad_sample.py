@@ -12,6 +12,10 @@ Registered for nn.Conv2d and nn.Conv3d on import (client.dp imports this module)
 (`hooks`) and for fast gradient clipping (`ghost`). Layers it does not cover (string padding such as
 "same", a padding mode other than zeros) fall back to Opacus's own sampler. Tests check both give the
 same per-sample gradients.
+
+Weight-standardized convolutions (common.weight_standardization) get the same per-sample gradients
+with respect to their standardized kernels, sent back through the standardization to the stored
+weight (tested against one backward pass per sample).
 """
 
 from __future__ import annotations
@@ -21,13 +25,27 @@ from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.grad_sample.utils import register_grad_sampler
 from torch import nn
 
+from common.weight_standardization import WS_CONVS, standardization_backward
+
 
 def _covered(layer: nn.Conv2d | nn.Conv3d) -> bool:
     return (
         isinstance(layer.padding, tuple)
         and layer.padding_mode == "zeros"
-        and type(layer) in (nn.Conv2d, nn.Conv3d)
+        and type(layer) in (nn.Conv2d, nn.Conv3d, *WS_CONVS)
     )
+
+
+@register_grad_sampler(list(WS_CONVS))
+def ws_conv_grad_sample(
+    layer: nn.Conv2d | nn.Conv3d, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of a weight-standardized conv layer: those with respect to its
+    standardized kernel, through the standardization to the stored weight."""
+    out = conv_grad_sample(layer, activations, backprops)
+    if layer.weight in out:
+        out[layer.weight] = standardization_backward(layer.weight, out[layer.weight])
+    return out
 
 
 @register_grad_sampler([nn.Conv2d, nn.Conv3d])

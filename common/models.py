@@ -17,6 +17,7 @@ from torch import nn
 from common.files import write_atomic
 from common.opacus_compat import make_opacus_compatible
 from common.schema import MODEL_NAMES
+from common.weight_standardization import WSConv2d, WSConv3d
 
 
 def _gn(channels: int) -> nn.GroupNorm:
@@ -36,11 +37,19 @@ class AvgMaxPool(nn.Module):
 
 class CNN28(nn.Module):
     """A compact CNN for small images (28x28, or 3-D volumes with `dims` 3): 3 conv stages, GroupNorm,
-    global pooling."""
+    global pooling; `standardized`: weight-standardized convolutions (common.weight_standardization)."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 2, width: int = 32, dims: int = 2):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        width: int = 32,
+        dims: int = 2,
+        standardized: bool = False,
+    ):
         super().__init__()
-        conv, pool = (nn.Conv3d, nn.MaxPool3d) if dims == 3 else (nn.Conv2d, nn.MaxPool2d)
+        convs = {(2, False): nn.Conv2d, (3, False): nn.Conv3d, (2, True): WSConv2d, (3, True): WSConv3d}
+        conv, pool = convs[dims, standardized], (nn.MaxPool3d if dims == 3 else nn.MaxPool2d)
 
         def block(cin: int, cout: int) -> list[nn.Module]:
             return [
@@ -108,11 +117,13 @@ MODELS: dict[str, Callable[[int, int], nn.Module]] = {
     "cnn28": lambda c, k: CNN28(c, k),
     "cnn28-small": lambda c, k: CNN28(c, k, width=16),
     "cnn28-wide": lambda c, k: CNN28(c, k, width=48),
+    "cnn28-ws": lambda c, k: CNN28(c, k, standardized=True),  # weight standardization, for DP-SGD
     "resnet10": _monai_resnet(10),
     "resnet18": _monai_resnet(18),
     "densenet121": _monai_densenet121,
     "efficientnet-b0": _monai_efficientnet_b0,
     "cnn3d": lambda c, k: CNN28(c, k, width=16, dims=3),  # volumes
+    "cnn3d-ws": lambda c, k: CNN28(c, k, width=16, dims=3, standardized=True),
     "resnet10-3d": _monai_resnet(10, dims=3),
     "unet": lambda c, k: _monai_unet(c, k),  # segmentation: a label map per image
     "unet-3d": lambda c, k: _monai_unet(c, k, dims=3),  # ... per volume

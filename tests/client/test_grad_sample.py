@@ -8,8 +8,9 @@ from opacus import GradSampleModule
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch import nn
 
-from client.grad_sample import conv_grad_sample
+from client.grad_sample import conv_grad_sample, ws_conv_grad_sample
 from common.models import build_model
+from common.weight_standardization import WSConv2d
 
 
 def _per_sample_by_autograd(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
@@ -22,10 +23,14 @@ def _per_sample_by_autograd(model: nn.Module, x: torch.Tensor, y: torch.Tensor) 
     return [torch.stack(col) for col in zip(*rows, strict=True)]
 
 
-def test_cnn28_per_sample_gradients_match_one_backward_per_sample():
+@pytest.mark.parametrize(
+    ("name", "shape"), [("cnn28", (1, 28, 28)), ("cnn28-ws", (1, 28, 28)), ("cnn3d-ws", (1, 6, 12, 12))]
+)
+def test_per_sample_gradients_match_one_backward_per_sample(name, shape):
+    """Plain and weight-standardized convolutions (the latter through the standardization's Jacobian)."""
     torch.manual_seed(0)
-    model = build_model("cnn28", seed=1)
-    x, y = torch.randn(6, 1, 28, 28), torch.tensor([0, 1, 1, 0, 1, 0])
+    model = build_model(name, seed=1)
+    x, y = torch.randn(6, *shape), torch.tensor([0, 1, 1, 0, 1, 0])
     expected = _per_sample_by_autograd(model, x, y)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     model.zero_grad(set_to_none=True)
@@ -33,6 +38,20 @@ def test_cnn28_per_sample_gradients_match_one_backward_per_sample():
     for (name, p), want in zip(model.named_parameters(), expected, strict=True):
         assert torch.allclose(p.grad_sample, want, rtol=1e-4, atol=1e-5), name
     assert GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] is conv_grad_sample  # ours did the convs
+    assert GradSampleModule.GRAD_SAMPLERS[WSConv2d] is ws_conv_grad_sample
+
+
+def test_weight_standardized_kernels_are_standardized_and_keep_plain_keys():
+    model, plain = build_model("cnn28-ws", seed=1), build_model("cnn28", seed=1)
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    convs = [m for m in model.modules() if isinstance(m, WSConv2d)]
+    assert len(convs) == 5
+    w = convs[1].effective_weight().reshape(convs[1].out_channels, -1)
+    assert torch.allclose(w.mean(dim=1), torch.zeros(len(w)), atol=1e-5)
+    var = w.var(dim=1, unbiased=False)  # var / (var + eps): just under 1 for kernels of variance ~1e-3
+    assert ((var > 0.97) & (var < 1.0)).all(), var
+    x = torch.randn(2, 1, 28, 28)
+    assert not torch.allclose(model(x), plain(x))  # the same weights give another function
 
 
 @pytest.mark.parametrize(
@@ -81,7 +100,9 @@ def test_conv3d_layers_give_opacus_per_sample_gradients(conv):
         assert torch.allclose(ours[p], opacus[p], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("name", "shape"), [("cnn28", (1, 28, 28)), ("cnn3d", (1, 8, 12, 12))])
+@pytest.mark.parametrize(
+    ("name", "shape"), [("cnn28", (1, 28, 28)), ("cnn3d", (1, 8, 12, 12)), ("cnn28-ws", (1, 28, 28))]
+)
 def test_hooks_mode_without_batch_weight_grads_updates_exactly_like_opacus(name, shape):
     """client.dp skips autograd's (unused) batch weight gradient of conv layers in hooks mode: the
     clipped, noised update must be what Opacus gives with the layers' own forward."""
