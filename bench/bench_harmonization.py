@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rich.console import Console  # noqa: E402
 
 from common.config import load_study  # noqa: E402
+from server.run_folder import Variant  # noqa: E402
 from server.study.run import run_comparison  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -37,7 +38,7 @@ def one(study, seed: int, augment: bool, folder: Path) -> dict[str, float]:
     s.study.leave_one_out, s.study.bootstrap_samples = True, 200
     doc = run_comparison(s, folder / f"{seed}-{augment}", console=Console(quiet=True))
     rows = doc["comparison"]["rows"]
-    out = {f"left out: {site}": rows[site]["leave-one-out"]["auc"] for site in doc["sites"]}
+    out = {f"left out: {site}": rows[site][Variant.LEAVE_ONE_OUT]["auc"] for site in doc["sites"]}
     return out | {"federated, pooled": rows["pooled"][doc["primary"]]["auc"]}
 
 

@@ -36,10 +36,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rich.console import Console  # noqa: E402
 
 from common.config import load_study  # noqa: E402
-from server.run_folder import STUDY_FILE  # noqa: E402
+from server.run_folder import STUDY_FILE, Variant, model_key, split_key  # noqa: E402
 from server.study.run import run_comparison  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+FED = str(Variant.FEDERATED)
+
+
+def local(site: str) -> str:
+    return model_key(Variant.LOCAL, site)
 
 
 def study_for(dataset: str, args: argparse.Namespace):
@@ -69,11 +74,11 @@ def _auc(doc: dict, key: str, test_set: str) -> float | None:
 def _targets(doc: dict) -> list[tuple[str, bool, str]]:
     """The issue's targets, measured on one study."""
     sites = doc["sites"]
-    fed = {t: _auc(doc, "federated", t) for t in [*sites, "pooled"]}
-    margins = [fed[t] - _auc(doc, f"local:{x}", t) for t in sites for x in sites]
-    central = _auc(doc, "centralized", "pooled")
+    fed = {t: _auc(doc, FED, t) for t in [*sites, "pooled"]}
+    margins = [fed[t] - _auc(doc, model_key(Variant.LOCAL, x), t) for t in sites for x in sites]
+    central = _auc(doc, Variant.CENTRALIZED, "pooled")
     worst = min(sites, key=lambda t: fed[t])
-    eps = max(e for e in doc["models"]["federated-dp"]["epsilon"].values() if e is not None)
+    eps = max(e for e in doc["models"][Variant.FEDERATED_DP]["epsilon"].values() if e is not None)
     return [
         (
             "federated beats every local-only model on every site's test data",
@@ -100,16 +105,21 @@ def _personalized(docs: list[dict], sites: list[str]) -> None:
     print("  personalized, on each site's own test data (median over seeds):")
     for t in sites:
         values = {}
-        for key in ("federated", f"fedbn:{t}", f"fine-tuned:{t}", *(f"local:{x}" for x in sites)):
+        for key in (
+            FED,
+            model_key(Variant.FEDBN, t),
+            model_key(Variant.FINE_TUNED, t),
+            *(local(x) for x in sites),
+        ):
             got = [a for d in docs if key in d["models"] and (a := _auc(d, key, t)) is not None]
             values[key] = statistics.median(got) if got else None
-        fed = max(v for k, v in values.items() if not k.startswith("local:") and v is not None)
-        alone = max(v for k, v in values.items() if k.startswith("local:") and v is not None)
+        fed = max(v for k, v in values.items() if split_key(k)[0] != Variant.LOCAL and v is not None)
+        alone = max(v for k, v in values.items() if split_key(k)[0] == Variant.LOCAL and v is not None)
         chosen = [d["best_for_site"][t]["model"] for d in docs if t in d.get("best_for_site", {})]
         cells = "  ".join(
-            f"{k.split(':')[0]} {v:.4f}"
+            f"{split_key(k)[0]} {v:.4f}"
             for k, v in values.items()
-            if v is not None and not k.startswith("local:")
+            if v is not None and split_key(k)[0] != Variant.LOCAL
         )
         print(f"    {t:<12} {cells}  best local-only {alone:.4f}  -> best federated variant "
               f"{'beats' if fed > alone else 'does NOT beat'} it ({(fed - alone) * 100:+.1f} points); chosen on "
@@ -123,8 +133,12 @@ def report(dataset: str, docs: list[dict], wall: float) -> bool:
     s = doc["study"]
     sites = doc["sites"]
     test_sets = [*sites, "pooled"]
-    columns = [(f"local:{x}", f"{x} alone") for x in sites]
-    columns += [("federated", "federated"), ("federated-dp", "fed. DP"), ("centralized", "centralized")]
+    columns = [(local(x), f"{x} alone") for x in sites]
+    columns += [
+        (FED, "federated"),
+        (str(Variant.FEDERATED_DP), "fed. DP"),
+        (str(Variant.CENTRALIZED), "centralized"),
+    ]
     seeds = [d["study"]["seed"] for d in docs]
     print(
         f"\n== {dataset}: {len(sites)} sites, label skew alpha {s['data']['partition']['alpha']} + acquisition "
@@ -143,7 +157,7 @@ def report(dataset: str, docs: list[dict], wall: float) -> bool:
             values = [a for d in docs if (a := _auc(d, key, t)) is not None]
             evals[t] = {"auc": statistics.median(values)} if values else {}
         epsilon = {}
-        if key == "federated-dp":  # the largest epsilon any seed spent, per site
+        if key == Variant.FEDERATED_DP:  # the largest epsilon any seed spent, per site
             for site in sites:
                 spent = [e for d in docs if (e := d["models"][key]["epsilon"].get(site)) is not None]
                 epsilon[site] = max(spent) if spent else None
@@ -160,11 +174,11 @@ def report(dataset: str, docs: list[dict], wall: float) -> bool:
         cis = [
             f"{t} [{ci[0]:.3f}, {ci[1]:.3f}]"
             for t in test_sets
-            if (ci := d["models"]["federated"]["eval"].get(t, {}).get("ci", {}).get("auc"))
+            if (ci := d["models"][FED]["eval"].get(t, {}).get("ci", {}).get("auc"))
         ]
         print(f"  seed {d['study']['seed']}: federated AUC, 95% bootstrap intervals: {'; '.join(cis)}")
 
-    if "best_for_site" in doc and any(k.startswith("fedbn:") for k in doc["models"]):
+    if "best_for_site" in doc and any(split_key(k)[0] == Variant.FEDBN for k in doc["models"]):
         _personalized(docs, sites)
     per_seed = [_targets(d) for d in docs]
     for i, (text, ok, detail) in enumerate(_targets(median_doc)):

@@ -135,7 +135,7 @@ class SimulationConfig:
 
 @dataclass
 class ComparisonConfig:
-    """`fedward study` (server/study.py): what runs beside the federated study, on the same sites."""
+    """`fedward study` (server/study/): what runs beside the federated study, on the same sites."""
 
     compare_privacy: bool = False  # also federate (and train locally) the other way: with / without DP
     local: bool = True  # each site alone: rounds x local_epochs epochs, same lr schedule and DP budget

@@ -11,6 +11,7 @@ names from here, so a renamed file or key changes in one place.
     DIR/study.json              a `fedward study`: every number (see server.study)
     DIR/validation.json         a `fedward validate`: packages evaluated at every site (server.validate)
     DIR/progress.json           a running study's latest state
+    DIR/monitor.json            a `fedward site monitor`: drift findings (server.report.monitor)
     DIR/report.html + *.png     the report (server.report)
     DIR/models/<variant>[-<site>].pt   a study's in-process models (local-only, centralized)
 """
@@ -30,6 +31,7 @@ RESULTS_FILE = "results.json"
 STUDY_FILE = "study.json"
 PROGRESS_FILE = "progress.json"
 REPORT_FILE = "report.html"
+MONITOR_FILE = "monitor.json"  # a `fedward site monitor`'s findings (server.report.monitor)
 FINAL_MODEL_FILE = "final_model.pt"
 LOG_FILE = "fedward.log"
 CHECKPOINTS_DIR = "checkpoints"

@@ -21,6 +21,9 @@ import os
 import re
 from pathlib import Path
 
+from common.package import CARD_HTML, CARD_MD, PACKAGE_DIR
+from server.run_folder import MONITOR_FILE, REPORT_FILE, RESULTS_FILE, STUDY_FILE, VALIDATION_FILE
+
 log = logging.getLogger("fedward.tracking")
 EXPERIMENT = "fedward"
 DEFAULT = "default"  # --mlflow without a URI
@@ -129,8 +132,8 @@ def run_metrics(results: dict, prefix: str = "") -> list[tuple[str, float, int]]
 
 def simulate_run(tracker: Tracker, out: Path, results: dict) -> str | None:
     return tracker.log_run("simulate", results.get("study", {}).get("name", out.name), results.get("study", {}),
-                           run_metrics(results), [out / "results.json", out / "report.html",
-                                                  out / "model" / "MODEL_CARD.md", out / "model" / "model_card.html"])  # fmt: skip
+                           run_metrics(results), [out / RESULTS_FILE, out / REPORT_FILE,
+                                                  out / PACKAGE_DIR / CARD_MD, out / PACKAGE_DIR / CARD_HTML])  # fmt: skip
 
 
 def study_run(tracker: Tracker, out: Path, doc: dict) -> str | None:
@@ -141,7 +144,7 @@ def study_run(tracker: Tracker, out: Path, doc: dict) -> str | None:
             metrics.append((f"{key.replace(':', '.')}/{test_set}/{metric}", block.get(metric), 0))
         if "results" in model:
             metrics += run_metrics(model["results"], prefix=f"{key}/rounds/")
-    artifacts = [out / "study.json", out / "report.html", out / doc["primary"] / "model" / "MODEL_CARD.md"]
+    artifacts = [out / STUDY_FILE, out / REPORT_FILE, out / doc["primary"] / PACKAGE_DIR / CARD_MD]
     return tracker.log_run(
         "study", doc.get("study", {}).get("name", out.name), doc.get("study", {}), metrics, artifacts
     )
@@ -153,7 +156,7 @@ def validation_run(tracker: Tracker, out: Path, doc: dict) -> str | None:
                for s, m in [*e["sites"].items(), ("pooled", e["pooled"])]]  # fmt: skip
     params = {"study": doc.get("study", {}), "packages": {e["label"]: e["package"] for e in doc["packages"]}}
     return tracker.log_run("validation", doc.get("validation_id", out.name), params, metrics,
-                           [out / "validation.json", out / "report.html"])  # fmt: skip
+                           [out / VALIDATION_FILE, out / REPORT_FILE])  # fmt: skip
 
 
 def monitor_run(tracker: Tracker, out: Path, doc: dict) -> str | None:
@@ -166,5 +169,5 @@ def monitor_run(tracker: Tracker, out: Path, doc: dict) -> str | None:
         "reference": doc["reference"],
     }
     return tracker.log_run(
-        "monitor", f"{doc['site']} monitor", params, metrics, [out / "monitor.json", out / "report.html"]
+        "monitor", f"{doc['site']} monitor", params, metrics, [out / MONITOR_FILE, out / REPORT_FILE]
     )

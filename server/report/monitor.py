@@ -15,8 +15,7 @@ from common.files import write_atomic, write_json
 from server.report.page import PAGES, Figure
 from server.report.plots import DPI  # also chooses matplotlib's file-only backend
 from server.report.tables import Cell, Table, number
-
-MONITOR_FILE = "monitor.json"
+from server.run_folder import MONITOR_FILE, REPORT_FILE
 
 
 def _cells(f: dict) -> list[Cell]:
@@ -104,6 +103,6 @@ def write_monitor_report(out_dir: str | Path, doc: dict) -> Path:
         kind="drift monitor", name=doc["site"], meta=f"status {doc['status']}", summary=summary(doc),
         main=table, details=[], figures=figures,
     )  # fmt: skip
-    report = out / "report.html"
+    report = out / REPORT_FILE
     write_atomic(report, page)
     return report

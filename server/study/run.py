@@ -221,7 +221,7 @@ class ComparisonRun:
         self.trained[part.key] = model
         self.evaluator.predict(part.key, model)
         self.models[part.key] = {
-            "kind": "federated",
+            "kind": str(Variant.FEDERATED),
             "private": part.private,
             "run_dir": part.key,
             "status": results.get("status"),
@@ -271,7 +271,7 @@ class ComparisonRun:
         self.trained[key] = model
         self.evaluator.predict(key, model)
         self.models[key] = {
-            "kind": "local",
+            "kind": str(Variant.LOCAL),
             "site": site,
             **info,
             "eval": self.evaluator.evaluate(key, roc_on={site}),
@@ -287,7 +287,11 @@ class ComparisonRun:
         model, info = self._train(x, y, False, self.study.privacy.delta, self._pooled_augment())
         save_model(self.out / MODELS_DIR / f"{Variant.CENTRALIZED}.pt", model, meta=self._meta(part.key))
         self.evaluator.predict(part.key, model)
-        self.models[part.key] = {"kind": "centralized", **info, "eval": self.evaluator.evaluate(part.key)}
+        self.models[part.key] = {
+            "kind": str(Variant.CENTRALIZED),
+            **info,
+            "eval": self.evaluator.evaluate(part.key),
+        }
 
     def _pooled_augment(self):
         """The sites' augmentation for pooled training when they all use the same; else none, and
@@ -308,7 +312,7 @@ class ComparisonRun:
             raise RuntimeError(f"{held_out} was a node of the federation without it ({run_dir})")
         self.evaluator.predict(part.key, model, sites=[held_out])
         self.models[part.key] = {
-            "kind": "leave-one-out",
+            "kind": str(Variant.LEAVE_ONE_OUT),
             "held_out": held_out,
             "private": part.private,
             "run_dir": f"{LEAVE_ONE_OUT_DIR}/{held_out}",

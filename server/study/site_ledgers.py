@@ -31,6 +31,7 @@ from common.privacy import rdp_epsilon, request_config
 from common.round import RoundPlan
 from common.schema import SiteConfig, StudyConfig
 from common.sitedata import SiteData
+from common.transforms import augment_fn
 from server.packages import initial_model
 from server.study.plan import Part
 
@@ -77,7 +78,7 @@ def train_at_site(
     By default a model of its own from the study's initial weights, rounds 1..study.rounds under a
     study id of its own; fine-tuning gives `start` (the federated model), the federation's
     `study_id` and the `rounds` after the federation's, so its ledger lines follow the federation's."""
-    runtime = SiteRuntime(config=site, data=data)
+    runtime = SiteRuntime(config=site, data=data, augment=augment_fn(site.data))
     model = start if start is not None else initial_model(study, in_channels=data.in_channels,
                                                            num_classes=data.num_classes)  # fmt: skip
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}

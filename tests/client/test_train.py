@@ -43,7 +43,9 @@ def test_train_epochs_counts_examples_and_steps():
 
 
 def test_fedprox_proximal_term_keeps_local_weights_near_the_global_model():
-    assert _drift(mu=5.0) < 0.7 * _drift(mu=0.0)
+    near, free = _drift(mu=5.0), _drift(mu=0.0)
+    # a strong proximal term (mu 5) must pull the local weights clearly back, not by a rounding margin
+    assert near < 0.7 * free, f"drift with mu 5: {near:.4f}, without: {free:.4f}"
 
 
 def test_predict_returns_probabilities():

@@ -125,4 +125,6 @@ def test_a_finding_only_colour_shows_is_learnt_in_colour_not_in_grey():
         train_round(model, torch.from_numpy(images[train]), torch.from_numpy(y[train]), round_plan)
         aucs[name] = exact_auc(y[test], predict(model, torch.from_numpy(images[test])))
     print(aucs)
-    assert aucs["colour"] >= 0.9 and aucs["grey"] <= 0.65, aucs
+    # the finding is isoluminant: colour makes it plain (AUC near 1), grey leaves chance (0.5) plus the
+    # noise of 100 test images (an AUC sd of about 0.06)
+    assert aucs["colour"] >= 0.9 and aucs["grey"] <= 0.65, f"colour should separate, grey should not: {aucs}"

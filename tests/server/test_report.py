@@ -102,9 +102,11 @@ def test_expected_calibration_error_separates_calibrated_from_overconfident():
     sharp = np.where(p1 > 0.5, 0.99, 0.01)
     overconfident = np.stack([1 - sharp, sharp], axis=1)
     good = calibration(labels, calibrated, bins=10)
-    assert good["ece"] < 0.02
+    # calibrated by construction: only sampling noise (20000 draws in 10 bins) is left
+    assert good["ece"] < 0.02, good["ece"]
     assert sum(b["n"] for b in good["bins"]) == len(labels)
-    assert calibration(labels, overconfident, bins=10)["ece"] > 0.2
+    over = calibration(labels, overconfident, bins=10)["ece"]
+    assert over > 0.2, f"scores pushed to 0.01/0.99 are off by ~0.25 on average, ECE {over}"
 
 
 def test_roc_points_run_from_zero_to_one():

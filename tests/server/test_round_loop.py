@@ -274,4 +274,6 @@ def test_with_parameter_averaging_the_moving_average_of_the_global_models_is_eva
     blob = torch.load(tmp_path / "final_model.pt", weights_only=False)
     assert torch.allclose(blob["state_dict"]["head.weight"], 0.5 * first + 0.5 * second, atol=1e-6)
     assert torch.equal(rounds[1]["average"]["head.weight"], blob["state_dict"]["head.weight"])
-    assert results["status"] == "completed" and not torch.equal(first, second)  # two different rounds averaged
+    assert results["status"] == "completed" and not torch.equal(
+        first, second
+    )  # two different rounds averaged
