@@ -47,7 +47,9 @@ def test_a_hospital_validates_packages_on_all_its_images_and_nothing_is_charged(
         assert got["auc"] == pytest.approx(direct["auc"], abs=1e-6) and got["n_test"] == 160
         assert got["auc_ci"][0] <= got["auc"] <= got["auc_ci"][1] and got["release"] == "local"
     trained = doc["packages"][0]["sites"]["new-hospital"]["auc"]
-    assert trained > 0.9, f"a package trained on the same synthetic finding should separate it (AUC {trained})"
+    assert trained > 0.9, (
+        f"a package trained on the same synthetic finding should separate it (AUC {trained})"
+    )
     assert not (tmp_path / "state").exists()  # no ledger, no cache: nothing was released
     assert json.loads((tmp_path / "out" / "validation.json").read_text())["packages"][1]["label"] == "fresh"
     # the federated tools read it: the report, and whether the trained package may replace the fresh one
