@@ -134,6 +134,11 @@ def _precondition_problem(plan: RoundPlan, site: SiteConfig, unit: str | None) -
             "a class-balanced loss (weights counted on the site's data) is not private; "
             "the study must turn train.class_balance off"
         )
+    if plan.proximal_mu > 0:
+        return (
+            f"FedProx's proximal term (proximal-mu {plan.proximal_mu:g}) is not clipped per sample, so DP-SGD "
+            "would drop it silently; the study must use strategy fedavg or fedadam with privacy"
+        )
     if not site.state_dir:
         return "it has no state_dir in its site config: the privacy ledger needs a folder that outlives the process"
     if unit is None:

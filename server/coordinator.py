@@ -202,7 +202,8 @@ class Coordinator:
             kind = str(msg.content[Rec.SITE].get(Site.RELEASE, "") or "exact")
             releases[name] = site_release(kind, m, n_classes)
             sites[name] = site_metrics(releases[name], m)
-            eval_s[name] = float(m[Met.EVAL_S])
+            if Met.EVAL_S in m:  # a site whose release is protected does not say how long it took
+                eval_s[name] = float(m[Met.EVAL_S])
         failed = {**got.failed, **{k: f"refused: {v}" for k, v in got.refused.items()}}
         if split == "test":
             self.test_releases = releases

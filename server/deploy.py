@@ -6,8 +6,10 @@
 This is Flower's Deployment Engine exactly as hospitals run it, only on 127.0.0.1: credentials from
 `server.certs` (a CA, the SuperLink's TLS certificate, one key pair per site), a SuperLink with TLS
 and `--enable-supernode-auth`, each site's public key registered with `flwr supernode register`,
-one SuperNode per site started with its own site config (`--node-config site-config=...`: data
-partition, privacy policy, state folder), the study submitted with `flwr run . <connection>`, and
+and at each site three parties (server.deploy_site): the hospital's site service (`fedward site serve`
+with the site's config: data, privacy policy, ledger), a SuperNode, and the runner of the ClientApps
+Flower starts, the last two as OS users of their own that reach the site only through the service's
+socket (`--node-config site-socket=...`); the study submitted with `flwr run . <connection>`, and
 every process stopped afterwards, also on failure or Ctrl-C.
 
 `--insecure` runs plain HTTP without SuperNode authentication (any local process could join as a

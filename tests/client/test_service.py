@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -12,8 +13,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.forwarder import SiteUnreachableError, ask, forward
 from client.ledger import SiteAccountant
-from client.service import ServiceError, SiteService
-from client.wire import MAGIC
+from client.service import ServiceError, SiteService, serve
+from client.wire import MAGIC, send_frame
 from common.keys import Met, Rec, Site
 from common.models import build_model
 from common.privacy import request_config
@@ -106,6 +107,26 @@ def test_garbage_and_a_forwarder_that_hangs_up_do_not_stop_the_service(running):
     assert forward(_message(MessageType.EVALUATE), path, "evaluate").content[Rec.METRICS][Met.EVAL_BINS] == 16
 
 
+def test_a_forwarder_that_dies_while_the_site_trains_leaves_the_round_charged_and_the_service_up(running):
+    path, state = str(running.service.path), running.service.config.state_dir
+    msg = _message(MessageType.TRAIN)
+    with socket.socket(socket.AF_UNIX) as s:  # the whole request, then gone before the answer
+        s.connect(path)
+        config = {str(k): v for k, v in msg.content[Rec.CONFIG].items()}
+        send_frame(
+            s, {"op": "train", "config": config}, {k: a.numpy() for k, a in msg.content[Rec.ARRAYS].items()}
+        )
+    deadline = time.monotonic() + 120
+    while "train" not in [e.kind for e in SiteAccountant(state).ledger.entries()]:
+        assert time.monotonic() < deadline, "the service never trained the orphaned request"
+        time.sleep(0.2)
+    spent = SiteAccountant(state).epsilon(1e-5)  # the lost update's privacy is spent all the same
+
+    again = forward(_message(MessageType.TRAIN), path, "train").content  # and the service goes on
+    assert again[Rec.METRICS][Met.EPSILON] > spent > 0
+    assert [e.kind for e in SiteAccountant(state).ledger.entries()] == ["count", "train", "train"]
+
+
 def test_a_forwarder_without_a_service_says_where_it_looked(tmp_path):
     with pytest.raises(SiteUnreachableError, match=r"site\.sock.*fedward site serve"):
         forward(_message(MessageType.TRAIN), str(tmp_path / "site.sock"), "train")
@@ -126,3 +147,36 @@ def test_a_restarted_service_continues_its_ledger_and_a_second_one_is_refused(tm
 
     assert reply[Rec.METRICS][Met.EPSILON] > spent
     assert reply[Rec.METRICS][Met.EPSILON] == pytest.approx(SiteAccountant(site.state_dir).epsilon(1e-5))
+
+
+def test_serve_refuses_a_site_config_with_seeded_noise(tmp_path):
+    site = _site(tmp_path)
+    site.privacy.repeatable_noise = True
+    with pytest.raises(ServiceError, match=r"privacy\.repeatable_noise.*simulations only"):
+        serve(site, socket=str(tmp_path / "site.sock"))
+    assert not (tmp_path / "site.sock").exists() and not (tmp_path / "state").exists()  # nothing started
+
+
+def test_the_service_warns_when_other_users_can_read_the_sites_images(tmp_path, caplog):
+    from common.config import load_site
+    from tests.common.test_sources import write_dicom_site
+
+    site = load_site(write_dicom_site(tmp_path / "site", patients=4, bad_files=False))
+    images = tmp_path / "site" / site.data.root
+    images.chmod(0o755)
+
+    def warned() -> list[str]:
+        caplog.clear()
+        service = SiteService(site, path=tmp_path / f"sock-{len(list(tmp_path.iterdir()))}" / "site.sock")
+        with caplog.at_level("WARNING"):
+            service.open()
+        service.close()
+        return [r.getMessage() for r in caplog.records if "can be read by every user" in r.getMessage()]
+
+    sheet = tmp_path / "site" / site.data.labels
+    messages = warned()  # the image folder and the label sheet, each named with the fix
+    assert len(messages) == 2 and all("chmod -R o-rwx" in m for m in messages)
+    assert any(str(images) in m for m in messages) and any(str(sheet) in m for m in messages)
+    images.chmod(0o750)
+    sheet.chmod(0o640)
+    assert warned() == []

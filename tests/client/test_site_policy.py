@@ -61,8 +61,9 @@ def _train(rt: SiteRuntime, config: dict):
             _private(noise_multiplier=1.0, target_epsilon=50.0) | {"planned-rounds": 50},
             "privacy.max_epsilon 3",
         ),
+        (_private() | {"proximal-mu": 0.1}, "proximal-mu 0.1"),  # Opacus would drop FedProx's term
     ],
-    ids=["no-dp", "no-poisson", "less-noise", "larger-clip", "larger-delta", "over-budget"],
+    ids=["no-dp", "no-poisson", "less-noise", "larger-clip", "larger-delta", "over-budget", "fedprox"],
 )
 def test_a_request_weaker_than_the_policy_is_refused_naming_the_field(tmp_path, config, field):
     rt = _runtime(tmp_path)

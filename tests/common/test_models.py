@@ -39,3 +39,13 @@ def test_a_model_too_big_for_the_images_is_refused_before_training(tmp_path):
     path.write_text("model:\n  name: densenet121\n")
     with pytest.raises(ConfigError, match=r"model\.name.*densenet121.*32x32"):
         load_study(path)
+
+
+def test_building_a_model_leaves_torchs_global_generator_as_it_was():
+    """A seeded build must not make later draws (Opacus's, a site's) predictable from the seed."""
+    torch.manual_seed(12345)
+    expected = torch.rand(4)
+    torch.manual_seed(12345)
+    a = build_model("cnn28", seed=0)
+    assert torch.equal(torch.rand(4), expected)  # the same draws as if nothing had been built
+    assert torch.equal(a.head.weight, build_model("cnn28", seed=0).head.weight)  # its own weights: seeded

@@ -235,6 +235,30 @@ def test_deploy_local_runs_two_rounds_over_tls_with_all_three_sites(reachable, t
 
 
 @pytest.mark.slow
+def test_a_site_whose_service_is_down_fails_clearly_at_the_coordinator_and_keeps_its_ledger(
+    deployment, tmp_path
+):
+    ensure_online(deployment)
+    ledger = deployment.state_dir("hospital-c") / "privacy-ledger.jsonl"
+    before = ledger.read_bytes() if ledger.exists() else b""
+    deployment.services["site-hospital-c"].stop()  # the hospital's own process is down; its SuperNode is up
+    try:
+        study = write_study(tmp_path / "down.yaml", rounds=1, timeout_s=90)
+        run = deployment.submit(study, tmp_path / "out")
+        run.proc.wait(timeout=600)
+    finally:
+        deployment.start_site_service("hospital-c")
+
+    assert run.proc.returncode == 0, run.tail()
+    (first,) = json.loads((tmp_path / "out" / "results.json").read_text())["rounds"]
+    assert first["participants"] == ["hospital-a", "hospital-b"]
+    (reason,) = first["failed"].values()  # the forwarder's own words reach the coordinator
+    assert "hospital-c/socket/site.sock" in reason and "cannot be reached" in reason, reason
+    assert "fedward site serve" in reason, reason
+    assert (ledger.read_bytes() if ledger.exists() else b"") == before  # nothing trained, nothing charged
+
+
+@pytest.mark.slow
 def test_a_site_killed_mid_round_does_not_stop_the_study_and_rejoins(deployment, tmp_path):
     ensure_online(deployment)
     timeout_s = 45.0  # longer than a healthy round phase here
@@ -242,6 +266,7 @@ def test_a_site_killed_mid_round_does_not_stop_the_study_and_rejoins(deployment,
     # heartbeats), so the round after the kill may still address the dead node; the one after it not
     study = write_study(tmp_path / "kill.yaml", rounds=3, timeout_s=timeout_s)
     victim = deployment.services["supernode-hospital-c"]
+    service = deployment.services["site-hospital-c"]
     mark = len(victim.log_text())
 
     run = deployment.submit(study, tmp_path / "out")
@@ -265,6 +290,13 @@ def test_a_site_killed_mid_round_does_not_stop_the_study_and_rejoins(deployment,
     assert "hospital-c" in first["failed"]
     assert results["timing"]["round_s"][0] < 2 * timeout_s  # waited for the dead site once, not twice
     assert rejoined and rejoined[0].alive()
+    # the hospital's site service outlived its killed SuperNode (the same process) and trained on for
+    # the rejoined node: its ledger holds the last round of this study
+    assert deployment.services["site-hospital-c"] is service and service.alive()
+    lines = SiteAccountant(deployment.state_dir("hospital-c")).ledger.entries()
+    assert later[-1]["round"] in {
+        e.round for e in lines if e.study == results["study_id"] and e.kind == "train"
+    }
     assert later[-1]["participants"] == SITES  # back in a later round
     assert sorted(later[-1]["sites"]) == SITES and sorted(results["final"]["sites"]) == SITES
 

@@ -31,7 +31,7 @@ privacy:
 
 SITE = """
 site: {name}
-privacy: {{max_epsilon: {max_eps}, delta: 1.0e-5, min_noise_multiplier: {min_noise}, max_grad_norm: 1.0}}
+privacy: {{max_epsilon: {max_eps}, delta: {delta}, min_noise_multiplier: {min_noise}, max_grad_norm: {clip}}}
 """
 
 
@@ -44,11 +44,13 @@ def _released_count(ledger: Path) -> float:
     return count
 
 
-def _study(tmp_path: Path, policies: list[tuple[str, float, float]], noise: float = 0.0) -> Path:
+def _study(tmp_path: Path, policies: list[tuple], noise: float = 0.0) -> Path:
+    """policies: (name, max_epsilon, min_noise_multiplier[, max_grad_norm, delta]) per site."""
     paths = []
-    for name, max_eps, min_noise in policies:
+    for name, max_eps, min_noise, *rest in policies:
+        clip, delta = rest or (1.0, "1.0e-5")  # YAML reads 1e-05 as a string: keep the dot
         p = tmp_path / f"{name}.yaml"
-        p.write_text(SITE.format(name=name, max_eps=max_eps, min_noise=min_noise))
+        p.write_text(SITE.format(name=name, max_eps=max_eps, min_noise=min_noise, clip=clip, delta=delta))
         paths.append(str(p))
     study = tmp_path / "study.yaml"
     study.write_text(STUDY.format(n=len(paths), sites=", ".join(paths), noise=noise))
@@ -66,8 +68,19 @@ def _fresh_epsilon(ledger: Path, delta: float = 1e-5) -> tuple[float, int]:
 
 @pytest.mark.slow
 def test_sites_enforce_their_policy_and_report_the_whole_study_epsilon(tmp_path):
-    # a and b accept; c demands more noise than asked; d's budget allows one round only
-    study = _study(tmp_path, [("a", 10, 0.5), ("b", 10, 0.5), ("c", 10, 5.0), ("d", 6.0, 0.5)])
+    # a and b accept; c demands more noise than asked; d's budget allows one round only; e clips
+    # tighter than asked (0.5 < 1.0); f's delta is smaller than asked (1e-6 < 1e-5)
+    study = _study(
+        tmp_path,
+        [
+            ("a", 10, 0.5),
+            ("b", 10, 0.5),
+            ("c", 10, 5.0),
+            ("d", 6.0, 0.5),
+            ("e", 10, 0.5, 0.5, "1.0e-5"),
+            ("f", 10, 0.5, 1.0, "1.0e-6"),
+        ],
+    )
     out = tmp_path / "out"
     proc = run_fedward("simulate", str(study), "--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -93,6 +106,12 @@ def test_sites_enforce_their_policy_and_report_the_whole_study_epsilon(tmp_path)
         assert "privacy.min_noise_multiplier 5" in r["sites"]["c"]["refused"]
     assert _train_lines(out / "sites" / "c" / "privacy-ledger.jsonl") == []  # it only evaluated
     assert results["final"]["sites"]["c"]["epsilon"] == 0.0
+    # e and f refuse every round, naming the field and what they allow
+    for site, field in (("e", "privacy.max_grad_norm 0.5"), ("f", "privacy.delta 1e-06")):
+        assert all(site not in r["participants"] and field in r["sites"][site]["refused"] for r in rounds), (
+            site
+        )
+        assert _train_lines(out / "sites" / site / "privacy-ledger.jsonl") == []
 
     # d trains round 1, then refuses: the next round would take it past its budget of 6
     assert "d" in rounds[0]["participants"]

@@ -73,14 +73,16 @@ class LocalGrid(Grid):
     def send_and_receive(self, messages, *, timeout=None): ...
 
 
-def honest(name: str, index: int, state_dir: str = "") -> Behaviour:
+def honest(name: str, index: int, state_dir: str = "", repeatable_noise: bool = False) -> Behaviour:
     data = SiteDataConfig(
         format="synthetic",
         partition=SitePartition(index=index, num_sites=3),
         synthetic=SyntheticConfig(train_per_site=32, test_per_site=16),
     )
     # as a simulated site: it follows the study's privacy setting, releases exact evaluation aggregates
-    policy = SitePolicyConfig(required=False, evaluation=EvaluationPolicyConfig(release="exact"))
+    policy = SitePolicyConfig(
+        required=False, evaluation=EvaluationPolicyConfig(release="exact"), repeatable_noise=repeatable_noise
+    )
     runtime = SiteRuntime.load(SiteConfig(site=name, data=data, privacy=policy, state_dir=state_dir))
 
     def answer(msg: Message) -> Message:
@@ -209,6 +211,28 @@ def test_privacy_columns_per_site_and_a_refusal_that_stops_nothing(tmp_path):
     assert (b["epsilon"], b["steps"], b["refused"]) == (2.5, 0, "privacy budget: spent")
     assert "state_dir" in second["sites"]["hospital-c"]["refused"]
     assert results["final"]["sites"]["hospital-a"]["epsilon"] == a2["epsilon"]
+
+
+def test_rounds_with_seeded_noise_are_marked_not_private_in_the_ledger_and_results(tmp_path, caplog):
+    grid = LocalGrid(
+        {
+            1: honest("hospital-a", 0, state_dir=str(tmp_path / "a"), repeatable_noise=True),
+            2: honest("hospital-b", 1, state_dir=str(tmp_path / "b")),
+        }
+    )
+    study = _study(rounds=1)
+    study.privacy.enabled = True
+
+    with caplog.at_level("WARNING"):
+        (round_,) = _run(grid, study, tmp_path / "run")["rounds"]
+
+    assert round_["sites"]["hospital-a"]["repeatable_noise"] is True
+    assert round_["sites"]["hospital-b"]["repeatable_noise"] is False
+    marks = {s: {e.kind: e.repeatable for e in SiteAccountant(tmp_path / s).ledger.entries()} for s in "ab"}
+    assert marks["a"]["train"] is True and marks["b"]["train"] is False
+    assert any("hospital-a" in r.getMessage() and "NOT private against the coordinator" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    assert not any("hospital-b" in r.getMessage() and "NOT private" in r.getMessage() for r in caplog.records)
 
 
 def test_a_study_where_every_site_refuses_stops_at_round_one(tmp_path):
