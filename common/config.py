@@ -174,6 +174,7 @@ def _validate_input(study: StudyConfig, p: str) -> None:
 
 def _validate_choices(study: StudyConfig, p: str) -> None:
     _choice(study.data.source, ("synthetic", "medmnist", "sites"), "data.source", p)
+    _choice(study.data.normalize, ("none", "minmax", "zscore"), "data.normalize", p)
     _choice(study.data.partition.scheme, ("iid", "label_skew"), "data.partition.scheme", p)
     _choice(study.model.name, MODEL_NAMES, "model.name", p)
     _choice(study.strategy.name, ("fedavg", "fedprox", "fedadam"), "strategy.name", p)
@@ -252,6 +253,11 @@ def _validate_sites(study: StudyConfig, p: str) -> None:
         )
     if study.data.source == "sites" and not study.data.site_configs:
         raise ConfigError(f"{p}: 'data.source' is 'sites' but 'data.site_configs' is empty.")
+    if study.data.source == "sites" and study.data.normalize != "none":
+        raise ConfigError(
+            f"{p}: 'data.normalize' applies to simulated sites; with 'data.source: sites' each hospital "
+            "standardizes its own images (data.preprocess.normalize in its site config)."
+        )
 
 
 def _validate_privacy(study: StudyConfig, p: str) -> None:

@@ -15,6 +15,7 @@ from common.readers.base import luma
 from common.scanners import acquire, scanner_for
 from common.schema import SiteConfig, SitePartition
 from common.sitedata import SiteData, SiteDataError, site_data_from_arrays
+from common.transforms import normalize_images
 
 
 @functools.lru_cache(maxsize=4)
@@ -140,5 +141,5 @@ def medmnist_site(config: SiteConfig) -> SiteData:
             imgs = np.repeat(imgs[:, None], 3, axis=1)
         if part.acquisition_shift:
             imgs = acquire(imgs, scanner_for(part.index), rng)
-        splits[s] = (imgs, labels[s][idx[s]])
+        splits[s] = (normalize_images(imgs, config.data.preprocess), labels[s][idx[s]])
     return site_data_from_arrays(config.site, splits, classes)

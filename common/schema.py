@@ -66,6 +66,9 @@ class DataConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     site_configs: list[str] = field(default_factory=list)  # source=sites: site config YAML paths
+    # per-image intensity standardization of the simulated sites' images (synthetic, medmnist): none |
+    # zscore (each image to mean 0, sd 1) | minmax; a hospital's site config sets data.preprocess.normalize
+    normalize: str = "none"
 
 
 @dataclass

@@ -66,7 +66,7 @@ def _partition_sites(study: StudyConfig) -> list[SiteConfig]:
     channels = model_spec(study).in_channels  # the sites read their images as the study's model takes them
     reading = {
         "colour": "rgb" if channels == 3 else "grey",
-        "preprocess": PreprocessConfig(channels=channels),
+        "preprocess": PreprocessConfig(channels=channels, normalize=study.data.normalize),
     }
     sites = []
     for i, name in enumerate(site_names(study)):

@@ -16,6 +16,7 @@ from common.readers.base import LUMA, luma
 from common.scanners import acquire, scanner_for
 from common.schema import SiteConfig
 from common.sitedata import SiteData, site_data_from_arrays
+from common.transforms import normalize_images
 
 CLASSES = ["normal", "finding"]
 SEGMENTATION_CLASSES = ["background", "lesion"]  # the segmentation variant's label map values
@@ -133,7 +134,7 @@ def synthetic_site(config: SiteConfig) -> SiteData:
             images = luma(images)
         elif not syn.colour and config.data.preprocess.channels == 3:  # grey repeated for a 3-channel net
             images = np.repeat(images[:, None], 3, axis=1)
-        splits[split] = (images, labels)
+        splits[split] = (normalize_images(images, config.data.preprocess), labels)
     named = (
         list(config.data.classes) if len(config.data.classes) == 2 else []
     )  # a site may name its two classes

@@ -143,6 +143,28 @@ class ResampleToSpacingd(MapTransform):
         return Resized("image", size, mode="trilinear")(data) if size != shape else data
 
 
+def intensity_steps(pre: PreprocessConfig) -> list:
+    """The per-image intensity normalization `pre.normalize` asks for (MONAI), or none."""
+    if pre.normalize == "minmax":
+        return [ScaleIntensityd("image", minv=0.0, maxv=1.0)]
+    if pre.normalize == "zscore":
+        return [NormalizeIntensityd("image")]
+    return []
+
+
+def normalize_images(images: np.ndarray, pre: PreprocessConfig) -> np.ndarray:
+    """Each image of an array (N x ...) through `pre.normalize`: the same MONAI step a file site's
+    pipeline runs, for the sites whose images come as arrays (synthetic, MedMNIST)."""
+    steps = intensity_steps(pre)
+    if not steps:
+        return images
+    out = [
+        np.asarray(Compose(steps)({"image": torch.from_numpy(np.ascontiguousarray(x))})["image"])
+        for x in images
+    ]
+    return np.stack(out).astype(np.float32) if out else images
+
+
 def preprocess_transforms(pre: PreprocessConfig) -> list:
     """The deterministic steps after reading: scale, intensity, then pad or crop, then channels.
 
@@ -157,10 +179,7 @@ def preprocess_transforms(pre: PreprocessConfig) -> list:
     if pre.percentiles:
         low, high = pre.percentiles
         steps.append(ClipIntensityPercentilesd("image", lower=low, upper=high))
-    if pre.normalize == "minmax":
-        steps.append(ScaleIntensityd("image", minv=0.0, maxv=1.0))
-    elif pre.normalize == "zscore":
-        steps.append(NormalizeIntensityd("image"))
+    steps += intensity_steps(pre)
     if size and pre.spatial in ("fit", "crop_or_pad"):
         steps.append(ResizeWithPadOrCropd("image", spatial_size=size))
     if pre.channels == 3:

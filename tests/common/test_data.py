@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from common.data import load_site_data
 from common.medmnist import load_npz
@@ -71,3 +72,38 @@ def test_synthetic_sites_differ_in_acquisition_and_prevalence():
     assert max(prevalence) - min(prevalence) > 0.2
     assert max(brightness) - min(brightness) > 0.05
     assert all(d.train_x.shape[1:] == (1, 28, 28) for d in sites)
+
+
+@pytest.mark.parametrize("source", ["synthetic", "medmnist"])
+def test_per_image_standardization_removes_the_scanners_gain_and_offset(medmnist_dir, source):
+    """data.normalize: zscore for simulated sites: every image to mean 0, sd 1, so the sites' scanners
+    no longer differ in brightness (their blur, noise and gamma remain)."""
+
+    def sites(normalize: str) -> list:
+        study = _study(medmnist_dir, acquisition_shift=True) if source == "medmnist" else StudyConfig()
+        study.data.normalize = normalize
+        return [load_site_data(c) for c in simulated_sites(study)]
+
+    def per_site_brightness(data) -> list[float]:
+        return [float(d.train_x.mean()) for d in data]
+
+    raw, standardized = sites("none"), sites("zscore")
+    assert max(per_site_brightness(raw)) - min(per_site_brightness(raw)) > 0.02  # the scanners differ
+    for d in standardized:
+        x = d.train_x.reshape(len(d.train_x), -1)
+        assert torch.allclose(x.mean(1), torch.zeros(len(x)), atol=1e-4)
+        assert torch.allclose(x.std(1, unbiased=False), torch.ones(len(x)), atol=1e-3)
+    assert [len(d.test_y) for d in standardized] == [len(d.test_y) for d in raw]  # same images, same split
+
+
+def test_a_study_over_site_configs_leaves_standardization_to_each_site(tmp_path):
+    from common.config import ConfigError, load_study
+
+    site = tmp_path / "a.yaml"
+    site.write_text("site: a\n")
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        f"classes: [n, p]\nmin_sites: 1\ndata: {{source: sites, site_configs: [{site}], normalize: zscore}}\n"
+    )
+    with pytest.raises(ConfigError, match=r"data\.normalize.*data\.preprocess\.normalize"):
+        load_study(study)
