@@ -5,7 +5,9 @@ Times one optimizer step (forward, backward, clip + noise, update) of a model (`
 fixed batch, without DP and with DP in each mode, interleaved step by step in one run so
 that all modes see the same machine load. Prints the median per mode and its ratio to non-DP.
 `opacus-hooks` is Opacus's hooks mode as shipped; `hooks`, `ghost`, `functorch` are as fedward runs
-them (client.grad_sample's Conv2d sampler; in `hooks`, no unused batch weight gradients).
+them (client.grad_sample's Conv2d sampler and no zeroed copies of per-sample gradients; in `hooks`, no
+unused batch weight gradients). Every mode, and the plain step, runs with glibc keeping freed memory
+(client.dp.keep_freed_memory, which the first DP model switches on for the whole process).
 
     python bench/bench_dp_overhead.py [--model cnn28] [--steps 30] [--batch 64] [--threads 0] [--device cpu]
 """
@@ -25,18 +27,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from opacus import GradSampleModule  # noqa: E402
+from opacus.grad_sample import grad_sample_module  # noqa: E402
 from opacus.grad_sample.conv import compute_conv_grad_sample  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from client.dp import make_private  # noqa: E402
+from client.dp import keep_freed_memory, make_private  # noqa: E402
+from client.grad_sample import OPACUS_CREATE_OR_ACCUMULATE, keep_or_add_grad_sample  # noqa: E402
 from client.train import make_criterion  # noqa: E402
 from common.models import build_model  # noqa: E402
 
 MODES = ("opacus-hooks", "hooks", "ghost", "functorch")
 
 
-SHAPES = {"cnn28": (1, 28, 28), "cnn3d": (1, 16, 28, 28), "unet": (1, 28, 28)}  # one input, per model
+SHAPES = {
+    "cnn28": (1, 28, 28),
+    "cnn28-ws": (1, 28, 28),
+    "cnn3d": (1, 16, 28, 28),
+    "unet": (1, 28, 28),
+}  # one input, per model
 
 
 def batch(name: str, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,14 +56,17 @@ def batch(name: str, size: int, device: torch.device) -> tuple[torch.Tensor, tor
 
 
 @contextmanager
-def opacus_conv_sampler():
-    """Opacus's own Conv2d / Conv3d per-sample gradients (unfold), as shipped, instead of client.grad_sample's."""
+def opacus_as_shipped():
+    """Opacus's own Conv2d / Conv3d per-sample gradients (unfold) and its zeroed copy of every layer's
+    per-sample gradients, as shipped, instead of client.grad_sample's."""
     ours = {c: GradSampleModule.GRAD_SAMPLERS[c] for c in (nn.Conv2d, nn.Conv3d)}
     GradSampleModule.GRAD_SAMPLERS.update({c: compute_conv_grad_sample for c in ours})
+    grad_sample_module.create_or_accumulate_grad_sample = OPACUS_CREATE_OR_ACCUMULATE
     try:
         yield
     finally:
         GradSampleModule.GRAD_SAMPLERS.update(ours)
+        grad_sample_module.create_or_accumulate_grad_sample = keep_or_add_grad_sample
 
 
 def make_step(
@@ -84,7 +96,7 @@ def make_step(
         model, optimizer, criterion = dp.model, dp.optimizer, dp.criterion
 
     def step() -> None:
-        with opacus_conv_sampler() if as_shipped else nullcontext():
+        with opacus_as_shipped() if as_shipped else nullcontext():
             optimizer.zero_grad(set_to_none=True)
             criterion(model(x), y).backward()
             optimizer.step()
@@ -104,6 +116,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    keep_freed_memory()  # as a DP site does: for the plain step too, so both see the same allocator
     warnings.filterwarnings("ignore", module="opacus")  # secure RNG off, etc.
     warnings.filterwarnings("ignore", message=".*poisson_sampling=False.*")
     warnings.filterwarnings("ignore", message="Full backward hook is firing")

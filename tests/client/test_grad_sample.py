@@ -145,3 +145,25 @@ def test_hooks_mode_without_batch_weight_grads_updates_exactly_like_opacus(name,
         )
     assert updates[0].abs().max() > 1e-4  # it trained
     assert torch.allclose(updates[0], updates[1], rtol=1e-4, atol=1e-6)
+
+
+def test_a_layer_used_twice_in_one_pass_gets_the_sum_of_both_uses_per_sample():
+    """client.grad_sample keeps the sampler's tensor instead of Opacus's zeroed copy; a layer's second
+    use in the same forward pass must still add to it (and change no tensor a sampler returned)."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.out = nn.Linear(5, 5), nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.out(self.lin(torch.tanh(self.lin(x))))
+
+    torch.manual_seed(0)
+    model, x, y = Twice(), torch.randn(7, 5), torch.randint(0, 2, (7,))
+    expected = _per_sample_by_autograd(model, x, y)
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    model.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
+    for (name, p), want in zip(model.named_parameters(), expected, strict=True):
+        assert torch.allclose(p.grad_sample, want, rtol=1e-4, atol=1e-6), name
