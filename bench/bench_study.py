@@ -15,7 +15,9 @@ those medians (and how many seeds meet each alone):
   2. pooled, the federated model is within 1 AUC point of centralized
   3. the worst site under federation is within 3 AUC points of the pooled AUC
 
-`--leave-one-out` adds the leave-one-site-out federations (3 more runs per data set). Each study's
+`--leave-one-out` adds the leave-one-site-out federations (3 more runs per data set); `--personalize`
+the FedBN-style and fine-tuned models; `--strategies fedprox fedadam` one more federation per strategy
+and seed, compared with fedavg on every site's test data. Each study's
 folder (study.json, report.html) is kept under --out (OUT/<dataset>/seed-<k>), a temporary folder by
 default; a completed study found there is reused, so a run cut short can be continued.
 """
@@ -187,6 +189,36 @@ def report(dataset: str, docs: list[dict], wall: float) -> bool:
     return all(ok for _, ok, _ in _targets(median_doc))
 
 
+def strategies(dataset: str, args: argparse.Namespace, docs: list[dict], out: Path, console: Console) -> None:
+    """The federated model under each of `args.strategies`, same sites, splits and seeds as `docs`'s
+    fedavg: test AUC per site and pooled, medians over the seeds, and the difference to fedavg."""
+    sites = docs[0]["sites"]
+    rows = {"fedavg": [{t: _auc(d, FED, t) for t in [*sites, "pooled"]} for d in docs]}
+    for name in args.strategies:
+        rows[name] = []
+        for seed in range(args.seeds):
+            study = study_for(dataset, args)
+            study.seed, study.data.partition.seed = seed, 0
+            study.strategy.name = name
+            study.study.local = study.study.centralized = study.study.compare_privacy = False
+            study.study.fedbn, study.study.fine_tune_epochs = False, 0
+            folder = out / dataset / name / f"seed-{seed}"
+            done = folder / STUDY_FILE
+            doc = (
+                json.loads(done.read_text())
+                if done.exists()
+                else run_comparison(study, folder, console=console)
+            )
+            rows[name].append({t: _auc(doc, FED, t) for t in [*sites, "pooled"]})
+    print(f"  strategies, federated model's test AUC (median over {args.seeds} seeds; difference to fedavg):")
+    print(f"    {'strategy':<10}" + "".join(f"{t:>18}" for t in [*sites, "pooled"]))
+    base = {t: statistics.median(r[t] for r in rows["fedavg"]) for t in [*sites, "pooled"]}
+    for name, runs in rows.items():
+        med = {t: statistics.median(r[t] for r in runs) for t in [*sites, "pooled"]}
+        cells = "".join(f"{med[t]:>10.4f} ({(med[t] - base[t]) * 100:+.1f})" for t in [*sites, "pooled"])
+        print(f"    {name:<10}{cells}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=os.environ.get("FEDWARD_DATA", "../shared/data"))
@@ -204,6 +236,10 @@ def main() -> int:
     parser.add_argument(
         "--personalize", action="store_true", help="add the FedBN-style and fine-tuned variants"
     )
+    parser.add_argument(
+        "--strategies", nargs="*", default=[], choices=("fedprox", "fedadam"),
+        help="also federate with these strategies (federated model only) beside the configs' fedavg",
+    )  # fmt: skip
     args = parser.parse_args()
 
     out = Path(args.out or tempfile.mkdtemp(prefix="fedward-bench-study-"))
@@ -223,6 +259,8 @@ def main() -> int:
                 continue
             docs.append(run_comparison(study, folder, console=console))
         met[dataset] = report(dataset, docs, time.perf_counter() - t0)
+        if args.strategies:
+            strategies(dataset, args, docs, out, console)
         print(f"  reports: {out / dataset}/seed-*/report.html")
     print(
         "\nall targets met"
