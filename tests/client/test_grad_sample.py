@@ -23,6 +23,16 @@ def _per_sample_by_autograd(model: nn.Module, x: torch.Tensor, y: torch.Tensor) 
     return [torch.stack(col) for col in zip(*rows, strict=True)]
 
 
+def _assert_opacus_matches_autograd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, atol: float) -> None:
+    """Opacus's hooks (with client.grad_sample's samplers) give the per-sample gradients of autograd."""
+    expected = _per_sample_by_autograd(model, x, y)
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    model.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
+    for (name, p), want in zip(model.named_parameters(), expected, strict=True):
+        assert torch.allclose(p.grad_sample, want, rtol=1e-4, atol=atol), name
+
+
 @pytest.mark.parametrize(
     ("name", "shape"), [("cnn28", (1, 28, 28)), ("cnn28-ws", (1, 28, 28)), ("cnn3d-ws", (1, 6, 12, 12))]
 )
@@ -30,13 +40,9 @@ def test_per_sample_gradients_match_one_backward_per_sample(name, shape):
     """Plain and weight-standardized convolutions (the latter through the standardization's Jacobian)."""
     torch.manual_seed(0)
     model = build_model(name, seed=1)
-    x, y = torch.randn(6, *shape), torch.tensor([0, 1, 1, 0, 1, 0])
-    expected = _per_sample_by_autograd(model, x, y)
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-    model.zero_grad(set_to_none=True)
-    nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
-    for (name, p), want in zip(model.named_parameters(), expected, strict=True):
-        assert torch.allclose(p.grad_sample, want, rtol=1e-4, atol=1e-5), name
+    _assert_opacus_matches_autograd(
+        model, torch.randn(6, *shape), torch.tensor([0, 1, 1, 0, 1, 0]), atol=1e-5
+    )
     assert GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] is conv_grad_sample  # ours did the convs
     assert GradSampleModule.GRAD_SAMPLERS[WSConv2d] is ws_conv_grad_sample
 
@@ -160,10 +166,4 @@ def test_a_layer_used_twice_in_one_pass_gets_the_sum_of_both_uses_per_sample():
             return self.out(self.lin(torch.tanh(self.lin(x))))
 
     torch.manual_seed(0)
-    model, x, y = Twice(), torch.randn(7, 5), torch.randint(0, 2, (7,))
-    expected = _per_sample_by_autograd(model, x, y)
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-    model.zero_grad(set_to_none=True)
-    nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
-    for (name, p), want in zip(model.named_parameters(), expected, strict=True):
-        assert torch.allclose(p.grad_sample, want, rtol=1e-4, atol=1e-6), name
+    _assert_opacus_matches_autograd(Twice(), torch.randn(7, 5), torch.randint(0, 2, (7,)), atol=1e-6)
