@@ -165,8 +165,7 @@ def make_private(
 
     `optimizer` must hold exactly `model`'s parameters; `model` must be Opacus-compatible
     (common.opacus_compat). Noise comes from `noise_generator` (on the model's device), Poisson batches
-    from `data_loader.generator`. poisson_sampling=False makes epsilon an approximation (a warning
-    says so; sites refuse it). `poisson` fixes the sample rate and the batch size the gradient sum is
+    from `data_loader.generator`. poisson_sampling=False makes epsilon an approximation (sites refuse it). `poisson` fixes the sample rate and the batch size the gradient sum is
     divided by, instead of taking both from the data set's exact size, which a site does not release.
 
     Raises:
