@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from opacus import GradSampleModule  # noqa: E402
-from opacus.grad_sample import grad_sample_module  # noqa: E402
+from opacus.grad_sample import grad_sample_module, grad_sample_module_fast_gradient_clipping  # noqa: E402
 from opacus.grad_sample.conv import compute_conv_grad_sample  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
@@ -61,12 +61,15 @@ def opacus_as_shipped():
     per-sample gradients, as shipped, instead of client.grad_sample's."""
     ours = {c: GradSampleModule.GRAD_SAMPLERS[c] for c in (nn.Conv2d, nn.Conv3d)}
     GradSampleModule.GRAD_SAMPLERS.update({c: compute_conv_grad_sample for c in ours})
-    grad_sample_module.create_or_accumulate_grad_sample = OPACUS_CREATE_OR_ACCUMULATE
+    modules = (grad_sample_module, grad_sample_module_fast_gradient_clipping)
+    for module in modules:
+        module.create_or_accumulate_grad_sample = OPACUS_CREATE_OR_ACCUMULATE
     try:
         yield
     finally:
         GradSampleModule.GRAD_SAMPLERS.update(ours)
-        grad_sample_module.create_or_accumulate_grad_sample = keep_or_add_grad_sample
+        for module in modules:
+            module.create_or_accumulate_grad_sample = keep_or_add_grad_sample
 
 
 def make_step(

@@ -16,7 +16,7 @@ same per-sample gradients.
 Opacus keeps each layer's per-sample gradients by first allocating a zeroed tensor of their size and
 copying them in (`create_or_accumulate_grad_sample`); for `cnn28` that is 36 MB written and copied
 again at every step. `keep_or_add_grad_sample` (installed on import) keeps the sampler's own tensor
-instead, and adds a second call's (a layer used twice in one forward pass) out of place.
+instead (every other case stays Opacus's: a layer's second use in one pass, an empty Poisson batch).
 
 Weight-standardized convolutions (common.weight_standardization) get the same per-sample gradients
 with respect to their standardized kernels, sent back through the standardization to the stored
@@ -93,20 +93,17 @@ def conv_grad_sample(
 
 def keep_or_add_grad_sample(*, param: torch.Tensor, grad_sample: torch.Tensor, max_batch_len: int) -> None:
     """Opacus's `create_or_accumulate_grad_sample` (same signature and result) without the zeroed copy:
-    a full batch's per-sample gradients are kept as the sampler made them; a later call of the same
-    pass adds to them out of place, so no tensor a sampler returned is ever changed."""
-    if not param.requires_grad:
-        return
-    current = getattr(param, "_current_grad_sample", None)
-    n = grad_sample.shape[0]
-    if current is None and n == max_batch_len:
+    a full batch's per-sample gradients (the first call of a pass) are kept as the sampler made them;
+    every other case (a layer's second use in the pass, an empty Poisson batch, whose samplers give
+    one row of zeros for none) is Opacus's own."""
+    if (
+        param.requires_grad
+        and not hasattr(param, "_current_grad_sample")
+        and len(grad_sample) == max_batch_len
+    ):
         param._current_grad_sample = grad_sample
-    elif current is None:  # fewer rows than the batch (Opacus's own case): zero the rest
-        param._current_grad_sample = torch.cat(
-            [grad_sample, grad_sample.new_zeros((max_batch_len - n, *grad_sample.shape[1:]))]
-        )
     else:
-        param._current_grad_sample = torch.cat([current[:n] + grad_sample, current[n:]])
+        OPACUS_CREATE_OR_ACCUMULATE(param=param, grad_sample=grad_sample, max_batch_len=max_batch_len)
 
 
 OPACUS_CREATE_OR_ACCUMULATE = grad_sample_module.create_or_accumulate_grad_sample  # as shipped (benchmarks)

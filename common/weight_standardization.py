@@ -35,7 +35,7 @@ def standardization_backward(weight: torch.Tensor, grads: torch.Tensor, eps: flo
     flat = weight.detach().reshape(c_out, -1)
     s = torch.sqrt(flat.var(dim=1, unbiased=False, keepdim=True) + eps)
     w_hat = (flat - flat.mean(dim=1, keepdim=True)) / s
-    g = grads.reshape(grads.shape[0], c_out, -1)
+    g = grads.reshape(grads.shape[0], c_out, flat.shape[1])
     g = g - g.mean(dim=2, keepdim=True) - w_hat * (g * w_hat).mean(dim=2, keepdim=True)
     return (g / s).reshape(grads.shape)
 

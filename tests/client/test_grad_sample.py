@@ -167,3 +167,32 @@ def test_a_layer_used_twice_in_one_pass_gets_the_sum_of_both_uses_per_sample():
 
     torch.manual_seed(0)
     _assert_opacus_matches_autograd(Twice(), torch.randn(7, 5), torch.randint(0, 2, (7,)), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("name", ["cnn28", "cnn28-ws"])
+def test_an_empty_poisson_batch_steps_with_noise_alone(name, mode):
+    """Poisson sampling draws empty batches; each must still be a step (noise only), never an error
+    that would tell the coordinator a batch came out empty."""
+    import warnings
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from client.dp import make_private
+
+    model = build_model(name, seed=3)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 2, (8,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dp = make_private(
+            noise_generator=torch.Generator().manual_seed(0), model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+            data_loader=DataLoader(TensorDataset(x, y), batch_size=8), criterion=nn.CrossEntropyLoss(),
+            noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode,
+        )  # fmt: skip
+    before = [p.detach().clone() for p in model.parameters()]
+    dp.optimizer.zero_grad()
+    dp.criterion(dp.model(x[:0]), y[:0]).backward()
+    dp.optimizer.step()
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)])
+    assert dp.steps == 1 and moved.abs().min() > 0  # every weight got noise, as a step of a real batch does
