@@ -1,7 +1,7 @@
 """Privacy's cost in accuracy: DP recipes beside the same study without privacy, in one run.
 
     python bench/bench_privacy.py --data-dir ../shared/data [--config configs/pneumoniamnist-dp.yaml]
-        [--seeds 3] [--recipes as-configured tuned ...] [--rounds N]
+        [--seeds 3] [--recipes as-configured tuned ...] [--rounds N] [--out DIR]
 
 Runs the config without privacy and with each DP recipe (`--recipes`, see RECIPES: the config as it
 is, then the techniques of De et al. 2022 that issue 16 names: clipping and step tuned for DP,
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
 import sys
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.config import load_study, validate_study  # noqa: E402
 from common.schema import StudyConfig  # noqa: E402
+from server.run_folder import RESULTS_FILE  # noqa: E402
 from server.simulate import simulate  # noqa: E402
 
 TUNED = {"privacy.max_grad_norm": 0.5, "train.lr": 0.002}  # best of one seed's search (README)
@@ -69,6 +71,14 @@ def private_study(config: str, data_dir: str, rounds: int | None) -> StudyConfig
     return study
 
 
+def run_once(study: StudyConfig, folder: Path) -> dict:
+    """`fedward simulate` of `study` in `folder`, or the completed run already there."""
+    done = folder / RESULTS_FILE
+    if done.exists() and (results := json.loads(done.read_text())).get("status") == "completed":
+        return results
+    return simulate(study, folder, force=folder.exists())
+
+
 def medians(runs: list[dict]) -> dict:
     sites = list(runs[0]["final"]["sites"])
     aucs = {s: statistics.median(r["final"]["sites"][s]["auc"] for r in runs) for s in sites}
@@ -88,7 +98,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per recipe (medians reported)")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument(
+        "--out",
+        default="",
+        help="keep each run in OUT/<recipe>/seed-<k> (a completed run found there is reused)",
+    )
     args = parser.parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix="fedward-bench-privacy-"))
 
     base = private_study(args.config, args.data_dir, args.rounds)
     runs = {"no privacy": with_changes(base, {"privacy.enabled": False}, 0)}
@@ -98,7 +114,7 @@ def main() -> int:
         t0, got = time.perf_counter(), []
         for i in range(args.seeds):
             seeded = with_changes(study, {}, base.seed + i)
-            got.append(simulate(seeded, tempfile.mkdtemp(prefix="fedward-bench-privacy-")))
+            got.append(run_once(seeded, out / label.replace(" ", "-") / f"seed-{seeded.seed}"))
             print(f"  {label}, seed {seeded.seed}: pooled AUC {got[-1]['final']['pooled']['auc']:.4f}",
                   file=sys.stderr, flush=True)  # fmt: skip
         results[label], wall[label] = medians(got), time.perf_counter() - t0
