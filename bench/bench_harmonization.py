@@ -1,12 +1,13 @@
-"""Harmonization by augmentation: does re-rendering training images as other scanners might
-(`train.acquisition_augment`) help at a hospital that never took part? Measured where a new
-hospital's scanner shows: leave-one-site-out, on fedward's synthetic sites (each its own scanner:
-gain, gamma, blur, noise; common.scanners) or a MedMNIST set with `--dataset` (acquisition shift on).
+"""Harmonization of acquisition: does re-rendering training images as other scanners might
+(`train.acquisition_augment`), or standardizing each image's intensities (`data.normalize: zscore`),
+help at a hospital that never took part? Measured where a new hospital's scanner shows:
+leave-one-site-out, on fedward's synthetic sites (each its own scanner: gain, gamma, blur, noise;
+common.scanners) or a MedMNIST set with `--dataset` (acquisition shift on).
 
     python bench/bench_harmonization.py [--seeds 3] [--rounds 5] [--dataset pneumoniamnist --data-dir D]
 
 For each seed, `fedward study` (leave-one-out and the federation on all sites; no local or
-centralized references) without and with the augmentation, on the same sites and splits. Prints per
+centralized references) with each setting of SETTINGS, on the same sites and splits. Prints per
 held-out site the AUC of the model federated without it, and the pooled AUC of the federation of all,
 medians over the seeds, side by side.
 """
@@ -31,12 +32,20 @@ from server.study.run import run_comparison  # noqa: E402
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
-def one(study, seed: int, augment: bool, folder: Path) -> dict[str, float]:
+SETTINGS = {  # name: (train.acquisition_augment, data.normalize)
+    "none": (False, "none"),
+    "augment": (True, "none"),
+    "zscore": (False, "zscore"),
+    "augment+zscore": (True, "zscore"),
+}
+
+
+def one(study, seed: int, setting: str, folder: Path) -> dict[str, float]:
     s = copy.deepcopy(study)
-    s.seed, s.train.acquisition_augment = seed, augment
+    s.seed, (s.train.acquisition_augment, s.data.normalize) = seed, SETTINGS[setting]
     s.study.local = s.study.centralized = False
     s.study.leave_one_out, s.study.bootstrap_samples = True, 200
-    doc = run_comparison(s, folder / f"{seed}-{augment}", console=Console(quiet=True))
+    doc = run_comparison(s, folder / f"{seed}-{setting}", console=Console(quiet=True))
     rows = doc["comparison"]["rows"]
     out = {f"left out: {site}": rows[site][Variant.LEAVE_ONE_OUT]["auc"] for site in doc["sites"]}
     return out | {"federated, pooled": rows["pooled"][doc["primary"]]["auc"]}
@@ -53,19 +62,18 @@ def main() -> None:
     if args.dataset:
         study.data.source, study.data.dataset, study.data.data_dir = "medmnist", args.dataset, args.data_dir
         study.data.partition.acquisition_shift = True
-    results: dict[bool, list[dict]] = {False: [], True: []}
+    results: dict[str, list[dict]] = {name: [] for name in SETTINGS}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):
-            for augment in (False, True):
-                results[augment].append(one(study, seed, augment, Path(tmp)))
-                print(f"seed {seed} acquisition_augment={augment}: {results[augment][-1]}", flush=True)
-    keys = list(results[False][0])
+            for name in SETTINGS:
+                results[name].append(one(study, seed, name, Path(tmp)))
+                print(f"seed {seed} {name}: {results[name][-1]}", flush=True)
+    keys = list(results["none"][0])
     print(f"\nAUC, median of {args.seeds} seed(s), {args.dataset or 'synthetic'} sites, {args.rounds} rounds")
-    print(f"{'':28s} {'without':>9s} {'with':>9s} {'gain':>8s}")
+    print(f"{'':28s}" + "".join(f"{name:>16s}" for name in SETTINGS))
     for k in keys:
-        a = statistics.median(r[k] for r in results[False])
-        b = statistics.median(r[k] for r in results[True])
-        print(f"{k:28s} {a:9.3f} {b:9.3f} {b - a:+8.3f}")
+        cells = [statistics.median(r[k] for r in results[name]) for name in SETTINGS]
+        print(f"{k:28s}" + "".join(f"{c:16.3f}" for c in cells))
 
 
 if __name__ == "__main__":
