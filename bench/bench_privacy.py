@@ -44,6 +44,8 @@ RECIPES: dict[str, dict] = {
     "tuned+views": TUNED | {"train.augment": True, "train.augment_views": 4},  # + augmentation multiplicity
     "tuned+ws+views": TUNED | {"model.name": "cnn28-ws", "train.augment": True, "train.augment_views": 4},
     "tuned+zscore": TUNED | {"data.normalize": "zscore"},  # + per-image intensity standardization
+    "tuned+small": TUNED | {"model.name": "cnn28-small"},  # a quarter of the weights to noise
+    "tuned+10-rounds": TUNED | {"rounds": 10},  # fewer rounds: less noise per step for the same epsilon
 }
 
 
