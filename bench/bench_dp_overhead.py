@@ -7,7 +7,7 @@ that all modes see the same machine load. Prints the median per mode and its rat
 `opacus-hooks` is Opacus's hooks mode as shipped; `hooks`, `ghost`, `functorch` are as fedward runs
 them (client.grad_sample's Conv2d sampler and no zeroed copies of per-sample gradients; in `hooks`, no
 unused batch weight gradients). Every mode, and the plain step, runs with glibc keeping freed memory
-(client.dp.keep_freed_memory, which the first DP model switches on for the whole process).
+(client.dp.keep_freed_memory, switched on at the start, as a DP site's first round does for its process).
 
     python bench/bench_dp_overhead.py [--model cnn28] [--steps 30] [--batch 64] [--threads 0] [--device cpu]
 """

@@ -49,12 +49,14 @@ def local(site: str) -> str:
     return model_key(Variant.LOCAL, site)
 
 
-def study_for(dataset: str, args: argparse.Namespace):
+def study_for(dataset: str, args: argparse.Namespace, seed: int):
+    """The data set's shipped study as the benchmark runs it, with training seed `seed` on the one split."""
     study = load_study(
         ROOT / "configs" / f"{dataset}.yaml", rounds=args.rounds, num_sites=3, data_dir=args.data_dir
     )
     study.data.partition.scheme = "label_skew"
     study.data.partition.acquisition_shift = True
+    study.seed, study.data.partition.seed = seed, 0  # same sites and split, another training seed
     # every site's test data holds >= 10 images of each class, so its AUC (and the comparison of
     # models on it) measures something; the first Dirichlet draw for seed 0 leaves a site 4 positives
     study.data.partition.min_test_per_class = 10
@@ -189,6 +191,15 @@ def report(dataset: str, docs: list[dict], wall: float) -> bool:
     return all(ok for _, ok, _ in _targets(median_doc))
 
 
+def study_in(study, folder: Path, console: Console) -> dict:
+    """`fedward study` of `study` in `folder`, or the completed study already there."""
+    done = folder / STUDY_FILE
+    if done.exists() and (doc := json.loads(done.read_text())).get("status") == "completed":
+        print(f"  reusing the completed study in {folder}", file=sys.stderr)
+        return doc
+    return run_comparison(study, folder, console=console)
+
+
 def strategies(dataset: str, args: argparse.Namespace, docs: list[dict], out: Path, console: Console) -> None:
     """The federated model under each of `args.strategies`, same sites, splits and seeds as `docs`'s
     fedavg: test AUC per site and pooled, medians over the seeds, and the difference to fedavg."""
@@ -197,18 +208,11 @@ def strategies(dataset: str, args: argparse.Namespace, docs: list[dict], out: Pa
     for name in args.strategies:
         rows[name] = []
         for seed in range(args.seeds):
-            study = study_for(dataset, args)
-            study.seed, study.data.partition.seed = seed, 0
+            study = study_for(dataset, args, seed)
             study.strategy.name = name
             study.study.local = study.study.centralized = study.study.compare_privacy = False
             study.study.fedbn, study.study.fine_tune_epochs = False, 0
-            folder = out / dataset / name / f"seed-{seed}"
-            done = folder / STUDY_FILE
-            doc = (
-                json.loads(done.read_text())
-                if done.exists()
-                else run_comparison(study, folder, console=console)
-            )
+            doc = study_in(study, out / dataset / name / f"seed-{seed}", console)
             rows[name].append({t: _auc(doc, FED, t) for t in [*sites, "pooled"]})
     print(f"  strategies, federated model's test AUC (median over {args.seeds} seeds; difference to fedavg):")
     print(f"    {'strategy':<10}" + "".join(f"{t:>18}" for t in [*sites, "pooled"]))
@@ -249,15 +253,7 @@ def main() -> int:
         t0 = time.perf_counter()
         docs = []
         for seed in range(args.seeds):
-            study = study_for(dataset, args)
-            study.seed, study.data.partition.seed = seed, 0  # same sites and split, another training seed
-            folder = out / dataset / f"seed-{seed}"
-            done = folder / STUDY_FILE
-            if done.exists() and json.loads(done.read_text()).get("status") == "completed":
-                print(f"  {dataset} seed {seed}: reusing the completed study in {folder}", file=sys.stderr)
-                docs.append(json.loads(done.read_text()))
-                continue
-            docs.append(run_comparison(study, folder, console=console))
+            docs.append(study_in(study_for(dataset, args, seed), out / dataset / f"seed-{seed}", console))
         met[dataset] = report(dataset, docs, time.perf_counter() - t0)
         if args.strategies:
             strategies(dataset, args, docs, out, console)

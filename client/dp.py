@@ -24,6 +24,7 @@ torch's global generator.
 from __future__ import annotations
 
 import ctypes
+import functools
 import types
 import warnings
 from collections.abc import Callable
@@ -125,6 +126,7 @@ class PrivateTraining:
         }
 
 
+@functools.cache
 def keep_freed_memory() -> None:
     """Ask glibc's allocator to keep freed memory for reuse, once per process.
 
@@ -132,10 +134,6 @@ def keep_freed_memory() -> None:
     that large to the system (mmap / trim), so the next step page-faults all of it in afresh, which cost
     `cnn28` a third of its DP step (bench/bench_dp_overhead.py). Kept memory is bounded by the largest
     step's. Elsewhere than glibc nothing changes."""
-    global _MEMORY_KEPT
-    if _MEMORY_KEPT:
-        return
-    _MEMORY_KEPT = True
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -144,7 +142,6 @@ def keep_freed_memory() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 1 * 2**30)  # and freed heap memory kept, up to 1 GB
 
 
-_MEMORY_KEPT = False
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
@@ -163,10 +160,10 @@ def make_private(
 ) -> PrivateTraining:
     """Make `model`, `optimizer`, `data_loader` and `criterion` private for one round.
 
-    `optimizer` must hold exactly `model`'s parameters; `model` must be Opacus-compatible
-    (common.opacus_compat). Noise comes from `noise_generator` (on the model's device), Poisson batches
-    from `data_loader.generator`. poisson_sampling=False makes epsilon an approximation (sites refuse it). `poisson` fixes the sample rate and the batch size the gradient sum is
-    divided by, instead of taking both from the data set's exact size, which a site does not release.
+    `optimizer` holds exactly `model`'s parameters; `model` is Opacus-compatible (common.opacus_compat).
+    Noise comes from `noise_generator` (on the model's device), Poisson batches from `data_loader.generator`;
+    poisson_sampling=False makes epsilon an approximation (sites refuse it). `poisson` fixes the sample
+    rate and the divisor of the gradient sum instead of the data set's exact size (never released).
 
     Raises:
         PrivacyConfigError: a setting is out of range, or ghost clipping without a mean loss.

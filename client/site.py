@@ -255,7 +255,7 @@ class SiteRuntime:
                     round_=plan.round,
                     repeatable=self.config.privacy.repeatable_noise,
                 )
-        if out.spends is None:  # a protected release keeps its time too: it grows with the exact n_test
+        if out.spends is None:  # a protected release sends no time either: it grows with the exact n_test
             metrics[Met.EVAL_S] = time.perf_counter() - t0
         return SiteReply(self.config.site, metrics, release=out.kind)
 

@@ -22,6 +22,7 @@ from common.schema import (
     GRAD_SAMPLE_MODES,
     MIN_INPUT_SIZE,
     MODEL_NAMES,
+    NORMALIZE_MODES,
     ConfigError,
     SiteConfig,
     SiteDataConfig,
@@ -174,7 +175,7 @@ def _validate_input(study: StudyConfig, p: str) -> None:
 
 def _validate_choices(study: StudyConfig, p: str) -> None:
     _choice(study.data.source, ("synthetic", "medmnist", "sites"), "data.source", p)
-    _choice(study.data.normalize, ("none", "minmax", "zscore"), "data.normalize", p)
+    _choice(study.data.normalize, NORMALIZE_MODES, "data.normalize", p)
     _choice(study.data.partition.scheme, ("iid", "label_skew"), "data.partition.scheme", p)
     _choice(study.model.name, MODEL_NAMES, "model.name", p)
     _choice(study.strategy.name, ("fedavg", "fedprox", "fedadam"), "strategy.name", p)
@@ -392,7 +393,7 @@ def _validate_site_data(data: SiteDataConfig, p: str) -> None:
         )
     _validate_geometry(data, p)
     _choice(pre.spatial, ("resize", "fit", "crop_or_pad"), "data.preprocess.spatial", p)
-    _choice(pre.normalize, ("none", "minmax", "zscore"), "data.preprocess.normalize", p)
+    _choice(pre.normalize, NORMALIZE_MODES, "data.preprocess.normalize", p)
     if pre.percentiles and (
         len(pre.percentiles) != 2 or not 0 <= pre.percentiles[0] < pre.percentiles[1] <= 100
     ):

@@ -16,13 +16,9 @@ from dataclasses import dataclass, field
 MODEL_NAMES = ("cnn28", "cnn28-small", "cnn28-wide", "cnn28-ws", "resnet10", "resnet18", "densenet121",
                "efficientnet-b0", "cnn3d", "cnn3d-ws", "resnet10-3d", "unet", "unet-3d")  # fmt: skip
 SEGMENTATION_MODELS = ("unet", "unet-3d")  # networks that give a label map: task segmentation
-VOLUME_MODELS = (
-    "cnn3d",
-    "cnn3d-ws",
-    "resnet10-3d",
-    "unet-3d",
-)  # 3-D networks: their input is [slices, height, width]
+VOLUME_MODELS = ("cnn3d", "cnn3d-ws", "resnet10-3d", "unet-3d")  # 3-D networks: input [slices, height, width]
 MIN_INPUT_SIZE = {"densenet121": 32, "efficientnet-b0": 32}  # networks for large images need >= this
+NORMALIZE_MODES = ("none", "minmax", "zscore")  # per-image intensity normalization (common.transforms)
 GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch", "ew")  # Opacus's per-sample gradient modes
 DEFAULT_GRAD_SAMPLE_MODE = "hooks"  # the fastest on cnn28 (bench/bench_dp_overhead.py)
 

@@ -158,10 +158,8 @@ def normalize_images(images: np.ndarray, pre: PreprocessConfig) -> np.ndarray:
     steps = intensity_steps(pre)
     if not steps:
         return images
-    out = [
-        np.asarray(Compose(steps)({"image": torch.from_numpy(np.ascontiguousarray(x))})["image"])
-        for x in images
-    ]
+    compose = Compose(steps)
+    out = [np.asarray(compose({"image": torch.from_numpy(np.ascontiguousarray(x))})["image"]) for x in images]
     return np.stack(out).astype(np.float32) if out else images
 
 

@@ -40,24 +40,22 @@ def standardization_backward(weight: torch.Tensor, grads: torch.Tensor, eps: flo
     return (g / s).reshape(grads.shape)
 
 
-class WSConv2d(nn.Conv2d):
-    """nn.Conv2d whose kernels are standardized per output channel at every forward pass."""
+class _Standardized:
+    """A conv layer whose kernels are standardized per output channel at every forward pass."""
 
-    def effective_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
-        return standardize(self.weight if weight is None else weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.effective_weight(), self.bias)
-
-
-class WSConv3d(nn.Conv3d):
-    """nn.Conv3d whose kernels are standardized per output channel at every forward pass."""
-
-    def effective_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
-        return standardize(self.weight if weight is None else weight)
+    def effective_weight(self) -> torch.Tensor:
+        return standardize(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.effective_weight(), self.bias)
+
+
+class WSConv2d(_Standardized, nn.Conv2d):
+    """nn.Conv2d with weight-standardized kernels."""
+
+
+class WSConv3d(_Standardized, nn.Conv3d):
+    """nn.Conv3d with weight-standardized kernels."""
 
 
 WS_CONVS = (WSConv2d, WSConv3d)
