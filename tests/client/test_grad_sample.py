@@ -196,3 +196,39 @@ def test_an_empty_poisson_batch_steps_with_noise_alone(name, mode):
     dp.optimizer.step()
     moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)])
     assert dp.steps == 1 and moved.abs().min() > 0  # every weight got noise, as a step of a real batch does
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "functorch"])
+def test_every_mode_a_coordinator_may_ask_for_clips_each_weight_standardized_sample_by_hand(mode):
+    """The coordinator names the model and the per-sample gradient mode. For `cnn28-ws` in every mode
+    the DP update must be the mean of per-sample gradients each clipped to max_grad_norm, computed by
+    hand (one backward pass per sample), so no sample ever contributes more than the clip."""
+    import warnings
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from client.dp import make_private
+
+    torch.manual_seed(0)
+    n, clip = 8, 0.05  # a clip well under the gradients' norms: every sample is clipped
+    x, y = torch.randn(n, 1, 28, 28), torch.randint(0, 2, (n,))
+    grads = _per_sample_by_autograd(build_model("cnn28-ws", seed=3), x, y)  # reduction sum per sample
+    flat = torch.cat([g.reshape(n, -1) for g in grads], dim=1)
+    assert flat.norm(dim=1).min() > clip
+    expected = (flat * (clip / flat.norm(dim=1, keepdim=True))).sum(0) / n
+
+    model = build_model("cnn28-ws", seed=3)
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dp = make_private(
+            noise_generator=torch.Generator().manual_seed(0), model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+            data_loader=DataLoader(TensorDataset(x, y), batch_size=n), criterion=nn.CrossEntropyLoss(),
+            noise_multiplier=1e-9, max_grad_norm=clip, grad_sample_mode=mode, poisson_sampling=False,
+        )  # fmt: skip
+        dp.optimizer.zero_grad()
+        dp.criterion(dp.model(x), y).backward()
+        dp.optimizer.step()
+    update = before - torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert torch.allclose(update, expected, atol=1e-6, rtol=1e-3), float((update - expected).abs().max())
