@@ -16,6 +16,7 @@ from torch import nn
 
 from common.files import write_atomic
 from common.opacus_compat import make_opacus_compatible
+from common.scatter_net import ScatterNet
 from common.schema import MODEL_NAMES
 from common.weight_standardization import WSConv2d, WSConv3d
 
@@ -118,6 +119,7 @@ MODELS: dict[str, Callable[[int, int], nn.Module]] = {
     "cnn28-small": lambda c, k: CNN28(c, k, width=16),
     "cnn28-wide": lambda c, k: CNN28(c, k, width=48),
     "cnn28-ws": lambda c, k: CNN28(c, k, standardized=True),  # weight standardization, for DP-SGD
+    "scatternet": lambda c, k: ScatterNet(c, k),  # fixed scattering features + linear: for small DP sites
     "resnet10": _monai_resnet(10),
     "resnet18": _monai_resnet(18),
     "densenet121": _monai_densenet121,

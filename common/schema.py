@@ -13,8 +13,8 @@ import dataclasses
 from dataclasses import dataclass, field
 
 # The choices some keys allow, here so that loading a config needs neither torch nor Opacus.
-MODEL_NAMES = ("cnn28", "cnn28-small", "cnn28-wide", "cnn28-ws", "resnet10", "resnet18", "densenet121",
-               "efficientnet-b0", "cnn3d", "cnn3d-ws", "resnet10-3d", "unet", "unet-3d")  # fmt: skip
+MODEL_NAMES = ("cnn28", "cnn28-small", "cnn28-wide", "cnn28-ws", "scatternet", "resnet10", "resnet18",
+               "densenet121", "efficientnet-b0", "cnn3d", "cnn3d-ws", "resnet10-3d", "unet", "unet-3d")  # fmt: skip
 SEGMENTATION_MODELS = ("unet", "unet-3d")  # networks that give a label map: task segmentation
 VOLUME_MODELS = ("cnn3d", "cnn3d-ws", "resnet10-3d", "unet-3d")  # 3-D networks: input [slices, height, width]
 MIN_INPUT_SIZE = {"densenet121": 32, "efficientnet-b0": 32}  # networks for large images need >= this

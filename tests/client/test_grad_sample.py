@@ -199,10 +199,12 @@ def test_an_empty_poisson_batch_steps_with_noise_alone(name, mode):
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost", "functorch"])
-def test_every_mode_a_coordinator_may_ask_for_clips_each_weight_standardized_sample_by_hand(mode):
-    """The coordinator names the model and the per-sample gradient mode. For `cnn28-ws` in every mode
-    the DP update must be the mean of per-sample gradients each clipped to max_grad_norm, computed by
-    hand (one backward pass per sample), so no sample ever contributes more than the clip."""
+@pytest.mark.parametrize("name", ["cnn28-ws", "scatternet"])
+def test_every_mode_a_coordinator_may_ask_for_clips_each_sample_of_the_new_networks_by_hand(name, mode):
+    """The coordinator names the model and the per-sample gradient mode. For the weight-standardized
+    `cnn28-ws` and the scattering `scatternet`, in every mode the DP update must be the mean of
+    per-sample gradients each clipped to max_grad_norm, computed by hand (one backward pass per sample),
+    so no sample ever contributes more than the clip."""
     import warnings
 
     from torch.utils.data import DataLoader, TensorDataset
@@ -212,12 +214,12 @@ def test_every_mode_a_coordinator_may_ask_for_clips_each_weight_standardized_sam
     torch.manual_seed(0)
     n, clip = 8, 0.05  # a clip well under the gradients' norms: every sample is clipped
     x, y = torch.randn(n, 1, 28, 28), torch.randint(0, 2, (n,))
-    grads = _per_sample_by_autograd(build_model("cnn28-ws", seed=3), x, y)  # reduction sum per sample
+    grads = _per_sample_by_autograd(build_model(name, seed=3), x, y)  # reduction sum per sample
     flat = torch.cat([g.reshape(n, -1) for g in grads], dim=1)
     assert flat.norm(dim=1).min() > clip
     expected = (flat * (clip / flat.norm(dim=1, keepdim=True))).sum(0) / n
 
-    model = build_model("cnn28-ws", seed=3)
+    model = build_model(name, seed=3)
     before = torch.cat([p.detach().flatten() for p in model.parameters()])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

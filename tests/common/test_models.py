@@ -49,3 +49,18 @@ def test_building_a_model_leaves_torchs_global_generator_as_it_was():
     a = build_model("cnn28", seed=0)
     assert torch.equal(torch.rand(4), expected)  # the same draws as if nothing had been built
     assert torch.equal(a.head.weight, build_model("cnn28", seed=0).head.weight)  # its own weights: seeded
+
+
+def test_scatternet_sends_only_learned_weights_and_takes_any_2d_size(tmp_path):
+    """The scattering filter bank is fixed: it must not travel in updates or packages (only GroupNorm's
+    affine and the linear head do), and one network takes MedMNIST's 28x28 and larger images alike."""
+    model = build_model("scatternet", in_channels=1, num_classes=2, seed=1)
+    assert set(model.state_dict()) == {"norm.weight", "norm.bias", "head.weight", "head.bias"}
+    assert model.state_dict().keys() == {name for name, _ in model.named_parameters()}
+    x, big = torch.randn(3, 1, 28, 28), torch.randn(3, 1, 64, 48)
+    assert model.eval()(big).shape == (3, 2)
+    save_model(tmp_path / "s.pt", model, meta={"model": "scatternet", "in_channels": 1, "num_classes": 2})
+    loaded, _ = load_model(tmp_path / "s.pt")
+    assert torch.allclose(loaded(x), model(x))
+    # each image's output is its own: a batch gives the rows of its images one by one (DP-SGD's premise)
+    assert torch.allclose(model(x), torch.cat([model(x[i : i + 1]) for i in range(3)]), atol=1e-5)
