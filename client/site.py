@@ -26,6 +26,7 @@ import torch
 
 from client import evaluation, guard, local_norm
 from client.dp import PoissonPlan
+from client.drift import correction_problem, split_correction
 from client.policy import SitePolicy
 from client.profile import record_training_profile
 from client.train import DPSettings, RoundResult, device, predict, train_round
@@ -92,19 +93,18 @@ class SiteRuntime:
         if refusal:
             return self.refusal(guard.refusal_text(self.config, plan.round, refusal))
         record_training_profile(self.config.state_dir, plan.study_id, self.data)  # drift's reference
-        received, weights = weights, self._own_norms(plan, weights)
+        received, correction = split_correction(weights)  # SCAFFOLD's correction, when one came
+        weights = self._own_norms(plan, received)
+        model = self.model_for(plan, weights)
+        if correction is not None and (problem := correction_problem(model, correction)):
+            return self.refusal(f"site '{self.config.site}' refuses round {plan.round}: {problem}")
         if not plan.dp_enabled:
-            result = train_round(
-                self.model_for(plan, weights),
-                self.data.train_x,
-                self.data.train_y,
-                plan,
-                augment_fn=self.augment,
-            )
+            result = train_round(model, self.data.train_x, self.data.train_y, plan,
+                                 augment_fn=self.augment, correction=correction)  # fmt: skip
             return self._reply(plan, result, exact=True, received=received)
         # the budget check to the ledger line is one step: one private training at a time per ledger
         with guard.site_lock(self.config):
-            return self._train_private(plan, config, weights, received)
+            return self._train_private(plan, config, model, received, correction)
 
     def _own_norms(self, plan: RoundPlan, weights: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """With `local_norm`, the global weights with this site's own normalization parameters."""
@@ -113,7 +113,7 @@ class SiteRuntime:
         return local_norm.with_local(weights, local_norm.load_local(self.config.state_dir, plan.study_id))
 
     def _train_private(
-        self, plan: RoundPlan, config: Mapping, weights: Mapping[str, torch.Tensor], received: Mapping
+        self, plan: RoundPlan, config: Mapping, model: torch.nn.Module, received: Mapping, correction
     ) -> SiteReply:
         private, refusal = guard.plan_round(
             config, plan, self.config, len(self.data.train_y), device(), patients=self.data.train_patients
@@ -123,7 +123,7 @@ class SiteRuntime:
             return self.refusal(refusal)
         entries = []
         result = train_round(
-            self.model_for(plan, weights),
+            model,
             self.data.train_x,
             self.data.train_y,
             plan,
@@ -135,6 +135,7 @@ class SiteRuntime:
                 on_steps=lambda dp: entries.append(guard.record_round(private, dp)),  # before the reply
                 patients=private.groups,
             ),
+            correction=correction,
         )
         reply = self._reply(plan, result, exact=False, received=received)
         entry = entries[0]
@@ -164,6 +165,7 @@ class SiteRuntime:
         if exact:
             metrics = {
                 Met.NUM_EXAMPLES: len(self.data.train_y),
+                Met.STEPS: result.steps,  # optimizer steps: SCAFFOLD's control variates need them
                 Met.TRAIN_LOSS: result.loss,
                 Met.TRAIN_S: result.seconds,
             }

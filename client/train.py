@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.dp import PoissonPlan, PrivateTraining, make_private_for
+from client.drift import correct_after_each_step
 from client.patients import PatientDataset, collate_patients, sum_per_patient, unpack_batch
 from client.randomness import RoundRandomness
 from common.privacy import PrivacyRequest
@@ -276,6 +277,7 @@ def train_round(
     augment_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     randomness: RoundRandomness | None = None,
     dp: DPSettings | None = None,
+    correction: Mapping[str, torch.Tensor] | None = None,
 ) -> RoundResult:
     """One round of local training of `model` on (x, y) as `plan` says.
 
@@ -283,7 +285,8 @@ def train_round(
     when asked), FedProx's term when `plan.proximal_mu` > 0, `augment_fn` (a site's own augmentation)
     or the plan's flips and shifts, `plan.augment_views` views; with `dp`, DP-SGD (client.dp).
     `randomness`: the round's generators (a private round's are secret, client.guard; a plain round's
-    default to the plan's seed and round)."""
+    default to the plan's seed and round). `correction`: SCAFFOLD's drift correction, applied after
+    every step (client.drift; with DP-SGD after the noise)."""
     if randomness is None:
         if dp is not None:
             raise ValueError("a private round needs its RoundRandomness (client.randomness), not a default")
@@ -293,6 +296,8 @@ def train_round(
         dataset = PatientDataset(x, y, dp.patients)
         loader = DataLoader(dataset, batch_size=1, collate_fn=collate_patients, generator=randomness.sampling)
     optimizer = make_optimizer(model, plan.optimizer, plan.lr)
+    if correction is not None:  # on the plain optimizer: Opacus's steps it after clipping and noise
+        correct_after_each_step(optimizer, model, correction)
     criterion = make_criterion(y, plan.num_classes, plan.class_balance, plan.task).to(
         next(model.parameters()).device
     )

@@ -178,7 +178,7 @@ def _validate_choices(study: StudyConfig, p: str) -> None:
     _choice(study.data.normalize, NORMALIZE_MODES, "data.normalize", p)
     _choice(study.data.partition.scheme, ("iid", "label_skew"), "data.partition.scheme", p)
     _choice(study.model.name, MODEL_NAMES, "model.name", p)
-    _choice(study.strategy.name, ("fedavg", "fedprox", "fedadam"), "strategy.name", p)
+    _choice(study.strategy.name, ("fedavg", "fedprox", "fedadam", "scaffold"), "strategy.name", p)
     _choice(study.train.optimizer, ("adam", "sgd"), "train.optimizer", p)
     _choice(study.privacy.grad_sample_mode, GRAD_SAMPLE_MODES, "privacy.grad_sample_mode", p)
     _choice(
@@ -272,6 +272,12 @@ def _validate_privacy(study: StudyConfig, p: str) -> None:
             f"{p}: 'train.class_balance' is not available with privacy: class weights counted on a "
             "site's data make every sample's gradient depend on the others, which DP-SGD's accounting "
             "does not cover; set 'train.class_balance: false' with 'privacy.enabled: true'."
+        )
+    if study.strategy.name == "scaffold" and (study.strategy.local_norm or study.study.fedbn):
+        raise ConfigError(
+            f"{p}: 'strategy.name' scaffold with site-local normalization ('strategy.local_norm' or "
+            "'study.fedbn'): those parameters never change in the updates, so SCAFFOLD's control "
+            "variates for them would be wrong; use one or the other."
         )
     if not 0 <= study.strategy.ema_decay < 1:
         raise ConfigError(

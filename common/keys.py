@@ -16,6 +16,11 @@ class Rec(StrEnum):
     SITE = "site"  # ConfigRecord: the site's name and, when it refuses, why
 
 
+# SCAFFOLD (server.scaffold): the coordinator's per-site drift correction travels beside the global
+# model's arrays, each under this prefix and the parameter's name (client.drift takes them out)
+CORRECTION_PREFIX = "scaffold-correction/"
+
+
 class Cfg(StrEnum):
     """Keys of the coordinator's per-round ConfigRecord."""
 

@@ -100,7 +100,7 @@ class TrainConfig:
 
 @dataclass
 class StrategyConfig:
-    name: str = "fedavg"  # fedavg | fedprox | fedadam (Flower's own strategies)
+    name: str = "fedavg"  # fedavg | fedprox | fedadam (Flower's own strategies) | scaffold (server.scaffold)
     proximal_mu: float = 0.01  # fedprox: weight of the proximal term
     server_lr: float = 0.01  # fedadam: eta, the server-side learning rate
     server_lr_local: float = 0.01  # fedadam: eta_l (only logged by Flower)

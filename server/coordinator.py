@@ -44,6 +44,7 @@ from server.round_records import (
     warn_budget_passed,
 )
 from server.run_folder import Results, io_error, new_results
+from server.scaffold import Scaffold
 from server.store import RunStore
 
 log = logging.getLogger("fedward.coordinator")
@@ -64,7 +65,9 @@ class Reporter:
     def finish(self, results: dict) -> None: ...
 
 
-def make_strategy(study: StudyConfig) -> FedAvg:
+def make_strategy(study: StudyConfig, *, parameters: list[str] = (), num_sites: int = 0) -> FedAvg:
+    """The study's Flower strategy; SCAFFOLD needs the model's trainable `parameters` and the
+    number of sites."""
     common = dict(
         fraction_train=1.0,
         fraction_evaluate=1.0,
@@ -84,11 +87,16 @@ def make_strategy(study: StudyConfig) -> FedAvg:
             tau=s.tau,
             **common,
         )
+    if s.name == "scaffold":
+        return Scaffold(parameters=list(parameters), num_sites=num_sites, **common)
     return FedAvg(**common)
 
 
 def strategy_state(strategy: FedAvg) -> dict:
-    """Server-side optimizer state a resumed study needs (FedAdam's moments); empty for FedAvg."""
+    """Server-side state a resumed study needs (FedAdam's moments, SCAFFOLD's control variates);
+    empty for FedAvg."""
+    if isinstance(strategy, Scaffold):
+        return strategy.state()
     return {k: getattr(strategy, k) for k in ("m_t", "v_t") if getattr(strategy, k, None) is not None}
 
 
@@ -262,7 +270,12 @@ class Coordinator:
     ) -> Results:
         """Rounds `first`..study.rounds, then the final model; `t_origin`: when the run started, on
         perf_counter's clock, counting the time of the rounds before a resume."""
-        strategy = make_strategy(self.study)
+        meta = self.model_meta
+        model = build_model(
+            self.study.model.name, in_channels=meta["in_channels"], num_classes=meta["num_classes"]
+        )
+        trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+        strategy = make_strategy(self.study, parameters=trainable, num_sites=self.n_sites)
         for k, v in strat_state.items():
             setattr(strategy, k, v)
         self.wait_for_sites()
