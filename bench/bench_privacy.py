@@ -46,6 +46,28 @@ RECIPES: dict[str, dict] = {
     "tuned+zscore": TUNED | {"data.normalize": "zscore"},  # + per-image intensity standardization
     "tuned+small": TUNED | {"model.name": "cnn28-small"},  # a quarter of the weights to noise
     "tuned+10-rounds": TUNED | {"rounds": 10},  # fewer rounds: less noise per step for the same epsilon
+    # fixed scattering features + a linear classifier (Tramer & Boneh 2021): noise on ~4k weights, not ~140k
+    "scatternet": {"model.name": "scatternet"},
+    "scatternet+lr": {"model.name": "scatternet", "train.lr": 0.004},
+    "scatternet+tuned": TUNED | {"model.name": "scatternet"},
+    "scatternet+clip0.1": {"model.name": "scatternet", "privacy.max_grad_norm": 0.1, "train.lr": 0.004},
+    "scatternet+batch128": {"model.name": "scatternet", "train.batch_size": 128},
+    "scatternet+local2": {"model.name": "scatternet", "train.local_epochs": 2},
+    "scatternet+sgd": {"model.name": "scatternet", "train.optimizer": "sgd", "train.lr": 0.05},
+    "scatternet+sgd+local2": {
+        "model.name": "scatternet",
+        "train.optimizer": "sgd",
+        "train.lr": 0.05,
+        "train.local_epochs": 2,
+    },
+    "scatternet+sgd0.1": {"model.name": "scatternet", "train.optimizer": "sgd", "train.lr": 0.1},
+    "scatternet+sgd0.02": {"model.name": "scatternet", "train.optimizer": "sgd", "train.lr": 0.02},
+    "scatternet+sgd+views": {
+        "model.name": "scatternet",
+        "train.optimizer": "sgd",
+        "train.lr": 0.05,
+        "train.augment_views": 4,
+    },
 }
 
 
