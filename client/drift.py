@@ -43,7 +43,9 @@ def correction_problem(model: nn.Module, correction: Mapping[str, torch.Tensor])
     for name, value in correction.items():
         if tuple(value.shape) != tuple(params[name].shape):
             return f"the SCAFFOLD correction of '{name}' is {list(value.shape)}, the parameter {list(params[name].shape)}"
-        if not torch.isfinite(value).all():
+        if not value.is_floating_point():
+            return f"the SCAFFOLD correction of '{name}' is {value.dtype}, not real floating point"
+        if not torch.isfinite(value.to(params[name].dtype)).all():  # as applied: 1e300 is inf in float32
             return f"the SCAFFOLD correction of '{name}' holds NaN or infinite values"
     return None
 

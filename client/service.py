@@ -151,7 +151,11 @@ class SiteService:
             log.exception("site %s: request failed", self.config.site)
             reply, weights = {"error": f"site '{self.config.site}': {type(err).__name__}: {err}"}, None
         try:
-            send_frame(conn, reply, weights)
+            try:
+                send_frame(conn, reply, weights)
+            except ValueError as err:  # e.g. a NaN loss after training diverged: not valid JSON
+                log.warning("site %s: its answer could not be sent (%s)", self.config.site, err)
+                send_frame(conn, {"error": f"site '{self.config.site}': its answer could not be sent: {err}"})
             self.served += 1
         except OSError as err:  # the forwarder went away (crashed, killed SuperNode): its answer is lost
             log.warning("site %s: the forwarder hung up before its answer (%s)", self.config.site, err)

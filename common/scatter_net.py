@@ -34,12 +34,14 @@ class ScatterNet(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 2):
         super().__init__()
         maps = MAPS_PER_CHANNEL * in_channels
-        self.norm = nn.GroupNorm(MAPS_PER_CHANNEL // 3, maps)  # groups of 3 maps, per input channel
+        self.norm = nn.GroupNorm(MAPS_PER_CHANNEL // 3, maps)  # 27 groups of 3 maps per input channel
         self.head = nn.Linear(maps * GRID * GRID, num_classes)
         self._scatterings: dict[tuple, nn.Module] = {}  # not submodules: no weights, not in state_dict
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The normalized scattering maps, (batch, maps, 7, 7)."""
+        if len(x) == 0:  # an empty Poisson batch: kymatio's FFT refuses batches of none
+            return self.norm(x.new_zeros(0, self.norm.num_channels, GRID, GRID))
         key = (x.shape[-2], x.shape[-1], x.device)
         if key not in self._scatterings:
             self._scatterings[key] = _scattering(x.shape[-2], x.shape[-1], x.device)

@@ -65,9 +65,9 @@ class Reporter:
     def finish(self, results: dict) -> None: ...
 
 
-def make_strategy(study: StudyConfig, *, parameters: list[str] = (), num_sites: int = 0) -> FedAvg:
+def make_strategy(study: StudyConfig, *, parameters: list[str] = (), node_site: dict | None = None) -> FedAvg:
     """The study's Flower strategy; SCAFFOLD needs the model's trainable `parameters` and the
-    number of sites."""
+    coordinator's map of node ids to site names."""
     common = dict(
         fraction_train=1.0,
         fraction_evaluate=1.0,
@@ -88,7 +88,9 @@ def make_strategy(study: StudyConfig, *, parameters: list[str] = (), num_sites: 
             **common,
         )
     if s.name == "scaffold":
-        return Scaffold(parameters=list(parameters), num_sites=num_sites, **common)
+        return Scaffold(
+            parameters=list(parameters), node_site={} if node_site is None else node_site, **common
+        )
     return FedAvg(**common)
 
 
@@ -275,7 +277,7 @@ class Coordinator:
             self.study.model.name, in_channels=meta["in_channels"], num_classes=meta["num_classes"]
         )
         trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-        strategy = make_strategy(self.study, parameters=trainable, num_sites=self.n_sites)
+        strategy = make_strategy(self.study, parameters=trainable, node_site=self.node_site)
         for k, v in strat_state.items():
             setattr(strategy, k, v)
         self.wait_for_sites()

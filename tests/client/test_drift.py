@@ -71,6 +71,11 @@ def _site(tmp_path: Path, private: bool = True) -> SiteConfig:
         (lambda c: c.update({"head.bias": torch.zeros(7)}), "'head.bias' is [7]"),
         (lambda c: c.pop("head.bias"), "missing ['head.bias']"),
         (lambda c: c.update({"not.a.weight": torch.zeros(1)}), "not parameters ['not.a.weight']"),
+        (
+            lambda c: c.update({"head.bias": torch.full((2,), 1e300, dtype=torch.float64)}),
+            "'head.bias' holds NaN",
+        ),
+        (lambda c: c.update({"head.bias": torch.zeros(2, dtype=torch.int64)}), "'head.bias' is torch.int64"),
     ],
 )
 def test_a_correction_that_does_not_fit_is_refused_naming_the_key_and_nothing_is_charged(
@@ -87,6 +92,17 @@ def test_a_correction_that_does_not_fit_is_refused_naming_the_key_and_nothing_is
     reply = SiteRuntime.load(site).train(config, arrays)
     assert reply.weights is None and named in reply.refused and "hospital-a" in reply.refused
     assert not (Path(site.state_dir) / LEDGER_FILENAME).exists()  # refused before any private step
+
+
+def test_a_correction_beside_site_local_normalization_is_refused(tmp_path):
+    """A site keeps its own normalization parameters (local-norm): a coordinator's correction must not
+    move them, whatever study config it claims."""
+    site = _site(tmp_path, private=False)
+    zero = {CORRECTION_PREFIX + n: torch.zeros_like(p) for n, p in build_model("cnn28").named_parameters()}
+    reply = SiteRuntime.load(site).train(
+        round_config(local_norm=True), build_model("cnn28").state_dict() | zero
+    )
+    assert reply.weights is None and "local-norm" in reply.refused
 
 
 def test_a_plain_round_with_a_zero_correction_trains_as_without_one_and_reports_its_steps(tmp_path):

@@ -170,7 +170,7 @@ def test_a_layer_used_twice_in_one_pass_gets_the_sum_of_both_uses_per_sample():
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
-@pytest.mark.parametrize("name", ["cnn28", "cnn28-ws"])
+@pytest.mark.parametrize("name", ["cnn28", "cnn28-ws", "scatternet"])
 def test_an_empty_poisson_batch_steps_with_noise_alone(name, mode):
     """Poisson sampling draws empty batches; each must still be a step (noise only), never an error
     that would tell the coordinator a batch came out empty."""

@@ -180,3 +180,25 @@ def test_the_service_warns_when_other_users_can_read_the_sites_images(tmp_path, 
     images.chmod(0o750)
     sheet.chmod(0o640)
     assert warned() == []
+
+
+def test_an_answer_that_cannot_be_sent_is_an_error_and_the_service_serves_on(tmp_path):
+    """Weights of the coordinator's that make training diverge give a NaN loss, which no frame can
+    carry (JSON): the forwarder gets an error naming the site, and the service goes on serving."""
+    site = _site(tmp_path)
+    site.privacy.required = False  # a site that allows non-private studies: its replies carry the loss
+    service = Running(site, tmp_path / "sock" / "site.sock")
+    try:
+        poisoned = {k: v.fill_(float("inf")) for k, v in build_model("cnn28").state_dict().items()}
+        content = RecordDict(
+            {Rec.ARRAYS: ArrayRecord(poisoned), Rec.CONFIG: ConfigRecord(round_config(batch_size=16))}
+        )
+        with pytest.raises(RuntimeError, match="hospital-a.*could not be sent"):
+            forward(
+                Message(content, dst_node_id=1, message_type=MessageType.TRAIN),
+                str(service.service.path),
+                "train",
+            )
+        assert ask(str(service.service.path), {"op": "status"})[0]["site"] == "hospital-a"
+    finally:
+        service.stop()

@@ -41,7 +41,7 @@ def _recording(seen: list[dict], node: int, name: str, index: int):
         reply = real(msg)
         if msg.metadata.message_type == MessageType.TRAIN:
             arrays = {k: v.numpy().astype(np.float64) for k, v in msg.content[Rec.ARRAYS].items()}
-            seen.append({"node": node, "round": int(msg.content[Rec.CONFIG][Cfg.SERVER_ROUND]),
+            seen.append({"site": name, "round": int(msg.content[Rec.CONFIG][Cfg.SERVER_ROUND]),
                          "lr": float(msg.content[Rec.CONFIG][Cfg.LR]), "sent": arrays,
                          "back": {k: v.numpy().astype(np.float64) for k, v in reply.content[Rec.ARRAYS].items()},
                          "steps": int(reply.content[Rec.METRICS][Met.STEPS])})  # fmt: skip
@@ -50,23 +50,33 @@ def _recording(seen: list[dict], node: int, name: str, index: int):
     return answer
 
 
-def _by_hand(seen: list[dict], rounds: int) -> dict[tuple[int, int], dict]:
-    """SCAFFOLD's option II, written out: the correction each node should get in each round."""
-    nodes = sorted({s["node"] for s in seen})
+def _grid(seen: list[dict], first_node: int = 1) -> LocalGrid:
+    return LocalGrid(
+        {first_node + i: _recording(seen, first_node + i, name, i) for i, name in enumerate(SITES)}
+    )
+
+
+def _sent_correction(record: dict) -> dict[str, np.ndarray]:
+    return {
+        k[len(CORRECTION_PREFIX) :]: v for k, v in record["sent"].items() if k.startswith(CORRECTION_PREFIX)
+    }
+
+
+def _by_hand(seen: list[dict], rounds: int) -> dict[tuple[int, str], dict]:
+    """SCAFFOLD's option II, written out: the correction c - c_i each site should get in each round,
+    from the updates of the rounds before (c_i+ = c_i - c + (x - y_i) / (K_i lr), c the mean c_i)."""
     params = [k for k in seen[0]["sent"] if not k.startswith(CORRECTION_PREFIX)]
     c = {k: 0.0 for k in params}
-    ci = {n: {k: 0.0 for k in params} for n in nodes}
+    ci = {site: {k: 0.0 for k in params} for site in SITES}
     expected = {}
     for r in range(1, rounds + 1):
-        for s in (s for s in seen if s["round"] == r):
-            expected[r, s["node"]] = {k: c[k] - ci[s["node"]][k] for k in params}
-        new_c = dict(c)
-        for s in (s for s in seen if s["round"] == r):
-            n, k_lr = s["node"], s["steps"] * s["lr"]
-            new_ci = {k: ci[n][k] - c[k] + (s["sent"][k] - s["back"][k]) / k_lr for k in params}
-            new_c = {k: new_c[k] + (new_ci[k] - ci[n][k]) / len(nodes) for k in params}
-            ci[n] = new_ci
-        c = new_c
+        done = [s for s in seen if s["round"] == r]
+        for s in done:
+            expected[r, s["site"]] = {k: c[k] - ci[s["site"]][k] for k in params}
+        for s in done:  # with the correction the site was actually sent (zero for a node not yet known)
+            got, k_lr = _sent_correction(s), s["steps"] * s["lr"]
+            ci[s["site"]] = {k: (s["sent"][k] - s["back"][k]) / k_lr - got[k] for k in params}
+        c = {k: sum(ci[site][k] for site in SITES) / len(SITES) for k in params}
     return expected
 
 
@@ -77,39 +87,34 @@ def _run(grid: LocalGrid, study: StudyConfig, out, resume: bool = False) -> dict
 
 def test_each_site_is_sent_scaffolds_correction_and_replies_with_the_model_only(tmp_path):
     seen: list[dict] = []
-    grid = LocalGrid({n: _recording(seen, n, name, n - 1) for n, name in enumerate(SITES, start=1)})
-    results = _run(grid, _study(rounds=3), tmp_path)
+    results = _run(_grid(seen), _study(rounds=3), tmp_path)
     assert results["status"] == "completed" and len(seen) == 9
     expected = _by_hand(seen, rounds=3)
     for s in seen:
-        got = {
-            k[len(CORRECTION_PREFIX) :]: v for k, v in s["sent"].items() if k.startswith(CORRECTION_PREFIX)
-        }
-        assert got.keys() == expected[s["round"], s["node"]].keys()  # every trainable weight, nothing else
+        got = _sent_correction(s)
+        assert got.keys() == expected[s["round"], s["site"]].keys()  # every trainable weight, nothing else
         for k, v in got.items():
-            assert np.allclose(v, expected[s["round"], s["node"]][k], rtol=1e-4, atol=1e-6), (s["round"], k)
+            assert np.allclose(v, expected[s["round"], s["site"]][k], rtol=1e-4, atol=1e-6), (s["round"], k)
         assert not any(k.startswith(CORRECTION_PREFIX) for k in s["back"])  # the model only goes back
     late = [s for s in seen if s["round"] == 3]
-    assert all(
-        np.abs(v).max() > 0 for s in late for k, v in s["sent"].items() if k.startswith(CORRECTION_PREFIX)
-    )
+    assert all(np.abs(v).max() > 0 for s in late for v in _sent_correction(s).values())
     # the corrections of a round sum to zero over the sites (c is the mean of the c_i)
-    total = sum(s["sent"][CORRECTION_PREFIX + "head.weight"] for s in late)
-    assert np.allclose(total, 0.0, atol=1e-4)
+    assert np.allclose(sum(_sent_correction(s)["head.weight"] for s in late), 0.0, atol=1e-4)
 
 
-def test_a_resumed_study_goes_on_with_the_controls_it_had(tmp_path):
+def test_a_resumed_study_keeps_each_sites_control_though_its_node_comes_back_with_a_new_id(tmp_path):
     seen: list[dict] = []
-    grid = LocalGrid({n: _recording(seen, n, name, n - 1) for n, name in enumerate(SITES, start=1)})
-    _run(grid, _study(rounds=2), tmp_path)
-    resumed = _run(grid, _study(rounds=3), tmp_path, resume=True)
-    assert resumed["status"] == "completed" and [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
-    third = [s for s in seen if s["round"] == 3]
-    expected = _by_hand(seen, rounds=3)
-    key = CORRECTION_PREFIX + "head.weight"
-    for s in third:  # not zero, as a strategy that forgot its controls would send
-        assert np.abs(s["sent"][key]).max() > 0
-        assert np.allclose(s["sent"][key], expected[3, s["node"]]["head.weight"], rtol=1e-4, atol=1e-6)
+    _run(_grid(seen), _study(rounds=2), tmp_path)
+    resumed = _run(_grid(seen, first_node=11), _study(rounds=4), tmp_path, resume=True)  # new node ids
+    assert resumed["status"] == "completed" and [r["round"] for r in resumed["rounds"]] == [1, 2, 3, 4]
+    third, fourth = [s for s in seen if s["round"] == 3], [s for s in seen if s["round"] == 4]
+    # round 3: the new nodes are not known by name yet, so no site is sent another site's correction
+    assert all(np.abs(v).max() == 0 for s in third for v in _sent_correction(s).values())
+    expected = _by_hand(seen, rounds=4)
+    for s in fourth:  # then each site's own c - c_i again, its c_i kept across the restart
+        got = _sent_correction(s)["head.weight"]
+        assert np.abs(got).max() > 0
+        assert np.allclose(got, expected[4, s["site"]]["head.weight"], rtol=1e-4, atol=1e-6)
 
 
 def test_scaffold_with_site_local_normalization_is_refused_naming_both():
