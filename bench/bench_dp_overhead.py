@@ -43,6 +43,7 @@ MODES = ("opacus-hooks", "hooks", "ghost", "functorch")
 SHAPES = {
     "cnn28": (1, 28, 28),
     "cnn28-ws": (1, 28, 28),
+    "scatternet": (1, 28, 28),
     "cnn3d": (1, 16, 28, 28),
     "unet": (1, 28, 28),
 }  # one input, per model
