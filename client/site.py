@@ -26,9 +26,9 @@ import torch
 
 from client import evaluation, guard, local_norm
 from client.dp import PoissonPlan
-from client.drift import correction_problem, split_correction
 from client.policy import SitePolicy
 from client.profile import record_training_profile
+from client.scaffold_correction import correction_problem, split_correction
 from client.train import DPSettings, RoundResult, device, predict, train_round
 from common.data import load_site_data
 from common.keys import Cfg, Met

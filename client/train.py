@@ -21,9 +21,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.dp import PoissonPlan, PrivateTraining, make_private_for
-from client.drift import correct_after_each_step
 from client.patients import PatientDataset, collate_patients, sum_per_patient, unpack_batch
 from client.randomness import RoundRandomness
+from client.scaffold_correction import correct_after_each_step
 from common.privacy import PrivacyRequest
 from common.round import RoundPlan
 from common.transforms import BatchAugment, acquisition_transforms
@@ -286,7 +286,7 @@ def train_round(
     or the plan's flips and shifts, `plan.augment_views` views; with `dp`, DP-SGD (client.dp).
     `randomness`: the round's generators (a private round's are secret, client.guard; a plain round's
     default to the plan's seed and round). `correction`: SCAFFOLD's drift correction, applied after
-    every step (client.drift; with DP-SGD after the noise)."""
+    every step (client.scaffold_correction; with DP-SGD after the noise)."""
     if randomness is None:
         if dp is not None:
             raise ValueError("a private round needs its RoundRandomness (client.randomness), not a default")

@@ -17,7 +17,7 @@ class Rec(StrEnum):
 
 
 # SCAFFOLD (server.scaffold): the coordinator's per-site drift correction travels beside the global
-# model's arrays, each under this prefix and the parameter's name (client.drift takes them out)
+# model's arrays, each under this prefix and the parameter's name (client.scaffold_correction takes them out)
 CORRECTION_PREFIX = "scaffold-correction/"
 
 

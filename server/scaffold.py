@@ -3,7 +3,7 @@ ICML 2020) as a Flower strategy whose control variates never leave the coordinat
 
 Each site i has a control variate c_i (its average local step direction), the federation c (their
 mean over all sites). Every round a site gets the global model x and its correction c - c_i
-(common.keys.CORRECTION_PREFIX keys; client.drift applies it after every local step, so it never
+(common.keys.CORRECTION_PREFIX keys; client.scaffold_correction applies it after every local step, so it never
 enters DP-SGD's clipped, noised gradient). From the update y_i it sends back, as it always does, and
 the number of steps K_i it took at the round's learning rate lr, SCAFFOLD's second option gives
 

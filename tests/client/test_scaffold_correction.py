@@ -1,4 +1,4 @@
-"""SCAFFOLD's drift correction at a site (client.drift): applied after every step, outside DP-SGD's
+"""SCAFFOLD's drift correction at a site (client.scaffold_correction): applied after every step, outside DP-SGD's
 clipped and noised gradient, and refused, naming the key, when it does not fit the model."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from client.dp import PoissonPlan
-from client.drift import correction_problem
 from client.ledger import LEDGER_FILENAME
 from client.randomness import RoundRandomness
+from client.scaffold_correction import correction_problem
 from client.site import SiteRuntime
 from client.train import DPSettings, train_round
 from common.keys import CORRECTION_PREFIX, Met
