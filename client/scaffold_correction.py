@@ -7,8 +7,9 @@ each parameter by -lr x its correction, so a site whose data pulls away from the
 back. The correction is applied after the step, so under DP-SGD it never enters the clipped, noised
 gradient: whatever the coordinator sends, the update released is post-processing of the noised
 gradients and of values the coordinator already holds, and the site's epsilon is unchanged. A
-correction that does not fit the model (a missing, extra or misshapen key, a non-finite value) is
-refused, naming the key.
+correction that does not fit the model (a missing, extra or misshapen key, a value not real or not
+finite) is refused, naming the key, and so is any correction beside site-local normalization
+(client.local_norm: those parameters are the site's own).
 """
 
 from __future__ import annotations
@@ -32,9 +33,13 @@ def split_correction(
     return weights, correction or None
 
 
-def correction_problem(model: nn.Module, correction: Mapping[str, torch.Tensor]) -> str | None:
+def correction_problem(
+    model: nn.Module, correction: Mapping[str, torch.Tensor], local_norm: bool = False
+) -> str | None:
     """Why `correction` cannot be applied to `model` (one tensor per trainable parameter, same shape,
-    finite); None when it can."""
+    real and finite; never beside `local_norm`, whose parameters are the site's own); None when it can."""
+    if local_norm:
+        return "a SCAFFOLD correction with site-local normalization (local-norm) is not accepted"
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     missing, extra = sorted(params.keys() - correction.keys()), sorted(correction.keys() - params.keys())
     if missing or extra:

@@ -96,10 +96,7 @@ class SiteRuntime:
         received, correction = split_correction(weights)  # SCAFFOLD's correction, when one came
         weights = self._own_norms(plan, received)
         model = self.model_for(plan, weights)
-        if correction is not None and plan.local_norm:  # the site's own parameters: not SCAFFOLD's
-            problem = "a SCAFFOLD correction with site-local normalization (local-norm) is not accepted"
-            return self.refusal(f"site '{self.config.site}' refuses round {plan.round}: {problem}")
-        if correction is not None and (problem := correction_problem(model, correction)):
+        if correction is not None and (problem := correction_problem(model, correction, plan.local_norm)):
             return self.refusal(f"site '{self.config.site}' refuses round {plan.round}: {problem}")
         if not plan.dp_enabled:
             result = train_round(model, self.data.train_x, self.data.train_y, plan,

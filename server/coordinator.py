@@ -65,9 +65,11 @@ class Reporter:
     def finish(self, results: dict) -> None: ...
 
 
-def make_strategy(study: StudyConfig, *, parameters: list[str] = (), node_site: dict | None = None) -> FedAvg:
-    """The study's Flower strategy; SCAFFOLD needs the model's trainable `parameters` and the
-    coordinator's map of node ids to site names."""
+def make_strategy(
+    study: StudyConfig, *, model_meta: dict | None = None, node_site: dict | None = None
+) -> FedAvg:
+    """The study's Flower strategy; SCAFFOLD needs the model (`model_meta`: its channels and classes)
+    for the names of its trainable weights, and the coordinator's map of node ids to site names."""
     common = dict(
         fraction_train=1.0,
         fraction_evaluate=1.0,
@@ -88,9 +90,10 @@ def make_strategy(study: StudyConfig, *, parameters: list[str] = (), node_site: 
             **common,
         )
     if s.name == "scaffold":
-        return Scaffold(
-            parameters=list(parameters), node_site={} if node_site is None else node_site, **common
-        )
+        model = build_model(study.model.name, in_channels=model_meta["in_channels"],
+                            num_classes=model_meta["num_classes"])  # fmt: skip
+        trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+        return Scaffold(parameters=trainable, node_site={} if node_site is None else node_site, **common)
     return FedAvg(**common)
 
 
@@ -272,12 +275,7 @@ class Coordinator:
     ) -> Results:
         """Rounds `first`..study.rounds, then the final model; `t_origin`: when the run started, on
         perf_counter's clock, counting the time of the rounds before a resume."""
-        meta = self.model_meta
-        model = build_model(
-            self.study.model.name, in_channels=meta["in_channels"], num_classes=meta["num_classes"]
-        )
-        trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-        strategy = make_strategy(self.study, parameters=trainable, node_site=self.node_site)
+        strategy = make_strategy(self.study, model_meta=self.model_meta, node_site=self.node_site)
         for k, v in strat_state.items():
             setattr(strategy, k, v)
         self.wait_for_sites()

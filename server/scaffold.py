@@ -82,7 +82,7 @@ class Scaffold(FedAvg):
         for reply in replies:
             steps = int(reply.content[Rec.METRICS].get(Met.STEPS, 0))
             applied = self._applied.get(reply.metadata.src_node_id)
-            if steps <= 0 or self._lr <= 0 or applied is None:
+            if steps <= 0 or applied is None:  # (the round's lr is > 0: config validation)
                 continue  # no steps taken: nothing learned about this site's drift
             got = reply.content[Rec.ARRAYS]
             self.site_controls[str(reply.content[Rec.SITE][Site.NAME])] = {
