@@ -4,10 +4,14 @@ help at a hospital that never took part? Measured where a new hospital's scanner
 leave-one-site-out, on fedward's synthetic sites (each its own scanner: gain, gamma, blur, noise;
 common.scanners) or a MedMNIST set with `--dataset` (acquisition shift on).
 
-    python bench/bench_harmonization.py [--seeds 3] [--rounds 5] [--dataset pneumoniamnist --data-dir D]
+    python bench/bench_harmonization.py [--seeds 3] [--rounds N] [--settings none augment ...]
+        [--config configs/demo.yaml] [--dataset breastmnist --data-dir D]
 
-For each seed, `fedward study` (leave-one-out and the federation on all sites; no local or
-centralized references) with each setting of SETTINGS, on the same sites and splits. Prints per
+`--config` is the study to start from (default configs/demo.yaml, 5 rounds); `--dataset` switches it to
+a MedMNIST set with acquisition shift on (a config that is already MedMNIST keeps its rounds, model
+and training). For each seed, `fedward study` (leave-one-out and the federation on all sites; no
+local or centralized references) with each setting of SETTINGS (or those `--settings` names), on the
+same sites and splits. Prints per
 held-out site the AUC of the model federated without it, and the pooled AUC of the federation of all,
 medians over the seeds, side by side.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import tempfile
@@ -54,25 +59,29 @@ def one(study, seed: int, setting: str, folder: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--dataset", default="", help="a MedMNIST set (default: the synthetic sites)")
-    parser.add_argument("--data-dir", default="")
+    parser.add_argument("--rounds", type=int, help="default: the config's")
+    parser.add_argument("--config", default=str(CONFIG))
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--dataset", default="", help="a MedMNIST set (default: the config's data)")
+    parser.add_argument("--data-dir", default=os.environ.get("FEDWARD_DATA", "../shared/data"))
     args = parser.parse_args()
-    study = load_study(CONFIG, rounds=args.rounds)
+    study = load_study(args.config, rounds=args.rounds, data_dir=args.data_dir)
     if args.dataset:
-        study.data.source, study.data.dataset, study.data.data_dir = "medmnist", args.dataset, args.data_dir
+        study.data.source, study.data.dataset = "medmnist", args.dataset
+    if study.data.source == "medmnist":
         study.data.partition.acquisition_shift = True
-    results: dict[str, list[dict]] = {name: [] for name in SETTINGS}
+    results: dict[str, list[dict]] = {name: [] for name in args.settings}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):
-            for name in SETTINGS:
+            for name in args.settings:
                 results[name].append(one(study, seed, name, Path(tmp)))
                 print(f"seed {seed} {name}: {results[name][-1]}", flush=True)
-    keys = list(results["none"][0])
-    print(f"\nAUC, median of {args.seeds} seed(s), {args.dataset or 'synthetic'} sites, {args.rounds} rounds")
-    print(f"{'':28s}" + "".join(f"{name:>16s}" for name in SETTINGS))
+    keys = list(results[args.settings[0]][0])
+    where = study.data.dataset if study.data.source == "medmnist" else study.data.source
+    print(f"\nAUC, median of {args.seeds} seed(s), {where} sites, {study.rounds} rounds, {study.model.name}")
+    print(f"{'':28s}" + "".join(f"{name:>16s}" for name in args.settings))
     for k in keys:
-        cells = [statistics.median(r[k] for r in results[name]) for name in SETTINGS]
+        cells = [statistics.median(r[k] for r in results[name]) for name in args.settings]
         print(f"{k:28s}" + "".join(f"{c:16.3f}" for c in cells))
 
 
