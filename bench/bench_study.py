@@ -17,7 +17,8 @@ those medians (and how many seeds meet each alone):
 
 `--leave-one-out` adds the leave-one-site-out federations (3 more runs per data set); `--personalize`
 the FedBN-style and fine-tuned models; `--strategies fedprox fedadam` one more federation per strategy
-and seed, compared with fedavg on every site's test data. Each study's
+and seed, compared with fedavg on every site's test data (`fedavg-sites`: FedAvg with each site
+weighed once, `strategy.weighting: sites`). Each study's
 folder (study.json, report.html) is kept under --out (OUT/<dataset>/seed-<k>), a temporary folder by
 default; a completed study found there is reused, so a run cut short can be continued.
 """
@@ -209,7 +210,8 @@ def strategies(dataset: str, args: argparse.Namespace, docs: list[dict], out: Pa
         rows[name] = []
         for seed in range(args.seeds):
             study = study_for(dataset, args, seed)
-            study.strategy.name = name
+            study.strategy.name, _, weighting = name.partition("-")  # "fedavg-sites": each site weighs once
+            study.strategy.weighting = weighting or "examples"
             study.study.local = study.study.centralized = study.study.compare_privacy = False
             study.study.fedbn, study.study.fine_tune_epochs = False, 0
             doc = study_in(study, out / dataset / name / f"seed-{seed}", console)
@@ -241,7 +243,7 @@ def main() -> int:
         "--personalize", action="store_true", help="add the FedBN-style and fine-tuned variants"
     )
     parser.add_argument(
-        "--strategies", nargs="*", default=[], choices=("fedprox", "fedadam", "scaffold"),
+        "--strategies", nargs="*", default=[], choices=("fedprox", "fedadam", "scaffold", "fedavg-sites"),
         help="also federate with these strategies (federated model only) beside the configs' fedavg",
     )  # fmt: skip
     args = parser.parse_args()

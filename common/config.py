@@ -179,6 +179,7 @@ def _validate_choices(study: StudyConfig, p: str) -> None:
     _choice(study.data.partition.scheme, ("iid", "label_skew"), "data.partition.scheme", p)
     _choice(study.model.name, MODEL_NAMES, "model.name", p)
     _choice(study.strategy.name, ("fedavg", "fedprox", "fedadam", "scaffold"), "strategy.name", p)
+    _choice(study.strategy.weighting, ("examples", "sites"), "strategy.weighting", p)
     _choice(study.train.optimizer, ("adam", "sgd"), "train.optimizer", p)
     _choice(study.privacy.grad_sample_mode, GRAD_SAMPLE_MODES, "privacy.grad_sample_mode", p)
     _choice(

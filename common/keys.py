@@ -81,6 +81,8 @@ class Met(StrEnum):
     HD95_N = "hd95-n"
     EVAL_HD_CAP = "eval-hd-cap"
     EVAL_EPSILON = "eval-epsilon"  # dp_histogram: the site's evaluation epsilon, all its evaluations
+    # not sent by sites: the coordinator sets it to 1 on every usable update (`strategy.weighting: sites`)
+    SITE_WEIGHT = "site-weight"
 
 
 class Site(StrEnum):

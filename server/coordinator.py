@@ -76,6 +76,7 @@ def make_strategy(
         min_train_nodes=study.min_sites,
         min_evaluate_nodes=study.min_sites,
         min_available_nodes=study.min_sites,
+        weighted_by_key=Met.SITE_WEIGHT if study.strategy.weighting == "sites" else Met.NUM_EXAMPLES,
     )
     s = study.strategy
     if s.name == "fedprox":
@@ -331,6 +332,8 @@ class Coordinator:
             record_stop(results, reason, rnd, got)
             return None
         results.setdefault("site_inputs", {}).update(got.inputs)  # for the package (server.model_card)
+        for reply in got.ok:  # what strategy.weighting `sites` weighs by (make_strategy)
+            reply.content[Rec.METRICS][Met.SITE_WEIGHT] = 1
         new_arrays, _ = strategy.aggregate_train(rnd, got.ok)
         arrays = new_arrays if new_arrays is not None else arrays
         evaluation = self.evaluate_all(rnd, self.averaged(arrays), skip=got.silent)

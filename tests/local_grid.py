@@ -59,11 +59,13 @@ class LocalGrid(Grid):
     def send_and_receive(self, messages, *, timeout=None): ...
 
 
-def honest(name: str, index: int, state_dir: str = "", repeatable_noise: bool = False) -> Behaviour:
+def honest(
+    name: str, index: int, state_dir: str = "", repeatable_noise: bool = False, train_per_site: int = 32
+) -> Behaviour:
     data = SiteDataConfig(
         format="synthetic",
         partition=SitePartition(index=index, num_sites=3),
-        synthetic=SyntheticConfig(train_per_site=32, test_per_site=16),
+        synthetic=SyntheticConfig(train_per_site=train_per_site, test_per_site=16),
     )
     # as a simulated site: it follows the study's privacy setting, releases exact evaluation aggregates
     policy = SitePolicyConfig(

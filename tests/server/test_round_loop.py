@@ -197,10 +197,11 @@ def test_resume_continues_after_the_last_round_and_refuses_a_changed_study(tmp_p
         _run(grid(), changed, tmp_path, resume=True)
 
 
-def test_the_global_model_is_the_size_weighted_mean_of_the_updates(tmp_path):
+@pytest.mark.parametrize("weighting", ["examples", "sites"])
+def test_the_global_model_is_the_mean_of_the_updates_weighted_by_size_or_by_site(tmp_path, weighting):
     from common.models import build_model
 
-    grid = LocalGrid({1: honest("hospital-a", 0), 2: honest("hospital-b", 1)})
+    grid = LocalGrid({1: honest("hospital-a", 0), 2: honest("hospital-b", 1, train_per_site=96)})
     sent = {}
     for node, behaviour in list(grid.nodes.items()):
 
@@ -212,12 +213,16 @@ def test_the_global_model_is_the_size_weighted_mean_of_the_updates(tmp_path):
 
         grid.nodes[node] = spy
 
-    _run(grid, _study(rounds=1), tmp_path)
+    study = _study(rounds=1)
+    study.strategy.weighting = weighting
+    _run(grid, study, tmp_path)
 
     model = build_model("cnn28-small")
     blob = torch.load(tmp_path / "final_model.pt", weights_only=False)
     model.load_state_dict(blob["state_dict"])
-    expected = (sent[1]["head.weight"] + sent[2]["head.weight"]) / 2  # 32 training images each
+    a, b = sent[1]["head.weight"], sent[2]["head.weight"]
+    expected = (32 * a + 96 * b) / 128 if weighting == "examples" else (a + b) / 2
+    assert not torch.allclose(a, b, atol=1e-4)  # the two weightings give different models
     assert torch.allclose(model.state_dict()["head.weight"], expected, atol=1e-6)
 
 
