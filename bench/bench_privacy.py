@@ -40,6 +40,7 @@ from server.simulate import simulate  # noqa: E402
 TUNED = {"privacy.max_grad_norm": 0.5, "train.lr": 0.002}  # best of a one-seed search; over 3 seeds: README
 SCATTER = {"model.name": "scatternet"}
 SCATTER_SGD = SCATTER | {"train.optimizer": "sgd", "train.lr": 0.05}
+SCATTER_VIEWS = SCATTER_SGD | {"train.augment_views": 4}  # + augmentation multiplicity
 RECIPES: dict[str, dict] = {
     "as-configured": {},
     "tuned": TUNED,  # clipping bound and step for the DP regime
@@ -53,9 +54,15 @@ RECIPES: dict[str, dict] = {
     "scatternet": SCATTER,
     "scatternet+local2": SCATTER | {"train.local_epochs": 2},
     "scatternet+sgd": SCATTER_SGD,  # plain SGD with momentum, a larger step
-    "scatternet+sgd+views": SCATTER_SGD | {"train.augment_views": 4},  # + augmentation multiplicity
+    "scatternet+sgd+views": SCATTER_VIEWS,
     "scatternet+sgd+views+local2": SCATTER_SGD | {"train.augment_views": 4, "train.local_epochs": 2},
     "scatternet+sgd+views8": SCATTER_SGD | {"train.augment_views": 8},
+    # on the best so far: parameter averaging; server momentum (averages each round's noise into the
+    # next steps, effective step server_lr / (1 - momentum) = 1); per-image standardization
+    "scatternet+sgd+views+ema": SCATTER_VIEWS | {"strategy.ema_decay": 0.8},
+    "scatternet+sgd+views+fedavgm": SCATTER_VIEWS
+    | {"strategy.name": "fedavgm", "strategy.server_lr": 0.3, "strategy.server_momentum": 0.7},
+    "scatternet+sgd+views+zscore": SCATTER_VIEWS | {"data.normalize": "zscore"},
 }
 
 

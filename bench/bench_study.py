@@ -243,7 +243,7 @@ def main() -> int:
         "--personalize", action="store_true", help="add the FedBN-style and fine-tuned variants"
     )
     parser.add_argument(
-        "--strategies", nargs="*", default=[], choices=("fedprox", "fedadam", "scaffold", "fedavg-sites"),
+        "--strategies", nargs="*", default=[], choices=("fedprox", "fedadam", "fedavgm", "scaffold", "fedavg-sites"),
         help="also federate with these strategies (federated model only) beside the configs' fedavg",
     )  # fmt: skip
     args = parser.parse_args()

@@ -137,7 +137,7 @@ def _precondition_problem(plan: RoundPlan, site: SiteConfig, unit: str | None) -
     if plan.proximal_mu > 0:
         return (
             f"FedProx's proximal term (proximal-mu {plan.proximal_mu:g}) is not clipped per sample, so DP-SGD "
-            "would drop it silently; the study must use strategy fedavg or fedadam with privacy"
+            "would drop it silently; the study must use strategy fedavg, fedavgm or fedadam with privacy"
         )
     if not site.state_dir:
         return "it has no state_dir in its site config: the privacy ledger needs a folder that outlives the process"

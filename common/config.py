@@ -178,7 +178,7 @@ def _validate_choices(study: StudyConfig, p: str) -> None:
     _choice(study.data.normalize, NORMALIZE_MODES, "data.normalize", p)
     _choice(study.data.partition.scheme, ("iid", "label_skew"), "data.partition.scheme", p)
     _choice(study.model.name, MODEL_NAMES, "model.name", p)
-    _choice(study.strategy.name, ("fedavg", "fedprox", "fedadam", "scaffold"), "strategy.name", p)
+    _choice(study.strategy.name, ("fedavg", "fedprox", "fedadam", "fedavgm", "scaffold"), "strategy.name", p)
     _choice(study.strategy.weighting, ("examples", "sites"), "strategy.weighting", p)
     _choice(study.train.optimizer, ("adam", "sgd"), "train.optimizer", p)
     _choice(study.privacy.grad_sample_mode, GRAD_SAMPLE_MODES, "privacy.grad_sample_mode", p)
@@ -266,7 +266,7 @@ def _validate_privacy(study: StudyConfig, p: str) -> None:
     if study.privacy.enabled and study.strategy.name == "fedprox":
         raise ConfigError(
             f"{p}: 'strategy.name' fedprox is not available with privacy (its proximal term is not "
-            f"clipped per sample); use fedavg or fedadam with 'privacy.enabled: true'."
+            f"clipped per sample); use fedavg, fedavgm or fedadam with 'privacy.enabled: true'."
         )
     if study.privacy.enabled and study.train.class_balance:
         raise ConfigError(
@@ -280,10 +280,13 @@ def _validate_privacy(study: StudyConfig, p: str) -> None:
             "'study.fedbn'): those parameters never change in the updates, so SCAFFOLD's control "
             "variates for them would be wrong; use one or the other."
         )
-    if not 0 <= study.strategy.ema_decay < 1:
-        raise ConfigError(
-            f"{p}: 'strategy.ema_decay' is {study.strategy.ema_decay}; use 0 (off) up to below 1."
-        )
+    for key in ("ema_decay", "server_momentum"):
+        if not 0 <= getattr(study.strategy, key) < 1:
+            raise ConfigError(
+                f"{p}: 'strategy.{key}' is {getattr(study.strategy, key)}; use 0 (off) up to below 1."
+            )
+    if study.strategy.server_lr < 0:
+        raise ConfigError(f"{p}: 'strategy.server_lr' must be > 0 (0: the strategy's default).")
     if not 1 <= study.train.augment_views <= 32:
         raise ConfigError(f"{p}: 'train.augment_views' is {study.train.augment_views}; use 1 (off) to 32.")
     if study.privacy.enabled and study.privacy.noise_multiplier < 0:

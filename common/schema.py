@@ -98,11 +98,18 @@ class TrainConfig:
     max_physical_batch: int = 0
 
 
+SERVER_LR_DEFAULTS = {"fedadam": 0.01, "fedavgm": 1.0}
+
+
 @dataclass
 class StrategyConfig:
-    name: str = "fedavg"  # fedavg | fedprox | fedadam (Flower's own strategies) | scaffold (server.scaffold)
+    # fedavg | fedprox | fedadam | fedavgm (Flower's own strategies) | scaffold (server.scaffold)
+    name: str = "fedavg"
     proximal_mu: float = 0.01  # fedprox: weight of the proximal term
-    server_lr: float = 0.01  # fedadam: eta, the server-side learning rate
+    # the coordinator's step: fedadam's eta, fedavgm's server learning rate; 0: the strategy's default
+    # (SERVER_LR_DEFAULTS)
+    server_lr: float = 0.0
+    server_momentum: float = 0.9  # fedavgm: momentum of the coordinator's step over the rounds
     server_lr_local: float = 0.01  # fedadam: eta_l (only logged by Flower)
     beta_1: float = 0.9
     beta_2: float = 0.99

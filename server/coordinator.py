@@ -21,14 +21,14 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from common.keys import Cfg, Met, Rec, Site
 from common.model_spec import ModelSpec
 from common.models import build_model, save_model
 from common.privacy import request_config
 from common.round import RoundPlan
-from common.schema import StudyConfig
+from common.schema import SERVER_LR_DEFAULTS, StudyConfig
 from server.interrupt import Interrupted, StopRequest
 from server.model_card import write_model_package
 from server.operating_point import operating_point
@@ -81,9 +81,12 @@ def make_strategy(
     s = study.strategy
     if s.name == "fedprox":
         return FedProx(proximal_mu=s.proximal_mu, **common)
+    server_lr = s.server_lr or SERVER_LR_DEFAULTS.get(s.name, 0.0)
+    if s.name == "fedavgm":
+        return FedAvgM(server_learning_rate=server_lr, server_momentum=s.server_momentum, **common)
     if s.name == "fedadam":
         return FedAdam(
-            eta=s.server_lr,
+            eta=server_lr,
             eta_l=s.server_lr_local,
             beta_1=s.beta_1,
             beta_2=s.beta_2,
@@ -99,11 +102,12 @@ def make_strategy(
 
 
 def strategy_state(strategy: FedAvg) -> dict:
-    """Server-side state a resumed study needs (FedAdam's moments, SCAFFOLD's control variates);
-    empty for FedAvg."""
+    """Server-side state a resumed study needs (FedAdam's moments, FedAvgM's momentum, SCAFFOLD's
+    control variates); empty for FedAvg."""
     if isinstance(strategy, Scaffold):
         return strategy.state()
-    return {k: getattr(strategy, k) for k in ("m_t", "v_t") if getattr(strategy, k, None) is not None}
+    kept = ("m_t", "v_t", "momentum_vector")
+    return {k: getattr(strategy, k) for k in kept if getattr(strategy, k, None) is not None}
 
 
 class Coordinator:

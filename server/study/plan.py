@@ -34,7 +34,7 @@ def validate_comparison(study: StudyConfig) -> None:
     if c.compare_privacy and study.strategy.name == "fedprox":
         raise ConfigError(
             f"{p}: 'study.compare_privacy' needs a strategy that works with privacy; 'strategy.name' "
-            f"fedprox does not (use fedavg or fedadam)."
+            f"fedprox does not (use fedavg, fedavgm or fedadam)."
         )
 
 

@@ -42,6 +42,8 @@ def test_missing_data_file_names_the_file_and_the_override(tmp_path, monkeypatch
         ("model:\n  name: resnet999\n", "model.name"),
         ("strategy:\n  name: fedsomething\n", "strategy.name"),
         ("strategy:\n  weighting: patients\n", "strategy.weighting"),
+        ("strategy:\n  name: fedavgm\n  server_momentum: 1.0\n", "strategy.server_momentum"),
+        ("strategy:\n  server_lr: -1\n", "strategy.server_lr"),
         ("rounds: 0\n", "rounds"),
         ("train:\n  lr: fast\n", "train.lr"),
         ("min_sites: 5\n", "min_sites"),

@@ -16,7 +16,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.ledger import SiteAccountant
 from common.config import ConfigError
-from common.keys import Met, Rec, Site
+from common.keys import Cfg, Met, Rec, Site
 from common.model_spec import model_spec
 from common.schema import (
     StudyConfig,
@@ -239,3 +239,36 @@ def test_with_parameter_averaging_the_moving_average_of_the_global_models_is_eva
     assert results["status"] == "completed" and not torch.equal(
         first, second
     )  # two different rounds averaged
+
+
+def test_fedavgm_steps_the_global_model_with_momentum_over_the_rounds_and_checkpoints_it(tmp_path):
+    grid = LocalGrid({1: honest("hospital-a", 0), 2: honest("hospital-b", 1)})
+    sent, got = {}, {}  # per round: the global weights sent, the updates returned
+    for node, behaviour in list(grid.nodes.items()):
+
+        def spy(msg, behaviour=behaviour, node=node):
+            reply = behaviour(msg)
+            if msg.metadata.message_type == MessageType.TRAIN:
+                rnd = int(msg.content[Rec.CONFIG][Cfg.SERVER_ROUND])
+                sent[rnd] = msg.content[Rec.ARRAYS].to_torch_state_dict()["head.weight"]
+                got.setdefault(rnd, {})[node] = reply.content[Rec.ARRAYS].to_torch_state_dict()["head.weight"]
+            return reply
+
+        grid.nodes[node] = spy
+
+    study = _study(rounds=2)
+    study.strategy.name, study.strategy.server_lr, study.strategy.server_momentum = "fedavgm", 0.5, 0.8
+    _run(grid, study, tmp_path)
+
+    x, momentum = sent[1], None
+    for rnd in (1, 2):
+        assert torch.allclose(sent[rnd], x, atol=1e-6)  # the site trains from the momentum step's model
+        pseudo_gradient = x - (got[rnd][1] + got[rnd][2]) / 2
+        momentum = pseudo_gradient if momentum is None else 0.8 * momentum + pseudo_gradient
+        x = x - 0.5 * momentum
+    blob = torch.load(tmp_path / "final_model.pt", weights_only=False)
+    assert torch.allclose(blob["state_dict"]["head.weight"], x, atol=1e-5)
+    ck = torch.load(tmp_path / "checkpoints" / "round-0002.pt", weights_only=False)
+    names = list(ck["arrays"])
+    kept = dict(zip(names, ck["strategy_state"]["momentum_vector"], strict=True))  # for --resume
+    assert torch.allclose(torch.as_tensor(kept["head.weight"]), momentum, atol=1e-5)
