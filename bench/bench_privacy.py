@@ -41,6 +41,9 @@ TUNED = {"privacy.max_grad_norm": 0.5, "train.lr": 0.002}  # best of a one-seed 
 SCATTER = {"model.name": "scatternet"}
 SCATTER_SGD = SCATTER | {"train.optimizer": "sgd", "train.lr": 0.05}
 SCATTER_VIEWS = SCATTER_SGD | {"train.augment_views": 4}  # + augmentation multiplicity
+# the coordinator steps with momentum (Flower's FedAvgM), which carries each round's noisy update into the
+# next rounds' steps; effective step server_lr / (1 - momentum) = 1, FedAvg's
+FEDAVGM = {"strategy.name": "fedavgm", "strategy.server_lr": 0.3, "strategy.server_momentum": 0.7}
 RECIPES: dict[str, dict] = {
     "as-configured": {},
     "tuned": TUNED,  # clipping bound and step for the DP regime
@@ -57,12 +60,14 @@ RECIPES: dict[str, dict] = {
     "scatternet+sgd+views": SCATTER_VIEWS,
     "scatternet+sgd+views+local2": SCATTER_SGD | {"train.augment_views": 4, "train.local_epochs": 2},
     "scatternet+sgd+views8": SCATTER_SGD | {"train.augment_views": 8},
-    # on the best so far: parameter averaging; server momentum (averages each round's noise into the
-    # next steps, effective step server_lr / (1 - momentum) = 1); per-image standardization
+    # on the best so far: parameter averaging; server momentum (FEDAVGM); per-image standardization
     "scatternet+sgd+views+ema": SCATTER_VIEWS | {"strategy.ema_decay": 0.8},
-    "scatternet+sgd+views+fedavgm": SCATTER_VIEWS
-    | {"strategy.name": "fedavgm", "strategy.server_lr": 0.3, "strategy.server_momentum": 0.7},
+    "scatternet+sgd+views+fedavgm": SCATTER_VIEWS | FEDAVGM,
+    "scatternet+sgd+views+fedavgm0.9": SCATTER_VIEWS
+    | FEDAVGM
+    | {"strategy.server_lr": 0.1, "strategy.server_momentum": 0.9},
     "scatternet+sgd+views+zscore": SCATTER_VIEWS | {"data.normalize": "zscore"},
+    "scatternet+sgd+views+zscore+fedavgm": SCATTER_VIEWS | {"data.normalize": "zscore"} | FEDAVGM,
 }
 
 
