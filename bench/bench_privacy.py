@@ -63,9 +63,6 @@ RECIPES: dict[str, dict] = {
     # on the best so far: parameter averaging; server momentum (FEDAVGM); per-image standardization
     "scatternet+sgd+views+ema": SCATTER_VIEWS | {"strategy.ema_decay": 0.8},
     "scatternet+sgd+views+fedavgm": SCATTER_VIEWS | FEDAVGM,
-    "scatternet+sgd+views+fedavgm0.9": SCATTER_VIEWS
-    | FEDAVGM
-    | {"strategy.server_lr": 0.1, "strategy.server_momentum": 0.9},
     "scatternet+sgd+views+zscore": SCATTER_VIEWS | {"data.normalize": "zscore"},
     "scatternet+sgd+views+zscore+fedavgm": SCATTER_VIEWS | {"data.normalize": "zscore"} | FEDAVGM,
 }

@@ -120,7 +120,7 @@ class StrategyConfig:
     # parameter averaging: the model evaluated and packaged is the moving average of the global models,
     # average = ema_decay x average + (1 - ema_decay) x the round's (0: off); post-processing, no privacy cost
     ema_decay: float = 0.0
-    # how FedAvg (and FedProx, FedAdam, SCAFFOLD) weighs the sites' updates: by their training images
+    # how FedAvg (and FedProx, FedAdam, FedAvgM, SCAFFOLD) weighs the sites' updates: by their training images
     # (`examples`, McMahan et al.'s FedAvg) or each site once (`sites`), so a small site counts as much as a large one
     weighting: str = "examples"
 

@@ -336,8 +336,9 @@ class Coordinator:
             record_stop(results, reason, rnd, got)
             return None
         results.setdefault("site_inputs", {}).update(got.inputs)  # for the package (server.model_card)
-        for reply in got.ok:  # what strategy.weighting `sites` weighs by (make_strategy)
-            reply.content[Rec.METRICS][Met.SITE_WEIGHT] = 1
+        if strategy.weighted_by_key == Met.SITE_WEIGHT:  # strategy.weighting `sites` (make_strategy)
+            for reply in got.ok:  # set here, over any value a site sent: a site cannot weigh more
+                reply.content[Rec.METRICS][Met.SITE_WEIGHT] = 1
         new_arrays, _ = strategy.aggregate_train(rnd, got.ok)
         arrays = new_arrays if new_arrays is not None else arrays
         evaluation = self.evaluate_all(rnd, self.averaged(arrays), skip=got.silent)

@@ -209,6 +209,7 @@ def test_the_global_model_is_the_mean_of_the_updates_weighted_by_size_or_by_site
             reply = behaviour(msg)
             if msg.metadata.message_type == MessageType.TRAIN:
                 sent[node] = reply.content[Rec.ARRAYS].to_torch_state_dict()
+                reply.content[Rec.METRICS][Met.SITE_WEIGHT] = 100  # a site that would weigh more: ignored
             return reply
 
         grid.nodes[node] = spy
