@@ -5,7 +5,8 @@
 
 Runs the config without privacy and with each DP recipe (`--recipes`, see RECIPES: the config as it
 is, then the techniques of De et al. 2022 that issue 16 names: clipping and step tuned for DP,
-weight standardization, augmentation multiplicity, per-image standardization; and `scatternet`,
+weight standardization, augmentation multiplicity, per-image standardization, larger batches; then
+server momentum (FedAvgM: post-processing at the coordinator, no privacy cost); and `scatternet`,
 Tramer & Boneh's fixed scattering features with a linear classifier), each once per training
 seed (`--seeds`, on one split: the split's seed stays the config's), everything else the same: sites,
 splits, model, rounds, the target epsilon. A site's noise comes from the OS's entropy
@@ -44,13 +45,14 @@ SCATTER_VIEWS = SCATTER_SGD | {"train.augment_views": 4}  # + augmentation multi
 # the coordinator steps with momentum (Flower's FedAvgM), which carries each round's noisy update into the
 # next rounds' steps; effective step server_lr / (1 - momentum) = 1, FedAvg's
 FEDAVGM = {"strategy.name": "fedavgm", "strategy.server_lr": 0.3, "strategy.server_momentum": 0.7}
+ZSCORE = {"data.normalize": "zscore"}  # per-image intensity standardization
 RECIPES: dict[str, dict] = {
     "as-configured": {},
     "tuned": TUNED,  # clipping bound and step for the DP regime
     "tuned+ws": TUNED | {"model.name": "cnn28-ws"},  # + weight-standardized convolutions
     "tuned+views": TUNED | {"train.augment": True, "train.augment_views": 4},  # + augmentation multiplicity
     "tuned+ws+views": TUNED | {"model.name": "cnn28-ws", "train.augment": True, "train.augment_views": 4},
-    "tuned+zscore": TUNED | {"data.normalize": "zscore"},  # + per-image intensity standardization
+    "tuned+zscore": TUNED | ZSCORE,
     "tuned+small": TUNED | {"model.name": "cnn28-small"},  # a quarter of the weights to noise
     "tuned+10-rounds": TUNED | {"rounds": 10},  # fewer rounds: less noise per step for the same epsilon
     # fixed scattering features + a linear classifier (Tramer & Boneh 2021): noise on ~8k weights, not ~140k
@@ -63,11 +65,11 @@ RECIPES: dict[str, dict] = {
     # on the best so far: parameter averaging; server momentum (FEDAVGM); per-image standardization
     "scatternet+sgd+views+ema": SCATTER_VIEWS | {"strategy.ema_decay": 0.8},
     "scatternet+sgd+views+fedavgm": SCATTER_VIEWS | FEDAVGM,
-    "scatternet+sgd+views+zscore": SCATTER_VIEWS | {"data.normalize": "zscore"},
-    "scatternet+sgd+views+zscore+fedavgm": SCATTER_VIEWS | {"data.normalize": "zscore"} | FEDAVGM,
+    "scatternet+sgd+views+zscore": SCATTER_VIEWS | ZSCORE,
+    "scatternet+sgd+views+zscore+fedavgm": SCATTER_VIEWS | ZSCORE | FEDAVGM,
     # the configured CNN with what helped on BreastMNIST, and De et al.'s larger logical batches
     "fedavgm": FEDAVGM,
-    "zscore": {"data.normalize": "zscore"},
+    "zscore": ZSCORE,
     "batch256": {"train.batch_size": 256, "train.lr": 0.003},  # 4x the batch, a larger step, fewer steps
 }
 
