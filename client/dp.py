@@ -38,7 +38,7 @@ from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
-import client.grad_sample  # noqa: F401  (registers the faster Conv2d / Conv3d per-sample gradients)
+import client.grad_sample  # registers the faster Conv2d / Conv3d per-sample gradients
 from common.privacy import HistoryItem, PrivacyConfigError, PrivacyRequest
 from common.schema import DEFAULT_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES
 from common.weight_standardization import WS_CONVS
@@ -185,7 +185,7 @@ def make_private(
         grad_sample_mode=grad_sample_mode,
         noise_generator=noise_generator,
     )
-    detached = _skip_batch_weight_grads(model) if grad_sample_mode == "hooks" else []
+    detached = _hooks_mode_savings(model, private[0]) if grad_sample_mode == "hooks" else []
     # ghost: Opacus returns (module, optimizer, criterion, data_loader); else the loss is used unchanged
     dp_model, dp_optimizer, dp_criterion, dp_loader = (
         private if len(private) == 4 else (*private[:2], criterion, private[2])
@@ -205,6 +205,15 @@ def make_private(
         grad_sample_mode=grad_sample_mode,
         detached=detached,
     )
+
+
+def _hooks_mode_savings(model: torch.nn.Module, dp_model) -> list[torch.nn.Module]:
+    """`hooks` mode's two savings: conv layers skip the batch weight gradient nothing uses
+    (`_skip_batch_weight_grads`, returned), and the output gradient is multiplied by the batch size
+    once, at the model's output, instead of at every layer (client.grad_sample.scale_once_at_output)."""
+    detached = _skip_batch_weight_grads(model)
+    client.grad_sample.scale_once_at_output(dp_model)
+    return detached
 
 
 def _poisson_loader(data_loader: DataLoader, poisson: PoissonPlan) -> DPDataLoader:

@@ -234,3 +234,57 @@ def test_every_mode_a_coordinator_may_ask_for_clips_each_sample_of_the_new_netwo
         dp.optimizer.step()
     update = before - torch.cat([p.detach().flatten() for p in model.parameters()])
     assert torch.allclose(update, expected, atol=1e-6, rtol=1e-3), float((update - expected).abs().max())
+
+
+@pytest.mark.parametrize("views", [1, 3])
+def test_hooks_mode_gives_opacus_per_sample_gradients_of_a_weighted_mean_loss(views):
+    """fedward's hooks multiply the output gradient by the batch size once, at the model's output,
+    instead of at every layer as Opacus does: per-sample gradients and the clipped, noised update
+    must be Opacus's own, for a class-weighted mean loss (client.train's class balance), a batch
+    size other than the expected one and augmentation multiplicity's views."""
+    import copy
+    import warnings
+
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from client.dp import make_private
+    from client.train import average_views
+
+    torch.manual_seed(0)
+    x, y = torch.randn(13 * views, 1, 28, 28), torch.randint(0, 2, (13 * views,))
+    criterion = nn.CrossEntropyLoss(weight=torch.tensor([0.3, 1.7]))
+    model = build_model("cnn28", seed=3)
+    ours_model, theirs_model, before = model, copy.deepcopy(model), copy.deepcopy(model)
+    settings = dict(noise_multiplier=1e-9, max_grad_norm=0.05, poisson_sampling=False)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)  # expected batch 8, this one 13
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = make_private(
+            model=ours_model, optimizer=torch.optim.SGD(ours_model.parameters(), lr=0.5), data_loader=loader,
+            criterion=criterion, noise_generator=torch.Generator().manual_seed(0), grad_sample_mode="hooks",
+            **settings,
+        )  # fmt: skip
+        theirs = PrivacyEngine(accountant="rdp").make_private(
+            module=theirs_model, optimizer=torch.optim.SGD(theirs_model.parameters(), lr=0.5),
+            data_loader=loader, noise_generator=torch.Generator().manual_seed(0), grad_sample_mode="hooks",
+            **settings,
+        )  # fmt: skip
+        for dp_model, optimizer in ((ours.model, ours.optimizer), theirs[:2]):
+            optimizer.zero_grad()
+            criterion(dp_model(x), y).backward()
+            if views > 1:
+                average_views(dp_model, views)
+    ours_samples = [p.grad_sample for p in ours_model.parameters()]
+    for p, want in zip(ours_samples, [p.grad_sample for p in theirs_model.parameters()], strict=True):
+        assert p.shape == want.shape and p.shape[0] == 13
+        assert torch.allclose(p, want, rtol=1e-4, atol=1e-6), float((p - want).abs().max())
+    assert max(float(s.abs().max()) for s in ours_samples) > 1e-3  # real gradients, not zeros
+    ours.optimizer.step()
+    theirs[1].step()
+    for a, b in zip(ours_model.parameters(), theirs_model.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-8)
+    moved = [
+        not torch.equal(a, b) for a, b in zip(ours.unwrap().parameters(), before.parameters(), strict=True)
+    ]
+    assert all(moved)  # every parameter stepped
