@@ -4,12 +4,15 @@ Times one optimizer step (forward, backward, clip + noise, update) of a model (`
 28x28 images, `cnn3d` on 16 x 28 x 28 volumes, `unet` segmenting 28x28 images with Dice + CE) on a
 fixed batch, without DP and with DP in each mode, interleaved step by step in one run so
 that all modes see the same machine load. Prints the median per mode and its ratio to non-DP.
-`opacus-hooks` is Opacus's hooks mode as shipped; `hooks`, `ghost`, `functorch` are as fedward runs
-them (client.grad_sample's Conv2d sampler and no zeroed copies of per-sample gradients; in `hooks`, no
-unused batch weight gradients). Every mode, and the plain step, runs with glibc keeping freed memory
+`opacus-hooks` is Opacus's hooks mode as shipped (its own PrivacyEngine); `hooks`, `ghost`, `functorch`
+are as fedward runs them (client.grad_sample's Conv2d sampler and no zeroed copies of per-sample
+gradients; in `hooks`, no unused batch weight gradients, and the output gradient multiplied by the
+batch size once instead of at every layer). `--modes` times only some modes beside the plain step:
+with all four, each step runs after steps that have pushed its memory out of the caches. Every mode, and the plain step, runs with glibc keeping freed memory
 (client.dp.keep_freed_memory, switched on at the start, as a DP site's first round does for its process).
 
     python bench/bench_dp_overhead.py [--model cnn28] [--steps 30] [--batch 64] [--threads 0] [--device cpu]
+                                      [--modes opacus-hooks hooks ghost functorch]
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from opacus import GradSampleModule  # noqa: E402
+from opacus import GradSampleModule, PrivacyEngine  # noqa: E402
 from opacus.grad_sample import grad_sample_module, grad_sample_module_fast_gradient_clipping  # noqa: E402
 from opacus.grad_sample.conv import compute_conv_grad_sample  # noqa: E402
 from torch import nn  # noqa: E402
@@ -77,13 +80,20 @@ def make_step(
     mode: str | None, x: torch.Tensor, y: torch.Tensor, device: torch.device, name: str = "cnn28"
 ) -> Callable[[], None]:
     """One training step of a fresh `name` model: plain (mode None), DP-SGD as fedward runs it in
-    `mode`, or "opacus-hooks": Opacus's hooks mode as shipped (its unfold conv sampler, autograd's
-    batch weight gradients computed and thrown away)."""
+    `mode`, or "opacus-hooks": Opacus's hooks mode as shipped (its own PrivacyEngine, its unfold conv
+    sampler, autograd's batch weight gradients computed and thrown away)."""
     model = build_model(name, in_channels=1, num_classes=2, seed=0).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     criterion = make_criterion(y, 2, False, "segmentation" if name == "unet" else "classification")
     as_shipped = mode == "opacus-hooks"
-    if mode is not None:
+    if as_shipped:
+        engine = PrivacyEngine(accountant="rdp")
+        model, optimizer, _ = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=DataLoader(TensorDataset(x, y), batch_size=len(x)),
+            noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
+            noise_generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+    elif mode is not None:
         dp = make_private(
             noise_generator=torch.Generator().manual_seed(0),
             model=model,
@@ -92,11 +102,9 @@ def make_step(
             criterion=criterion,
             noise_multiplier=1.0,
             max_grad_norm=1.0,
-            grad_sample_mode="hooks" if as_shipped else mode,
+            grad_sample_mode=mode,
             poisson_sampling=False,  # a fixed batch: we time the step, not the sampling
         )
-        if as_shipped:
-            dp.keep_batch_weight_grads()
         model, optimizer, criterion = dp.model, dp.optimizer, dp.criterion
 
     def step() -> None:
@@ -116,6 +124,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--modes", nargs="+", choices=MODES, default=list(MODES),
+        help="DP modes to time beside the plain step (fewer: less cache traffic between the steps)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -127,7 +139,7 @@ def main() -> None:
 
     x, y = batch(args.model, args.batch, device)
     steps: dict[str, Callable[[], None]] = {"no DP": make_step(None, x, y, device, args.model)}
-    for mode in MODES:
+    for mode in args.modes:
         try:
             steps[mode] = make_step(mode, x, y, device, args.model)
             steps[mode]()
