@@ -69,7 +69,8 @@ def study_for(dataset: str, args: argparse.Namespace, seed: int):
     study.study.centralized = True
     study.study.leave_one_out = args.leave_one_out
     if args.personalize:  # issue 16: FedBN-style federation and fine-tuning at each site
-        study.study.fedbn, study.study.fine_tune_epochs = True, study.train.local_epochs
+        study.study.fedbn = True
+        study.study.fine_tune_epochs = args.fine_tune_epochs or study.train.local_epochs
     return study
 
 
@@ -246,6 +247,10 @@ def main() -> int:
     parser.add_argument(
         "--personalize", action="store_true", help="add the FedBN-style and fine-tuned variants"
     )
+    parser.add_argument(
+        "--fine-tune-epochs", type=int, default=0,
+        help="with --personalize: epochs of fine-tuning at each site (default: the config's local epochs)",
+    )  # fmt: skip
     parser.add_argument(
         "--without-privacy", action="store_true",
         help="leave out the DP runs (federated and local-only), half of a study's training time",
