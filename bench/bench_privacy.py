@@ -71,6 +71,8 @@ RECIPES: dict[str, dict] = {
     "fedavgm": FEDAVGM,
     "zscore": ZSCORE,
     "batch256": {"train.batch_size": 256, "train.lr": 0.003},  # 4x the batch, a larger step, fewer steps
+    # augmentation multiplicity on the configured CNN, its clipping and step as they are
+    "views": {"train.augment": True, "train.augment_views": 4},
 }
 
 
