@@ -134,7 +134,9 @@ def scale_once_at_output(dp_model: grad_sample_module.GradSampleModule) -> None:
     come from multiplying the gradient once, at the model's output (n x classes values), and hooking the
     layers as for a summed loss. The DP optimizer still divides the clipped, noised sum by the expected
     batch size, so what it steps with is unchanged (tested against Opacus's own hooks). For `hooks`
-    mode on a freshly wrapped model (client.dp.make_private); gone with the wrapper."""
+    mode on a freshly wrapped model (client.dp.make_private); gone with the wrapper. A model whose output
+    is not one tensor with the batch first (the size of the input's first dimension) is refused at its
+    forward pass, since the one multiplication would then not give per-sample gradients."""
     dp_model.remove_hooks()
     dp_model.add_hooks(
         loss_reduction="sum", batch_first=dp_model.batch_first, force_functorch=dp_model.force_functorch
@@ -144,9 +146,14 @@ def scale_once_at_output(dp_model: grad_sample_module.GradSampleModule) -> None:
 
     def forward(*args, **kwargs):
         output = module_forward(*args, **kwargs)
-        if isinstance(output, (tuple, list)):  # every output's gradient, as the hooks saw them all
-            return type(output)(
-                _GradTimesBatch.apply(o) if isinstance(o, torch.Tensor) else o for o in output
+        batch = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else None
+        if not isinstance(output, torch.Tensor) or output.dim() == 0 or output.shape[0] != batch:
+            # fails closed: gradients scaled by anything but the batch size would not be per-sample
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else ""
+            raise TypeError(
+                "DP-SGD in hooks mode needs a model whose output is one tensor with the batch first "
+                f"(got {type(output).__name__}{shape} for a batch of {batch}); every network in "
+                "common.models returns one"
             )
         return _GradTimesBatch.apply(output)
 

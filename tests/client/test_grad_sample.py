@@ -288,3 +288,38 @@ def test_hooks_mode_gives_opacus_per_sample_gradients_of_a_weighted_mean_loss(vi
         not torch.equal(a, b) for a, b in zip(ours.unwrap().parameters(), before.parameters(), strict=True)
     ]
     assert all(moved)  # every parameter stepped
+
+
+def test_hooks_mode_refuses_a_model_whose_output_is_not_one_batch_first_tensor():
+    """The output gradient is multiplied by the batch size once, at the output: a model returning
+    anything else (a tuple, a batch-last tensor) must fail, not train with gradients scaled wrongly."""
+    import warnings
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from client.dp import make_private
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return (self.lin(x),), x
+
+    class BatchLast(Pair):
+        def forward(self, x):
+            return self.lin(x).T
+
+    x, y = torch.randn(5, 4), torch.randint(0, 2, (5,))
+    for model in (Pair(), BatchLast()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dp = make_private(
+                model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                data_loader=DataLoader(TensorDataset(x, y), batch_size=5), criterion=nn.CrossEntropyLoss(),
+                noise_multiplier=1.0, max_grad_norm=1.0, noise_generator=torch.Generator().manual_seed(0),
+                grad_sample_mode="hooks", poisson_sampling=False,
+            )  # fmt: skip
+        with pytest.raises(TypeError, match="one tensor with the batch first"):
+            dp.model(x)
