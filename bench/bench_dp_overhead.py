@@ -8,8 +8,9 @@ that all modes see the same machine load. Prints the median per mode and its rat
 are as fedward runs them (client.grad_sample's Conv2d sampler and no zeroed copies of per-sample
 gradients; in `hooks`, no unused batch weight gradients, and the output gradient multiplied by the
 batch size once instead of at every layer). `--modes` times only some modes beside the plain step:
-with all four, each step runs after steps that have pushed its memory out of the caches. Every mode, and the plain step, runs with glibc keeping freed memory
-(client.dp.keep_freed_memory, switched on at the start, as a DP site's first round does for its process).
+with all four, each step runs after steps that have pushed its memory out of the caches. Every mode,
+and the plain step, runs with glibc keeping freed memory (client.dp.keep_freed_memory, switched on at
+the start, as a DP site's first round does for its process).
 
     python bench/bench_dp_overhead.py [--model cnn28] [--steps 30] [--batch 64] [--threads 0] [--device cpu]
                                       [--modes opacus-hooks hooks ghost functorch]

@@ -184,10 +184,10 @@ def make_private(
         poisson_sampling=poisson_sampling,
         grad_sample_mode=grad_sample_mode,
         noise_generator=noise_generator,
+        loss_reduction="sum" if grad_sample_mode == "hooks" else "mean",  # hooks: _hooks_mode_savings
     )
-    detached = _hooks_mode_savings(model, private[0]) if grad_sample_mode == "hooks" else []
-    # ghost: Opacus returns (module, optimizer, criterion, data_loader); else the loss is used unchanged
-    dp_model, dp_optimizer, dp_criterion, dp_loader = (
+    detached = _hooks_mode_savings(model, *private[:2]) if grad_sample_mode == "hooks" else []
+    dp_model, dp_optimizer, dp_criterion, dp_loader = (  # ghost: Opacus's criterion; else ours unchanged
         private if len(private) == 4 else (*private[:2], criterion, private[2])
     )
     if poisson is not None:
@@ -207,12 +207,15 @@ def make_private(
     )
 
 
-def _hooks_mode_savings(model: torch.nn.Module, dp_model) -> list[torch.nn.Module]:
+def _hooks_mode_savings(model: torch.nn.Module, dp_model, dp_optimizer: DPOptimizer) -> list[torch.nn.Module]:
     """`hooks` mode's two savings: conv layers skip the batch weight gradient nothing uses
     (`_skip_batch_weight_grads`, returned), and the output gradient is multiplied by the batch size
-    once, at the model's output, instead of at every layer (client.grad_sample.scale_once_at_output)."""
+    once, at the model's output, instead of at every layer (client.grad_sample.scale_once_at_output):
+    Opacus hooks the layers as for a summed loss (make_private asks for "sum"), and the optimizer still
+    divides the clipped, noised sum by the expected batch size, as for the mean loss it is."""
     detached = _skip_batch_weight_grads(model)
     client.grad_sample.scale_once_at_output(dp_model)
+    dp_optimizer.loss_reduction = "mean"
     return detached
 
 

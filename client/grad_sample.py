@@ -132,16 +132,13 @@ def scale_once_at_output(dp_model: grad_sample_module.GradSampleModule) -> None:
     n, so Opacus's hooks (loss_reduction "mean") multiply it by n at every layer before computing
     per-sample gradients: for `cnn28` about 40 MB read and written again at every step. The same numbers
     come from multiplying the gradient once, at the model's output (n x classes values), and hooking the
-    layers as for a summed loss. The DP optimizer still divides the clipped, noised sum by the expected
-    batch size, so what it steps with is unchanged (tested against Opacus's own hooks). For `hooks`
-    mode on a freshly wrapped model (client.dp.make_private); gone with the wrapper. A model whose output
-    is not one tensor with the batch first (the size of the input's first dimension) is refused at its
-    forward pass, since the one multiplication would then not give per-sample gradients."""
-    dp_model.remove_hooks()
-    dp_model.add_hooks(
-        loss_reduction="sum", batch_first=dp_model.batch_first, force_functorch=dp_model.force_functorch
-    )
-    dp_model.loss_reduction = "sum"
+    layers as for a summed loss (`dp_model` must be hooked so: client.dp.make_private asks Opacus for
+    it, and keeps the optimizer dividing by the expected batch size), so what the optimizer steps with
+    is unchanged (tested against Opacus's own hooks). Gone with the wrapper. A model whose output is not
+    one tensor with the batch first (the size of the input's first dimension) is refused at its forward
+    pass, since the one multiplication would then not give per-sample gradients."""
+    if dp_model.loss_reduction != "sum":  # a mean-loss hook would multiply by n a second time
+        raise ValueError("scale_once_at_output needs a GradSampleModule hooked with loss_reduction='sum'")
     module_forward = dp_model.forward
 
     def forward(*args, **kwargs):
