@@ -212,12 +212,21 @@ def _best_table(doc: dict) -> Table | None:
     if not best:
         return None
     name = METRIC_LABELS[metric_of(doc)]
+
+    def candidates(b: dict) -> str:
+        ce = b.get("validation_cross_entropy") or {}
+        return ", ".join(f"{model_label(k)} {v:.3f}" + (f" (cross-entropy {ce[k]:.3f})" if k in ce else "")
+                         for k, v in b["validation"].items())  # fmt: skip
+
     rows = [[Cell(site), Cell(model_label(b["model"]), bold=True), value_cell(b["validation"][b["model"]]),
-             value_cell(b.get("test")),
-             Cell(", ".join(f"{model_label(k)} {v:.3f}" for k, v in b["validation"].items()))]
+             value_cell(b.get("test")), Cell(candidates(b))]
             for site, b in best.items()]  # fmt: skip
     head = ["site", "its model", f"validation {name}", f"test {name}", f"every candidate's validation {name}"]
-    return Table("best-model-table", "The model for each site, chosen on its validation images", head, rows)
+    ties = any("validation_cross_entropy" in b for b in best.values())
+    caption = "The model for each site, chosen on its validation images" + (
+        " (equal AUCs: the lower validation cross-entropy)" if ties else ""
+    )
+    return Table("best-model-table", caption, head, rows)
 
 
 def _leave_one_out_table(doc: dict) -> Table | None:

@@ -11,6 +11,7 @@ comparison table and the paired gains of federating in the evaluator's headline 
 from __future__ import annotations
 
 import numpy as np
+from sklearn.metrics import log_loss
 from torch import nn
 
 from client.train import device, predict
@@ -43,12 +44,16 @@ class Evaluator:
     def _outputs(self, model: nn.Module, site: str) -> np.ndarray:
         return predict(model, self.data[site].test_x)  # N x C probabilities
 
-    def validation_score(self, model: nn.Module, site: str) -> float | None:
-        """The headline metric of `model` on the site's validation images (None without any)."""
+    def validation_score(self, model: nn.Module, site: str) -> tuple[float | None, float | None] | None:
+        """(headline metric, cross-entropy) of `model` on the site's validation images (None without
+        any). The cross-entropy breaks ties: a small validation set often gives several models the
+        same AUC (every positive ranked above every negative but one, say)."""
         d = self.data[site]
         if d.val_x is None or len(d.val_x) == 0:
             return None
-        return public_metrics(site_summary(d.val_y.numpy(), predict(model.to(device()), d.val_x)))["auc"]
+        labels, probs = d.val_y.numpy(), predict(model.to(device()), d.val_x)
+        auc = public_metrics(site_summary(labels, probs))["auc"]
+        return auc, float(log_loss(labels, probs, labels=list(range(probs.shape[1]))))
 
     def predict(self, key: str, model: nn.Module, sites: list[str] | None = None) -> None:
         sites = list(self.data) if sites is None else sites
@@ -93,13 +98,14 @@ class SegmentationEvaluator(Evaluator):
     def block(self, test_set: str, scores: np.ndarray, *, roc: bool) -> dict:
         return segmentation_block(scores, samples=self.cfg.bootstrap_samples, seed=self.seed)
 
-    def validation_score(self, model: nn.Module, site: str) -> float | None:
+    def validation_score(self, model: nn.Module, site: str) -> tuple[float | None, float | None] | None:
+        """(mean Dice, None): Dice over every validation image rarely ties, so nothing breaks ties."""
         d = self.data[site]
         if d.val_x is None or len(d.val_x) == 0:
             return None
         pred = predict(model.to(device()), d.val_x, batch_size=self.PREDICT_BATCH).argmax(axis=1)
         scores = per_image_scores(d.val_y.numpy(), pred, d.num_classes)
-        return segmentation_summary(sums_from_scores(*scores))["dice"]
+        return segmentation_summary(sums_from_scores(*scores))["dice"], None
 
     def difference(self, test_set: str, outputs_a: np.ndarray, outputs_b: np.ndarray) -> dict:
         return paired_score_difference(

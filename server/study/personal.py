@@ -8,7 +8,8 @@
   after the federation's last, so under privacy it is charged to the site's ledger beside the
   federation's rounds (the site refuses past its budget).
 - `best_for_site`: per site, the candidate (trained alone, federated, fedbn, fine-tuned) with the best
-  headline metric on the site's *validation* images; the test metric is reported, never used to choose.
+  headline metric on the site's *validation* images, ties broken by the lower validation cross-entropy
+  (classification); the test metric is reported, never used to choose.
 
 The functions take the running study (server.study.run.ComparisonRun).
 """
@@ -68,13 +69,16 @@ def best_for_site(run) -> dict:
     for name in run.data:
         candidates = [model_key(LOCAL_OF[primary], name), primary,
                       model_key(Variant.FEDBN, name), model_key(Variant.FINE_TUNED, name)]  # fmt: skip
-        scores = {
+        scored = {
             k: run.evaluator.validation_score(run.trained[k], name) for k in candidates if k in run.trained
         }
-        scores = {k: v for k, v in scores.items() if v is not None}
-        if not scores:
+        scored = {k: (round(v[0], 6), v[1]) for k, v in scored.items() if v is not None and v[0] is not None}
+        if not scored:
             continue
-        best = max(scores, key=scores.get)
-        out[name] = {"model": best, "validation": {k: round(v, 6) for k, v in scores.items()},
+        # the best metric; among equal metrics the lowest cross-entropy (segmentation: the first candidate)
+        best = max(scored, key=lambda k: (scored[k][0], -scored[k][1] if scored[k][1] is not None else 0.0))
+        out[name] = {"model": best, "validation": {k: v[0] for k, v in scored.items()},
                      "test": run.models[best]["eval"][name].get(metric)}  # fmt: skip
+        if any(loss is not None for _, loss in scored.values()):
+            out[name]["validation_cross_entropy"] = {k: round(v[1], 6) for k, v in scored.items()}
     return out
