@@ -266,7 +266,7 @@ def main() -> int:
     parser.add_argument(
         "--without-baselines", action="store_true",
         help="leave out the local-only and centralized runs (their figures and the targets that need them); "
-        "without privacy they are deterministic, so an earlier run's stand",
+        "without privacy they are deterministic, so those of an earlier run of the same code stand",
     )  # fmt: skip
     parser.add_argument(
         "--strategies", nargs="*", default=[], choices=("fedprox", "fedadam", "fedavgm", "scaffold", "fedavg-sites"),
