@@ -222,9 +222,9 @@ def _best_table(doc: dict) -> Table | None:
              value_cell(b.get("test")), Cell(candidates(b))]
             for site, b in best.items()]  # fmt: skip
     head = ["site", "its model", f"validation {name}", f"test {name}", f"every candidate's validation {name}"]
-    ties = any("validation_cross_entropy" in b for b in best.values())
+    with_cross_entropy = any("validation_cross_entropy" in b for b in best.values())
     caption = "The model for each site, chosen on its validation images" + (
-        " (equal AUCs: the lower validation cross-entropy)" if ties else ""
+        " (equal AUCs: the lower validation cross-entropy)" if with_cross_entropy else ""
     )
     return Table("best-model-table", caption, head, rows)
 

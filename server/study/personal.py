@@ -76,7 +76,7 @@ def best_for_site(run) -> dict:
         if not scored:
             continue
         # the best metric; among equal metrics the lowest cross-entropy (segmentation: the first candidate)
-        best = max(scored, key=lambda k: (scored[k][0], -scored[k][1] if scored[k][1] is not None else 0.0))
+        best = max(scored, key=lambda k: (scored[k][0], -(scored[k][1] or 0.0)))
         out[name] = {"model": best, "validation": {k: v[0] for k, v in scored.items()},
                      "test": run.models[best]["eval"][name].get(metric)}  # fmt: skip
         if any(loss is not None for _, loss in scored.values()):
