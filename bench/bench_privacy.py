@@ -22,7 +22,6 @@ on at epsilon 8 and the class-balanced loss off, since it is not private) pooled
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -33,7 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.config import load_study, validate_study  # noqa: E402
+from common.config import load_study  # noqa: E402
+from common.config import with_changes as config_with_changes  # noqa: E402
 from common.schema import StudyConfig  # noqa: E402
 from server.run_folder import RESULTS_FILE  # noqa: E402
 from server.simulate import simulate  # noqa: E402
@@ -78,17 +78,10 @@ RECIPES: dict[str, dict] = {
 
 def with_changes(study: StudyConfig, changes: dict, seed: int) -> StudyConfig:
     """A copy of `study` with dotted-key `changes` and training seed `seed` (the split stays)."""
-    out = copy.deepcopy(study)
+    out = config_with_changes(study, changes)
     if out.data.partition.seed is None:
         out.data.partition.seed = study.seed  # one split for every seed
     out.seed = seed
-    for key, value in changes.items():
-        *path, name = key.split(".")
-        target = out
-        for part in path:
-            target = getattr(target, part)
-        setattr(target, name, value)
-    validate_study(out)
     return out
 
 

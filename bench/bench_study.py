@@ -21,7 +21,9 @@ local-only models with privacy: half the training); `--strategies fedprox fedada
 and seed, compared with fedavg on every site's test data (`fedavg-sites`: FedAvg with each site
 weighed once, `strategy.weighting: sites`). Each study's
 folder (study.json, report.html) is kept under --out (OUT/<dataset>/seed-<k>), a temporary folder by
-default; a completed study found there is reused, so a run cut short can be continued.
+default; a completed study found there is reused, so a run cut short can be continued (one of another
+config is refused, not overwritten). `--set train.local_epochs=1 rounds=50` changes the configs' keys
+for every model the run trains.
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import yaml  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from common.config import load_study  # noqa: E402
+from common.config import load_study, with_changes  # noqa: E402
 from server.run_folder import STUDY_FILE, Variant, model_key, split_key  # noqa: E402
 from server.study.run import run_comparison  # noqa: E402
 
@@ -70,7 +73,7 @@ def study_for(dataset: str, args: argparse.Namespace, seed: int):
     if args.personalize:  # issue 16: FedBN-style federation and fine-tuning at each site
         study.study.fedbn = True
         study.study.fine_tune_epochs = args.fine_tune_epochs or study.train.local_epochs
-    return study
+    return with_changes(study, dict(args.set))
 
 
 def _auc(doc: dict, key: str, test_set: str) -> float | None:
@@ -209,9 +212,29 @@ def study_in(study, folder: Path, console: Console) -> dict:
     """`fedward study` of `study` in `folder`, or the completed study already there."""
     done = folder / STUDY_FILE
     if done.exists() and (doc := json.loads(done.read_text())).get("status") == "completed":
+        if changed := _differences(doc["study"], study.to_dict()):
+            raise SystemExit(
+                f"{folder} holds a completed study of another config ({', '.join(changed)} differ); "
+                "give this run another --out (it is kept as it is)"
+            )
         print(f"  reusing the completed study in {folder}", file=sys.stderr)
         return doc
     return run_comparison(study, folder, console=console)
+
+
+def _differences(stored: dict, wanted: dict, where: str = "") -> list[str]:
+    """The dotted keys whose values differ (the data folder and the config's own path aside)."""
+    out = []
+    for key in sorted(set(stored) | set(wanted)):
+        dotted = f"{where}{key}"
+        if dotted in ("source_path", "data.data_dir"):
+            continue
+        a, b = stored.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{dotted}.")
+        elif json.dumps(a) != json.dumps(b):
+            out.append(dotted)
+    return out
 
 
 def strategies(dataset: str, args: argparse.Namespace, docs: list[dict], out: Path, console: Console) -> None:
@@ -236,6 +259,13 @@ def strategies(dataset: str, args: argparse.Namespace, docs: list[dict], out: Pa
         med = {t: statistics.median(r[t] for r in runs) for t in [*sites, "pooled"]}
         cells = "".join(f"{med[t]:>10.4f} ({(med[t] - base[t]) * 100:+.1f})" for t in [*sites, "pooled"])
         print(f"    {name:<10}{cells}")
+
+
+def dotted_change(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: give KEY=VALUE, e.g. train.local_epochs=1")
+    return key, yaml.safe_load(value)
 
 
 def main() -> int:
@@ -271,6 +301,11 @@ def main() -> int:
     parser.add_argument(
         "--strategies", nargs="*", default=[], choices=("fedprox", "fedadam", "fedavgm", "scaffold", "fedavg-sites"),
         help="also federate with these strategies (federated model only) beside the configs' fedavg",
+    )  # fmt: skip
+    parser.add_argument(
+        "--set", nargs="*", default=[], type=dotted_change, metavar="KEY=VALUE",
+        help="change the configs' keys (YAML values: train.local_epochs=1 rounds=50), for every model the "
+        "run trains; use another --out than the unchanged run's, whose completed studies would be reused",
     )  # fmt: skip
     args = parser.parse_args()
 

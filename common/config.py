@@ -7,6 +7,7 @@ loaded (`server.simulate.preflight`, `fedward site check`), before any training.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -133,6 +134,32 @@ def load_study(
         study.data.data_dir = os.environ[DATA_ENV]
     validate_study(study)
     return study
+
+
+def with_changes(study: StudyConfig, changes: dict[str, Any]) -> StudyConfig:
+    """A validated copy of `study` with dotted-key `changes` ({"train.lr": 0.002}), each value checked
+    as the same key in a YAML file is: an unknown key or a wrong type is a ConfigError naming it."""
+    out = copy.deepcopy(study)
+    p = study.source_path or "study config"
+    for key, value in changes.items():
+        parts = key.split(".")
+        target = out
+        for depth, part in enumerate(parts):
+            where = ".".join(parts[: depth + 1])
+            if not dataclasses.is_dataclass(target):
+                raise ConfigError(
+                    f"{p}: '{'.'.join(parts[:depth])}' is a value, not a section: no '{where}'."
+                )
+            names = [f.name for f in dataclasses.fields(target) if f.name != "source_path"]
+            if part not in names:
+                close = difflib.get_close_matches(part, names, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(f"{p}: unknown key '{where}'.{hint} Known keys here: {', '.join(names)}.")
+            if depth < len(parts) - 1:
+                target = getattr(target, part)
+        setattr(target, parts[-1], _coerce(typing.get_type_hints(type(target))[parts[-1]], value, key, p))
+    validate_study(out)
+    return out
 
 
 def validate_study(study: StudyConfig) -> None:

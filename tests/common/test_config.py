@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, load_study
+from common.config import ConfigError, load_study, with_changes
 from common.data import load_site_data
 from common.simulated import simulated_sites
 from common.sitedata import SiteDataError
@@ -70,3 +70,19 @@ def test_site_without_training_images_is_refused(tmp_path):
     site.data.synthetic.train_per_site = 0  # a site config: refused when its data is loaded
     with pytest.raises(SiteDataError, match="site 'hospital-a' has no training images"):
         load_site_data(site)
+
+
+def test_changes_by_dotted_key_are_checked_as_the_file_is_and_leave_the_original(tmp_path):
+    study = load_study(_write(tmp_path, "rounds: 3\ntrain:\n  lr: 0.001\n"))
+    changed = with_changes(study, {"rounds": 50, "train.lr_decay": 0.965, "strategy.name": "fedprox"})
+    assert (changed.rounds, changed.train.lr_decay, changed.strategy.name) == (50, 0.965, "fedprox")
+    assert (study.rounds, study.train.lr_decay, study.strategy.name) == (3, 1.0, "fedavg")
+    for changes, message in (
+        ({"train.lrr": 0.1}, r"unknown key 'train\.lrr'.*Did you mean 'lr'"),
+        ({"rounds.x": 1}, r"'rounds' is a value, not a section"),
+        ({"train.lr": "fast"}, r"'train\.lr' must be a number"),
+        ({"rounds": 0}, r"rounds"),
+        ({"strategy.name": "fedsomething"}, r"strategy\.name"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            with_changes(study, changes)
