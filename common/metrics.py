@@ -169,3 +169,33 @@ def public_metrics(summary: dict) -> dict:
         value = float(summary[name])
         out[name] = None if math.isnan(value) else round(value, 6)
     return out
+
+
+def pooled_auc_parts(
+    labels_by_site: Sequence[np.ndarray], probs_by_site: Sequence[np.ndarray]
+) -> dict | None:
+    """The pooled AUC of a binary task split by where its (positive, negative) pairs come from:
+    `within_sites` over the pairs of one site (the per-site AUCs weighted by each site's pairs),
+    `across_sites` over the pairs of two different sites (which ranks one site's images against
+    another's: comparable scores across scanners, and each site's share of positives, count there);
+    `across_share` the fraction of pairs across sites. None for more than two classes, or where either
+    part has no pairs. Ties count half, as in the AUC."""
+    if any(p.shape[1] != 2 for p in probs_by_site):
+        return None
+    pos = [int((np.asarray(y) == 1).sum()) for y in labels_by_site]
+    neg = [len(y) - n for y, n in zip(labels_by_site, pos, strict=True)]
+    within_pairs = [p * n for p, n in zip(pos, neg, strict=True)]
+    all_pairs = sum(pos) * sum(neg)
+    across_pairs = all_pairs - sum(within_pairs)
+    if sum(within_pairs) == 0 or across_pairs == 0:
+        return None
+    # concordant pairs (ties half): the pooled AUC's count minus each site's own
+    within = sum(
+        exact_auc(y, p) * w for y, p, w in zip(labels_by_site, probs_by_site, within_pairs, strict=True) if w
+    )
+    pooled = exact_auc(np.concatenate(labels_by_site), np.concatenate(probs_by_site)) * all_pairs
+    return {
+        "within_sites": round(within / sum(within_pairs), 6),
+        "across_sites": round((pooled - within) / across_pairs, 6),
+        "across_share": round(across_pairs / all_pairs, 4),
+    }

@@ -89,6 +89,9 @@ def _pooled_lines(doc: dict, kind: str) -> list[str]:
             f"On all test data together, {kind} reaches {name} {score_text(f)}, {_pts(f - c, doc)} {rel} "
             f"centralized training on the pooled data ({score_text(c)}), which federation avoids."
         )
+        lines += _pairs_line(
+            pooled.get(primary, {}).get("auc_parts"), pooled[Variant.CENTRALIZED].get("auc_parts")
+        )
     f = pooled.get(Variant.FEDERATED, {}).get(m)
     p = pooled.get(Variant.FEDERATED_DP, {}).get(m)
     if f is not None and p is not None:
@@ -102,6 +105,20 @@ def _pooled_lines(doc: dict, kind: str) -> list[str]:
     return lines
 
 
+def _pairs_line(fed: dict | None, central: dict | None) -> list[str]:
+    """Where the pooled AUCs differ: pairs of one site's images, or of two sites' (common.metrics)."""
+    if not fed or not central:
+        return []
+    return [
+        f"Of the pooled AUC's (positive, negative) pairs, {fed['across_share'] * 100:.0f}% join images of "
+        f"two sites: there the federated model ranks {score_text(fed['across_sites'])} of them right and "
+        f"centralized training {score_text(central['across_sites'])}; within a site "
+        f"{score_text(fed['within_sites'])} and {score_text(central['within_sites'])} (pairs across sites "
+        "reward scores that are comparable from site to site, and a model that has learnt which site "
+        "sees more positives)."
+    ]
+
+
 def _best_lines(doc: dict) -> list[str]:
     best = doc.get("best_for_site") or {}
     if not best:
@@ -109,10 +126,17 @@ def _best_lines(doc: dict) -> list[str]:
     m, name = metric_of(doc), METRIC_LABELS[metric_of(doc)]
     parts = [f"{s}: {model_label(b['model'])} (validation {name} {score_text(b['validation'][b['model']])}, "
              f"test {score_text(b.get('test'))})" for s, b in best.items()]  # fmt: skip
+    chosen = doc.get("chosen_pooled") or {}
+    together = (
+        f" All test data together, each site's scored by its chosen model: {name} {score_text(chosen[m])}."
+        if chosen.get(m) is not None
+        else ""
+    )
     return [
         f"Each site's best model on its own validation images ({m} there, never the test images): "
         + "; ".join(parts)
         + "."
+        + together
     ]
 
 

@@ -221,6 +221,11 @@ def _best_table(doc: dict) -> Table | None:
     rows = [[Cell(site), Cell(model_label(b["model"]), bold=True), value_cell(b["validation"][b["model"]]),
              value_cell(b.get("test")), Cell(candidates(b))]
             for site, b in best.items()]  # fmt: skip
+    chosen = doc.get("chosen_pooled") or {}
+    if chosen.get(metric_of(doc)) is not None:
+        m = metric_of(doc)
+        rows.append([Cell("pooled", bold=True), Cell("each site's own"), Cell(MISSING),
+                     value_cell(chosen[m], chosen.get("ci")), Cell(MISSING)])  # fmt: skip
     head = ["site", "its model", f"validation {name}", f"test {name}", f"every candidate's validation {name}"]
     with_cross_entropy = any("validation_cross_entropy" in b for b in best.values())
     caption = "The model for each site, chosen on its validation images" + (

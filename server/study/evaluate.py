@@ -16,7 +16,7 @@ from torch import nn
 
 from client.train import device, predict
 from common.evaluation_blocks import classification_block, segmentation_block
-from common.metrics import public_metrics, site_summary
+from common.metrics import pooled_auc_parts, public_metrics, site_summary
 from common.schema import StudyConfig
 from common.seg_metrics import (
     paired_score_difference,
@@ -69,11 +69,31 @@ class Evaluator:
     def evaluate(self, key: str, *, roc_on: set[str] | None = None) -> dict:
         """{test set: metrics} for a predicted model; ROC points for the test sets in `roc_on`."""
         roc_on = set(self.outputs[key]) if roc_on is None else roc_on
-        return {s: self.block(s, out, roc=s in roc_on) for s, out in self.outputs[key].items()}
+        out = {s: self.block(s, o, roc=s in roc_on) for s, o in self.outputs[key].items()}
+        if "pooled" in out:
+            out["pooled"].update(self.pooled_parts({s: self.outputs[key][s] for s in self.data}))
+        return out
+
+    def pooled_parts(self, by_site: dict[str, np.ndarray]) -> dict:
+        """`auc_parts` of the pooled AUC (common.metrics.pooled_auc_parts: the pairs within a site and
+        across sites) for these outputs of every site; empty where it is undefined."""
+        sites = list(self.data)
+        parts = pooled_auc_parts([self.labels[s] for s in sites], [by_site[s] for s in sites])
+        return {"auc_parts": parts} if parts else {}
 
     def pooled_own(self, keys: dict[str, str]) -> np.ndarray:
         """Pooled outputs where each site's test data is scored by its own model (site -> key)."""
         return np.concatenate([self.outputs[keys[s]][s] for s in self.data])
+
+    def pooled_of_own(self, keys: dict[str, str]) -> dict:
+        """The headline metric with its interval (and `auc_parts`) on all test data together, each
+        site's test data scored by its own model (site -> key): what the hospitals get, each
+        deploying its own."""
+        block = self.block("pooled", self.pooled_own(keys), roc=False)
+        return {
+            **_slim(block, self.metric),
+            **self.pooled_parts({s: self.outputs[keys[s]][s] for s in self.data}),
+        }
 
     def difference(self, test_set: str, outputs_a: np.ndarray, outputs_b: np.ndarray) -> dict:
         """{metric: {difference, ci}}: model a minus model b on the same bootstrap resamples."""
@@ -97,6 +117,9 @@ class SegmentationEvaluator(Evaluator):
 
     def block(self, test_set: str, scores: np.ndarray, *, roc: bool) -> dict:
         return segmentation_block(scores, samples=self.cfg.bootstrap_samples, seed=self.seed)
+
+    def pooled_parts(self, by_site: dict[str, np.ndarray]) -> dict:
+        return {}  # Dice is a mean over images: no pairs to split
 
     def validation_score(self, model: nn.Module, site: str) -> tuple[float | None, float | None] | None:
         """(mean Dice, None): Dice over every validation image rarely ties, so nothing breaks ties."""
@@ -152,10 +175,11 @@ def _pooled_row(columns: list[str], models: dict, sites: list[str], ev: Evaluato
     pooled = {}
     for c in columns:
         if c in models:
-            pooled[c] = {"model": c, **_slim(models[c]["eval"]["pooled"], ev.metric)}
+            block = models[c]["eval"]["pooled"]
+            parts = {"auc_parts": block["auc_parts"]} if "auc_parts" in block else {}
+            pooled[c] = {"model": c, **_slim(block, ev.metric), **parts}
         elif all(model_key(c, s) in ev.outputs for s in sites):
-            block = ev.block("pooled", ev.pooled_own({s: model_key(c, s) for s in sites}), roc=False)
-            pooled[c] = {"model": f"{c}:<each site>", **_slim(block, ev.metric)}
+            pooled[c] = {"model": f"{c}:<each site>", **ev.pooled_of_own({s: model_key(c, s) for s in sites})}
     return pooled
 
 

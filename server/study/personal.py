@@ -9,7 +9,8 @@
   federation's rounds (the site refuses past its budget).
 - `best_for_site`: per site, the candidate (trained alone, federated, fedbn, fine-tuned) with the best
   headline metric on the site's *validation* images, ties broken by the lower validation cross-entropy
-  (classification); the test metric is reported, never used to choose.
+  (classification); the test metric is reported, never used to choose. `chosen_pooled`: all test
+  data together, each site's scored by the model chosen for it (what the hospitals deploy).
 
 The functions take the running study (server.study.run.ComparisonRun).
 """
@@ -82,3 +83,12 @@ def best_for_site(run) -> dict:
         if any(loss is not None for _, loss in scored.values()):
             out[name]["validation_cross_entropy"] = {k: round(v[1], 6) for k, v in scored.items()}
     return out
+
+
+def chosen_pooled(run, best: dict) -> dict | None:
+    """All test data together, each site's scored by the model `best_for_site` chose for it: the
+    headline metric with its interval (and the pooled AUC's parts); None unless every site has one."""
+    if set(best) != set(run.data):
+        return None
+    keys = {name: best[name]["model"] for name in run.data}
+    return {"models": keys, **run.evaluator.pooled_of_own(keys)}

@@ -152,6 +152,7 @@ class ComparisonRun:
         self.doc["comparison"] = compare(self.doc, self.evaluator)
         self.doc["cross_site"] = cross_site(self.doc, self.evaluator.metric)
         self.doc["best_for_site"] = personal.best_for_site(self)
+        self.doc["chosen_pooled"] = personal.chosen_pooled(self, self.doc["best_for_site"])
         done = all(self.models[v].get("status") == "completed" for v in self.doc["variants"])
         self.doc["status"] = "completed" if done else "stopped"
         self.doc["summary"] = plain_summary(self.doc)

@@ -9,7 +9,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from common.metrics import auc_from_histogram, pooled_summary, public_metrics, site_summary
+from common.metrics import auc_from_histogram, pooled_auc_parts, pooled_summary, public_metrics, site_summary
 
 
 def _binary(seed: int, n: int = 400):
@@ -69,3 +69,41 @@ def test_single_class_site_has_undefined_auc_written_as_null():
     assert out["auc"] is None
     assert out["specificity"] == 1.0
     assert out["sensitivity"] is None
+
+
+def _pairs_by_hand(ys, scores):
+    """Share of (positive, negative) pairs ranked right (ties half), within one site and across two."""
+    site = np.concatenate([[i] * len(y) for i, y in enumerate(ys)])
+    y, s = np.concatenate(ys), np.concatenate(scores)
+    right = {True: 0.0, False: 0.0}
+    count = {True: 0, False: 0}
+    for i in np.flatnonzero(y == 1):
+        for j in np.flatnonzero(y == 0):
+            same = bool(site[i] == site[j])
+            count[same] += 1
+            right[same] += 1.0 if s[i] > s[j] else 0.5 if s[i] == s[j] else 0.0
+    return right[True] / count[True], right[False] / count[False], count[False] / (count[True] + count[False])
+
+
+def test_pooled_auc_splits_into_pairs_within_and_across_sites_with_ties_counted_half():
+    rng = np.random.default_rng(3)
+    ys = [rng.integers(0, 2, n) for n in (30, 50, 20)]
+    # coarse scores (many ties) and a site whose scores sit lower: within and across differ
+    scores = [
+        np.round(rng.uniform(0, 1, len(y)) * 0.5 + 0.4 * y - 0.3 * (k == 1), 1) for k, y in enumerate(ys)
+    ]
+    parts = pooled_auc_parts(ys, [np.stack([1 - s, s], axis=1) for s in scores])
+    within, across, share = _pairs_by_hand(ys, scores)
+    assert parts["within_sites"] == pytest.approx(within, abs=1e-6)
+    assert parts["across_sites"] == pytest.approx(across, abs=1e-6)
+    assert parts["across_share"] == pytest.approx(share, abs=1e-4)
+    assert abs(parts["within_sites"] - parts["across_sites"]) > 0.05  # the offset shows across sites only
+    pooled = roc_auc_score(np.concatenate(ys), np.concatenate(scores))
+    assert pooled == pytest.approx(within * (1 - share) + across * share, abs=1e-6)
+
+
+def test_pooled_auc_parts_undefined_for_more_classes_or_one_site_with_both_classes():
+    y = np.array([0, 1, 2, 1])
+    assert pooled_auc_parts([y], [np.full((4, 3), 1 / 3)]) is None
+    # every positive at one site, every negative at the other: no pair within a site
+    assert pooled_auc_parts([np.ones(3, int), np.zeros(3, int)], [np.full((3, 2), 0.5)] * 2) is None

@@ -97,6 +97,9 @@ def test_each_site_gets_its_best_model_on_validation_images(personal):
         assert set(best["validation"]) == {f"local-dp:{s}", "federated-dp", f"fedbn:{s}", f"fine-tuned:{s}"}
         assert best["validation"][best["model"]] == max(best["validation"].values())
         assert best["test"] == doc["models"][best["model"]]["eval"][s]["auc"]
+    chosen = doc["chosen_pooled"]  # all test data, each site's scored by its own choice
+    assert chosen["models"] == {s: doc["best_for_site"][s]["model"] for s in SITES}
+    assert chosen["ci"][0] <= chosen["auc"] <= chosen["ci"][1]
     assert any(
         line.startswith("Each site's best model on its own validation images") for line in doc["summary"]
     )

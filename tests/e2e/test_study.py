@@ -85,6 +85,16 @@ def test_study_json_holds_every_part_on_the_same_sites(study_run):
     assert cs["columns"] == [*SITES, "pooled"] and len(cs["rows"]) == 2 * len(SITES) + 3
     assert all(len(row) == len(SITES) + 1 and all(v is not None for v in row) for row in cs["auc"])
     assert any(s in line for line in doc["summary"] for s in SITES) and len(doc["summary"]) >= 4
+    # the pooled AUC split by its pairs: within a site and across two, which make up the pooled AUC
+    for column in ("federated", "centralized", "local"):
+        cell = comp["rows"]["pooled"][column]
+        parts = cell["auc_parts"]
+        share = parts["across_share"]
+        assert 0 < share < 1
+        assert cell["auc"] == pytest.approx(
+            parts["within_sites"] * (1 - share) + parts["across_sites"] * share, abs=1e-3
+        )
+    assert any(line.startswith("Of the pooled AUC's (positive, negative) pairs") for line in doc["summary"])
 
 
 @pytest.mark.slow
