@@ -5,7 +5,7 @@ leave-one-site-out, on fedward's synthetic sites (each its own scanner: gain, ga
 common.scanners) or a MedMNIST set with `--dataset` (acquisition shift on).
 
     python bench/bench_harmonization.py [--seeds 3] [--rounds N] [--settings none augment ...]
-        [--config configs/demo.yaml] [--dataset breastmnist --data-dir D]
+        [--config configs/demo.yaml] [--dataset breastmnist --data-dir D] [--out OUT]
 
 `--config` is the study to start from (default configs/demo.yaml, 5 rounds); `--dataset` switches it to
 a MedMNIST set with acquisition shift on (a config that is already MedMNIST keeps its rounds, model
@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--dataset", default="", help="a MedMNIST set (default: the config's data)")
     parser.add_argument("--data-dir", default=os.environ.get("FEDWARD_DATA", "../shared/data"))
+    parser.add_argument("--out", help="keep each study in OUT/<seed>-<setting> (default: a temporary folder)")
     args = parser.parse_args()
     study = load_study(args.config, rounds=args.rounds, data_dir=args.data_dir)
     if args.dataset:
@@ -75,9 +76,10 @@ def main() -> None:
         study.data.partition.min_test_per_class = 10
     results: dict[str, list[dict]] = {name: [] for name in args.settings}
     with tempfile.TemporaryDirectory() as tmp:
+        out = Path(args.out or tmp)
         for seed in range(args.seeds):
             for name in args.settings:
-                results[name].append(one(study, seed, name, Path(tmp)))
+                results[name].append(one(study, seed, name, out))
                 print(f"seed {seed} {name}: {results[name][-1]}", flush=True)
     keys = list(results[args.settings[0]][0])
     where = study.data.dataset if study.data.source == "medmnist" else study.data.source
