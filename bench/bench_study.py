@@ -212,6 +212,17 @@ def _pair_parts(docs: list[dict]) -> None:
         print(f"    {label:<32} within a site {within:.4f}  across sites {across:.4f}")
 
 
+def _intervals(docs: list[dict], test_sets: list[str]) -> None:
+    """Each seed's federated AUC with its 95% bootstrap interval on every test set."""
+    for d in docs:
+        cis = [
+            f"{t} [{ci[0]:.3f}, {ci[1]:.3f}]"
+            for t in test_sets
+            if (ci := d["models"][FED]["eval"].get(t, {}).get("ci", {}).get("auc"))
+        ]
+        print(f"  seed {d['study']['seed']}: federated AUC, 95% bootstrap intervals: {'; '.join(cis)}")
+
+
 def report(dataset: str, docs: list[dict], wall: float) -> bool:
     """Print the median over seeds of every model's AUC on every test set, then the targets: measured
     on the medians, and how many seeds meet each on their own."""
@@ -257,14 +268,7 @@ def report(dataset: str, docs: list[dict], wall: float) -> bool:
             auc = median_doc["models"][key]["eval"][t].get("auc")
             cells.append(f"{'-' if auc is None else f'{auc:.4f}':>{width}}")
         print(f"  {t:<12}{n:>6}" + "".join(cells))
-    for d in docs:
-        cis = [
-            f"{t} [{ci[0]:.3f}, {ci[1]:.3f}]"
-            for t in test_sets
-            if (ci := d["models"][FED]["eval"].get(t, {}).get("ci", {}).get("auc"))
-        ]
-        print(f"  seed {d['study']['seed']}: federated AUC, 95% bootstrap intervals: {'; '.join(cis)}")
-
+    _intervals(docs, test_sets)
     _pair_parts(docs)
     personal = None
     if "best_for_site" in doc and any(
