@@ -132,8 +132,7 @@ def _personalized(docs: list[dict], sites: list[str]) -> bool | None:
             model_key(Variant.FINE_TUNED, t),
             *(local(x) for x in sites),
         ):
-            got = [a for d in docs if key in d["models"] and (a := _auc(d, key, t)) is not None]
-            values[key] = statistics.median(got) if got else None
+            values[key] = _median([_auc(d, key, t) for d in docs if key in d["models"]])
         fed = max(v for k, v in values.items() if split_key(k)[0] != Variant.LOCAL and v is not None)
         alone = max(
             (v for k, v in values.items() if split_key(k)[0] == Variant.LOCAL and v is not None), default=None
@@ -193,8 +192,8 @@ def _personalized_pooled(docs: list[dict]) -> bool | None:
 
 def _pair_parts(docs: list[dict]) -> None:
     """Where the pooled AUCs differ: the pairs of one site's images, and those of two sites'."""
-    rows = {FED: "federated", str(Variant.CENTRALIZED): "centralized"}
-    rows |= {str(Variant.FINE_TUNED): "fine-tuned (each site its own)"}
+    rows = {FED: "federated", str(Variant.CENTRALIZED): "centralized",
+            str(Variant.FINE_TUNED): "fine-tuned (each site its own)"}  # fmt: skip
     printed = False
     for column, label in rows.items():
         parts = [_pooled_cell(d, column).get("auc_parts") for d in docs]

@@ -48,11 +48,12 @@ def score_text(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def model_label(key: str) -> str:
-    """A study model's key in words: `local-dp:hospital-a` -> "hospital-a alone, DP"."""
+def model_label(key: str, *, at_site: str | None = None) -> str:
+    """A study model's key in words: `local-dp:hospital-a` -> "hospital-a alone, DP"; a site's own
+    FedBN or fine-tuned model without the site's name where the text already says `at_site`."""
     kind, site = split_key(key)
     if site is not None and kind in (Variant.FEDBN, Variant.FINE_TUNED):
-        return f"{site}: {VARIANT_LABELS[kind]}"
+        return VARIANT_LABELS[kind] if site == at_site else f"{site}: {VARIANT_LABELS[kind]}"
     if site is not None:
         return f"{site} alone" + (", DP" if kind == Variant.LOCAL_DP else "")
     return VARIANT_LABELS.get(key, key)

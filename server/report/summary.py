@@ -124,7 +124,7 @@ def _best_lines(doc: dict) -> list[str]:
     if not best:
         return []
     m, name = metric_of(doc), METRIC_LABELS[metric_of(doc)]
-    parts = [f"{s}: {model_label(b['model']).removeprefix(f'{s}: ')} (validation {name} {score_text(b['validation'][b['model']])}, "
+    parts = [f"{s}: {model_label(b['model'], at_site=s)} (validation {name} {score_text(b['validation'][b['model']])}, "
              f"test {score_text(b.get('test'))})" for s, b in best.items()]  # fmt: skip
     chosen = doc.get("chosen_pooled") or {}
     together = (

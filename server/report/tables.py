@@ -211,7 +211,8 @@ def _best_table(doc: dict) -> Table | None:
     best = doc.get("best_for_site") or {}
     if not best:
         return None
-    name = METRIC_LABELS[metric_of(doc)]
+    m = metric_of(doc)
+    name = METRIC_LABELS[m]
 
     def candidates(b: dict) -> str:
         ce = b.get("validation_cross_entropy") or {}
@@ -222,8 +223,7 @@ def _best_table(doc: dict) -> Table | None:
              value_cell(b.get("test")), Cell(candidates(b))]
             for site, b in best.items()]  # fmt: skip
     chosen = doc.get("chosen_pooled") or {}
-    if chosen.get(metric_of(doc)) is not None:
-        m = metric_of(doc)
+    if chosen.get(m) is not None:
         rows.append([Cell("pooled", bold=True), Cell("each site's own"), Cell(MISSING),
                      value_cell(chosen[m], chosen.get("ci")), Cell(MISSING)])  # fmt: skip
     head = ["site", "its model", f"validation {name}", f"test {name}", f"every candidate's validation {name}"]

@@ -71,12 +71,12 @@ class Evaluator:
         roc_on = set(self.outputs[key]) if roc_on is None else roc_on
         out = {s: self.block(s, o, roc=s in roc_on) for s, o in self.outputs[key].items()}
         if "pooled" in out:
-            out["pooled"].update(self.pooled_parts({s: self.outputs[key][s] for s in self.data}))
+            out["pooled"].update(self.pooled_parts(self.outputs[key]))
         return out
 
     def pooled_parts(self, by_site: dict[str, np.ndarray]) -> dict:
         """`auc_parts` of the pooled AUC (common.metrics.pooled_auc_parts: the pairs within a site and
-        across sites) for these outputs of every site; empty where it is undefined."""
+        across sites) for these outputs of every site (other keys ignored); empty where undefined."""
         sites = list(self.data)
         parts = pooled_auc_parts([self.labels[s] for s in sites], [by_site[s] for s in sites])
         return {"auc_parts": parts} if parts else {}
