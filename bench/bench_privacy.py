@@ -12,7 +12,10 @@ seed (`--seeds`, on one split: the split's seed stays the config's), everything 
 splits, model, rounds, the target epsilon. A site's noise comes from the OS's entropy
 (client.randomness), so no two private runs are alike and one run is one draw: the medians over the
 seeds are what to compare. Prints pooled and per-site test AUC (medians) with the largest epsilon any
-site spent, and each recipe against the study without privacy.
+site spent, each recipe against the study without privacy, and the pooled AUC split by its pairs
+(within one site, across two: `auc_parts` of results.json). `clip-only`, `clip10-only` and `clip5` are
+diagnostics (clipping with next to no noise; a 5x clipping bound at the target epsilon), which their
+sites' policy is made to allow (SITE_POLICIES).
 
 Targets (issue 16): on configs/pneumoniamnist-dp.yaml, DP at epsilon 8 within 1 AUC point of the
 same study without privacy; on BreastMNIST (`--config configs/breastmnist.yaml`, where DP is switched
@@ -30,11 +33,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.config import load_study  # noqa: E402
 from common.config import with_changes as config_with_changes  # noqa: E402
 from common.schema import StudyConfig  # noqa: E402
+from common.simulated import site_names  # noqa: E402
 from server.run_folder import RESULTS_FILE  # noqa: E402
 from server.simulate import simulate  # noqa: E402
 
@@ -71,9 +77,23 @@ RECIPES: dict[str, dict] = {
     "fedavgm": FEDAVGM,
     "zscore": ZSCORE,
     "batch256": {"train.batch_size": 256, "train.lr": 0.003},  # 4x the batch, a larger step, fewer steps
+    # 2x the batch: run with 2x the rounds (`--rounds 12`) it takes as many steps as the config at 6 rounds,
+    # each with 0.7x the noise per image at the same epsilon (sampling rate and noise multiplier both grow)
+    "batch128": {"train.batch_size": 128},
     # augmentation multiplicity on the configured CNN, its clipping and step as they are
     "views": {"train.augment": True, "train.augment_views": 4},
+    # where the gap comes from (diagnostics, not recipes a site would run): clipping at the configured
+    # bound with next to no noise (epsilon 10^4: noise multiplier about 0.06), the same with a 10x larger
+    # bound, and the configured epsilon with a 5x larger bound; their sites' policy must allow them
+    "clip-only": {"privacy.target_epsilon": 1e4},
+    "clip10-only": {"privacy.target_epsilon": 1e4, "privacy.max_grad_norm": 10.0},
+    "clip5": {"privacy.max_grad_norm": 5.0},
 }
+# the privacy section of the site configs a recipe's sites get (written under OUT/site-policies/<recipe>)
+# where the simulated sites' default policy (noise multiplier >= 0.5, clipping norm <= 1, epsilon <= 10)
+# would refuse it
+PERMISSIVE = {"max_epsilon": 1e9, "min_noise_multiplier": 0.0, "max_grad_norm": 100.0}
+SITE_POLICIES = {"clip-only": PERMISSIVE, "clip10-only": PERMISSIVE, "clip5": PERMISSIVE}
 
 
 def with_changes(study: StudyConfig, changes: dict, seed: int) -> StudyConfig:
@@ -83,6 +103,19 @@ def with_changes(study: StudyConfig, changes: dict, seed: int) -> StudyConfig:
         out.data.partition.seed = study.seed  # one split for every seed
     out.seed = seed
     return out
+
+
+def with_site_policy(study: StudyConfig, policy: dict, folder: Path) -> StudyConfig:
+    """`study` with every site's privacy policy `policy` (site configs written in `folder`; the sites'
+    data stays the study's partition, evaluation releases exact aggregates as the default sites' do)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in site_names(study):
+        path = folder / f"{name}.yaml"
+        privacy = {"required": False, "evaluation": {"release": "exact"}} | policy
+        path.write_text(yaml.safe_dump({"site": name, "data": {"format": "synthetic"}, "privacy": privacy}))
+        paths.append(str(path))
+    return config_with_changes(study, {"data.site_configs": paths})
 
 
 def private_study(config: str, data_dir: str, rounds: int | None) -> StudyConfig:
@@ -105,11 +138,13 @@ def medians(runs: list[dict]) -> dict:
     sites = list(runs[0]["final"]["sites"])
     aucs = {s: statistics.median(r["final"]["sites"][s]["auc"] for r in runs) for s in sites}
     eps = [m.get("epsilon") for r in runs for m in r["final"]["sites"].values()]
+    parts = [r["final"]["pooled"].get("auc_parts") for r in runs]  # absent in runs of before it
     return {
         "pooled": statistics.median(r["final"]["pooled"]["auc"] for r in runs),
         "runs": [r["final"]["pooled"]["auc"] for r in runs],
         "sites": aucs,
         "epsilon": max((e for e in eps if e is not None), default=None),
+        "pairs": None if None in parts else {k: statistics.median(p[k] for p in parts) for k in parts[0]},
     }
 
 
@@ -131,6 +166,8 @@ def main() -> int:
     base = private_study(args.config, args.data_dir, args.rounds)
     runs = {"no privacy": with_changes(base, {"privacy.enabled": False}, 0)}
     runs |= {name: with_changes(base, RECIPES[name], 0) for name in args.recipes}
+    for name in set(args.recipes) & set(SITE_POLICIES):
+        runs[name] = with_site_policy(runs[name], SITE_POLICIES[name], out / "site-policies" / name)
     results, wall = {}, {}
     for label, study in runs.items():
         t0, got = time.perf_counter(), []
@@ -158,6 +195,11 @@ def report(base: StudyConfig, results: dict, wall: dict, seeds: int) -> None:
         eps = "-" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
         print(f"  {label:<16} {r['pooled']:>10.4f} {gap:>9} " + "".join(f"{r['sites'][s]:>12.4f}" for s in sites)
               + f" {eps:>8}  {' / '.join(f'{a:.3f}' for a in r['runs']):<24} {wall[label] / 60:>5.1f}")  # fmt: skip
+    print("  the pooled AUC's pairs (medians), within one site / across two (their share):")
+    for label, r in results.items():
+        pairs = r["pairs"]
+        print(f"  {label:<16} " + ("-" if pairs is None else
+              f"{pairs['within_sites']:.4f} / {pairs['across_sites']:.4f} ({pairs['across_share']:.0%})"))  # fmt: skip
     best = max((k for k in results if k != "no privacy"), key=lambda k: results[k]["pooled"])
     print(f"  best DP recipe: {best}, pooled {results[best]['pooled']:.4f} "
           f"({(results[best]['pooled'] - plain) * 100:+.1f} points against no privacy)")  # fmt: skip

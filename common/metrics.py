@@ -184,18 +184,36 @@ def pooled_auc_parts(
         return None
     pos = [int((np.asarray(y) == 1).sum()) for y in labels_by_site]
     neg = [len(y) - n for y, n in zip(labels_by_site, pos, strict=True)]
+    site_aucs = [exact_auc(y, p) for y, p in zip(labels_by_site, probs_by_site, strict=True)]
+    pooled = exact_auc(np.concatenate(labels_by_site), np.concatenate(probs_by_site))
+    return _split_by_pairs(pos, neg, site_aucs, pooled)
+
+
+def pooled_auc_parts_from_histograms(hists: Sequence[np.ndarray]) -> dict | None:
+    """`pooled_auc_parts` from what binary sites release: each site's score histograms (2 x B, the
+    negatives' row then the positives', the same bins everywhere), as the coordinator pools them.
+    Post-processing of the releases. Noised counts are taken at zero where they fall below it, so the
+    parts are those of the pooled AUC of the clipped counts (close to the released AUC's)."""
+    hists = [np.clip(np.asarray(h, dtype=np.float64), 0.0, None) for h in hists]
+    pos = [float(h[1].sum()) for h in hists]
+    neg = [float(h[0].sum()) for h in hists]
+    site_aucs = [auc_from_histogram(h[None]) for h in hists]
+    return _split_by_pairs(pos, neg, site_aucs, auc_from_histogram(sum(hists)[None]))
+
+
+def _split_by_pairs(
+    pos: Sequence[float], neg: Sequence[float], site_aucs: Sequence[float], pooled_auc: float
+) -> dict | None:
+    """The split from each site's class counts and AUC and the pooled AUC: the pooled AUC's concordant
+    pairs minus each site's own are the ones across sites."""
     within_pairs = [p * n for p, n in zip(pos, neg, strict=True)]
     all_pairs = sum(pos) * sum(neg)
     across_pairs = all_pairs - sum(within_pairs)
-    if sum(within_pairs) == 0 or across_pairs == 0:
+    if sum(within_pairs) <= 0 or across_pairs <= 0:
         return None
-    # concordant pairs (ties half): the pooled AUC's count minus each site's own
-    within = sum(
-        exact_auc(y, p) * w for y, p, w in zip(labels_by_site, probs_by_site, within_pairs, strict=True) if w
-    )
-    pooled = exact_auc(np.concatenate(labels_by_site), np.concatenate(probs_by_site)) * all_pairs
+    within = sum(auc * w for auc, w in zip(site_aucs, within_pairs, strict=True) if w > 0)
     return {
         "within_sites": round(within / sum(within_pairs), 6),
-        "across_sites": round((pooled - within) / across_pairs, 6),
+        "across_sites": round((pooled_auc * all_pairs - within) / across_pairs, 6),
         "across_share": round(across_pairs / all_pairs, 4),
     }

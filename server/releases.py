@@ -9,7 +9,8 @@ noised releases it states the noise's effect: the standard deviation of each AUC
 the same noise around the released counts (a parametric bootstrap). Binary releases also get a 95%
 AUC interval from their counts (Hanley and McNeil's, widened by that noise and by the pairs tied
 in one bin) and the expected
-calibration error of their score histograms (common.uncertainty).
+calibration error of their score histograms (common.uncertainty); a binary pooled AUC is split by
+its pairs, within one site and across two (`auc_parts`, common.metrics).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from common.metrics import (
     HIST_BINS,
     binary_confusion,
     logit_edges,
+    pooled_auc_parts_from_histograms,
     pooled_summary,
     public_metrics,
     summary_from_counts,
@@ -158,6 +160,10 @@ def pooled_metrics(releases: dict[str, dict]) -> dict:
         out["noise_sd"] = {"auc": _auc_noise_sd(members)}
     pooled = {"key": key, "score_hist": sum(np.asarray(r["pool"]["score_hist"], np.float64) for r in members)}
     out |= _interval_and_calibration(pooled, out["auc"], (out.get("noise_sd") or {}).get("auc") or 0.0)
+    if pooled["score_hist"].shape[0] <= 2:  # binary: class 1's rows (exact keeps both classes', dp one)
+        parts = pooled_auc_parts_from_histograms([r["pool"]["score_hist"][-1] for r in members])
+        if parts is not None:
+            out["auc_parts"] = parts  # where the pooled AUC's pairs come from, within a site or across two
     return out
 
 

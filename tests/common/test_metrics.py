@@ -9,7 +9,14 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from common.metrics import auc_from_histogram, pooled_auc_parts, pooled_summary, public_metrics, site_summary
+from common.metrics import (
+    auc_from_histogram,
+    pooled_auc_parts,
+    pooled_auc_parts_from_histograms,
+    pooled_summary,
+    public_metrics,
+    site_summary,
+)
 
 
 def _binary(seed: int, n: int = 400):
@@ -102,8 +109,35 @@ def test_pooled_auc_splits_into_pairs_within_and_across_sites_with_ties_counted_
     assert pooled == pytest.approx(within * (1 - share) + across * share, abs=1e-6)
 
 
+def test_the_coordinator_splits_the_pooled_auc_from_the_sites_histograms_as_from_their_predictions():
+    rng = np.random.default_rng(4)
+    ys = [rng.integers(0, 2, n) for n in (40, 60, 25)]
+    # scores in tenths (ties, never two values in one of the 1000 bins), one site's lower
+    scores = [
+        np.round(np.clip(rng.uniform(0, 0.5, len(y)) + 0.4 * y - 0.3 * (k == 1), 0.05, 0.95), 1)
+        for k, y in enumerate(ys)
+    ]
+    probs = [np.stack([1 - s, s], axis=1) for s in scores]
+    hists = [site_summary(y, p)["score_hist"][-1] for y, p in zip(ys, probs, strict=True)]  # class 1's rows
+    from_predictions = pooled_auc_parts(ys, probs)
+    assert pooled_auc_parts_from_histograms(hists) == pytest.approx(from_predictions, abs=1e-6)
+    assert _pairs_by_hand(ys, scores)[0] == pytest.approx(from_predictions["within_sites"], abs=1e-6)
+
+    # noised counts (a dp_histogram release), some below zero: the parts of the clipped counts' AUC
+    noised = [h + rng.normal(0, 2.0, h.shape) for h in hists]
+    parts = pooled_auc_parts_from_histograms(noised)
+    assert 0 <= parts["within_sites"] <= 1 and 0 <= parts["across_sites"] <= 1
+    pooled = auc_from_histogram(sum(np.clip(h, 0, None) for h in noised)[None])
+    share = parts["across_share"]
+    assert parts["within_sites"] * (1 - share) + parts["across_sites"] * share == pytest.approx(
+        pooled, abs=1e-4
+    )
+
+
 def test_pooled_auc_parts_undefined_for_more_classes_or_one_site_with_both_classes():
     y = np.array([0, 1, 2, 1])
     assert pooled_auc_parts([y], [np.full((4, 3), 1 / 3)]) is None
     # every positive at one site, every negative at the other: no pair within a site
     assert pooled_auc_parts([np.ones(3, int), np.zeros(3, int)], [np.full((3, 2), 0.5)] * 2) is None
+    only_positives, only_negatives = np.array([[0, 0], [3, 1]]), np.array([[2, 2], [0, 0]])
+    assert pooled_auc_parts_from_histograms([only_positives, only_negatives]) is None

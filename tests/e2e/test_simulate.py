@@ -44,6 +44,11 @@ def test_demo_two_sites_two_rounds_follows_the_results_contract(tmp_path):
     pooled_n = results["final"]["pooled"]["n_test"]
     assert pooled_n == sum(m["n_test"] for m in results["final"]["sites"].values()) == 300
     assert results["final"]["pooled"]["auc"] > results["initial"]["pooled"]["auc"]
+    # the pooled AUC split by its pairs, from the sites' exact releases: the parts recompose it
+    parts = results["final"]["pooled"]["auc_parts"]
+    share = parts["across_share"]
+    recomposed = parts["within_sites"] * (1 - share) + parts["across_sites"] * share
+    assert recomposed == pytest.approx(results["final"]["pooled"]["auc"], abs=1e-4)
 
     timing = results["timing"]
     assert timing["total_s"] > 0 and len(timing["round_s"]) == 2
