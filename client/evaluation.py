@@ -14,7 +14,7 @@ what leaves:
                 coordinator computes the metrics from the noised counts.
   summary       the site's metrics alone, exact (not private against a coordinator that crafts the
                 models it asks about; a site that chooses it says so in its config).
-  exact         the exact aggregates (1000-bin histograms, confusion matrix, exact AUC): the sites a
+  exact         the exact aggregates (2000-bin histograms, confusion matrix, exact AUC): the sites a
                 simulation makes from a study config, and any site that chooses it.
 
 The noise comes from the round's secret randomness (client.randomness), like training's.

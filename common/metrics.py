@@ -2,9 +2,9 @@
 
 A site's evaluation is summed up in aggregates: its confusion matrix and, per class, a histogram of
 the predicted scores of positives and negatives. What a site actually releases of them is its policy's
-choice (client.evaluation): the exact aggregates (`HIST_BINS` uniform bins, which can reveal single
-images' labels: simulated sites only, or a site that says so), the same counts with Gaussian noise on
-coarse logit-spaced bins (`logit_edges`; differentially private), or its metrics alone. The
+choice (client.evaluation): the exact aggregates (`HIST_BINS` fine logit-spaced bins, which can reveal
+single images' labels: simulated sites only, or a site that says so), the same counts with Gaussian
+noise on coarse logit-spaced bins (`logit_edges`; differentially private), or its metrics alone. The
 coordinator pools sites by adding the aggregates they release (`pooled_summary`); AUC from histograms
 is exact up to ties within a bin. Binary tasks report the positive class (index 1); more classes
 report macro one-vs-rest.
@@ -19,7 +19,12 @@ import numpy as np
 import torch
 from monai.metrics import compute_roc_auc
 
-HIST_BINS = 1000  # AUC from histograms differs from the exact one only by ties within 1/1000
+# exact releases: HIST_BINS score bins evenly spaced in logit(score) over [-EXACT_SPAN, EXACT_SPAN] (0.02
+# apart), so AUC from them differs from the exact one only by ties within one such bin. Uniform bins on
+# [0, 1] tied a confident model's scores crowding near 1: 4 points of pooled AUC lost for one DP model.
+# A float32 softmax score stops at 1 - 6e-8 (logit 16.6), so the top bin holds only scores equal there.
+HIST_BINS = 2000
+EXACT_SPAN = 20.0
 METRIC_NAMES = ("auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy")
 
 
@@ -55,10 +60,11 @@ def metrics_from_confusion(confusion: np.ndarray) -> dict[str, float]:
     }
 
 
-def score_histogram(labels: np.ndarray, probs: np.ndarray, bins: int = HIST_BINS) -> np.ndarray:
-    """Per class c, counts of score_c for samples of class c ([c, 1]) and of other classes ([c, 0])."""
-    n_classes = probs.shape[1]
-    idx = np.clip((probs * bins).astype(np.int64), 0, bins - 1)
+def score_histogram(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Per class c, counts of score_c for samples of class c ([c, 1]) and of other classes ([c, 0]),
+    in an exact release's bins (`histogram_edges("exact", HIST_BINS)`)."""
+    n_classes, bins = probs.shape[1], HIST_BINS
+    idx = np.clip(np.searchsorted(histogram_edges("exact", bins), probs, side="right") - 1, 0, bins - 1)
     hist = np.zeros((n_classes, 2, bins), dtype=np.int64)
     for c in range(n_classes):
         is_pos = labels == c
@@ -74,6 +80,12 @@ def logit_edges(bins: int, span: float = 12.0) -> np.ndarray:
         raise ValueError(f"bins must be an even number >= 2, got {bins}")
     inner = 1.0 / (1.0 + np.exp(-np.linspace(-span, span, bins - 1)))
     return np.concatenate([[0.0], inner, [1.0]])
+
+
+def histogram_edges(kind: str, bins: int) -> np.ndarray:
+    """The score-bin edges of a release's histograms: an `exact` release's fine ones (HIST_BINS over
+    logits +-EXACT_SPAN), a `dp_histogram`'s coarse ones (its policy's bins over logits +-12)."""
+    return logit_edges(bins, span=EXACT_SPAN) if kind == "exact" else logit_edges(bins)
 
 
 def binned_histogram(labels: np.ndarray, probs: np.ndarray, edges: np.ndarray) -> np.ndarray:

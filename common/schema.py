@@ -290,7 +290,7 @@ class EvaluationPolicyConfig:
     #   metrics from them (differentially private, per test image)
     # summary: the site's metrics alone (AUC, accuracy, sensitivity, specificity): exact, NOT private
     #   against a coordinator that crafts the models it asks the site to evaluate; no pooled metrics
-    # exact: exact aggregates (1000-bin histograms, confusion matrix): they can reveal single test
+    # exact: exact aggregates (2000-bin histograms, confusion matrix): they can reveal single test
     #   images' labels; the default of the sites a simulation makes from a study config
     release: str = "dp_histogram"
     bins: int = 16

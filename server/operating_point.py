@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.metrics import logit_edges
+from common.metrics import histogram_edges
 from common.schema import OperatingPointConfig
 
 
 def edges_of(pool: dict) -> np.ndarray:
     kind, bins = pool["key"]
-    return logit_edges(bins) if kind == "dp_histogram" else np.linspace(0.0, 1.0, bins + 1)
+    return histogram_edges(kind, bins)
 
 
 def class1_counts(pool: dict) -> tuple[np.ndarray, np.ndarray]:

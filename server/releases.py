@@ -1,7 +1,7 @@
 """From what each site released of an evaluation to per-site and pooled metrics, with the noise stated.
 
 A site's evaluation reply is its policy's release (client.evaluation): `exact` aggregates (metrics,
-confusion matrix, 1000-bin histograms), a `summary` (metrics only), or a `dp_histogram` (noised
+confusion matrix, fine histograms), a `summary` (metrics only), or a `dp_histogram` (noised
 logit-binned histograms, and the noised confusion matrix with more than two classes). The coordinator
 computes a dp site's metrics from its noised counts, and pools the sites that released the same kind
 of aggregates (the kind that covers the most test images); a site left out of the pool is named. For
@@ -21,7 +21,7 @@ from common.keys import Met
 from common.metrics import (
     HIST_BINS,
     binary_confusion,
-    logit_edges,
+    histogram_edges,
     pooled_auc_parts_from_histograms,
     pooled_summary,
     public_metrics,
@@ -103,7 +103,7 @@ def _interval_and_calibration(pool: dict | None, auc: float | None, noise_sd: fl
         return {}  # a summary, or more than two classes
     hist = pool["score_hist"][-1]  # class 1's: exact keeps both classes' rows, dp_histogram only class 1's
     kind, bins = pool["key"]
-    edges = np.linspace(0.0, 1.0, bins + 1) if kind == "exact" else logit_edges(bins)
+    edges = histogram_edges(kind, bins)
     neg, pos = np.clip(hist[0], 0, None), np.clip(hist[1], 0, None)  # noised counts below zero: none
     pairs = pos.sum() * neg.sum()
     ties = float((pos * neg).sum() / pairs) if pairs > 0 else 0.0

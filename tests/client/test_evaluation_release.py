@@ -14,7 +14,7 @@ from scipy.stats import norm
 from client.evaluation import release, sensitivity
 from client.randomness import RoundRandomness
 from common.keys import Met
-from common.metrics import HIST_BINS, logit_edges
+from common.metrics import HIST_BINS, histogram_edges
 from common.privacy import rdp_epsilon
 from common.schema import EvaluationPolicyConfig
 from server.releases import pooled_metrics, site_release
@@ -46,7 +46,7 @@ def _attack(policy: EvaluationPolicyConfig, draws: int) -> float:
     y, probs = _test_set(150, seed=1)
     exact = policy.release == "exact"
     bins = HIST_BINS if exact else policy.bins
-    edges = np.linspace(0, 1, bins + 1) if exact else logit_edges(bins)
+    edges = histogram_edges(policy.release, bins)
     correct = total = 0
     for _ in range(draws):
         target = np.random.default_rng().integers(len(y))
