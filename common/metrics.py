@@ -21,7 +21,7 @@ from monai.metrics import compute_roc_auc
 
 # exact releases: HIST_BINS score bins evenly spaced in logit(score) over [-EXACT_SPAN, EXACT_SPAN] (0.02
 # apart), so AUC from them differs from the exact one only by ties within one such bin. Uniform bins on
-# [0, 1] tied a confident model's scores crowding near 1: 4 points of pooled AUC lost for one DP model.
+# [0, 1] tied a confident model's scores crowding near 1: 4 points of pooled AUC lost for one DP diagnostic.
 # A float32 softmax score stops at 1 - 6e-8 (logit 16.6), so the top bin holds only scores equal there.
 HIST_BINS = 2000
 EXACT_SPAN = 20.0
@@ -62,15 +62,9 @@ def metrics_from_confusion(confusion: np.ndarray) -> dict[str, float]:
 
 def score_histogram(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """Per class c, counts of score_c for samples of class c ([c, 1]) and of other classes ([c, 0]),
-    in an exact release's bins (`histogram_edges("exact", HIST_BINS)`)."""
-    n_classes, bins = probs.shape[1], HIST_BINS
-    idx = np.clip(np.searchsorted(histogram_edges("exact", bins), probs, side="right") - 1, 0, bins - 1)
-    hist = np.zeros((n_classes, 2, bins), dtype=np.int64)
-    for c in range(n_classes):
-        is_pos = labels == c
-        hist[c, 1] = np.bincount(idx[is_pos, c], minlength=bins)
-        hist[c, 0] = np.bincount(idx[~is_pos, c], minlength=bins)
-    return hist
+    in an exact release's bins (`histogram_edges("exact", HIST_BINS)`): every class, binary too."""
+    edges = histogram_edges("exact", HIST_BINS)
+    return binned_histogram(labels, probs, edges, classes=range(probs.shape[1])).astype(np.int64)
 
 
 def logit_edges(bins: int, span: float = 12.0) -> np.ndarray:
@@ -88,11 +82,14 @@ def histogram_edges(kind: str, bins: int) -> np.ndarray:
     return logit_edges(bins, span=EXACT_SPAN) if kind == "exact" else logit_edges(bins)
 
 
-def binned_histogram(labels: np.ndarray, probs: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Counts K x 2 x B: per class k of the scores of its positives ([k, 1]) and of the rest ([k, 0]);
-    binary tasks give only class 1 (K = 1: class 0's histogram mirrors it)."""
+def binned_histogram(
+    labels: np.ndarray, probs: np.ndarray, edges: np.ndarray, *, classes: Sequence[int] | None = None
+) -> np.ndarray:
+    """Counts K x 2 x B: per class k of `classes` of the scores of its positives ([k, 1]) and of the
+    rest ([k, 0]); by default binary tasks give only class 1 (K = 1: class 0's histogram mirrors it)."""
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
-    classes = [1] if probs.shape[1] == 2 else range(probs.shape[1])
+    if classes is None:
+        classes = [1] if probs.shape[1] == 2 else range(probs.shape[1])
     bins = len(edges) - 1
     out = np.zeros((len(classes), 2, bins), dtype=np.float64)
     for k, c in enumerate(classes):
