@@ -78,7 +78,7 @@ class PrivateTraining:
     max_grad_norm: float
     sample_rate: float  # 1 / batches per epoch: what the accountant counts each step with
     grad_sample_mode: str
-    # hooks mode: conv layers whose forward skips the (unused) batch weight gradient; see below
+    # hooks mode: conv and GroupNorm layers whose forward skips the (unused) batch weight gradient
     detached: list[torch.nn.Module] = field(default_factory=list)
 
     @property
@@ -99,9 +99,10 @@ class PrivateTraining:
         return self.model.to_standard_module()
 
     def keep_batch_weight_grads(self) -> None:
-        """Give the conv layers back their own forward (see `_skip_batch_weight_grads`)."""
+        """Give the conv and GroupNorm layers back their own forward (see `_skip_batch_weight_grads`)."""
         for layer in self.detached:
             layer.__dict__.pop("forward", None)
+            layer.__dict__.pop(client.grad_sample.KEPT_STATS, None)
         self.detached = []
 
     def spending(self) -> dict[str, float | int]:
@@ -208,8 +209,9 @@ def make_private(
 
 
 def _hooks_mode_savings(model: torch.nn.Module, dp_model, dp_optimizer: DPOptimizer) -> list[torch.nn.Module]:
-    """`hooks` mode's two savings: conv layers skip the batch weight gradient nothing uses
-    (`_skip_batch_weight_grads`, returned), and the output gradient is multiplied by the batch size
+    """`hooks` mode's savings: conv and GroupNorm layers skip the batch weight gradient nothing uses
+    (`_skip_batch_weight_grads`, returned; GroupNorm layers also keep their forward statistics for
+    their per-sample gradients, client.grad_sample), and the output gradient is multiplied by the batch size
     once, at the model's output, instead of at every layer (client.grad_sample.scale_once_at_output):
     Opacus hooks the layers as for a summed loss (make_private asks for "sum"), and the optimizer still
     divides the clipped, noised sum by the expected batch size, as for the mean loss it is."""
@@ -269,12 +271,16 @@ def _skip_batch_weight_grads(model: torch.nn.Module) -> list[torch.nn.Module]:
     hooks compute per-sample gradients from the layer's input and output gradient, and the DP
     optimizer replaces `.grad` with the clipped, noised sum of those. For Conv2d and Conv3d layers that batch
     weight gradient is a large share of the backward pass, so their forward uses detached weights
-    (the input gradient still flows). Not for ghost clipping, whose second backward pass needs it.
-    `PrivateTraining.unwrap` restores the layers' own forward."""
-    convs = (torch.nn.Conv2d, torch.nn.Conv3d, *WS_CONVS)
-    layers = [m for m in model.modules() if type(m) in convs and "forward" not in m.__dict__]
+    (the input gradient still flows); GroupNorm layers likewise, through a forward that also keeps
+    the statistics their per-sample gradients need (client.grad_sample). Not for ghost clipping,
+    whose second backward pass needs them. `PrivateTraining.unwrap` restores the layers' own forward."""
+    forwards = {
+        conv: _conv_forward_without_weight_grad for conv in (torch.nn.Conv2d, torch.nn.Conv3d, *WS_CONVS)
+    }
+    forwards[torch.nn.GroupNorm] = client.grad_sample.group_norm_forward_keeping_stats
+    layers = [m for m in model.modules() if type(m) in forwards and "forward" not in m.__dict__]
     for layer in layers:
-        layer.forward = types.MethodType(_conv_forward_without_weight_grad, layer)
+        layer.forward = types.MethodType(forwards[type(layer)], layer)
     return layers
 
 

@@ -21,13 +21,23 @@ instead (every other case stays Opacus's: a layer's second use in one pass, an e
 Weight-standardized convolutions (common.weight_standardization) get the same per-sample gradients
 with respect to their standardized kernels, sent back through the standardization to the stored
 weight (tested against one backward pass per sample).
+
+GroupNorm: Opacus normalizes the layer's input a second time in the backward pass to get each
+sample's weight gradient (sum over positions of x_hat * g). In `hooks` mode client.dp gives the layers
+`group_norm_forward_keeping_stats`, which keeps each sample's group means and 1/std from the forward
+pass, so the sampler needs one product with the output gradient: rstd * (sum x*g - mean * sum g), the
+formula PyTorch's own GroupNorm backward uses for the weight. A layer without kept statistics for this
+input (its own forward, or a pass the statistics do not match) falls back to Opacus's sampler.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from opacus.grad_sample import grad_sample_module, grad_sample_module_fast_gradient_clipping
 from opacus.grad_sample.conv import compute_conv_grad_sample
+from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
 from opacus.grad_sample.utils import register_grad_sampler
 from torch import nn
 
@@ -88,6 +98,65 @@ def conv_grad_sample(
         out[layer.weight] = grad.view(n, c_out, c_in_g, *kernel)
     if layer.bias is not None and layer.bias.requires_grad:
         out[layer.bias] = backprops.sum(dim=spatial)
+    return out
+
+
+KEPT_STATS = "_fedward_group_norm_stats"  # a GroupNorm's kept forward statistics (a list, newest last)
+MAX_KEPT_STATS = 8  # forward passes never followed by a backward pass keep no more than this
+
+
+def group_norm_forward_keeping_stats(self: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """GroupNorm's forward that keeps each sample's group means and 1/std for
+    `group_norm_grad_sample` (installed by client.dp in hooks mode). With an input that needs a
+    gradient, the affine parameters are detached: their batch gradient is never used (the DP optimizer
+    steps with the clipped per-sample ones), and the input gradient still flows; as a first layer
+    they stay in the graph so that Opacus's backward hook fires."""
+    weight, bias = self.weight, self.bias
+    if x.requires_grad:
+        weight = None if weight is None else weight.detach()
+        bias = None if bias is None else bias.detach()
+    n, c = x.shape[:2]
+    out, mean, rstd = torch.native_group_norm(
+        x, weight, bias, n, c, math.prod(x.shape[2:]), self.num_groups, self.eps
+    )
+    kept = self.__dict__.setdefault(KEPT_STATS, [])
+    kept.append((x.data_ptr(), tuple(x.shape), mean.detach(), rstd.detach()))
+    del kept[:-MAX_KEPT_STATS]
+    return out
+
+
+def _take_kept_stats(layer: nn.GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The statistics kept for exactly this input (same memory and shape; Opacus holds the input, so
+    its memory cannot have been reused), removed from the layer; None if there are none."""
+    kept = layer.__dict__.get(KEPT_STATS, [])
+    for i in range(len(kept) - 1, -1, -1):
+        ptr, shape, mean, rstd = kept[i]
+        if ptr == x.data_ptr() and shape == tuple(x.shape):
+            del kept[i]
+            return mean, rstd
+    return None
+
+
+@register_grad_sampler(nn.GroupNorm)
+def group_norm_grad_sample(
+    layer: nn.GroupNorm, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients {param: n x channels} of a GroupNorm layer (Opacus's sampler signature),
+    from the statistics its forward kept (`group_norm_forward_keeping_stats`), else Opacus's own."""
+    stats = _take_kept_stats(layer, activations[0])
+    if stats is None:
+        return compute_group_norm_grad_sample(layer, activations, backprops)
+    mean, rstd = stats  # n x groups
+    x = activations[0].to(backprops.dtype)
+    spatial = tuple(range(2, backprops.dim()))
+    summed = backprops.sum(dim=spatial)  # n x channels: the bias's per-sample gradient
+    out: dict[nn.Parameter, torch.Tensor] = {}
+    if layer.weight is not None and layer.weight.requires_grad:
+        per_group = x.shape[1] // layer.num_groups
+        mean, rstd = (t.to(backprops.dtype).repeat_interleave(per_group, dim=1) for t in (mean, rstd))
+        out[layer.weight] = rstd * ((x * backprops).sum(dim=spatial) - mean * summed)
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = summed
     return out
 
 

@@ -137,7 +137,7 @@ def test_hooks_mode_without_batch_weight_grads_updates_exactly_like_opacus(name,
                 grad_sample_mode="hooks",
                 poisson_sampling=False,
             )
-        assert len(dp.detached) == 5
+        assert len(dp.detached) == 10  # 5 conv and 5 GroupNorm layers
         if not skip:
             dp.keep_batch_weight_grads()
         for _ in range(2):
@@ -323,3 +323,47 @@ def test_hooks_mode_refuses_a_model_whose_output_is_not_one_batch_first_tensor()
             )  # fmt: skip
         with pytest.raises(TypeError, match="one tensor with the batch first"):
             dp.model(x)
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"), [("cnn28", (1, 28, 28)), ("cnn3d", (1, 6, 12, 12)), ("scatternet", (1, 28, 28))]
+)
+def test_group_norm_per_sample_gradients_come_from_the_statistics_of_the_forward_pass(
+    name, shape, monkeypatch
+):
+    """In hooks mode a GroupNorm keeps each sample's mean and 1/std from its forward pass and its
+    per-sample gradients come from them (Opacus's second normalization is never called): they must
+    be one backward pass per sample's, for images, volumes and a GroupNorm whose input needs no
+    gradient (scatternet's, behind the fixed scattering), and the kept statistics are used up."""
+    import copy
+    import warnings
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import client.grad_sample
+    from client.dp import make_private
+
+    def opacus_recomputation(*args, **kwargs):
+        raise AssertionError("GroupNorm fell back to Opacus's sampler")
+
+    monkeypatch.setattr(client.grad_sample, "compute_group_norm_grad_sample", opacus_recomputation)
+    torch.manual_seed(0)
+    x, y = torch.randn(6, *shape), torch.tensor([0, 1, 1, 0, 1, 0])
+    model = build_model(name, seed=2)
+    expected = _per_sample_by_autograd(copy.deepcopy(model), x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dp = make_private(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(TensorDataset(x, y), batch_size=6), criterion=nn.CrossEntropyLoss(),
+            noise_multiplier=1.0, max_grad_norm=1.0, noise_generator=torch.Generator().manual_seed(0),
+            grad_sample_mode="hooks", poisson_sampling=False,
+        )  # fmt: skip
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert norms and all(m in dp.detached for m in norms)
+    dp.criterion(dp.model(x), y).backward()
+    for (param_name, p), want in zip(model.named_parameters(), expected, strict=True):
+        assert torch.allclose(p.grad_sample, want, rtol=1e-4, atol=1e-5), param_name
+    assert all(not m.__dict__[client.grad_sample.KEPT_STATS] for m in norms)  # each used once
+    dp.unwrap()
+    assert all(client.grad_sample.KEPT_STATS not in m.__dict__ for m in norms)
