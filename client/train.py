@@ -328,7 +328,6 @@ def train_round(
 
 
 @torch.no_grad()
-@torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> np.ndarray:
     """Class probabilities, N x C (segmentation: N x C x H x W per pixel), as float64 numpy."""
     dev = next(model.parameters()).device
