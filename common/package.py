@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from common.files import write_atomic
-from common.models import build_model
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# torch, safetensors and the model zoo are imported where weights are written or read, so that the
+# package's file names below cost a command like `fedward --help` nothing
 
 PACKAGE_DIR = "model"
 WEIGHTS_FILE = "weights.safetensors"
@@ -39,6 +39,8 @@ class PackageError(Exception):
 
 def write_package(folder: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     """Write `model`'s weights and `meta` (see the module docstring) into `folder`; returns it."""
+    from safetensors.torch import save as save_safetensors
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -91,6 +93,11 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 def load_package(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """(the model in eval mode, package.json's dict); raises PackageError naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    from common.models import build_model
+
     meta = read_meta(path)
     weights = package_folder(path) / WEIGHTS_FILE
     try:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from client.audit import MODES, AuditResult, AuditSettings, audit_round
+from client.audit_settings import MODES, AuditSettings
 
 HELP = "audit a site's DP-SGD round with canaries: a lower bound on epsilon beside the accounted one"
 EXPECT_PASS = {"secret": True, "no-noise": False, "seeded": False}  # what each mode must do
@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=lambda args, console: run(args))
 
 
-def verdict(result: AuditResult) -> str:
+def verdict(result) -> str:  # a client.audit.AuditResult
     """The line of one mode: accounted epsilon, lower bound, guesses, passed or failed, expected or not."""
     if result.passed:
         outcome = "passed (lower bound <= accounted)"
@@ -69,6 +69,8 @@ def verdict(result: AuditResult) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the audit in the chosen modes and print one line each; 0 when each did what it must."""
+    from client.audit import audit_round  # torch and Opacus: only when an audit runs
+
     try:
         settings = AuditSettings(
             epsilon=args.epsilon, canaries=args.canaries, steps=args.steps, seed=args.seed
