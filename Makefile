@@ -14,11 +14,15 @@ export FEDWARD_DATA
 install:
 	$(PYTHON) -m pip install -e ".[test]"
 
+# Two pytest workers (pytest-xdist), each test file on one of them and each worker on its own cores
+# (tests/conftest.py); TEST_WORKERS=0 runs the tests one after another in one process.
+TEST_WORKERS ?= 2
+
 test: system-deps
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: system-deps
-	$(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 system-deps:
 	@command -v chromium >/dev/null 2>&1 || { \

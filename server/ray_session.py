@@ -13,8 +13,17 @@ import torch
 from common.schema import StudyConfig
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a container's cpuset, `taskset`), which
+    children and Ray's workers inherit, not every core of the machine (os.cpu_count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no affinity on this platform
+        return os.cpu_count() or 1
+
+
 def backend_config(study: StudyConfig) -> dict:
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     n_gpus = torch.cuda.device_count()
     cpus = min(study.simulation.client_cpus or cores, cores)
     gpus = study.simulation.client_gpus

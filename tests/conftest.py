@@ -12,6 +12,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs two workers) each worker runs on its own share of the
+    cores, and so does every process its tests start (they inherit it): torch, Ray and the simulated
+    sites size themselves by it (server.ray_session.usable_cores), so two workers' trainings never
+    fight over the same cores."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    share = cores[int(worker[2:]) % count :: count]
+    if share:  # fewer cores than workers: they share them all
+        os.sched_setaffinity(0, share)
+
+
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT

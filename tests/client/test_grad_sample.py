@@ -23,6 +23,24 @@ def _per_sample_by_autograd(model: nn.Module, x: torch.Tensor, y: torch.Tensor) 
     return [torch.stack(col) for col in zip(*rows, strict=True)]
 
 
+def _private_in_hooks_mode(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """client.dp.make_private in hooks mode over one batch of (x, y), noise 1, clip 1, SGD."""
+    import warnings
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from client.dp import make_private
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return make_private(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(TensorDataset(x, y), batch_size=len(x)), criterion=nn.CrossEntropyLoss(),
+            noise_multiplier=1.0, max_grad_norm=1.0, noise_generator=torch.Generator().manual_seed(0),
+            grad_sample_mode="hooks", poisson_sampling=False,
+        )  # fmt: skip
+
+
 def _assert_opacus_matches_autograd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, atol: float) -> None:
     """Opacus's hooks (with client.grad_sample's samplers) give the per-sample gradients of autograd."""
     expected = _per_sample_by_autograd(model, x, y)
@@ -293,11 +311,6 @@ def test_hooks_mode_gives_opacus_per_sample_gradients_of_a_weighted_mean_loss(vi
 def test_hooks_mode_refuses_a_model_whose_output_is_not_one_batch_first_tensor():
     """The output gradient is multiplied by the batch size once, at the output: a model returning
     anything else (a tuple, a batch-last tensor) must fail, not train with gradients scaled wrongly."""
-    import warnings
-
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from client.dp import make_private
 
     class Pair(nn.Module):
         def __init__(self):
@@ -313,14 +326,7 @@ def test_hooks_mode_refuses_a_model_whose_output_is_not_one_batch_first_tensor()
 
     x, y = torch.randn(5, 4), torch.randint(0, 2, (5,))
     for model in (Pair(), BatchLast()):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dp = make_private(
-                model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                data_loader=DataLoader(TensorDataset(x, y), batch_size=5), criterion=nn.CrossEntropyLoss(),
-                noise_multiplier=1.0, max_grad_norm=1.0, noise_generator=torch.Generator().manual_seed(0),
-                grad_sample_mode="hooks", poisson_sampling=False,
-            )  # fmt: skip
+        dp = _private_in_hooks_mode(model, x, y)
         with pytest.raises(TypeError, match="one tensor with the batch first"):
             dp.model(x)
 
@@ -336,12 +342,8 @@ def test_group_norm_per_sample_gradients_come_from_the_statistics_of_the_forward
     be one backward pass per sample's, for images, volumes and a GroupNorm whose input needs no
     gradient (scatternet's, behind the fixed scattering), and the kept statistics are used up."""
     import copy
-    import warnings
-
-    from torch.utils.data import DataLoader, TensorDataset
 
     import client.grad_sample
-    from client.dp import make_private
 
     def opacus_recomputation(*args, **kwargs):
         raise AssertionError("GroupNorm fell back to Opacus's sampler")
@@ -351,14 +353,7 @@ def test_group_norm_per_sample_gradients_come_from_the_statistics_of_the_forward
     x, y = torch.randn(6, *shape), torch.tensor([0, 1, 1, 0, 1, 0])
     model = build_model(name, seed=2)
     expected = _per_sample_by_autograd(copy.deepcopy(model), x, y)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dp = make_private(
-            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            data_loader=DataLoader(TensorDataset(x, y), batch_size=6), criterion=nn.CrossEntropyLoss(),
-            noise_multiplier=1.0, max_grad_norm=1.0, noise_generator=torch.Generator().manual_seed(0),
-            grad_sample_mode="hooks", poisson_sampling=False,
-        )  # fmt: skip
+    dp = _private_in_hooks_mode(model, x, y)
     norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
     assert norms and all(m in dp.detached for m in norms)
     dp.criterion(dp.model(x), y).backward()
