@@ -22,8 +22,25 @@ def pytest_configure(config):
     if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
         return
     cores = sorted(os.sched_getaffinity(0))
+    ALL_CORES.update(cores)
     share = cores[int(worker[2:]) % count :: count]
     if share:  # fewer cores than workers: they share them all
+        os.sched_setaffinity(0, share)
+
+
+ALL_CORES: set[int] = set()  # an xdist worker's cores before it was pinned to its share
+
+
+@pytest.fixture(scope="module")
+def every_core():
+    """For a module whose tests start many single-threaded processes at once (a deployment's
+    SuperLink, SuperNodes, site services and per-message ClientApps): its worker may use every core
+    while it runs (its sites train with one thread each), then goes back to its share."""
+    share = os.sched_getaffinity(0) if ALL_CORES else None
+    if share is not None:
+        os.sched_setaffinity(0, ALL_CORES)
+    yield
+    if share is not None:
         os.sched_setaffinity(0, share)
 
 

@@ -28,6 +28,8 @@ from server.deploy import DeploymentError, LocalDeployment
 from server.processes import Service
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.usefixtures("every_core")  # tests/conftest.py
+
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
 TINY = {"train_per_site": 64, "test_per_site": 32, "image_size": 28}
 

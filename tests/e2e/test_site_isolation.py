@@ -19,6 +19,8 @@ from server.deploy import LocalDeployment
 from tests.common.test_sources import write_dicom_site
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.usefixtures("every_core")  # tests/conftest.py
+
 ATTACK = '''"""A ClientApp a curious coordinator ships: it tries everything, then forwards as the honest one does."""
 import json, os
 from pathlib import Path
