@@ -107,7 +107,8 @@ MAX_KEPT_STATS = 8  # forward passes never followed by a backward pass keep no m
 
 def group_norm_forward_keeping_stats(self: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     """GroupNorm's forward that keeps each sample's group means and 1/std for
-    `group_norm_grad_sample` (installed by client.dp in hooks mode). With an input that needs a
+    `group_norm_grad_sample` (installed by client.dp in hooks mode), in a training pass with
+    gradients (when Opacus keeps the input for its backward hook). With an input that needs a
     gradient, the affine parameters are detached: their batch gradient is never used (the DP optimizer
     steps with the clipped per-sample ones), and the input gradient still flows; as a first layer
     they stay in the graph so that Opacus's backward hook fires."""
@@ -117,22 +118,37 @@ def group_norm_forward_keeping_stats(self: nn.GroupNorm, x: torch.Tensor) -> tor
         bias = None if bias is None else bias.detach()
     n, c = x.shape[:2]
     out, mean, rstd = torch.native_group_norm(
-        x, weight, bias, n, c, math.prod(x.shape[2:]), self.num_groups, self.eps
+        _dense(x), weight, bias, n, c, math.prod(x.shape[2:]), self.num_groups, self.eps
     )
-    kept = self.__dict__.setdefault(KEPT_STATS, [])
-    kept.append((x.data_ptr(), tuple(x.shape), mean.detach(), rstd.detach()))
-    del kept[:-MAX_KEPT_STATS]
+    if self.training and torch.is_grad_enabled():
+        kept = self.__dict__.setdefault(KEPT_STATS, [])
+        kept.append((_identity(x), mean.detach(), rstd.detach()))
+        del kept[:-MAX_KEPT_STATS]
     return out
 
 
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """`x` as torch.native_group_norm takes it: contiguous or channels-last (F.group_norm copies a
+    strided view, such as a transposed one, the same way)."""
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if x.is_contiguous() or (channels_last is not None and x.is_contiguous(memory_format=channels_last)):
+        return x
+    return x.contiguous()
+
+
+def _identity(x: torch.Tensor) -> tuple:
+    """What tells one input from another while Opacus holds it: its memory, shape, strides, dtype."""
+    return x.data_ptr(), tuple(x.shape), x.stride(), x.dtype
+
+
 def _take_kept_stats(layer: nn.GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The statistics kept for exactly this input (same memory and shape; Opacus holds the input, so
-    its memory cannot have been reused), removed from the layer; None if there are none."""
+    """The statistics kept for exactly this input (Opacus holds it, so its memory cannot have been
+    reused for another), removed from the layer; None if there are none."""
     kept = layer.__dict__.get(KEPT_STATS, [])
+    key = _identity(x)
     for i in range(len(kept) - 1, -1, -1):
-        ptr, shape, mean, rstd = kept[i]
-        if ptr == x.data_ptr() and shape == tuple(x.shape):
-            del kept[i]
+        if kept[i][0] == key:
+            _, mean, rstd = kept.pop(i)
             return mean, rstd
     return None
 
@@ -142,19 +158,22 @@ def group_norm_grad_sample(
     layer: nn.GroupNorm, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradients {param: n x channels} of a GroupNorm layer (Opacus's sampler signature),
-    from the statistics its forward kept (`group_norm_forward_keeping_stats`), else Opacus's own."""
+    from the statistics its forward kept (`group_norm_forward_keeping_stats`), else Opacus's own.
+    Sums run over each sample's positions only (an input of feature vectors, n x channels, has one)."""
     stats = _take_kept_stats(layer, activations[0])
     if stats is None:
         return compute_group_norm_grad_sample(layer, activations, backprops)
     mean, rstd = stats  # n x groups
-    x = activations[0].to(backprops.dtype)
-    spatial = tuple(range(2, backprops.dim()))
-    summed = backprops.sum(dim=spatial)  # n x channels: the bias's per-sample gradient
+    n, c = backprops.shape[:2]
+    positions = math.prod(backprops.shape[2:])
+    grads = backprops.reshape(n, c, positions)
+    summed = grads.sum(dim=2)  # n x channels: the bias's per-sample gradient
     out: dict[nn.Parameter, torch.Tensor] = {}
     if layer.weight is not None and layer.weight.requires_grad:
-        per_group = x.shape[1] // layer.num_groups
+        x = activations[0].to(backprops.dtype).reshape(n, c, positions)
+        per_group = c // layer.num_groups
         mean, rstd = (t.to(backprops.dtype).repeat_interleave(per_group, dim=1) for t in (mean, rstd))
-        out[layer.weight] = rstd * ((x * backprops).sum(dim=spatial) - mean * summed)
+        out[layer.weight] = rstd * ((x * grads).sum(dim=2) - mean * summed)
     if layer.bias is not None and layer.bias.requires_grad:
         out[layer.bias] = summed
     return out

@@ -28,6 +28,14 @@ def pytest_configure(config):
         os.sched_setaffinity(0, share)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Files with end-to-end (slow) tests first, each file's tests kept together and in order: two
+    workers then start the long files early and end on short ones instead of one waiting for the
+    other's last long file."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # a stable sort
+
+
 ALL_CORES: set[int] = set()  # an xdist worker's cores before it was pinned to its share
 
 

@@ -8,6 +8,7 @@ from opacus import GradSampleModule
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch import nn
 
+import client.grad_sample as client_grad_sample
 from client.grad_sample import conv_grad_sample, ws_conv_grad_sample
 from common.models import build_model
 from common.weight_standardization import WSConv2d
@@ -362,3 +363,60 @@ def test_group_norm_per_sample_gradients_come_from_the_statistics_of_the_forward
     assert all(not m.__dict__[client.grad_sample.KEPT_STATS] for m in norms)  # each used once
     dp.unwrap()
     assert all(client.grad_sample.KEPT_STATS not in m.__dict__ for m in norms)
+
+
+class _FlatNorm(nn.Module):
+    """A GroupNorm over (N, C) features, as a BatchNorm1d head becomes in an Opacus-compatible model."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.norm, self.out = nn.Linear(30, 8), nn.GroupNorm(2, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.norm(self.lin(x.flatten(1)))))
+
+
+class _StridedNorm(nn.Module):
+    """A GroupNorm fed a transposed (not contiguous) view of a conv layer's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm, self.out = nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(self.norm(self.conv(x).transpose(2, 3)).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("frozen_bias", [False, True])
+@pytest.mark.parametrize("model_class", [_FlatNorm, _StridedNorm])
+def test_group_norm_per_sample_gradients_of_feature_vectors_and_strided_inputs(model_class, frozen_bias):
+    """Found by an independent review: summing a (N, C) GroupNorm's gradients over 'no positions'
+    summed over the batch, so each sample's row depended on every other sample (with a frozen bias,
+    silently); and a view that is not contiguous broke the kept-statistics forward. Each sample's
+    gradient must be its own one-sample backward pass's, and changing one sample must change its
+    row alone."""
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 1, 5, 6), torch.tensor([0, 1, 1, 0, 1])
+    rows = []
+    for batch in (x, torch.cat([x[:4], 3 * torch.randn(1, 1, 5, 6)])):  # the last sample changed
+        torch.manual_seed(1)  # the same weights for both batches
+        model = model_class()
+        if frozen_bias:
+            model.norm.bias.requires_grad_(False)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        expected = []
+        for i in range(len(batch)):
+            model.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(batch[i : i + 1]), y[i : i + 1], reduction="sum").backward()
+            expected.append([p.grad.detach().clone() for p in trainable])
+        dp = _private_in_hooks_mode(model, batch, y)
+        dp.criterion(dp.model(batch), y).backward()
+        for j, p in enumerate(trainable):
+            want = torch.stack([e[j] for e in expected])
+            assert torch.allclose(p.grad_sample, want, rtol=1e-4, atol=1e-6), (j, p.shape)
+        assert not model.norm.__dict__[client_grad_sample.KEPT_STATS]  # the kept statistics were used
+        rows.append(model.norm.weight.grad_sample.detach().clone())
+    assert torch.allclose(
+        rows[0][:4], rows[1][:4], rtol=1e-6, atol=1e-8
+    )  # the other samples' rows: as they were
+    assert not torch.allclose(rows[0][4], rows[1][4], rtol=1e-2)
