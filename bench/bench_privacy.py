@@ -86,6 +86,7 @@ RECIPES: dict[str, dict] = {
     # epochs, so each step averages 4x the images against a noise multiplier that grows less (1.10 against
     # 0.63 at hospital-c); 4x the compute
     "batch256x4": {"train.batch_size": 256, "train.local_epochs": 4},
+    "batch256x4+fedavgm": {"train.batch_size": 256, "train.local_epochs": 4} | FEDAVGM,
     # augmentation multiplicity on the configured CNN, its clipping and step as they are
     "views": {"train.augment": True, "train.augment_views": 4},
     # where the gap comes from (diagnostics, not recipes a site would run): clipping at the configured
