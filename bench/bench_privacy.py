@@ -96,9 +96,9 @@ RECIPES: dict[str, dict] = {
     "clip10-only": {"privacy.target_epsilon": 1e4, "privacy.max_grad_norm": 10.0},
     "clip5": {"privacy.max_grad_norm": 5.0},
     # the same with noise 10^-3 (noise per weight 10^-5 of the clipping bound per batch): clipping alone,
-    # then DP-SGD's Poisson-sampled, per-sample machinery alone (a bound of 100 clips next to nothing). The
-    # noise of the two above (0.06) is not negligible for Adam, which sizes each weight's step by that
-    # weight's gradient alone
+    # then DP-SGD's Poisson-sampled, per-sample machinery alone (a bound of 100 clips next to nothing), in
+    # case the two above's 0.06 is not negligible for Adam, which sizes each weight's step by that
+    # weight's gradient alone (measured: it is, README)
     "noise-free": {"privacy.noise_multiplier": 1e-3, "privacy.target_epsilon": 1e9},
     "noise-free-unclipped": {
         "privacy.noise_multiplier": 1e-3,
