@@ -15,8 +15,12 @@ Exit status 0 when every mode run did what it must, 1 otherwise, 2 for options o
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from client.audit_settings import MODES, AuditSettings
+
+if TYPE_CHECKING:  # client.audit imports torch and Opacus: only when an audit runs (run below)
+    from client.audit import AuditResult
 
 HELP = "audit a site's DP-SGD round with canaries: a lower bound on epsilon beside the accounted one"
 EXPECT_PASS = {"secret": True, "no-noise": False, "seeded": False}  # what each mode must do
@@ -53,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=lambda args, console: run(args))
 
 
-def verdict(result) -> str:  # a client.audit.AuditResult
+def verdict(result: AuditResult) -> str:
     """The line of one mode: accounted epsilon, lower bound, guesses, passed or failed, expected or not."""
     if result.passed:
         outcome = "passed (lower bound <= accounted)"

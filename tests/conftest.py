@@ -12,6 +12,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+ALL_CORES: set[int] = set()  # an xdist worker's cores before it was pinned to its share
+
+
 def pytest_configure(config):
     """Under pytest-xdist (`make test` runs two workers) each worker runs on its own share of the
     cores, and so does every process its tests start (they inherit it): torch, Ray and the simulated
@@ -34,9 +37,6 @@ def pytest_collection_modifyitems(config, items):
     other's last long file."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)  # a stable sort
-
-
-ALL_CORES: set[int] = set()  # an xdist worker's cores before it was pinned to its share
 
 
 @pytest.fixture(scope="module")
