@@ -8,19 +8,27 @@ cannot use (no pixels, corrupt) gets a failure status (0xC210, "cannot understan
 log naming it; the service goes on. A result the PACS refuses is logged; the service goes on. An image
 outside the model's training (another modality: a CT sent to a chest X-ray model) is predicted, its
 report marked "outside training", and logged.
+
+Nothing of a patient stays behind: each received image and its results live in a private temporary
+folder of their own while the image is served and are deleted with it. Only results the PACS did not
+take are kept, in the `undelivered` folder (the log names each), for the operator to send on; the
+node's temporary folder goes when it stops.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
+import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, SegmentationStorage
 
 from client.predict import Predictor
+from client.serve_files import NotAUid, image_file
 
 log = logging.getLogger("fedward.serve")
 CANNOT_UNDERSTAND = 0xC210
@@ -37,10 +45,12 @@ class DicomNode:
         port: int,
         pacs: tuple[str, int, str],
         host: str = "127.0.0.1",
+        undelivered: str | Path = "fedward-undelivered",
     ):
         self.predictor = Predictor(package)
         self.ae_title, self.host, self.port, self.pacs = ae_title, host, port, pacs
-        self.work = Path(tempfile.mkdtemp(prefix="fedward-serve-"))
+        self.undelivered = Path(undelivered)  # results the PACS did not take, kept for the operator
+        self.work = Path(tempfile.mkdtemp(prefix="fedward-serve-"))  # private (0700): images in flight
         self.ae = AE(ae_title=ae_title)
         self.ae.supported_contexts = AllStoragePresentationContexts
         for sop in (
@@ -58,13 +68,21 @@ class DicomNode:
         return self.server
 
     def stop(self) -> None:
+        """Stop listening and delete the temporary folder (the associations still open end first).
+        Stopping twice is stopping once."""
         if self.server is not None:
             self.server.shutdown()
+            self.server = None
+        shutil.rmtree(self.work, ignore_errors=True)
 
     def _on_store(self, event) -> int:
         """One image in, its results out; any failure is this image's failure status only."""
         try:
             return self._serve_one(event)
+        except NotAUid as err:
+            log.warning("an image was refused: %s", err)
+            self.handled.append({"sop_instance_uid": "", "status": CANNOT_UNDERSTAND, "error": str(err)})
+            return CANNOT_UNDERSTAND
         except Exception as err:  # noqa: BLE001 - one bad image never stops the node
             log.exception("an image could not be served: %s", err)
             self.handled.append({"sop_instance_uid": "", "status": CANNOT_UNDERSTAND, "error": str(err)})
@@ -73,9 +91,12 @@ class DicomNode:
     def _serve_one(self, event) -> int:
         ds = event.dataset
         ds.file_meta = event.file_meta
-        path = self.work / f"{ds.SOPInstanceUID}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        row = self.predictor.predict_file(path, None, dicom_out=self.work / "out")
+        with image_file(self.work, ds.SOPInstanceUID) as path:  # the image and its results, then gone
+            ds.save_as(path, enforce_file_format=True)
+            return self._predict_and_send(ds, path)
+
+    def _predict_and_send(self, ds: pydicom.Dataset, path: Path) -> int:
+        row = self.predictor.predict_file(path, None, dicom_out=path.parent / "out")
         if row.error:
             log.warning("image %s refused: %s", ds.SOPInstanceUID, row.error)
             self.handled.append(
@@ -84,27 +105,21 @@ class DicomNode:
             return CANNOT_UNDERSTAND
         if row.warning:  # predicted and stored all the same, the report marked (client.dicom_out)
             log.warning("image %s is outside the model's training: %s", ds.SOPInstanceUID, row.warning)
-        sent = self.send([Path(p) for p in row.dicom])
+        files = [Path(p) for p in row.dicom]
+        sent = self.send(files)
+        kept = [self.keep_undelivered(f) for f, status in zip(files, sent, strict=True) if status != 0]
         self.handled.append(
             {"sop_instance_uid": ds.SOPInstanceUID, "status": 0, "label": row.label, "sent": sent,
-             "warning": row.warning}
+             "kept": kept, "warning": row.warning}
         )  # fmt: skip
         return 0x0000
 
     def send(self, files: list[Path]) -> list[int]:
-        """C-STORE `files` to the PACS; each file's status (-1: no association)."""
-        import pydicom
-
+        """C-STORE `files` to the PACS; each file's status (-1: no association, or no answer)."""
         host, port, title = self.pacs
         assoc = self.ae.associate(host, port, ae_title=title)
         if not assoc.is_established:
-            log.error(
-                "the PACS %s at %s:%d did not accept an association; results kept in %s",
-                title,
-                host,
-                port,
-                self.work,
-            )
+            log.error("the PACS %s at %s:%d did not accept an association", title, host, port)
             return [-1] * len(files)
         try:
             statuses = []
@@ -112,24 +127,43 @@ class DicomNode:
                 status = assoc.send_c_store(pydicom.dcmread(f))
                 statuses.append(int(status.Status) if status else -1)
                 if not status or status.Status != 0:
-                    log.error("the PACS refused %s (status %s)", f, status.Status if status else "none")
+                    log.error("the PACS refused %s (status %s)", f.name, status.Status if status else "none")
             return statuses
         finally:
             assoc.release()
 
+    def keep_undelivered(self, result: Path) -> str:
+        """Move a result the PACS did not take into the `undelivered` folder (a private one); its path.
+        A result of the same image kept before is replaced (the same model's result of the same image)."""
+        self.undelivered.mkdir(mode=0o700, parents=True, exist_ok=True)
+        kept = self.undelivered / result.name
+        shutil.move(result, kept)
+        log.error("result %s kept in %s: send it to the PACS when it takes it again", result.name, kept)
+        return str(kept)
 
-def serve(package: str | Path, *, ae_title: str, port: int, pacs: tuple[str, int, str]) -> int:
-    node = DicomNode(package, ae_title=ae_title, port=port, pacs=pacs)
+
+def serve(
+    package: str | Path,
+    *,
+    ae_title: str,
+    port: int,
+    pacs: tuple[str, int, str],
+    undelivered: str | Path = "fedward-undelivered",
+) -> int:
+    node = DicomNode(package, ae_title=ae_title, port=port, pacs=pacs, undelivered=undelivered)
     log.warning(
-        "fedward serve: %s listening on port %d; results go to %s at %s:%d",
+        "fedward serve: %s listening on port %d; results go to %s at %s:%d (those it does not take: %s)",
         ae_title,
         port,
         pacs[2],
         pacs[0],
         pacs[1],
+        undelivered,
     )
     try:
         node.start(block=True)
     except KeyboardInterrupt:
+        pass
+    finally:
         node.stop()
     return 0

@@ -12,12 +12,18 @@ studies), unless `backlog` is asked for. Reports and heat maps (fedward's own, a
 SEG) are never predicted on. An image that cannot be used is recorded with its reason, logged, and not
 tried again; one bad image never stops the poller. A PACS that cannot be reached is tried again at
 the next poll, and the image with it.
+
+Nothing of a patient stays behind: each retrieved image and its results live in a private temporary
+folder of their own (client.serve_files) and are deleted when the image is done, whether its results
+were stored, it failed, or the PACS went away (then the image is retrieved again at the next poll);
+the poller's temporary folder goes with `close()`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -28,6 +34,7 @@ from dicomweb_client import DICOMwebClient
 
 from client.dicom_out import MANUFACTURER
 from client.predict import Predictor
+from client.serve_files import image_file
 from common.files import write_atomic
 
 log = logging.getLogger("fedward.serve")
@@ -48,8 +55,12 @@ class DicomWebPoller:
         self.predictor = Predictor(package)
         self.client = DICOMwebClient(url)
         self.url, self.state_path, self.backlog = url, Path(state), backlog
-        self.work = Path(tempfile.mkdtemp(prefix="fedward-dicomweb-"))
         self.state = self._read_state()
+        self.work = Path(tempfile.mkdtemp(prefix="fedward-dicomweb-"))  # private (0700): images in flight
+
+    def close(self) -> None:
+        """Delete the temporary folder (what is in it belongs to no image being served any more)."""
+        shutil.rmtree(self.work, ignore_errors=True)
 
     def _read_state(self) -> dict:
         if not self.state_path.exists():
@@ -110,26 +121,29 @@ class DicomWebPoller:
 
     def _serve_one(self, study: str, series: str, uid: str) -> dict:
         try:
-            ds = self.client.retrieve_instance(study, series, uid)
-            path = self.work / f"{uid}.dcm"
-            ds.save_as(path, enforce_file_format=True)
-            row = self.predictor.predict_file(path, None, dicom_out=self.work / "out")
-            if row.error:
-                log.warning("image %s not predicted: %s", uid, row.error)
-                return {"status": "failed", "error": row.error}
-            if row.warning:
-                log.warning("image %s is outside the model's training: %s", uid, row.warning)
-            stored = [pydicom.dcmread(p) for p in row.dicom]
-            for result in stored:  # its own results are never predicted on
-                self.state["instances"][result.SOPInstanceUID] = {"status": "fedward result", "of": uid}
-            self.client.store_instances(stored, study_instance_uid=study)
-            return {"status": "predicted", "label": row.label, "warning": row.warning,
-                    "stored": [r.SOPInstanceUID for r in stored]}  # fmt: skip
+            with image_file(self.work, uid) as path:  # the image and its results, then gone
+                ds = self.client.retrieve_instance(study, series, uid)
+                ds.save_as(path, enforce_file_format=True)
+                return self._predict_and_store(study, uid, path)
         except (requests.ConnectionError, requests.Timeout):
             raise  # the PACS is away, not the image bad: the whole pass is tried again (run)
         except Exception as err:  # noqa: BLE001 - one bad image never stops the poller
             log.exception("image %s could not be served: %s", uid, err)
             return {"status": "failed", "error": str(err)}
+
+    def _predict_and_store(self, study: str, uid: str, path: Path) -> dict:
+        row = self.predictor.predict_file(path, None, dicom_out=path.parent / "out")
+        if row.error:
+            log.warning("image %s not predicted: %s", uid, row.error)
+            return {"status": "failed", "error": row.error}
+        if row.warning:
+            log.warning("image %s is outside the model's training: %s", uid, row.warning)
+        stored = [pydicom.dcmread(p) for p in row.dicom]
+        for result in stored:  # its own results are never predicted on
+            self.state["instances"][result.SOPInstanceUID] = {"status": "fedward result", "of": uid}
+        self.client.store_instances(stored, study_instance_uid=study)
+        return {"status": "predicted", "label": row.label, "warning": row.warning,
+                "stored": [r.SOPInstanceUID for r in stored]}  # fmt: skip
 
     def run(self, interval_s: float, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
@@ -152,4 +166,6 @@ def serve_dicomweb(
         poller.run(interval_s)
     except KeyboardInterrupt:
         pass
+    finally:
+        poller.close()
     return 0

@@ -164,7 +164,8 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
         )
         return 2
     try:
-        return serve(args.package, ae_title=args.ae_title, port=args.port, pacs=(host, int(port), title))
+        return serve(args.package, ae_title=args.ae_title, port=args.port, pacs=(host, int(port), title),
+                     undelivered=args.undelivered)  # fmt: skip
     except PackageError as err:
         console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         return 2
@@ -229,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     way = sv.add_mutually_exclusive_group(required=True)
     way.add_argument("--pacs", help="C-STORE in on --port; results go to HOST:PORT@AE_TITLE")
     way.add_argument("--dicomweb", help="pull new images from this DICOMweb root and store results there")
+    sv.add_argument(
+        "--undelivered",
+        default="fedward-undelivered",
+        help="--pacs: folder for results the PACS did not take, to send on later (default: %(default)s)",
+    )
     sv.add_argument("--poll-s", type=float, default=10.0, help="--dicomweb: seconds between polls")
     sv.add_argument(
         "--state",

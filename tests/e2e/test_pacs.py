@@ -67,9 +67,8 @@ def orthanc(tmp_path):
 
 
 def test_an_image_sent_from_orthanc_comes_back_with_a_report_and_a_heat_map(orthanc, package, tmp_path):  # noqa: F811
-    node = DicomNode(
-        package, ae_title="FEDWARD", port=orthanc["node"], pacs=("127.0.0.1", orthanc["dicom"], "ORTHANC")
-    )
+    node = DicomNode(package, ae_title="FEDWARD", port=orthanc["node"],
+                     pacs=("127.0.0.1", orthanc["dicom"], "ORTHANC"), undelivered=tmp_path / "undelivered")  # fmt: skip
     node.start()
     try:
         source = get_testdata_file("CT_small.dcm")
@@ -106,8 +105,11 @@ def test_an_image_sent_from_orthanc_comes_back_with_a_report_and_a_heat_map(orth
         )
         assert cited.ReferencedSOPInstanceUID == pydicom.dcmread(source).SOPInstanceUID
         assert node.handled[-1]["status"] == 0 and node.handled[-1]["sent"] == [0, 0]
+        assert node.handled[-1]["kept"] == [] and not (tmp_path / "undelivered").exists()
+        assert list(node.work.rglob("*")) == []  # the image and its results, once in the PACS: gone
     finally:
         node.stop()
+    assert not node.work.exists()
 
 
 def test_an_image_without_pixels_gets_a_failure_status_and_the_node_goes_on(orthanc, package):  # noqa: F811
@@ -174,9 +176,14 @@ def test_new_images_are_pulled_over_dicomweb_and_their_results_stored_back(ortha
     ]  # the image, its heat map, its report
     assert _modalities(base, before["ParentStudy"]) == ["CT", "CT"]  # the old image and the bad one only
 
+    assert list(poller.work.rglob("*")) == []  # served or failed, no copy of an image stays behind
+
     assert poller.poll_once() == []  # its own results are not predicted on, nothing is done twice
+    poller.close()
+    assert not poller.work.exists()
     again = DicomWebPoller(package, url=f"{base}/dicom-web", state=state)  # a restart, from the state file
     assert again.poll_once() == [] and len(_rest(base, "/instances")) == 5
+    again.close()
 
 
 def test_a_segmentation_package_stores_a_dicom_seg_of_the_image_in_its_study(orthanc, tmp_path):
