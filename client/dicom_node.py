@@ -28,7 +28,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, SegmentationStorage
 
 from client.predict import Predictor
-from client.serve_files import NotAUid, image_file
+from client.serve_files import NotAUid, image_file, keep_undelivered
 
 log = logging.getLogger("fedward.serve")
 CANNOT_UNDERSTAND = 0xC210
@@ -107,7 +107,11 @@ class DicomNode:
             log.warning("image %s is outside the model's training: %s", ds.SOPInstanceUID, row.warning)
         files = [Path(p) for p in row.dicom]
         sent = self.send(files)
-        kept = [self.keep_undelivered(f) for f, status in zip(files, sent, strict=True) if status != 0]
+        kept = [
+            str(keep_undelivered(f, self.undelivered))
+            for f, status in zip(files, sent, strict=True)
+            if status != 0
+        ]
         self.handled.append(
             {"sop_instance_uid": ds.SOPInstanceUID, "status": 0, "label": row.label, "sent": sent,
              "kept": kept, "warning": row.warning}
@@ -131,15 +135,6 @@ class DicomNode:
             return statuses
         finally:
             assoc.release()
-
-    def keep_undelivered(self, result: Path) -> str:
-        """Move a result the PACS did not take into the `undelivered` folder (a private one); its path.
-        A result of the same image kept before is replaced (the same model's result of the same image)."""
-        self.undelivered.mkdir(mode=0o700, parents=True, exist_ok=True)
-        kept = self.undelivered / result.name
-        shutil.move(result, kept)
-        log.error("result %s kept in %s: send it to the PACS when it takes it again", result.name, kept)
-        return str(kept)
 
 
 def serve(

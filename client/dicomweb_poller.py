@@ -16,7 +16,8 @@ the next poll, and the image with it.
 Nothing of a patient stays behind: each retrieved image and its results live in a private temporary
 folder of their own (client.serve_files) and are deleted when the image is done, whether its results
 were stored, it failed, or the PACS went away (then the image is retrieved again at the next poll);
-the poller's temporary folder goes with `close()`.
+the poller's temporary folder goes with `close()`. Results the PACS refuses (an HTTP error, not an
+absence) are kept in the `undelivered` folder, the log naming each, and the image is recorded as failed.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dicomweb_client import DICOMwebClient
 
 from client.dicom_out import MANUFACTURER
 from client.predict import Predictor
-from client.serve_files import image_file
+from client.serve_files import image_file, keep_undelivered
 from common.files import write_atomic
 
 log = logging.getLogger("fedward.serve")
@@ -48,13 +49,33 @@ def _value(item: dict, tag: str) -> str:
     return str(values[0])
 
 
+def _not_stored(answer: pydicom.Dataset, sent: list[pydicom.Dataset]) -> set[str]:
+    """The SOP Instance UIDs of `sent` that a STOW-RS answer does not list as stored (PS3.18: stored
+    ones are in its Referenced SOP Sequence, failed ones in its Failed SOP Sequence; Orthanc with a
+    full disk lists neither). An answer without a Referenced SOP Sequence at all: its failed ones."""
+    failed = {item.ReferencedSOPInstanceUID for item in answer.get("FailedSOPSequence", [])}
+    if "ReferencedSOPSequence" not in answer:
+        return failed
+    stored = {item.ReferencedSOPInstanceUID for item in answer.ReferencedSOPSequence}
+    return failed | {ds.SOPInstanceUID for ds in sent if ds.SOPInstanceUID not in stored}
+
+
 class DicomWebPoller:
     """Polls the DICOMweb service at `url` (its root, e.g. http://pacs:8042/dicom-web)."""
 
-    def __init__(self, package: str | Path, *, url: str, state: str | Path, backlog: bool = False):
+    def __init__(
+        self,
+        package: str | Path,
+        *,
+        url: str,
+        state: str | Path,
+        backlog: bool = False,
+        undelivered: str | Path = "fedward-undelivered",
+    ):
         self.predictor = Predictor(package)
         self.client = DICOMwebClient(url)
         self.url, self.state_path, self.backlog = url, Path(state), backlog
+        self.undelivered = Path(undelivered)  # results the PACS refused, kept for the operator
         self.state = self._read_state()
         self.work = Path(tempfile.mkdtemp(prefix="fedward-dicomweb-"))  # private (0700): images in flight
 
@@ -141,7 +162,17 @@ class DicomWebPoller:
         stored = [pydicom.dcmread(p) for p in row.dicom]
         for result in stored:  # its own results are never predicted on
             self.state["instances"][result.SOPInstanceUID] = {"status": "fedward result", "of": uid}
-        self.client.store_instances(stored, study_instance_uid=study)
+        try:
+            answer = self.client.store_instances(stored, study_instance_uid=study)
+            refused, reason = _not_stored(answer, stored), "not listed as stored in its STOW-RS answer"
+        except requests.HTTPError as err:  # refused, not away (that is tried again at the next poll)
+            refused, reason = {r.SOPInstanceUID for r in stored}, str(err)
+        if refused:  # kept for the operator, and the image not tried again
+            kept = [str(keep_undelivered(Path(p), self.undelivered))
+                    for p, r in zip(row.dicom, stored, strict=True) if r.SOPInstanceUID in refused]  # fmt: skip
+            log.error("the PACS refused %d result(s) of image %s (%s)", len(kept), uid, reason)
+            return {"status": "failed", "error": f"the PACS refused its results ({reason})", "kept": kept,
+                    "stored": [r.SOPInstanceUID for r in stored if r.SOPInstanceUID not in refused]}  # fmt: skip
         return {"status": "predicted", "label": row.label, "warning": row.warning,
                 "stored": [r.SOPInstanceUID for r in stored]}  # fmt: skip
 
@@ -158,9 +189,15 @@ class DicomWebPoller:
 
 
 def serve_dicomweb(
-    package: str | Path, *, url: str, state: str | Path, interval_s: float, backlog: bool
+    package: str | Path,
+    *,
+    url: str,
+    state: str | Path,
+    interval_s: float,
+    backlog: bool,
+    undelivered: str | Path = "fedward-undelivered",
 ) -> int:
-    poller = DicomWebPoller(package, url=url, state=state, backlog=backlog)
+    poller = DicomWebPoller(package, url=url, state=state, backlog=backlog, undelivered=undelivered)
     log.warning("fedward serve: polling %s every %.0f s; state in %s", url, interval_s, state)
     try:
         poller.run(interval_s)

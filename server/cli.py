@@ -151,8 +151,8 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
         from client.dicomweb_poller import serve_dicomweb
 
         try:
-            return serve_dicomweb(args.package, url=args.dicomweb, state=args.state,
-                                  interval_s=args.poll_s, backlog=args.backlog)  # fmt: skip
+            return serve_dicomweb(args.package, url=args.dicomweb, state=args.state, interval_s=args.poll_s,
+                                  backlog=args.backlog, undelivered=args.undelivered)  # fmt: skip
         except (PackageError, RuntimeError) as err:
             console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
             return 2
@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--undelivered",
         default="fedward-undelivered",
-        help="--pacs: folder for results the PACS did not take, to send on later (default: %(default)s)",
+        help="folder for results the PACS did not take, to send on later (default: %(default)s)",
     )
     sv.add_argument("--poll-s", type=float, default=10.0, help="--dicomweb: seconds between polls")
     sv.add_argument(

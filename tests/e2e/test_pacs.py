@@ -5,6 +5,7 @@ study; a file without pixels gets a failure status, and the node goes on."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import shutil
@@ -19,6 +20,7 @@ from pydicom.data import get_testdata_file
 from client.dicom_node import CANNOT_UNDERSTAND, DicomNode
 from server.processes import free_port
 from tests.client.test_predict import package  # noqa: F401 - the packaged model fixture
+from tests.reliability.runs import small_disk
 
 pytestmark = pytest.mark.slow
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian's orthanc-dicomweb
@@ -33,19 +35,19 @@ def _rest(base: str, path: str, data: bytes | None = None, method: str | None = 
     return json.loads(body) if body else None
 
 
-@pytest.fixture
-def orthanc(tmp_path):
-    """A real Orthanc on free ports that knows `fedward serve` as modality 'fedward'."""
+def _start_orthanc(folder, **extra):
+    """A real Orthanc on free ports that knows `fedward serve` as modality 'fedward'; `extra`: more of
+    its configuration. Yields its REST base, DICOM port and the node's port; stopped afterwards."""
     binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
     http, dicom, node = free_port(), free_port(), free_port()
-    config = {"Name": "fedward-test", "StorageDirectory": str(tmp_path / "db"), "IndexDirectory": str(tmp_path / "db"),
+    config = {"Name": "fedward-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
               "HttpPort": http, "DicomPort": dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
               "AuthenticationEnabled": False, "DicomModalities": {"fedward": ["FEDWARD", "127.0.0.1", node]},
               "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False, "Plugins": [DICOMWEB_PLUGIN],
-              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}  # fmt: skip
-    (tmp_path / "orthanc.json").write_text(json.dumps(config))
+              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, **extra}  # fmt: skip
+    (folder / "orthanc.json").write_text(json.dumps(config))
     proc = subprocess.Popen(
-        [binary, str(tmp_path / "orthanc.json")], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        [binary, str(folder / "orthanc.json")], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
     )
     base = f"http://127.0.0.1:{http}"
     deadline = time.time() + 30
@@ -64,6 +66,23 @@ def orthanc(tmp_path):
     yield {"base": base, "dicom": dicom, "node": node}
     proc.terminate()
     proc.wait(timeout=20)
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    yield from _start_orthanc(tmp_path)
+
+
+@pytest.fixture
+def orthanc_on_a_small_disk(tmp_path):
+    """An Orthanc whose images are stored on a file system of 1 MB (a tmpfs, needs root as `make test`
+    runs), so that a test can fill it; its index lives elsewhere, so it still answers queries."""
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    with small_disk(storage, "1m"):
+        yield from _start_orthanc(
+            tmp_path, StorageDirectory=str(storage), IndexDirectory=str(tmp_path / "index")
+        )
 
 
 def test_an_image_sent_from_orthanc_comes_back_with_a_report_and_a_heat_map(orthanc, package, tmp_path):  # noqa: F811
@@ -215,3 +234,38 @@ def test_a_segmentation_package_stores_a_dicom_seg_of_the_image_in_its_study(ort
         assert cited == source.SOPInstanceUID and seg.SegmentSequence[0].SegmentLabel == "lesion"
     finally:
         node.stop()
+
+
+def test_results_a_full_pacs_does_not_take_over_dicomweb_are_kept_to_send_on(
+    orthanc_on_a_small_disk, package, tmp_path
+):  # noqa: F811
+    from dicomweb_client import DICOMwebClient
+
+    from client.dicomweb_poller import DicomWebPoller
+
+    base, undelivered = orthanc_on_a_small_disk["base"], tmp_path / "undelivered"
+    poller = DicomWebPoller(package, url=f"{base}/dicom-web", state=tmp_path / "state.json",
+                            undelivered=undelivered)  # fmt: skip
+    assert poller.poll_once() == []
+    image = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    pushed = _push(base, image, tmp_path)
+    filler = tmp_path / "storage" / "filler"
+    with open(filler, "wb") as f, contextlib.suppress(OSError):  # the PACS's disk, full
+        while True:
+            f.write(b"\0" * 65536)
+
+    (done,) = poller.poll_once()  # the image retrieved and predicted; its results not stored
+
+    assert done["status"] == "failed" and "refused" in done["error"], done
+    names = [f"{image.SOPInstanceUID}-sc.dcm", f"{image.SOPInstanceUID}-sr.dcm"]
+    assert sorted(p.name for p in undelivered.iterdir()) == names
+    assert sorted(done["kept"]) == [str(undelivered / n) for n in names] and done["stored"] == []
+    assert _modalities(base, pushed["ParentStudy"]) == ["MR"]
+    assert list(poller.work.rglob("*")) == []  # nothing of the image stays behind
+    assert poller.poll_once() == []  # recorded: not tried again
+    poller.close()
+
+    filler.unlink()  # the PACS has room again: what was kept is whole and goes in as it is
+    kept = [pydicom.dcmread(undelivered / n) for n in names]
+    DICOMwebClient(f"{base}/dicom-web").store_instances(kept, study_instance_uid=image.StudyInstanceUID)
+    assert _modalities(base, pushed["ParentStudy"]) == ["MR", "OT", "SR"]
