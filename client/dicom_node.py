@@ -26,6 +26,7 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, SegmentationStorage
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from client.predict import Predictor
 from client.serve_files import NotAUid, image_file, keep_undelivered
@@ -110,7 +111,7 @@ class DicomNode:
         kept = [
             str(keep_undelivered(f, self.undelivered))
             for f, status in zip(files, sent, strict=True)
-            if status != 0
+            if not stored(status)
         ]
         self.handled.append(
             {"sop_instance_uid": ds.SOPInstanceUID, "status": 0, "label": row.label, "sent": sent,
@@ -130,11 +131,17 @@ class DicomNode:
             for f in files:
                 status = assoc.send_c_store(pydicom.dcmread(f))
                 statuses.append(int(status.Status) if status else -1)
-                if not status or status.Status != 0:
-                    log.error("the PACS refused %s (status %s)", f.name, status.Status if status else "none")
+                if not stored(statuses[-1]):
+                    log.error("the PACS refused %s (status 0x%04X)", f.name, statuses[-1] & 0xFFFF)
             return statuses
         finally:
             assoc.release()
+
+
+def stored(status: int) -> bool:
+    """Whether a C-STORE status (-1: none came) says the PACS stored the object: success, or a warning
+    (0xB000, 0xB006, 0xB007: stored, some elements coerced or discarded)."""
+    return status >= 0 and code_to_category(status) in (STATUS_SUCCESS, STATUS_WARNING)
 
 
 def serve(

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -236,9 +237,11 @@ def test_a_segmentation_package_stores_a_dicom_seg_of_the_image_in_its_study(ort
         node.stop()
 
 
-def test_results_a_full_pacs_does_not_take_over_dicomweb_are_kept_to_send_on(
-    orthanc_on_a_small_disk, package, tmp_path
-):  # noqa: F811
+def test_results_a_full_pacs_does_not_store_over_dicomweb_are_kept(
+    orthanc_on_a_small_disk,
+    package,  # noqa: F811
+    tmp_path,
+):
     from dicomweb_client import DICOMwebClient
 
     from client.dicomweb_poller import DicomWebPoller
@@ -249,10 +252,7 @@ def test_results_a_full_pacs_does_not_take_over_dicomweb_are_kept_to_send_on(
     assert poller.poll_once() == []
     image = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
     pushed = _push(base, image, tmp_path)
-    filler = tmp_path / "storage" / "filler"
-    with open(filler, "wb") as f, contextlib.suppress(OSError):  # the PACS's disk, full
-        while True:
-            f.write(b"\0" * 65536)
+    filler = fill(tmp_path / "storage")  # the PACS's disk
 
     (done,) = poller.poll_once()  # the image retrieved and predicted; its results not stored
 
@@ -269,3 +269,41 @@ def test_results_a_full_pacs_does_not_take_over_dicomweb_are_kept_to_send_on(
     kept = [pydicom.dcmread(undelivered / n) for n in names]
     DICOMwebClient(f"{base}/dicom-web").store_instances(kept, study_instance_uid=image.StudyInstanceUID)
     assert _modalities(base, pushed["ParentStudy"]) == ["MR", "OT", "SR"]
+
+
+def fill(folder) -> Path:
+    """Fill the file system `folder` is on; the file that fills it."""
+    filler = folder / "filler"
+    with open(filler, "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 65536)
+    return filler
+
+
+def test_results_a_full_pacs_does_not_store_by_c_store_are_kept(
+    orthanc_on_a_small_disk,
+    package,  # noqa: F811
+    tmp_path,
+):
+    pacs, undelivered = orthanc_on_a_small_disk, tmp_path / "undelivered"
+    node = DicomNode(package, ae_title="FEDWARD", port=pacs["node"], pacs=("127.0.0.1", pacs["dicom"], "ORTHANC"),
+                     undelivered=undelivered)  # fmt: skip
+    node.start()
+    try:
+        image = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        pushed = _push(pacs["base"], image, tmp_path)
+        fill(tmp_path / "storage")
+        _rest(pacs["base"], "/modalities/fedward/store",
+              json.dumps({"Resources": [pushed["ID"]], "Synchronous": True}).encode())  # fmt: skip
+        deadline = time.time() + 60
+        while not node.handled and time.time() < deadline:
+            time.sleep(0.2)
+        (record,) = node.handled
+        assert record["status"] == 0 and all(status not in (0, -1) for status in record["sent"]), record
+        names = [f"{image.SOPInstanceUID}-sc.dcm", f"{image.SOPInstanceUID}-sr.dcm"]
+        assert sorted(p.name for p in undelivered.iterdir()) == names
+        assert sorted(record["kept"]) == [str(undelivered / n) for n in names]
+        assert _modalities(pacs["base"], pushed["ParentStudy"]) == ["CT"]
+        assert list(node.work.rglob("*")) == []
+    finally:
+        node.stop()
