@@ -168,6 +168,15 @@ def _push(base: str, ds: pydicom.Dataset, tmp_path) -> dict:
     return _rest(base, "/instances", path.read_bytes())
 
 
+def fill(folder) -> Path:
+    """Fill the file system `folder` is on; the file that fills it."""
+    filler = folder / "filler"
+    with open(filler, "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 65536)
+    return filler
+
+
 def test_new_images_are_pulled_over_dicomweb_and_their_results_stored_back(orthanc, package, tmp_path):  # noqa: F811
     from client.dicomweb_poller import DicomWebPoller
 
@@ -269,15 +278,6 @@ def test_results_a_full_pacs_does_not_store_over_dicomweb_are_kept(
     kept = [pydicom.dcmread(undelivered / n) for n in names]
     DICOMwebClient(f"{base}/dicom-web").store_instances(kept, study_instance_uid=image.StudyInstanceUID)
     assert _modalities(base, pushed["ParentStudy"]) == ["MR", "OT", "SR"]
-
-
-def fill(folder) -> Path:
-    """Fill the file system `folder` is on; the file that fills it."""
-    filler = folder / "filler"
-    with open(filler, "wb") as f, contextlib.suppress(OSError):
-        while True:
-            f.write(b"\0" * 65536)
-    return filler
 
 
 def test_results_a_full_pacs_does_not_store_by_c_store_are_kept(
