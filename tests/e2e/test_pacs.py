@@ -1,7 +1,8 @@
 """The PACS round trip against a real Orthanc (Debian's package, with its DICOMweb plugin), on free
 loopback ports: an image pushed into Orthanc is sent to `fedward serve` (C-STORE) or pulled by it
 (DICOMweb), which stores a Structured Report and a heat-map Secondary Capture back into the image's
-study; a file without pixels gets a failure status, and the node goes on."""
+study; a file without pixels gets a failure status, and the node goes on; nothing of an image stays
+in the node's folder; results an Orthanc with a full disk does not store are kept, to send on."""
 
 from __future__ import annotations
 
