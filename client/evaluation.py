@@ -51,6 +51,12 @@ def sensitivity(n_classes: int) -> float:
     return 1.0 if n_classes == 2 else math.sqrt(n_classes + 1)
 
 
+def planned_spend(policy: EvaluationPolicyConfig) -> HistoryItem | None:
+    """The ledger step one evaluation released under `policy` spends (None: it is not charged). It
+    depends on the policy alone, so the budget is checked before any image is looked at."""
+    return (float(policy.noise), 1.0, 1) if policy.release == "dp_histogram" else None
+
+
 def release(
     labels: np.ndarray,
     probs: np.ndarray,
@@ -82,7 +88,7 @@ def release(
         confusion = np.zeros((n_classes, n_classes))
         np.add.at(confusion, (labels, probs.argmax(axis=1)), 1)
         metrics[Met.CONFUSION] = _noised(confusion, std, noise)
-    return Release("dp_histogram", metrics, spends=(float(policy.noise), 1.0, 1))
+    return Release("dp_histogram", metrics, spends=planned_spend(policy))
 
 
 def segmentation_release(
@@ -110,18 +116,19 @@ def segmentation_release(
     std = policy.noise * 2.0 * math.sqrt(num_classes - 1) * per_unit
     metrics = {SUM_KEYS[k]: _noised(v, std, noise) for k, v in sums.items()}
     metrics |= {Met.EVAL_NOISE: std, Met.EVAL_HD_CAP: cap}
-    return Release("dp_histogram", metrics, spends=(float(policy.noise), 1.0, 1))
+    return Release("dp_histogram", metrics, spends=planned_spend(policy))
 
 
-def refusal(site: SiteConfig, release_: Release) -> str | None:
-    """Why the site may not release this evaluation (no ledger, or its evaluation budget), or None."""
-    if release_.spends is None:
+def refusal(site: SiteConfig, spends: HistoryItem | None) -> str | None:
+    """Why the site may not release an evaluation that `spends` this (no ledger, or its evaluation
+    budget), or None."""
+    if spends is None:
         return None
     if not site.state_dir:
         return f"site '{site.site}' has no state_dir for the ledger its protected evaluations are charged to"
     policy, delta = site.privacy.evaluation, site.privacy.delta
     history = SiteAccountant(site.state_dir).history(EVALUATION_KINDS)
-    after = rdp_epsilon([*history, release_.spends], delta=delta)
+    after = rdp_epsilon([*history, spends], delta=delta)
     if after > policy.max_epsilon:
         return (
             f"site '{site.site}' refuses to evaluate: its evaluation epsilon would reach {after:.3f}, above "

@@ -219,19 +219,26 @@ class SiteRuntime:
                 self.config.site, {}, refused=guard.refusal_text(self.config, plan.round, problem)
             )
         model = self.model_for(plan, self._own_norms(plan, weights))
-        t0 = time.perf_counter()
         x, y, patients = (
             (self.data.val_x, self.data.val_y, self.data.val_patients)
             if split == "val"
             else (self.data.test_x, self.data.test_y, self.data.test_patients)
         )
-        labels, probs = y.numpy(), predict(model, x)
         policy = self.config.privacy.evaluation
         unit = SitePolicy.of(self.config).unit_for(bool(patients))
         if unit is None:
             return SiteReply(
                 self.config.site, {}, refused=guard.refusal_text(self.config, plan.round, NO_PATIENTS)
             )
+        # The budget before any image is predicted: a refusal that took longer with more test images
+        # would tell their exact number to whoever times it, uncharged (checked again, under the
+        # ledger's lock, before the release is written)
+        refusal = evaluation.refusal(self.config, evaluation.planned_spend(policy))
+        if refusal:
+            log.warning(refusal)
+            return SiteReply(self.config.site, {}, refused=refusal, release=policy.release)
+        t0 = time.perf_counter()
+        labels, probs = y.numpy(), predict(model, x)
         per_unit = 1
         if unit == "patient" and policy.release == "dp_histogram":  # a patient's images, at most the cap
             keep = evaluation.patient_subset(patients, policy.max_images_per_patient)
@@ -246,7 +253,7 @@ class SiteRuntime:
         metrics = dict(out.metrics) | {Met.PRIVACY_UNIT: int(unit == "patient")}
         if out.spends is not None:
             with guard.site_lock(self.config):
-                refusal = evaluation.refusal(self.config, out)
+                refusal = evaluation.refusal(self.config, out.spends)
                 if refusal:
                     log.warning(refusal)
                     return SiteReply(self.config.site, {}, refused=refusal, release=out.kind)

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from client.ledger import SiteAccountant
 from client.site import SiteRuntime
+from client.train import predict as PREDICT
 from common.keys import Cfg, Met
 from common.models import build_model
 from common.privacy import rdp_epsilon
@@ -64,3 +65,23 @@ def test_a_patient_level_site_releases_its_validation_split_per_patient(tmp_path
     site.data = replace(d, **with_patients, val_patients=[f"V{i // 3}" for i in range(len(d.val_y))])
     reply = site.evaluate(ask_val, weights)
     assert not reply.refused and reply.metrics[Met.PRIVACY_UNIT] == 1  # released per patient
+
+
+def test_once_the_budget_is_spent_a_refusal_predicts_on_no_image(tmp_path, monkeypatch):
+    """A refusal must take as long with 40 test images as with 4000: were the images predicted first,
+    its duration would tell their exact number to a coordinator's app timing it, uncharged."""
+    import client.site
+
+    site, weights = _site(tmp_path), build_model("cnn28", seed=0).state_dict()
+    predicted: list[int] = []
+
+    def counting_predict(model, x, *args, **kwargs):
+        predicted.append(len(x))
+        return PREDICT(model, x, *args, **kwargs)
+
+    monkeypatch.setattr(client.site, "predict", counting_predict)
+    replies = [site.evaluate(round_config(round=r), weights) for r in range(1, 7)]
+
+    refused = [r for r in replies if r.refused]
+    assert refused and all("evaluation epsilon" in r.refused for r in refused)
+    assert predicted == [40] * (len(replies) - len(refused))  # the released ones only
