@@ -14,6 +14,11 @@ sites' `preprocess`, common.transforms), then:
     DIR/dicom/<name>-sr.dcm, <name>-sc.dcm   for DICOM inputs: a Structured Report of the finding and
                                its probability, and the heat map as a Secondary Capture (client.dicom_out)
 
+Results go into the same sub-folders as their file has under INPUT (patientA/IM0001 and patientB/IM0001
+each get their own); two files of one folder whose results would share a name (IM0001.png, IM0001.jpg)
+are not both predicted: the second gets an error saying so. Text cells a spreadsheet would take for a
+formula (a class or a modality starting with =, +, -, @) are written with a leading apostrophe.
+
 The label is the arg-max, or the package's operating point where it has one.
 
 The heat map is MONAI's OcclusionSensitivity: how much the predicted class's probability drops when
@@ -282,11 +287,21 @@ def predict(
 ) -> Path:
     """Predict on every file under `inputs` (prepared as training site `site` did, default the first);
     returns the path of predictions.csv."""
-    predictor, out = Predictor(package, site=site), Path(out_dir)
+    predictor, out, inputs = Predictor(package, site=site), Path(out_dir), Path(inputs)
     out.mkdir(parents=True, exist_ok=True)
-    files = input_files(Path(inputs), series=predictor.volume)
-    rows = [predictor.predict_file(p, out / "heatmaps" if heatmaps else None, out / "dicom", out / "masks")
-            for p in track(files, description="predicting", disable=len(files) < 20)]  # fmt: skip
+    files = input_files(inputs, series=predictor.volume)
+    root = inputs if inputs.is_dir() else inputs.parent
+    named: dict[tuple[Path, str], Path] = {}  # (its folder under INPUT, its stem): the file its results are
+    rows = []
+    for path in track(files, description="predicting", disable=len(files) < 20):
+        folder = path.relative_to(root).parent if path != root else Path()  # results mirror INPUT's folders
+        if (folder, path.stem) in named:  # never one patient's results under another's name
+            rows.append(Prediction(str(path), error=f"its results would have the names of those of "
+                                   f"{named[folder, path.stem]} (same folder, same name): rename one"))  # fmt: skip
+            continue
+        named[folder, path.stem] = path
+        rows.append(predictor.predict_file(path, out / "heatmaps" / folder if heatmaps else None,
+                                           out / "dicom" / folder, out / "masks" / folder))  # fmt: skip
     csv_path = out / "predictions.csv"
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
@@ -302,14 +317,20 @@ def predict(
                     r.file,
                     r.sop_instance_uid,
                     r.study_instance_uid,
-                    r.modality,
+                    spreadsheet_text(r.modality),
                     *probs,
-                    r.label,
+                    spreadsheet_text(r.label),
                     r.heatmap,
                     r.mask,
                     ";".join(r.dicom),
-                    r.warning,
-                    r.error,
+                    spreadsheet_text(r.warning),
+                    spreadsheet_text(r.error),
                 ]
             )
     return csv_path
+
+
+def spreadsheet_text(value: str) -> str:
+    """`value` as a spreadsheet shows it as text: one that starts as a formula would (=, +, -, @; a
+    class name from a package, a DICOM header's modality) gets a leading apostrophe."""
+    return "'" + value if value.startswith(("=", "+", "-", "@", "\t", "\r")) else value

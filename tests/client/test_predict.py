@@ -118,3 +118,53 @@ def test_images_outside_the_training_are_predicted_and_marked(package, tmp_path)
     assert not cr_sr.SeriesDescription.startswith("CAUTION") and "Outside training" not in str(
         cr_sr.ContentSequence
     )
+
+
+def test_files_of_the_same_name_in_two_patients_folders_keep_their_own_results(package, tmp_path):
+    """A DICOM export's usual layout (patientA/IM0001, patientB/IM0001): each file's heat map, SR and
+    Secondary Capture are its own, in the same sub-folder as the file; two files of one folder whose
+    results would share a name are not both predicted."""
+    inputs = tmp_path / "in"
+    images = {}
+    for patient, source in (("patientA", "CT_small.dcm"), ("patientB", "MR_small.dcm")):
+        (inputs / patient).mkdir(parents=True)
+        (inputs / patient / "IM0001").write_bytes(open(get_testdata_file(source), "rb").read())
+        images[patient] = pydicom.dcmread(get_testdata_file(source))
+    x, _, _ = synthetic_images_with_findings(1, 0.5, 28, np.random.default_rng(1))
+    for name in ("scan.png", "scan.jpg"):
+        Image.fromarray((x[0] * 255).astype(np.uint8)).save(inputs / "patientA" / name)
+    rows = {r["file"]: r for r in csv.DictReader(open(predict(package, inputs, tmp_path / "out")))}
+
+    out = tmp_path / "out"
+    for patient, image in images.items():
+        row = rows[str(inputs / patient / "IM0001")]
+        assert row["heatmap"] == str(out / "heatmaps" / patient / "IM0001.png"), row
+        sr_path, sc_path = row["dicom_results"].split(";")
+        assert sr_path == str(out / "dicom" / patient / "IM0001-sr.dcm")
+        cited = hd.sr.srread(sr_path).CurrentRequestedProcedureEvidenceSequence[0]
+        assert cited.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+            image.SOPInstanceUID
+        )  # patient B's report is B's, not overwritten by A's nor A's by B's
+        assert pydicom.dcmread(sc_path).PatientID == image.PatientID
+    first, second = rows[str(inputs / "patientA" / "scan.jpg")], rows[str(inputs / "patientA" / "scan.png")]
+    assert first["heatmap"] and not first["error"]  # sorted: the .jpg first
+    assert "rename one" in second["error"] and not second["heatmap"] and not second["label"]
+
+
+def test_a_class_named_like_a_formula_is_text_in_the_csv(package, tmp_path):
+    """A package's class names are the coordinator's words: one that starts as a spreadsheet formula
+    is written as text."""
+    meta = json.loads((package / META_FILE).read_text())
+    meta["classes"] = ["normal", '=HYPERLINK("http://example.org")']
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / WEIGHTS_FILE).write_bytes((package / WEIGHTS_FILE).read_bytes())
+    (tmp_path / "pkg" / META_FILE).write_text(json.dumps(meta))
+    x, _, _ = synthetic_images_with_findings(4, 1.0, 28, np.random.default_rng(3))
+    (tmp_path / "in").mkdir()
+    for i, img in enumerate(x):
+        Image.fromarray((img * 255).astype(np.uint8)).save(tmp_path / "in" / f"img{i}.png")
+
+    text = predict(tmp_path / "pkg", tmp_path / "in", tmp_path / "out", heatmaps=False).read_text()
+
+    labels = [r["label"] for r in csv.DictReader(text.splitlines())]
+    assert "'=HYPERLINK" in text and not any(label.startswith("=") for label in labels)
