@@ -92,13 +92,13 @@ class SiteRuntime:
         refusal = spec_problem(plan, self.data) or SitePolicy.of(self.config).check_mode(plan.dp_enabled)
         if refusal:
             return self.refusal(guard.refusal_text(self.config, plan.round, refusal))
-        record_training_profile(self.config.state_dir, plan.study_id, self.data)  # drift's reference
         received, correction = split_correction(weights)  # SCAFFOLD's correction, when one came
         weights = self._own_norms(plan, received)
         model = self.model_for(plan, weights)
         if correction is not None and (problem := correction_problem(model, correction, plan.local_norm)):
             return self.refusal(f"site '{self.config.site}' refuses round {plan.round}: {problem}")
         if not plan.dp_enabled:
+            record_training_profile(self.config.state_dir, plan.study_id, self.data)  # drift's reference
             result = train_round(model, self.data.train_x, self.data.train_y, plan,
                                  augment_fn=self.augment, correction=correction)  # fmt: skip
             return self._reply(plan, result, exact=True, received=received)
@@ -121,6 +121,8 @@ class SiteRuntime:
         if refusal:
             log.warning(refusal)
             return self.refusal(refusal)
+        # drift's reference, once the round is accepted: a refused request writes nothing
+        record_training_profile(self.config.state_dir, plan.study_id, self.data)
         entries = []
         result = train_round(
             model,

@@ -10,6 +10,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import handle_train
 from client.ledger import SiteAccountant
+from client.profile import PROFILES_DIR
 from client.site import SiteRuntime
 from common.keys import Met, Rec, Site
 from common.models import build_model
@@ -86,6 +87,7 @@ def test_a_request_weaker_than_the_policy_is_refused_naming_the_field(tmp_path, 
     assert "This site trains only with differential privacy" in reason  # and says what it allows
     assert Rec.ARRAYS not in reply
     assert SiteAccountant(tmp_path).ledger.entries() == before
+    assert not (tmp_path / PROFILES_DIR).exists()  # nor a profile of its images: a refusal writes nothing
 
 
 def test_a_request_at_the_policys_limits_trains_and_is_counted(tmp_path):
@@ -95,6 +97,7 @@ def test_a_request_at_the_policys_limits_trains_and_is_counted(tmp_path):
 
     assert reply[Rec.SITE][Site.REFUSED] == "" and Rec.ARRAYS in reply
     assert [e.kind for e in SiteAccountant(tmp_path).ledger.entries()] == ["count", "train"]
+    assert len(list((tmp_path / PROFILES_DIR).iterdir())) == 1  # drift's reference, once trained
     assert 0 < reply[Rec.METRICS][Met.EPSILON] <= 10.0
 
 
