@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections import deque
 import tempfile
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from client.serve_files import NotAUid, image_file, keep_undelivered
 
 log = logging.getLogger("fedward.serve")
 CANNOT_UNDERSTAND = 0xC210
+HANDLED_KEPT = 1000
 
 
 class DicomNode:
@@ -61,7 +63,9 @@ class DicomNode:
         ):  # what it sends
             self.ae.add_requested_context(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         self.server = None
-        self.handled: list[dict] = []  # per received image: its SOP Instance UID, status, results sent
+        # the latest received images (a bounded record for the node's whole life): each one's SOP
+        # Instance UID, status, and what became of its results
+        self.handled: deque[dict] = deque(maxlen=HANDLED_KEPT)
 
     def start(self, block: bool = False):
         handlers = [(evt.EVT_C_STORE, self._on_store)]

@@ -5,7 +5,8 @@ those it has not handled yet, retrieves each (WADO-RS), predicts on it (client.p
 preprocessing, model, operating point and heat map) and stores the Structured Report and the heat-map
 Secondary Capture into the image's study (STOW-RS).
 
-What it has handled lives in a state file (JSON, written atomically), so a restart neither repeats nor
+What it has handled lives in a state file (JSON, written atomically: each instance's UID, what was
+done and the UIDs of its stored results, not its prediction), so a restart neither repeats nor
 skips an image. On the first start, the images already in the PACS are recorded as there before the
 node and are not predicted (a node attached to a hospital's archive must not work through years of
 studies), unless `backlog` is asked for. Reports and heat maps (fedward's own, and any SR, KO, PR or
@@ -104,14 +105,17 @@ class DicomWebPoller:
         write_atomic(self.state_path, json.dumps(self.state, indent=1))
 
     def instances(self) -> list[dict]:
-        """Every instance the PACS lists (QIDO-RS), page by page."""
-        found, offset = [], 0
+        """Every instance the PACS lists (QIDO-RS), page by page, until a short page, or a page with
+        no instance not listed before (a PACS that ignores the offset would repeat one forever)."""
+        found, listed, offset = [], set(), 0
         while True:
             page = self.client.search_for_instances(
                 fields=[MODALITY, SERIES_DESCRIPTION], limit=PAGE, offset=offset
             )
-            found += page
-            if len(page) < PAGE:
+            new = [item for item in page if _value(item, SOP) not in listed]
+            found += new
+            listed.update(_value(item, SOP) for item in new)
+            if len(page) < PAGE or not new:
                 return found
             offset += PAGE
 
@@ -133,7 +137,9 @@ class DicomWebPoller:
                 seen[uid] = {"status": "in the PACS before the node started"}
                 continue
             record = self._serve_one(_value(item, STUDY), _value(item, SERIES), uid)
-            seen[uid] = record
+            seen[uid] = {
+                k: v for k, v in record.items() if k not in ("label", "warning")
+            }  # no prediction kept
             done.append({"sop_instance_uid": uid, **record})
             self._save_state()  # after each image: a crash repeats none
         self.state["started"] = True

@@ -207,6 +207,8 @@ def test_new_images_are_pulled_over_dicomweb_and_their_results_stored_back(ortha
     assert _modalities(base, before["ParentStudy"]) == ["CT", "CT"]  # the old image and the bad one only
 
     assert list(poller.work.rglob("*")) == []  # served or failed, no copy of an image stays behind
+    recorded = json.loads(state.read_text())["instances"][new.SOPInstanceUID]
+    assert recorded["status"] == "predicted" and "label" not in recorded  # what was done, not the finding
 
     assert poller.poll_once() == []  # its own results are not predicted on, nothing is done twice
     poller.close()
