@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections import deque
 import tempfile
+from collections import deque
 from pathlib import Path
 
 import pydicom
