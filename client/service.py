@@ -34,6 +34,7 @@ from common.schema import SiteConfig
 
 log = logging.getLogger("fedward.site")
 READ_TIMEOUT_S = 60.0  # a forwarder sends its whole request at once; a slower one is dropped
+WRITE_TIMEOUT_S = 60.0  # and reads its answer at once: one that does not is dropped, its answer lost
 
 
 class ServiceError(RuntimeError):
@@ -134,22 +135,23 @@ class SiteService:
 
     def handle(self, conn: socket.socket) -> None:
         """Answer one request; nothing a forwarder sends or fails to send stops the service."""
-        conn.settimeout(READ_TIMEOUT_S)
         try:
-            header, arrays = recv_frame(conn)
-            conn.settimeout(None)
+            header, arrays = recv_frame(conn, within_s=READ_TIMEOUT_S)  # trickled bytes do not hold it
             reply, weights = self.answer(header, arrays)
         except WireError as err:
             log.warning("site %s: unreadable request: %s", self.config.site, err)
             reply, weights = {"error": f"site service: unreadable request: {err}"}, None
         except TimeoutError:
             log.warning(
-                "site %s: a forwarder sent nothing for %.0fs; dropped", self.config.site, READ_TIMEOUT_S
+                "site %s: a forwarder's request did not come within %.0fs; dropped",
+                self.config.site,
+                READ_TIMEOUT_S,
             )
             return
         except Exception as err:  # the site's own failure: say so, keep serving
             log.exception("site %s: request failed", self.config.site)
             reply, weights = {"error": f"site '{self.config.site}': {type(err).__name__}: {err}"}, None
+        conn.settimeout(WRITE_TIMEOUT_S)  # a forwarder that does not read its answer cannot hold the service
         try:
             try:
                 send_frame(conn, reply, weights)

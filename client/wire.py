@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import time
 
 import numpy as np
 from safetensors.numpy import load as load_arrays
@@ -39,16 +40,18 @@ def send_frame(sock: socket.socket, header: dict, arrays: dict[str, np.ndarray] 
     sock.sendall(MAGIC + _LENGTHS.pack(len(head), len(blob)) + head + blob)
 
 
-def recv_frame(sock: socket.socket) -> tuple[dict, dict[str, np.ndarray]]:
-    """Read one frame: (header, arrays in the order the sender gave them)."""
-    prefix = _recv_exactly(sock, len(MAGIC) + _LENGTHS.size)
+def recv_frame(sock: socket.socket, *, within_s: float | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """Read one frame: (header, arrays in the order the sender gave them). With `within_s`, the whole
+    frame must come within that many seconds (TimeoutError otherwise), however it is trickled."""
+    deadline = None if within_s is None else time.monotonic() + within_s
+    prefix = _recv_exactly(sock, deadline, len(MAGIC) + _LENGTHS.size)
     if prefix[: len(MAGIC)] != MAGIC:
         raise WireError(f"not a fedward frame (starts with {prefix[:8]!r})")
     n_head, n_blob = _LENGTHS.unpack(prefix[len(MAGIC) :])
     if n_head > MAX_HEADER_BYTES or n_blob > MAX_ARRAY_BYTES:
         raise WireError(f"frame too large (header {n_head} bytes, arrays {n_blob} bytes)")
     try:
-        header = json.loads(_recv_exactly(sock, n_head).decode("utf-8"))
+        header = json.loads(_recv_exactly(sock, deadline, n_head).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise WireError(f"the frame's header is not JSON ({err})") from None
     if not isinstance(header, dict):
@@ -56,7 +59,7 @@ def recv_frame(sock: socket.socket) -> tuple[dict, dict[str, np.ndarray]]:
     arrays: dict[str, np.ndarray] = {}
     if n_blob:
         try:
-            loaded = load_arrays(_recv_exactly(sock, n_blob))
+            loaded = load_arrays(_recv_exactly(sock, deadline, n_blob))
         except Exception as err:  # safetensors raises its own error types for a damaged blob
             raise WireError(f"the frame's arrays are not safetensors ({err})") from None
         keys = header.pop("keys", list(loaded))
@@ -80,9 +83,14 @@ def plain_config(config: object) -> dict[str, int | float | str | bool | list]:
     return config
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+def _recv_exactly(sock: socket.socket, deadline: float | None, n: int) -> bytes:
     chunks, left = [], n
     while left:
+        if deadline is not None:
+            left_s = deadline - time.monotonic()
+            if left_s <= 0:
+                raise TimeoutError(f"{n - left} of {n} bytes came before the deadline")
+            sock.settimeout(left_s)
         chunk = sock.recv(min(left, 1 << 20))
         if not chunk:
             raise WireError(f"the connection closed {n - left} bytes into a {n}-byte read")

@@ -4,6 +4,7 @@ own training path behind it; garbage, hang-ups and restarts do not hurt the site
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 
@@ -11,6 +12,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+import client.service
 from client.forwarder import SiteUnreachableError, ask, forward
 from client.ledger import SiteAccountant
 from client.service import ServiceError, SiteService, serve
@@ -125,6 +127,61 @@ def test_a_forwarder_that_dies_while_the_site_trains_leaves_the_round_charged_an
     again = forward(_message(MessageType.TRAIN), path, "train").content  # and the service goes on
     assert again[Rec.METRICS][Met.EPSILON] > spent > 0
     assert [e.kind for e in SiteAccountant(state).ledger.entries()] == ["count", "train", "train"]
+
+
+def _status_within(path: str, seconds: float) -> dict:
+    """The service's status answer, which must come within `seconds` (a held service fails the test
+    instead of hanging it)."""
+    answers: list[dict] = []
+    thread = threading.Thread(target=lambda: answers.append(ask(path, {"op": "status"})[0]), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert answers, f"the service did not answer within {seconds:.0f}s: one forwarder holds it"
+    return answers[0]
+
+
+def test_a_forwarder_that_trickles_its_request_is_dropped_on_time(running, monkeypatch):
+    """One byte now and then keeps no service busy: the whole request has READ_TIMEOUT_S."""
+    monkeypatch.setattr(client.service, "READ_TIMEOUT_S", 1.5)
+    path, stop = str(running.service.path), threading.Event()
+    header = b'{"op": "status", "padding": "' + b"x" * 200 + b'"}'
+
+    def trickle():
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(path)
+            s.sendall(MAGIC + struct.pack("!II", len(header), 0))  # a well-formed start
+            for byte in header:  # then its header, a byte every 0.3 s: a minute in all
+                if stop.wait(0.3):
+                    return
+                try:
+                    s.sendall(bytes([byte]))
+                except OSError:  # dropped by the service
+                    return
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    time.sleep(0.5)
+    try:
+        assert _status_within(path, 8)["site"] == "hospital-a"  # after 1.5 s of the trickler, not 60
+    finally:
+        stop.set()
+
+
+def test_a_forwarder_that_never_reads_its_answer_does_not_hold_the_service(running, monkeypatch):
+    """A trained model's answer is larger than the socket's buffer: unread, sending it would block
+    for ever without a send timeout. The round is charged; its answer is lost, as if the forwarder had
+    died (the test above)."""
+    monkeypatch.setattr(client.service, "WRITE_TIMEOUT_S", 1.0)
+    path, state = str(running.service.path), running.service.config.state_dir
+    msg = _message(MessageType.TRAIN)
+    with socket.socket(socket.AF_UNIX) as silent:
+        silent.connect(path)
+        config = {str(k): v for k, v in msg.content[Rec.CONFIG].items()}
+        send_frame(silent, {"op": "train", "config": config},
+                   {k: a.numpy() for k, a in msg.content[Rec.ARRAYS].items()})  # fmt: skip
+
+        assert _status_within(path, 120)["site"] == "hospital-a"  # after the training, and 1 s more
+        assert "train" in [e.kind for e in SiteAccountant(state).ledger.entries()]
 
 
 def test_a_forwarder_without_a_service_says_where_it_looked(tmp_path):
