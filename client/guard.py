@@ -67,6 +67,16 @@ def refusal_text(site: SiteConfig, round_: int, reason: str) -> str:
     return f"site '{site.site}' refuses round {round_}: {reason}. {SitePolicy.of(site).allows()}"
 
 
+def work_problem(site: SiteConfig, plan: RoundPlan) -> str | None:
+    """Why the round asks more work than the site's `limits` allow (None: it does not)."""
+    asked = {"max_local_epochs": plan.local_epochs, "max_augment_views": plan.augment_views}
+    for key, value in asked.items():
+        limit = getattr(site.limits, key)
+        if value > limit:
+            return f"{key.removeprefix('max_')} {value} is more than this site's limits.{key} {limit}"
+    return None
+
+
 def plan_round(
     cfg: Mapping,
     plan: RoundPlan,

@@ -89,7 +89,11 @@ class SiteRuntime:
     def train(self, config: Mapping[str, object], weights: Mapping[str, torch.Tensor]) -> SiteReply:
         """One round of local training as the coordinator's `config` asks, within the site's policy."""
         plan = RoundPlan.from_config(config)
-        refusal = spec_problem(plan, self.data) or SitePolicy.of(self.config).check_mode(plan.dp_enabled)
+        refusal = (
+            spec_problem(plan, self.data)
+            or guard.work_problem(self.config, plan)
+            or SitePolicy.of(self.config).check_mode(plan.dp_enabled)
+        )
         if refusal:
             return self.refusal(guard.refusal_text(self.config, plan.round, refusal))
         received, correction = split_correction(weights)  # SCAFFOLD's correction, when one came

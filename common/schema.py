@@ -322,6 +322,16 @@ class SitePolicyConfig:
 
 
 @dataclass
+class RoundLimitsConfig:
+    """How much work one round may ask of the site (its site config's `limits`), whatever the
+    coordinator sends: a round beyond them is refused, so that no study holds the site (and, training
+    privately, its ledger's lock, which every other study waits for) for ever."""
+
+    max_local_epochs: int = 100  # passes over the site's training data in one round
+    max_augment_views: int = 32  # augmented views of each image per step (augmentation multiplicity)
+
+
+@dataclass
 class ServiceConfig:
     """Where the site service (`fedward site serve`) listens for the ClientApp Flower starts."""
 
@@ -334,6 +344,7 @@ class SiteConfig:
     site: str = "site"
     data: SiteDataConfig = field(default_factory=SiteDataConfig)
     privacy: SitePolicyConfig = field(default_factory=SitePolicyConfig)
+    limits: RoundLimitsConfig = field(default_factory=RoundLimitsConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     state_dir: str = ""  # privacy ledger and image cache; "" = none (a private round is then refused)
     source_path: str = ""

@@ -4,6 +4,8 @@ A site that allows non-private training says so in its own config, and then trai
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
@@ -12,6 +14,7 @@ from client.app import handle_train
 from client.ledger import SiteAccountant
 from client.profile import PROFILES_DIR
 from client.site import SiteRuntime
+from common.config import load_site
 from common.keys import Met, Rec, Site
 from common.models import build_model
 from common.privacy import PrivacyKey, request_config
@@ -128,3 +131,39 @@ def test_a_malformed_privacy_request_is_refused_not_a_crash(tmp_path):
     reply = _train(rt, config)
 
     assert "dp-max-grad-norm" in reply[Rec.SITE][Site.REFUSED]
+
+
+@pytest.mark.parametrize(
+    ("asked", "field"),
+    [
+        ({"local_epochs": 10_000_000}, "limits.max_local_epochs 100"),
+        ({"augment_views": 100_000, "augment": True}, "limits.max_augment_views 32"),
+    ],  # fmt: skip
+    ids=["epochs", "views"],
+)
+def test_a_round_asking_more_work_than_the_sites_limits_is_refused_before_any(tmp_path, asked, field):
+    """A coordinator that asks for ten million local epochs at a noise so high the budget allows
+    them (the review's attack: epsilon 0.4 for 4e8 steps) would hold the site, and the ledger's lock
+    every other study waits for, for ever; the site's own limits refuse it first."""
+    rt = _runtime(tmp_path, max_epsilon=1.0, min_noise_multiplier=1.0)
+    config = _private(noise_multiplier=1e4) | round_config(dp_enabled=True, batch_size=1, **asked)
+
+    t0 = time.perf_counter()
+    reply = _train(rt, config)
+
+    assert field in reply[Rec.SITE][Site.REFUSED] and Rec.ARRAYS not in reply
+    assert time.perf_counter() - t0 < 30 and SiteAccountant(tmp_path).ledger.entries() == []
+
+
+def test_a_sites_own_limits_come_from_its_config(tmp_path):
+    (tmp_path / "site.yaml").write_text(
+        "site: hospital-a\ndata: {format: synthetic}\nlimits: {max_local_epochs: 2}\n"
+        f"state_dir: {tmp_path / 'state'}\nprivacy: {{required: false}}\n"
+    )
+    rt = SiteRuntime.load(load_site(tmp_path / "site.yaml"))
+
+    refused = _train(rt, round_config(dp_enabled=False, local_epochs=3))[Rec.SITE][Site.REFUSED]
+    trained = _train(rt, round_config(dp_enabled=False, local_epochs=2))
+
+    assert "local_epochs 3 is more than this site's limits.max_local_epochs 2" in refused
+    assert trained[Rec.SITE][Site.REFUSED] == "" and Rec.ARRAYS in trained
