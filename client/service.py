@@ -150,7 +150,10 @@ class SiteService:
             return
         except Exception as err:  # the site's own failure: say so, keep serving
             log.exception("site %s: request failed", self.config.site)
-            reply, weights = {"error": f"site '{self.config.site}': {type(err).__name__}: {err}"}, None
+            # its kind only: the message may hold what must not leave (a file's path, a patient's name)
+            reply = {"error": f"site '{self.config.site}': the request failed ({type(err).__name__}); the "
+                     "site's own log says why"}  # fmt: skip
+            weights = None
         conn.settimeout(WRITE_TIMEOUT_S)  # a forwarder that does not read its answer cannot hold the service
         try:
             try:

@@ -259,3 +259,19 @@ def test_an_answer_that_cannot_be_sent_is_an_error_and_the_service_serves_on(tmp
         assert ask(str(service.service.path), {"op": "status"})[0]["site"] == "hospital-a"
     finally:
         service.stop()
+
+
+def test_a_failure_at_the_site_sends_its_kind_not_its_message(running, monkeypatch, caplog):
+    """An exception's message may name a file (and a patient's name with it); what goes back to the
+    forwarder, and on to the coordinator, is its kind and where to look."""
+
+    def failing(config, weights):
+        raise OSError("cannot read /data/export/DOE^JANE/IM0001.dcm")
+
+    monkeypatch.setattr(running.service.runtime, "evaluate", failing)
+    with caplog.at_level("ERROR"), pytest.raises(RuntimeError) as caught:
+        forward(_message(MessageType.EVALUATE), str(running.service.path), "evaluate")
+
+    assert "OSError" in str(caught.value) and "site's own log" in str(caught.value)
+    assert "DOE^JANE" not in str(caught.value)
+    assert any("DOE^JANE" in (r.exc_text or "") for r in caplog.records)  # the site's log has it all
