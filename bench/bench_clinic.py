@@ -82,7 +82,8 @@ def serve_latencies(pkg: Path, paths: list[Path], folder: Path) -> list[float]:
 
     node_port = free_port()
     proc, base, dicom_port = orthanc(folder, node_port)
-    node = DicomNode(pkg, ae_title="FEDWARD", port=node_port, pacs=("127.0.0.1", dicom_port, "ORTHANC"))
+    node = DicomNode(pkg, ae_title="FEDWARD", port=node_port, pacs=("127.0.0.1", dicom_port, "ORTHANC"),
+                     undelivered=folder / "undelivered")  # fmt: skip
     node.start()
     sender = AE(ae_title="MODALITY")
     sender.add_requested_context(ComputedRadiographyImageStorage)

@@ -11,8 +11,9 @@ report marked "outside training", and logged.
 
 Nothing of a patient stays behind: each received image and its results live in a private temporary
 folder of their own while the image is served and are deleted with it. Only results the PACS did not
-take are kept, in the `undelivered` folder (the log names each), for the operator to send on; the
-node's temporary folder goes when it stops.
+take (a failure status, no association, an association that broke) are kept, in the `undelivered`
+folder (the log names each), for the operator to send on; the node's temporary folder goes when it
+stops (Ctrl-C or SIGTERM), after the images being served are done.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import threading
 from collections import deque
 from pathlib import Path
 
@@ -30,10 +32,11 @@ from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImage
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from client.predict import Predictor
-from client.serve_files import NotAUid, image_file, keep_undelivered
+from client.serve_files import NotAUid, image_file, keep_undelivered, stop_on_sigterm, undelivered_folder
 
 log = logging.getLogger("fedward.serve")
 CANNOT_UNDERSTAND = 0xC210
+OUT_OF_RESOURCES = 0xA700  # what a node that is stopping answers
 HANDLED_KEPT = 1000
 
 
@@ -52,7 +55,7 @@ class DicomNode:
     ):
         self.predictor = Predictor(package)
         self.ae_title, self.host, self.port, self.pacs = ae_title, host, port, pacs
-        self.undelivered = Path(undelivered)  # results the PACS did not take, kept for the operator
+        self.undelivered = undelivered_folder(undelivered)  # results the PACS did not take, for the operator
         self.work = Path(tempfile.mkdtemp(prefix="fedward-serve-"))  # private (0700): images in flight
         self.ae = AE(ae_title=ae_title)
         self.ae.supported_contexts = AllStoragePresentationContexts
@@ -66,22 +69,38 @@ class DicomNode:
         # the latest received images (a bounded record for the node's whole life): each one's SOP
         # Instance UID, status, and what became of its results
         self.handled: deque[dict] = deque(maxlen=HANDLED_KEPT)
+        self.stopping, self._serving, self._idle = False, 0, threading.Condition()
 
     def start(self, block: bool = False):
         handlers = [(evt.EVT_C_STORE, self._on_store)]
         self.server = self.ae.start_server((self.host, self.port), block=block, evt_handlers=handlers)
         return self.server
 
-    def stop(self) -> None:
-        """Stop listening and delete the temporary folder (the associations still open end first).
-        Stopping twice is stopping once."""
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
+    def stop(self, wait_s: float = 60.0) -> None:
+        """Stop listening and abort the open associations, wait (up to `wait_s`) for the images being
+        served to be done, then delete the temporary folder. Stopping twice is stopping once."""
+        with self._idle:
+            self.stopping = True
+        self.ae.shutdown()
+        self.server = None
+        with self._idle:
+            self._idle.wait_for(lambda: self._serving == 0, timeout=wait_s)
         shutil.rmtree(self.work, ignore_errors=True)
 
     def _on_store(self, event) -> int:
         """One image in, its results out; any failure is this image's failure status only."""
+        with self._idle:
+            if self.stopping:
+                return OUT_OF_RESOURCES
+            self._serving += 1
+        try:
+            return self._serve_or_refuse(event)
+        finally:
+            with self._idle:
+                self._serving -= 1
+                self._idle.notify_all()
+
+    def _serve_or_refuse(self, event) -> int:
         try:
             return self._serve_one(event)
         except NotAUid as err:
@@ -133,10 +152,16 @@ class DicomNode:
         try:
             statuses = []
             for f in files:
-                status = assoc.send_c_store(pydicom.dcmread(f))
+                try:
+                    status = assoc.send_c_store(pydicom.dcmread(f))
+                except (ValueError, RuntimeError, OSError) as err:  # no context for it; the association broke
+                    log.error("%s could not be sent to the PACS (%s)", f.name, err)
+                    statuses.append(-1)
+                    continue
                 statuses.append(int(status.Status) if status else -1)
                 if not stored(statuses[-1]):
-                    log.error("the PACS refused %s (status 0x%04X)", f.name, statuses[-1] & 0xFFFF)
+                    log.error("the PACS did not store %s (status %s)", f.name,
+                              f"0x{statuses[-1]:04X}" if status else "none: no answer")  # fmt: skip
             return statuses
         finally:
             assoc.release()
@@ -167,7 +192,8 @@ def serve(
         undelivered,
     )
     try:
-        node.start(block=True)
+        with stop_on_sigterm():
+            node.start(block=True)
     except KeyboardInterrupt:
         pass
     finally:

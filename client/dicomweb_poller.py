@@ -18,7 +18,8 @@ Nothing of a patient stays behind: each retrieved image and its results live in 
 folder of their own (client.serve_files) and are deleted when the image is done, whether its results
 were stored, it failed, or the PACS went away (then the image is retrieved again at the next poll);
 the poller's temporary folder goes with `close()`. Results the PACS refuses (an HTTP error, not an
-absence) are kept in the `undelivered` folder, the log naming each, and the image is recorded as failed.
+absence; or an answer that does not list them as stored) are kept in the `undelivered` folder, the log
+naming each, and the image is recorded as failed.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from dicomweb_client import DICOMwebClient
 
 from client.dicom_out import MANUFACTURER
 from client.predict import Predictor
-from client.serve_files import image_file, keep_undelivered
+from client.serve_files import image_file, keep_undelivered, stop_on_sigterm, undelivered_folder
 from common.files import write_atomic
 
 log = logging.getLogger("fedward.serve")
@@ -53,12 +54,11 @@ def _value(item: dict, tag: str) -> str:
 def _not_stored(answer: pydicom.Dataset, sent: list[pydicom.Dataset]) -> set[str]:
     """The SOP Instance UIDs of `sent` that a STOW-RS answer does not list as stored (PS3.18: stored
     ones are in its Referenced SOP Sequence, failed ones in its Failed SOP Sequence; Orthanc with a
-    full disk lists neither). An answer without a Referenced SOP Sequence at all: its failed ones."""
-    failed = {item.ReferencedSOPInstanceUID for item in answer.get("FailedSOPSequence", [])}
-    if "ReferencedSOPSequence" not in answer:
-        return failed
-    stored = {item.ReferencedSOPInstanceUID for item in answer.ReferencedSOPSequence}
-    return failed | {ds.SOPInstanceUID for ds in sent if ds.SOPInstanceUID not in stored}
+    full disk lists neither). An answer without one (an empty body) stored nothing it says: all kept."""
+    stored = {
+        str(item.get("ReferencedSOPInstanceUID", "")) for item in answer.get("ReferencedSOPSequence", [])
+    }
+    return {ds.SOPInstanceUID for ds in sent if ds.SOPInstanceUID not in stored}
 
 
 class DicomWebPoller:
@@ -76,7 +76,7 @@ class DicomWebPoller:
         self.predictor = Predictor(package)
         self.client = DICOMwebClient(url)
         self.url, self.state_path, self.backlog = url, Path(state), backlog
-        self.undelivered = Path(undelivered)  # results the PACS refused, kept for the operator
+        self.undelivered = undelivered_folder(undelivered)  # results the PACS refused, for the operator
         self.state = self._read_state()
         self.work = Path(tempfile.mkdtemp(prefix="fedward-dicomweb-"))  # private (0700): images in flight
 
@@ -115,6 +115,9 @@ class DicomWebPoller:
             new = [item for item in page if _value(item, SOP) not in listed]
             found += new
             listed.update(_value(item, SOP) for item in new)
+            if page and not new:
+                log.warning("the PACS %s repeated a page of its instances (it ignores QIDO-RS's offset): "
+                            "only its first %d are seen", self.url, len(found))  # fmt: skip
             if len(page) < PAGE or not new:
                 return found
             offset += PAGE
@@ -171,8 +174,10 @@ class DicomWebPoller:
         try:
             answer = self.client.store_instances(stored, study_instance_uid=study)
             refused, reason = _not_stored(answer, stored), "not listed as stored in its STOW-RS answer"
-        except requests.HTTPError as err:  # refused, not away (that is tried again at the next poll)
-            refused, reason = {r.SOPInstanceUID for r in stored}, str(err)
+        except (requests.ConnectionError, requests.Timeout):
+            raise  # the PACS is away: the image is tried again at the next poll
+        except Exception as err:  # noqa: BLE001 - refused (an HTTP error), or an answer not understood
+            refused, reason = {r.SOPInstanceUID for r in stored}, f"{type(err).__name__}: {err}"
         if refused:  # kept for the operator, and the image not tried again
             kept = [str(keep_undelivered(Path(p), self.undelivered))
                     for p, r in zip(row.dicom, stored, strict=True) if r.SOPInstanceUID in refused]  # fmt: skip
@@ -206,7 +211,8 @@ def serve_dicomweb(
     poller = DicomWebPoller(package, url=url, state=state, backlog=backlog, undelivered=undelivered)
     log.warning("fedward serve: polling %s every %.0f s; state in %s", url, interval_s, state)
     try:
-        poller.run(interval_s)
+        with stop_on_sigterm():
+            poller.run(interval_s)
     except KeyboardInterrupt:
         pass
     finally:

@@ -2,13 +2,16 @@
 the node's, deleted with everything in it when the image is done (client.dicom_node, the C-STORE node;
 client.dicomweb_poller, the DICOMweb one). So no copy of a patient's image, and no result already in
 the PACS, outlives its serving. Results the PACS did not take are moved to the operator's undelivered
-folder first (`keep_undelivered`), to be sent on, not lost."""
+folder first (`keep_undelivered`), to be sent on, not lost. And both nodes stop on SIGTERM as on Ctrl-C
+(`stop_on_sigterm`), so that their temporary folders go with them."""
 
 from __future__ import annotations
 
 import logging
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,11 +37,51 @@ def image_file(work: Path, sop_instance_uid: str) -> Iterator[Path]:
         yield Path(folder) / f"{sop_instance_uid}.dcm"
 
 
+def undelivered_folder(path: str | Path) -> Path:
+    """The folder for results the PACS does not take, made (private, 0700) and checked writable when
+    the node starts, so that a result is never lost to a folder that cannot take it."""
+    folder = Path(path)
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder)  # noqa: SIM115 - closed (and removed) at once
+        probe.close()
+    except OSError as err:
+        raise UndeliveredFolderError(
+            f"the folder for results the PACS does not take, {folder.resolve()}, cannot be written "
+            f"({err.strerror or err}): give --undelivered a folder this user can write"
+        ) from None
+    return folder
+
+
+class UndeliveredFolderError(RuntimeError):
+    """The undelivered folder cannot be made or written."""
+
+
 def keep_undelivered(result: Path, folder: Path) -> Path:
-    """Move a result the PACS did not take into `folder` (made private, 0700) and name it in the log; its
-    new path. A result of the same image kept before is replaced (the same model's result of it)."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    kept = folder / result.name
+    """Move a result the PACS did not take into `folder` and name it in the log; its new path. A name
+    already there (the same image's result kept before) gets a number: nothing kept is replaced."""
+    kept, n = folder / result.name, 1
+    while kept.exists():
+        n += 1
+        kept = folder / f"{result.stem}-{n}{result.suffix}"
     shutil.move(result, kept)
     log.error("result %s kept in %s: send it to the PACS when it takes it again", result.name, kept)
     return kept
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM (a service manager's stop) as Ctrl-C: the node's `finally` runs and its temporary
+    folder goes. In the main thread only (where Python runs signal handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -166,7 +166,7 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
     try:
         return serve(args.package, ae_title=args.ae_title, port=args.port, pacs=(host, int(port), title),
                      undelivered=args.undelivered)  # fmt: skip
-    except PackageError as err:
+    except (PackageError, RuntimeError) as err:  # RuntimeError: e.g. an undelivered folder it cannot write
         console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         return 2
 

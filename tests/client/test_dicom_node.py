@@ -72,7 +72,11 @@ def test_a_sop_instance_uid_that_is_not_a_uid_is_refused_and_writes_nothing(node
     assert send(node.port, escaping, good) == [CANNOT_UNDERSTAND, 0]  # refused; the next one served
 
     assert "not a valid DICOM UID" in node.handled[0]["error"]
-    assert not (node.work.parent.parent / "escaping.dcm").exists()
+    # where ../../escaping.dcm from the image's folder, or from the node's (as it was), would land
+    assert (
+        not (node.work.parent / "escaping.dcm").exists()
+        and not (node.work.parent.parent / "escaping.dcm").exists()
+    )
     assert list(node.work.rglob("*")) == []
     assert len(list((tmp_path / "undelivered").iterdir())) == 2  # the good image's results only
 
@@ -94,3 +98,51 @@ def test_image_file_is_removed_with_its_results_whatever_happens(tmp_path):
             assert path.name == "1.2.840.10008.1.dcm" and path.parent.parent == tmp_path
             raise RuntimeError("prediction failed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_result_the_pacs_has_no_context_for_is_kept_and_the_other_sent(tmp_path):
+    """A PACS (a pynetdicom storage SCP here) that takes Secondary Captures but not Structured Reports:
+    pynetdicom raises on sending the report; the report is kept, the heat map stored."""
+    from pynetdicom import evt
+    from pynetdicom.sop_class import SecondaryCaptureImageStorage
+
+    stored: list[str] = []
+    pacs = AE(ae_title="PICKY")
+    pacs.add_supported_context(SecondaryCaptureImageStorage)
+    pacs_port = free_port()
+
+    def take(event):
+        stored.append(str(event.dataset.SOPClassUID))
+        return 0x0000
+
+    server = pacs.start_server(("127.0.0.1", pacs_port), block=False, evt_handlers=[(evt.EVT_C_STORE, take)])
+    package = write_package(tmp_path / "model", build_model("cnn28", num_classes=2, seed=0), META)
+    node = DicomNode(package, ae_title="FEDWARD", port=free_port(), pacs=("127.0.0.1", pacs_port, "PICKY"),
+                     undelivered=tmp_path / "undelivered")  # fmt: skip
+    node.start()
+    try:
+        image = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        assert send(node.port, image, image) == [0, 0]  # the same image twice: nothing kept is replaced
+    finally:
+        node.stop()
+        server.shutdown()
+
+    assert [r["sent"] for r in node.handled] == [
+        [-1, 0],
+        [-1, 0],
+    ]  # the report: no context; the heat map: stored
+    assert stored == [str(SecondaryCaptureImageStorage)] * 2
+    assert sorted(p.name for p in (tmp_path / "undelivered").iterdir()) == [
+        f"{image.SOPInstanceUID}-sr-2.dcm", f"{image.SOPInstanceUID}-sr.dcm"
+    ]  # fmt: skip
+    assert not node.work.exists()
+
+
+def test_an_undelivered_folder_that_cannot_be_written_stops_the_node_at_its_start(tmp_path):
+    from client.serve_files import UndeliveredFolderError
+
+    package = write_package(tmp_path / "model", build_model("cnn28", num_classes=2, seed=0), META)
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(UndeliveredFolderError, match="a-file.*cannot be written.*--undelivered"):
+        DicomNode(package, ae_title="FEDWARD", port=free_port(), pacs=("127.0.0.1", free_port(), "AWAY"),
+                  undelivered=tmp_path / "a-file")  # fmt: skip

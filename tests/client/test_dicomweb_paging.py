@@ -23,7 +23,7 @@ class ListingPacs:
 
 def _poller(pacs: ListingPacs) -> DicomWebPoller:
     poller = DicomWebPoller.__new__(DicomWebPoller)  # the listing needs only its PACS
-    poller.client = pacs
+    poller.client, poller.url = pacs, "http://pacs.test/dicom-web"
     return poller
 
 
@@ -34,8 +34,9 @@ def test_every_instance_is_listed_across_pages(monkeypatch):
     assert pacs.requests == 3  # 3 + 3 + 1
 
 
-def test_a_pacs_that_ignores_the_offset_is_listed_once(monkeypatch):
+def test_a_pacs_that_ignores_the_offset_is_listed_once(monkeypatch, caplog):
     monkeypatch.setattr(poller_module, "PAGE", 3)
     pacs = ListingPacs([f"1.2.{i}" for i in range(7)], ignores_offset=True)
     assert [item[SOP]["Value"][0] for item in _poller(pacs).instances()] == pacs.uids[:3]
     assert pacs.requests == 2  # the repeated page ends it
+    assert "ignores QIDO-RS's offset" in caplog.text

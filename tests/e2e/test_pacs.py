@@ -126,20 +126,19 @@ def test_an_image_sent_from_orthanc_comes_back_with_a_report_and_a_heat_map(orth
         )
         assert cited.ReferencedSOPInstanceUID == pydicom.dcmread(source).SOPInstanceUID
         assert node.handled[-1]["status"] == 0 and node.handled[-1]["sent"] == [0, 0]
-        assert node.handled[-1]["kept"] == [] and not (tmp_path / "undelivered").exists()
+        assert node.handled[-1]["kept"] == [] and list((tmp_path / "undelivered").iterdir()) == []
         assert list(node.work.rglob("*")) == []  # the image and its results, once in the PACS: gone
     finally:
         node.stop()
     assert not node.work.exists()
 
 
-def test_an_image_without_pixels_gets_a_failure_status_and_the_node_goes_on(orthanc, package):  # noqa: F811
+def test_an_image_without_pixels_gets_a_failure_status_and_the_node_goes_on(orthanc, package, tmp_path):  # noqa: F811
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage
 
-    node = DicomNode(
-        package, ae_title="FEDWARD", port=orthanc["node"], pacs=("127.0.0.1", orthanc["dicom"], "ORTHANC")
-    )
+    node = DicomNode(package, ae_title="FEDWARD", port=orthanc["node"],
+                     pacs=("127.0.0.1", orthanc["dicom"], "ORTHANC"), undelivered=tmp_path / "undelivered")  # fmt: skip
     node.start()
     try:
         sender = AE(ae_title="MODALITY")
@@ -183,7 +182,9 @@ def test_new_images_are_pulled_over_dicomweb_and_their_results_stored_back(ortha
 
     base, state = orthanc["base"], tmp_path / "state.json"
     before = _push(base, pydicom.dcmread(get_testdata_file("CT_small.dcm")), tmp_path)
-    poller = DicomWebPoller(package, url=f"{base}/dicom-web", state=state)
+    poller = DicomWebPoller(
+        package, url=f"{base}/dicom-web", state=state, undelivered=tmp_path / "undelivered"
+    )
     assert poller.poll_once() == []  # what the PACS held before the node started is left alone
 
     new = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
@@ -213,7 +214,8 @@ def test_new_images_are_pulled_over_dicomweb_and_their_results_stored_back(ortha
     assert poller.poll_once() == []  # its own results are not predicted on, nothing is done twice
     poller.close()
     assert not poller.work.exists()
-    again = DicomWebPoller(package, url=f"{base}/dicom-web", state=state)  # a restart, from the state file
+    again = DicomWebPoller(package, url=f"{base}/dicom-web", state=state,
+                           undelivered=tmp_path / "undelivered")  # a restart, from the state file  # fmt: skip
     assert again.poll_once() == [] and len(_rest(base, "/instances")) == 5
     again.close()
 
@@ -225,9 +227,8 @@ def test_a_segmentation_package_stores_a_dicom_seg_of_the_image_in_its_study(ort
     meta = {"model": "unet", "task": "segmentation", "in_channels": 1, "classes": ["background", "lesion"],
             "input": {"preprocess": {"size": [28, 28], "spatial": "resize", "channels": 1}}}  # fmt: skip
     seg_package = write_package(tmp_path / "model", _trained(_site(tmp_path / "site")), meta)
-    node = DicomNode(
-        seg_package, ae_title="FEDWARD", port=orthanc["node"], pacs=("127.0.0.1", orthanc["dicom"], "ORTHANC")
-    )
+    node = DicomNode(seg_package, ae_title="FEDWARD", port=orthanc["node"],
+                     pacs=("127.0.0.1", orthanc["dicom"], "ORTHANC"), undelivered=tmp_path / "undelivered")  # fmt: skip
     node.start()
     try:
         source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
