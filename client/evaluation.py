@@ -52,9 +52,10 @@ def sensitivity(n_classes: int) -> float:
 
 
 def planned_spend(policy: EvaluationPolicyConfig) -> HistoryItem | None:
-    """The ledger step one evaluation released under `policy` spends (None: it is not charged). It
-    depends on the policy alone, so the budget is checked before any image is looked at."""
-    return (float(policy.noise), 1.0, 1) if policy.release == "dp_histogram" else None
+    """The ledger step one evaluation released under `policy` spends (None: it is not charged; only
+    the releases that are not private, `exact` and `summary`). It depends on the policy alone, so the
+    budget is checked before any image is looked at."""
+    return None if policy.release in ("exact", "summary") else (float(policy.noise), 1.0, 1)
 
 
 def release(
@@ -107,7 +108,7 @@ def segmentation_release(
     Gaussian noise to all four sums of every class: one image moves each by at most 1, so the L2
     sensitivity is 2 x sqrt(classes - 1), times `per_unit` images per unit of privacy."""
     dice, hd95 = per_image_scores(true, pred, num_classes)
-    if policy.release != "dp_histogram":
+    if planned_spend(policy) is None:  # exact or summary: the sums as they are
         sums = sums_from_scores(dice, hd95)
         metrics = {SUM_KEYS[k]: v.tolist() for k, v in sums.items()} | {Met.N_TEST: int(len(true))}
         return Release("exact", metrics)

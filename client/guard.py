@@ -68,7 +68,15 @@ def refusal_text(site: SiteConfig, round_: int, reason: str) -> str:
 
 
 def work_problem(site: SiteConfig, plan: RoundPlan) -> str | None:
-    """Why the round asks more work than the site's `limits` allow (None: it does not)."""
+    """Why the round asks more work than the site's `limits` allow, or a batch, epochs or views of
+    none (None: it does not). The limits bound what one round can cost the site whatever the
+    coordinator sends: at most max_local_epochs x max_augment_views passes over its data. They are not
+    counted in steps: a limit on steps would depend on the exact number of images, and its refusals
+    would tell it, uncharged, to a coordinator that tries batch sizes."""
+    for name, value in (("batch_size", plan.batch_size), ("local_epochs", plan.local_epochs),
+                        ("augment_views", plan.augment_views)):  # fmt: skip
+        if value < 1:
+            return f"{name} {value} is not a positive number"
     asked = {"max_local_epochs": plan.local_epochs, "max_augment_views": plan.augment_views}
     for key, value in asked.items():
         limit = getattr(site.limits, key)

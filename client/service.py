@@ -137,10 +137,6 @@ class SiteService:
         """Answer one request; nothing a forwarder sends or fails to send stops the service."""
         try:
             header, arrays = recv_frame(conn, within_s=READ_TIMEOUT_S)  # trickled bytes do not hold it
-            reply, weights = self.answer(header, arrays)
-        except WireError as err:
-            log.warning("site %s: unreadable request: %s", self.config.site, err)
-            reply, weights = {"error": f"site service: unreadable request: {err}"}, None
         except TimeoutError:
             log.warning(
                 "site %s: a forwarder's request did not come within %.0fs; dropped",
@@ -148,7 +144,21 @@ class SiteService:
                 READ_TIMEOUT_S,
             )
             return
-        except Exception as err:  # the site's own failure: say so, keep serving
+        except WireError as err:
+            header, arrays, unreadable = None, {}, err
+        except OSError as err:  # the forwarder went away inside its request
+            log.warning("site %s: the forwarder hung up inside its request (%s)", self.config.site, err)
+            return
+        else:
+            unreadable = None
+        try:
+            if unreadable is not None:
+                raise unreadable
+            reply, weights = self.answer(header, arrays)
+        except WireError as err:
+            log.warning("site %s: unreadable request: %s", self.config.site, err)
+            reply, weights = {"error": f"site service: unreadable request: {err}"}, None
+        except Exception as err:  # the site's own failure (a TimeoutError too): say so, keep serving
             log.exception("site %s: request failed", self.config.site)
             # its kind only: the message may hold what must not leave (a file's path, a patient's name)
             reply = {"error": f"site '{self.config.site}': the request failed ({type(err).__name__}); the "

@@ -15,6 +15,7 @@ from common.config import ConfigError, load_site, medmnist_path
 from common.schema import (
     EvaluationPolicyConfig,
     PreprocessConfig,
+    RoundLimitsConfig,
     SiteConfig,
     SiteDataConfig,
     SitePartition,
@@ -90,5 +91,13 @@ def _partition_sites(study: StudyConfig) -> list[SiteConfig]:
         # sites a simulation makes from the study itself follow the study's privacy setting and
         # release exact evaluation aggregates, as before (the study's owner holds their data anyway)
         policy = SitePolicyConfig(required=False, evaluation=EvaluationPolicyConfig(release="exact"))
-        sites.append(SiteConfig(site=name, data=data, privacy=policy))
+        # and take the work the study itself asks of them (its local epochs, fine-tuning, views)
+        limits = RoundLimitsConfig()
+        limits = RoundLimitsConfig(
+            max_local_epochs=max(
+                limits.max_local_epochs, study.train.local_epochs, study.study.fine_tune_epochs
+            ),
+            max_augment_views=max(limits.max_augment_views, study.train.augment_views),
+        )
+        sites.append(SiteConfig(site=name, data=data, privacy=policy, limits=limits))
     return sites

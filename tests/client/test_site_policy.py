@@ -138,15 +138,16 @@ def test_a_malformed_privacy_request_is_refused_not_a_crash(tmp_path):
     [
         ({"local_epochs": 10_000_000}, "limits.max_local_epochs 100"),
         ({"augment_views": 100_000, "augment": True}, "limits.max_augment_views 32"),
+        ({"batch_size": 0}, "batch_size 0 is not a positive number"),
     ],  # fmt: skip
-    ids=["epochs", "views"],
+    ids=["epochs", "views", "no-batch"],
 )
 def test_a_round_asking_more_work_than_the_sites_limits_is_refused_before_any(tmp_path, asked, field):
     """A coordinator that asks for ten million local epochs at a noise so high the budget allows
     them (the review's attack: epsilon 0.4 for 4e8 steps) would hold the site, and the ledger's lock
     every other study waits for, for ever; the site's own limits refuse it first."""
     rt = _runtime(tmp_path, max_epsilon=1.0, min_noise_multiplier=1.0)
-    config = _private(noise_multiplier=1e4) | round_config(dp_enabled=True, batch_size=1, **asked)
+    config = _private(noise_multiplier=1e4) | round_config(**{"dp_enabled": True, "batch_size": 1, **asked})
 
     t0 = time.perf_counter()
     reply = _train(rt, config)
