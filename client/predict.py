@@ -16,8 +16,9 @@ sites' `preprocess`, common.transforms), then:
 
 Results go into the same sub-folders as their file has under INPUT (patientA/IM0001 and patientB/IM0001
 each get their own); two files of one folder whose results would share a name (IM0001.png, IM0001.jpg)
-are not both predicted: the second gets an error saying so. Text cells a spreadsheet would take for a
-formula (a class or a modality starting with =, +, -, @) are written with a leading apostrophe.
+are not both predicted: the second gets an error saying so. Cells a spreadsheet would take for a
+formula (a class, a DICOM header's text or a file's name starting with =, +, -, @) are written with a
+leading apostrophe.
 
 The label is the arg-max, or the package's operating point where it has one.
 
@@ -314,23 +315,15 @@ def predict(
             )
             w.writerow(
                 [
-                    r.file,
-                    r.sop_instance_uid,
-                    r.study_instance_uid,
-                    spreadsheet_text(r.modality),
-                    *probs,
-                    spreadsheet_text(r.label),
-                    r.heatmap,
-                    r.mask,
-                    ";".join(r.dicom),
-                    spreadsheet_text(r.warning),
-                    spreadsheet_text(r.error),
+                    spreadsheet_text(text)
+                    for text in (r.file, r.sop_instance_uid, r.study_instance_uid, r.modality, *probs, r.label,
+                                 r.heatmap, r.mask, ";".join(r.dicom), r.warning, r.error)
                 ]
-            )
+            )  # fmt: skip
     return csv_path
 
 
 def spreadsheet_text(value: str) -> str:
     """`value` as a spreadsheet shows it as text: one that starts as a formula would (=, +, -, @; a
-    class name from a package, a DICOM header's modality) gets a leading apostrophe."""
+    class name from a package, a DICOM header's text, a file's name) gets a leading apostrophe."""
     return "'" + value if value.startswith(("=", "+", "-", "@", "\t", "\r")) else value

@@ -20,7 +20,7 @@ import os
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -168,10 +168,6 @@ def _row(values: dict[str, str], allowed: list[str], strict: bool, path: Path, l
             raise LabelFileError(path, "empty: every row of a sheet with masks names its mask file", line=line,
                                  column="mask")  # fmt: skip
         values = {**values, "label": allowed[0] if allowed else ""}
-    for column in ("file", "mask"):
-        if values.get(column) and _leaves_the_folder(values[column]):
-            raise LabelFileError(path, f"'{values[column]}' is not inside the image folder: name each file by its "
-                                 "path under data.root, without '..' and not from '/'", line=line, column=column)  # fmt: skip
     label = values["label"]
     if label not in allowed and strict:
         raise LabelFileError(
@@ -199,12 +195,6 @@ def _row(values: dict[str, str], allowed: list[str], strict: bool, path: Path, l
         line=line,
         mask=values.get("mask", ""),
     )
-
-
-def _leaves_the_folder(name: str) -> bool:
-    """Whether a sheet's file name points outside the folder it is read under (absolute, or through ..)."""
-    path = PurePath(name)
-    return path.is_absolute() or ".." in path.parts
 
 
 def label_problem(row: LabelRow, classes: list[str]) -> tuple[str, str]:

@@ -219,6 +219,11 @@ def _files_for_rows(
         if row.file is None or i in bad_rows:
             continue
         path = root / row.file
+        if not _inside(path, root):  # the service would read it with its own rights
+            report.bad.append(BadFile(row.file, "outside the image folder", f"'{row.file}' is not under "
+                                      f"data.root ({root}): name each file by its path under it", row.line))  # fmt: skip
+            bad_rows.add(i)
+            continue
         if not (path.is_dir() if folders else path.is_file()):
             what = "series folder" if folders else "file"
             report.bad.append(
@@ -283,10 +288,20 @@ def _take_samples(
     return keep
 
 
+def _inside(path: Path, root: Path) -> bool:
+    """Whether a label sheet's `path` (joined to `root`) stays under `root` as written: not through
+    '..' out of it, not an absolute path elsewhere. Symbolic links are the site's own to make."""
+    rel = os.path.relpath(os.path.normpath(path), os.path.normpath(root))
+    return rel != os.curdir and rel != os.pardir and not rel.startswith(os.pardir + os.sep)
+
+
 def _mask_for(report: SourceReport, row: LabelRow, item: dict) -> torch.Tensor:
     """The row's mask, read and checked against its image, at the image's preprocessed size (nearest)."""
     volume = len(item["image"].shape) == 4  # C x D x H x W
     shape = tuple(item["orig_size"]) if volume else tuple(item["orig_size"][:2])
+    if not _inside(report.root / row.mask, report.root):
+        raise MaskError(row.mask, f"not under data.root ({report.root}): name it by its path under it",
+                        problem="outside the image folder")  # fmt: skip
     mask = read_mask(report.root / row.mask, shape=shape, patient_id=str(item["file_patient_id"]),
                      sop_instance_uid=str(item["sop_instance_uid"]), num_classes=len(report.classes),
                      slice_uids=tuple(item.get("slice_uids") or ()))  # fmt: skip

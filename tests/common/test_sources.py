@@ -328,6 +328,32 @@ def test_rows_may_name_the_image_by_sop_instance_uid(tmp_path):
     assert by_file == {rel: label for rel, _, label in rows}
 
 
+def test_rows_naming_files_outside_the_image_folder_are_bad_files(tmp_path):
+    """The site service reads what the sheet names with its own rights: a row that points out of
+    data.root (through '..', or an absolute path elsewhere) is a bad file; an absolute path inside the
+    folder is its file."""
+    path = write_dicom_site(tmp_path, patients=4, bad_files=False)
+    labels, root = tmp_path / "labels.csv", tmp_path / "export"
+    rows = list(csv.reader(labels.open()))[1:]
+    outside = tmp_path / "elsewhere" / "secret.dcm"
+    outside.parent.mkdir()
+    outside.write_bytes((root / rows[0][0]).read_bytes())  # a real image: only its place is wrong
+    rows[1] = (str(root / rows[1][0]), rows[1][1], rows[1][2])
+    with labels.open("w", newline="") as f:  # one row by its absolute path inside the folder
+        csv.writer(f).writerows([("file", "patient_id", "label"), *rows])
+        csv.writer(f).writerows(
+            [("../elsewhere/secret.dcm", "Z001", "normal"), (str(outside), "Z002", "normal")]
+        )
+
+    report = scan_site(load_site(path))
+
+    assert sorted((b.file, b.problem) for b in report.bad) == [
+        ("../elsewhere/secret.dcm", "outside the image folder"), (str(outside), "outside the image folder")
+    ]  # fmt: skip
+    assert len(report.samples) == len(rows)  # every row inside the folder, the absolute one too
+    assert "data.root" in report.bad[0].detail
+
+
 def test_missing_folder_and_broken_sheet_are_fatal(tmp_path):
     path = write_dicom_site(tmp_path, patients=2, bad_files=False)
     (tmp_path / "labels.csv").write_text("file,label\na.dcm,normal\n")
