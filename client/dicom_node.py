@@ -52,13 +52,18 @@ class DicomNode:
         pacs: tuple[str, int, str],
         host: str = "127.0.0.1",
         undelivered: str | Path = "fedward-undelivered",
+        senders: list[str] | None = None,
     ):
+        """`senders`: the calling AE titles it takes images from (an association from any other is
+        rejected); None: any, which `fedward serve` never passes (the PACS's own title, and those of
+        `--allow-aet`)."""
         self.predictor = Predictor(package)
         self.ae_title, self.host, self.port, self.pacs = ae_title, host, port, pacs
         self.undelivered = undelivered_folder(undelivered)  # results the PACS did not take, for the operator
         self.work = Path(tempfile.mkdtemp(prefix="fedward-serve-"))  # private (0700): images in flight
         self.ae = AE(ae_title=ae_title)
         self.ae.supported_contexts = AllStoragePresentationContexts
+        self.ae.require_calling_aet = list(senders or [])  # pynetdicom: empty means any
         for sop in (
             Comprehensive3DSRStorage,
             SecondaryCaptureImageStorage,
@@ -180,12 +185,20 @@ def serve(
     port: int,
     pacs: tuple[str, int, str],
     undelivered: str | Path = "fedward-undelivered",
+    host: str = "127.0.0.1",
+    also_from: list[str] | None = None,
 ) -> int:
-    node = DicomNode(package, ae_title=ae_title, port=port, pacs=pacs, undelivered=undelivered)
+    """The node of `fedward serve`: images from the PACS's AE title and those `also_from` names only."""
+    senders = [pacs[2], *(also_from or [])]
+    node = DicomNode(package, ae_title=ae_title, port=port, pacs=pacs, undelivered=undelivered, host=host,
+                     senders=senders)  # fmt: skip
     log.warning(
-        "fedward serve: %s listening on port %d; results go to %s at %s:%d (those it does not take: %s)",
+        "fedward serve: %s listening on %s:%d for images from %s; results go to %s at %s:%d (those it "
+        "does not take: %s)",
         ae_title,
+        host,
         port,
+        ", ".join(senders),
         pacs[2],
         pacs[0],
         pacs[1],

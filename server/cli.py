@@ -165,7 +165,7 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
         return 2
     try:
         return serve(args.package, ae_title=args.ae_title, port=args.port, pacs=(host, int(port), title),
-                     undelivered=args.undelivered)  # fmt: skip
+                     undelivered=args.undelivered, host=args.host, also_from=args.allow_aet)  # fmt: skip
     except (PackageError, RuntimeError) as err:  # RuntimeError: e.g. an undelivered folder it cannot write
         console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         return 2
@@ -227,6 +227,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, default=11112, help="port to receive images on (default: %(default)s)"
     )
     sv.add_argument("--ae-title", default="FEDWARD", help="this node's AE title (default: %(default)s)")
+    sv.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="--pacs: the address to listen on (default: %(default)s, this machine only; 0.0.0.0 or "
+        "this machine's own address for a PACS on another machine)",
+    )
+    sv.add_argument(
+        "--allow-aet",
+        action="append",
+        default=[],
+        metavar="AE_TITLE",
+        help="--pacs: also take images from this calling AE title (a modality; repeatable); the PACS's "
+        "own title is always taken, any other association is rejected",
+    )
     way = sv.add_mutually_exclusive_group(required=True)
     way.add_argument("--pacs", help="C-STORE in on --port; results go to HOST:PORT@AE_TITLE")
     way.add_argument("--dicomweb", help="pull new images from this DICOMweb root and store results there")

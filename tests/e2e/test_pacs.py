@@ -2,15 +2,19 @@
 loopback ports: an image pushed into Orthanc is sent to `fedward serve` (C-STORE) or pulled by it
 (DICOMweb), which stores a Structured Report and a heat-map Secondary Capture back into the image's
 study; a file without pixels gets a failure status, and the node goes on; nothing of an image stays
-in the node's folder; results an Orthanc with a full disk does not store are kept, to send on."""
+in the node's folder; results an Orthanc with a full disk does not store are kept, to send on; the
+`fedward serve` command rejects other AE titles than the PACS's and leaves nothing on SIGTERM."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -22,6 +26,7 @@ from pydicom.data import get_testdata_file
 from client.dicom_node import CANNOT_UNDERSTAND, DicomNode
 from server.processes import free_port
 from tests.client.test_predict import package  # noqa: F401 - the packaged model fixture
+from tests.conftest import ROOT
 from tests.reliability.runs import small_disk
 
 pytestmark = pytest.mark.slow
@@ -311,3 +316,46 @@ def test_results_a_full_pacs_does_not_store_by_c_store_are_kept(
         assert list(node.work.rglob("*")) == []
     finally:
         node.stop()
+
+
+def test_the_serve_command_takes_images_from_the_pacs_only_and_leaves_nothing_on_sigterm(
+    orthanc,
+    package,  # noqa: F811
+    tmp_path,
+):
+    """`fedward serve` as a hospital runs it: Orthanc's images come back with their report; an
+    association from another AE title (not given with --allow-aet) is rejected; SIGTERM (a service
+    manager's stop) ends it with its temporary folder gone."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    own_tmp = tmp_path / "tmp"  # where the node makes its temporary folder (TMPDIR)
+    own_tmp.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", str(package), "--port", str(orthanc["node"]),
+         "--pacs", f"127.0.0.1:{orthanc['dicom']}@ORTHANC", "--undelivered", str(tmp_path / "undelivered")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "TMPDIR": str(own_tmp)},
+    )  # fmt: skip
+    try:
+        stranger = AE(ae_title="MODALITY")
+        stranger.add_requested_context(CTImageStorage)
+        deadline = time.time() + 60
+        while True:  # until the node listens: then its answer to a stranger is a rejection
+            assoc = stranger.associate("127.0.0.1", orthanc["node"], ae_title="FEDWARD")
+            if assoc.is_rejected or assoc.is_established or time.time() > deadline:
+                break
+            time.sleep(0.5)
+        assert assoc.is_rejected, "an association from an AE title it was not given must be rejected"
+
+        pushed = _push(orthanc["base"], pydicom.dcmread(get_testdata_file("CT_small.dcm")), tmp_path)
+        _rest(orthanc["base"], "/modalities/fedward/store",
+              json.dumps({"Resources": [pushed["ID"]], "Synchronous": True}).encode())  # fmt: skip
+        deadline = time.time() + 60
+        while len(_modalities(orthanc["base"], pushed["ParentStudy"])) < 3 and time.time() < deadline:
+            time.sleep(0.2)
+        assert _modalities(orthanc["base"], pushed["ParentStudy"]) == ["CT", "OT", "SR"]
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert list(own_tmp.iterdir()) == []  # its temporary folder went with it
