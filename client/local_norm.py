@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from common.files import write_atomic
+from common.files import name_from_id, write_atomic
 
 NORM_LAYERS = (
     nn.GroupNorm,
@@ -41,8 +41,7 @@ def norm_keys(model: nn.Module) -> list[str]:
 
 
 def _path(state_dir: str, study_id: str) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in study_id)
-    return Path(state_dir).expanduser() / "local-norm" / f"{safe}.safetensors"
+    return Path(state_dir).expanduser() / "local-norm" / f"{name_from_id(study_id)}.safetensors"
 
 
 def load_local(state_dir: str | None, study_id: str) -> dict[str, torch.Tensor] | None:

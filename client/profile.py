@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.files import write_atomic
+from common.files import name_from_id, write_atomic
 from common.sitedata import SiteData
 
 log = logging.getLogger("fedward.site")
@@ -53,8 +53,7 @@ def profile_of(x: torch.Tensor, y: torch.Tensor, acquisition: list[dict] | None,
 
 
 def profile_path(state_dir: str | Path, study_id: str) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in study_id)
-    return Path(state_dir).expanduser() / PROFILES_DIR / f"{safe}.npz"
+    return Path(state_dir).expanduser() / PROFILES_DIR / f"{name_from_id(study_id)}.npz"
 
 
 def record_training_profile(state_dir: str | Path | None, study_id: str, data: SiteData) -> Path | None:

@@ -1,5 +1,5 @@
 """Writing a file so that readers never see half of it and a crash never leaves it damaged; JSON
-written that way (NaN and infinities as null)."""
+written that way (NaN and infinities as null); a file name from an id that came from elsewhere."""
 
 from __future__ import annotations
 
@@ -55,3 +55,9 @@ def json_safe(obj: Any) -> Any:
 def write_json(path: str | Path, obj: Any) -> None:
     """`obj` as indented JSON at `path`, atomically (write_atomic)."""
     write_atomic(path, json.dumps(json_safe(obj), indent=2, allow_nan=False))
+
+
+def name_from_id(text: str) -> str:
+    """`text` (a study id the coordinator sent) as a file name: letters, digits, '-', '_' and '.' kept,
+    anything else (a '/', for one) as '_', so that it names a file in its folder and nowhere else."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
