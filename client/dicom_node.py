@@ -99,23 +99,18 @@ class DicomNode:
                 return OUT_OF_RESOURCES
             self._serving += 1
         try:
-            return self._serve_or_refuse(event)
+            return self._serve_one(event)
+        except Exception as err:  # noqa: BLE001 - one bad image never stops the node
+            if isinstance(err, NotAUid):  # the sender's mistake, not the node's: no traceback
+                log.warning("an image was refused: %s", err)
+            else:
+                log.exception("an image could not be served: %s", err)
+            self.handled.append({"sop_instance_uid": "", "status": CANNOT_UNDERSTAND, "error": str(err)})
+            return CANNOT_UNDERSTAND
         finally:
             with self._idle:
                 self._serving -= 1
                 self._idle.notify_all()
-
-    def _serve_or_refuse(self, event) -> int:
-        try:
-            return self._serve_one(event)
-        except NotAUid as err:
-            log.warning("an image was refused: %s", err)
-            self.handled.append({"sop_instance_uid": "", "status": CANNOT_UNDERSTAND, "error": str(err)})
-            return CANNOT_UNDERSTAND
-        except Exception as err:  # noqa: BLE001 - one bad image never stops the node
-            log.exception("an image could not be served: %s", err)
-            self.handled.append({"sop_instance_uid": "", "status": CANNOT_UNDERSTAND, "error": str(err)})
-            return CANNOT_UNDERSTAND
 
     def _serve_one(self, event) -> int:
         ds = event.dataset

@@ -292,7 +292,7 @@ def predict(
     out.mkdir(parents=True, exist_ok=True)
     files = input_files(inputs, series=predictor.volume)
     root = inputs if inputs.is_dir() else inputs.parent
-    named: dict[tuple[Path, str], Path] = {}  # (its folder under INPUT, its stem): the file its results are
+    named: dict[tuple[Path, str], Path] = {}  # (folder under INPUT, stem): the file whose results have them
     rows = []
     for path in track(files, description="predicting", disable=len(files) < 20):
         folder = path.relative_to(root).parent if path != root else Path()  # results mirror INPUT's folders

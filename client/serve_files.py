@@ -37,6 +37,10 @@ def image_file(work: Path, sop_instance_uid: str) -> Iterator[Path]:
         yield Path(folder) / f"{sop_instance_uid}.dcm"
 
 
+class UndeliveredFolderError(RuntimeError):
+    """The undelivered folder cannot be made or written."""
+
+
 def undelivered_folder(path: str | Path) -> Path:
     """The folder for results the PACS does not take, made (private, 0700) and checked writable when
     the node starts, so that a result is never lost to a folder that cannot take it."""
@@ -51,10 +55,6 @@ def undelivered_folder(path: str | Path) -> Path:
             f"({err.strerror or err}): give --undelivered a folder this user can write"
         ) from None
     return folder
-
-
-class UndeliveredFolderError(RuntimeError):
-    """The undelivered folder cannot be made or written."""
 
 
 def keep_undelivered(result: Path, folder: Path) -> Path:

@@ -145,25 +145,12 @@ class SiteService:
             )
             return
         except WireError as err:
-            header, arrays, unreadable = None, {}, err
+            reply, weights = self._unreadable(err), None
         except OSError as err:  # the forwarder went away inside its request
             log.warning("site %s: the forwarder hung up inside its request (%s)", self.config.site, err)
             return
         else:
-            unreadable = None
-        try:
-            if unreadable is not None:
-                raise unreadable
-            reply, weights = self.answer(header, arrays)
-        except WireError as err:
-            log.warning("site %s: unreadable request: %s", self.config.site, err)
-            reply, weights = {"error": f"site service: unreadable request: {err}"}, None
-        except Exception as err:  # the site's own failure (a TimeoutError too): say so, keep serving
-            log.exception("site %s: request failed", self.config.site)
-            # its kind only: the message may hold what must not leave (a file's path, a patient's name)
-            reply = {"error": f"site '{self.config.site}': the request failed ({type(err).__name__}); the "
-                     "site's own log says why"}  # fmt: skip
-            weights = None
+            reply, weights = self._answer_or_error(header, arrays)
         conn.settimeout(WRITE_TIMEOUT_S)  # a forwarder that does not read its answer cannot hold the service
         try:
             try:
@@ -174,6 +161,22 @@ class SiteService:
             self.served += 1
         except OSError as err:  # the forwarder went away (crashed, killed SuperNode): its answer is lost
             log.warning("site %s: the forwarder hung up before its answer (%s)", self.config.site, err)
+
+    def _unreadable(self, err: WireError) -> dict:
+        log.warning("site %s: unreadable request: %s", self.config.site, err)
+        return {"error": f"site service: unreadable request: {err}"}
+
+    def _answer_or_error(self, header: dict, arrays: dict[str, np.ndarray]) -> tuple[dict, dict | None]:
+        """The answer to a request read whole, or the error reply that says why there is none."""
+        try:
+            return self.answer(header, arrays)
+        except WireError as err:
+            return self._unreadable(err), None
+        except Exception as err:  # the site's own failure (a TimeoutError too): say so, keep serving
+            log.exception("site %s: request failed", self.config.site)
+            # its kind only: the message may hold what must not leave (a file's path, a patient's name)
+            return {"error": f"site '{self.config.site}': the request failed ({type(err).__name__}); the "
+                    "site's own log says why"}, None  # fmt: skip
 
     def answer(self, header: dict, arrays: dict[str, np.ndarray]) -> tuple[dict, dict | None]:
         op = header.get("op")

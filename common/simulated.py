@@ -92,12 +92,12 @@ def _partition_sites(study: StudyConfig) -> list[SiteConfig]:
         # release exact evaluation aggregates, as before (the study's owner holds their data anyway)
         policy = SitePolicyConfig(required=False, evaluation=EvaluationPolicyConfig(release="exact"))
         # and take the work the study itself asks of them (its local epochs, fine-tuning, views)
-        limits = RoundLimitsConfig()
+        default = RoundLimitsConfig()
         limits = RoundLimitsConfig(
             max_local_epochs=max(
-                limits.max_local_epochs, study.train.local_epochs, study.study.fine_tune_epochs
+                default.max_local_epochs, study.train.local_epochs, study.study.fine_tune_epochs
             ),
-            max_augment_views=max(limits.max_augment_views, study.train.augment_views),
+            max_augment_views=max(default.max_augment_views, study.train.augment_views),
         )
         sites.append(SiteConfig(site=name, data=data, privacy=policy, limits=limits))
     return sites
