@@ -43,9 +43,9 @@ from monai.visualize import OcclusionSensitivity
 from rich.progress import track
 
 from client.dicom_out import write_dicom_results, write_dicom_segmentation
+from common.config import preprocess_config
 from common.package import PackageError, load_package
 from common.readers import READERS, VOLUME_READERS, BadImageFileError, ReadImage, channel_first
-from common.schema import PreprocessConfig
 from common.transforms import preprocess_transforms
 
 
@@ -107,7 +107,7 @@ class Predictor:
                     f"the package has no training site {site!r} to prepare images as; it has {sorted(sites)}"
                 )
             reading = {**reading, **sites[site]}
-        pre = PreprocessConfig(**reading.get("preprocess", {}))
+        pre = preprocess_config(reading.get("preprocess", {}), "input.preprocess", str(package))
         self.reading = {"frame": reading.get("frame", "middle"), "window": reading.get("window") or None,
                         "colour": reading.get("colour", "grey")}  # fmt: skip
         self.volume = bool(reading.get("volume", False))  # volumes: NIfTI files and DICOM series folders

@@ -25,6 +25,7 @@ from common.schema import (
     MODEL_NAMES,
     NORMALIZE_MODES,
     ConfigError,
+    PreprocessConfig,
     SiteConfig,
     SiteDataConfig,
     StudyConfig,
@@ -32,6 +33,7 @@ from common.schema import (
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DATA_ENV = "FEDWARD_DATA"  # overrides `data.data_dir` of a study config
+MAX_INPUT_SIDE = 4096  # pixels (or slices) along any side of a model's input
 
 
 def _from_dict(cls: type, data: Any, where: str, path: str) -> Any:
@@ -180,7 +182,7 @@ def _validate_input(study: StudyConfig, p: str) -> None:
         raise ConfigError(
             f"{p}: 'input.channels' is {inp.channels}; use 1 (grey) or 3 (colour), or 0 for the data's own."
         )
-    if inp.size and (len(inp.size) not in (2, 3) or min(inp.size) < 1 or max(inp.size) > 4096):
+    if inp.size and (len(inp.size) not in (2, 3) or min(inp.size) < 1 or max(inp.size) > MAX_INPUT_SIDE):
         raise ConfigError(
             f"{p}: 'input.size' is {inp.size}; use [height, width] in pixels ([slices, height, width] for "
             "volumes), or []."
@@ -365,8 +367,7 @@ def _validate_site_privacy(site: SiteConfig, p: str) -> None:
 
 def _validate_geometry(data: SiteDataConfig, p: str) -> None:
     pre = data.preprocess
-    dims = 3 if data.volume else 2
-    if pre.size and (len(pre.size) != dims or min(pre.size) < 1):
+    if data.volume and len(pre.size) == 2 or not data.volume and len(pre.size) == 3:
         shape = "[slices, height, width] (data.volume: true)" if data.volume else "[height, width]"
         raise ConfigError(f"{p}: 'data.preprocess.size' is {pre.size}; use {shape} or [].")
     if pre.spacing and (not data.volume or len(pre.spacing) != 3 or min(pre.spacing) <= 0):
@@ -393,6 +394,33 @@ def _validate_colour(data: SiteDataConfig, p: str) -> None:
             f"{p}: 'data.colour' is rgb but 'data.preprocess.channels' is {data.preprocess.channels}; colour "
             "images have 3 channels: set data.preprocess.channels: 3 (or data.colour: grey)."
         )
+
+
+def preprocess_config(doc: Any, where: str, path: str) -> PreprocessConfig:
+    """A `preprocess` mapping read from a file (a site config's, or a model package's): every key
+    known, typed and in range, else a ConfigError naming `where` in `path`."""
+    pre = _from_dict(PreprocessConfig, doc, where, path)
+    _validate_preprocess(pre, where, path)
+    return pre
+
+
+def _validate_preprocess(pre: PreprocessConfig, where: str, p: str) -> None:
+    if pre.size and (len(pre.size) not in (2, 3) or min(pre.size) < 1 or max(pre.size) > MAX_INPUT_SIDE):
+        raise ConfigError(
+            f"{p}: '{where}.size' is {pre.size}; use [height, width] ([slices, height, width] for volumes), "
+            f"each from 1 to {MAX_INPUT_SIDE} pixels, or []."
+        )
+    _choice(pre.spatial, ("resize", "fit", "crop_or_pad"), f"{where}.spatial", p)
+    _choice(pre.normalize, NORMALIZE_MODES, f"{where}.normalize", p)
+    if pre.percentiles and (
+        len(pre.percentiles) != 2 or not 0 <= pre.percentiles[0] < pre.percentiles[1] <= 100
+    ):
+        raise ConfigError(
+            f"{p}: '{where}.percentiles' is {pre.percentiles}; use [low, high] with "
+            f"0 <= low < high <= 100, e.g. [0.5, 99.5], or []."
+        )
+    if pre.channels not in (1, 3):
+        raise ConfigError(f"{p}: '{where}.channels' is {pre.channels}; use 1 or 3.")
 
 
 def _validate_site_data(data: SiteDataConfig, p: str) -> None:
@@ -428,18 +456,8 @@ def _validate_site_data(data: SiteDataConfig, p: str) -> None:
             f"{p}: 'data.split_fractions' is {fr}; use [train, val, test], each >= 0 (train and "
             f"test > 0), adding up to 1, e.g. [0.7, 0.15, 0.15]."
         )
+    _validate_preprocess(pre, "data.preprocess", p)
     _validate_geometry(data, p)
-    _choice(pre.spatial, ("resize", "fit", "crop_or_pad"), "data.preprocess.spatial", p)
-    _choice(pre.normalize, NORMALIZE_MODES, "data.preprocess.normalize", p)
-    if pre.percentiles and (
-        len(pre.percentiles) != 2 or not 0 <= pre.percentiles[0] < pre.percentiles[1] <= 100
-    ):
-        raise ConfigError(
-            f"{p}: 'data.preprocess.percentiles' is {pre.percentiles}; use [low, high] with "
-            f"0 <= low < high <= 100, e.g. [0.5, 99.5], or []."
-        )
-    if pre.channels not in (1, 3):
-        raise ConfigError(f"{p}: 'data.preprocess.channels' is {pre.channels}; use 1 or 3.")
     if not 0 <= aug.prob <= 1:
         raise ConfigError(f"{p}: 'data.augment.prob' is {aug.prob}; use a probability in [0, 1].")
     if any(a not in (0, 1) for a in aug.flip) or len(set(aug.flip)) != len(aug.flip):

@@ -31,6 +31,7 @@ CARD_MD = "MODEL_CARD.md"
 CARD_HTML = "model_card.html"
 PACKAGE_KIND = "fedward-model"
 PACKAGE_VERSION = 1
+MAX_CLASSES = 1000  # a package naming more is refused before its model is built
 
 
 class PackageError(Exception):
@@ -88,7 +89,42 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     for key in ("model", "classes", "in_channels"):
         if key not in doc:
             raise PackageError(f"'{meta_path}' lacks '{key}'; the package is damaged: copy it again.")
+    _check_model(doc, meta_path)
     return doc
+
+
+def _check_model(doc: dict[str, Any], meta_path: Path) -> None:
+    """The network package.json describes is one fedward builds, of a size it can build (before any
+    weight is allocated: a package is the coordinator's word), and its input settings are readable."""
+    from common.config import preprocess_config
+    from common.schema import MODEL_NAMES, ConfigError
+
+    def wrong(what: str) -> PackageError:
+        return PackageError(f"'{meta_path}': {what}; the package is damaged or not fedward's: copy it again.")
+
+    if doc["model"] not in MODEL_NAMES:
+        raise wrong(f"'model' is {doc['model']!r}, not a network fedward builds ({', '.join(MODEL_NAMES)})")
+    if doc["in_channels"] not in (1, 3) or isinstance(doc["in_channels"], bool):
+        raise wrong(f"'in_channels' is {doc['in_channels']!r}; fedward's models take 1 or 3")
+    classes = doc["classes"]
+    if (
+        not isinstance(classes, list)
+        or not 2 <= len(classes) <= MAX_CLASSES
+        or not all(isinstance(c, str) for c in classes)
+        or len(set(classes)) != len(classes)
+    ):
+        raise wrong(f"'classes' must list 2 to {MAX_CLASSES} different names, got {str(classes)[:200]}")
+    reading = doc.get("input", {})
+    if not isinstance(reading, dict) or not isinstance(reading.get("sites", {}), dict):
+        raise wrong("'input' must be a mapping with 'sites' a mapping of site names")
+    settings = [("input.preprocess", reading.get("preprocess", {}))]
+    settings += [(f"input.sites.{site}.preprocess", s.get("preprocess", {}) if isinstance(s, dict) else s)
+                 for site, s in reading.get("sites", {}).items()]  # fmt: skip
+    for where, preprocess in settings:
+        try:
+            preprocess_config(preprocess, where, str(meta_path))
+        except ConfigError as err:
+            raise PackageError(f"{err} The package is damaged or not fedward's: copy it again.") from None
 
 
 def load_package(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:

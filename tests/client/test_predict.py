@@ -89,6 +89,34 @@ def test_packages_load_without_unpickling_and_refuse_damage(package, tmp_path):
         load_package(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"in_channels": 10**12}, "'in_channels' is 1000000000000"),  # would allocate terabytes
+        ({"classes": [f"c{i}" for i in range(10**5)]}, "'classes' must list 2 to 1000"),
+        ({"model": "__import__('os')"}, "not a network fedward builds"),
+        ({"input": {"preprocess": {"size": [10**6, 10**6]}}}, r"'input.preprocess.size' is \[1000000"),
+        (
+            {"input": {"sites": {"h": {"preprocess": {"sise": [28, 28]}}}}},
+            "unknown key 'input.sites.h.preprocess.sise'",
+        ),
+    ],
+)
+def test_a_package_describing_a_model_fedward_would_not_build_is_refused_before_any_weight(
+    package, tmp_path, change, named
+):
+    """package.json is the coordinator's word: sizes past what fedward builds (a terabyte conv layer,
+    a hundred thousand classes, a million-pixel-square input) or settings it cannot read are a
+    PackageError naming the key, not an allocation failure or a crash in the middle of `predict`."""
+    doc = {**json.loads((package / META_FILE).read_text()), **change}
+    (tmp_path / META_FILE).write_text(json.dumps(doc))
+    (tmp_path / WEIGHTS_FILE).write_bytes((package / WEIGHTS_FILE).read_bytes())
+    with pytest.raises(PackageError, match=named):
+        load_package(tmp_path)
+    with pytest.raises(PackageError, match=named):
+        predict(tmp_path, tmp_path / "no-images", tmp_path / "out")
+
+
 def test_images_outside_the_training_are_predicted_and_marked(package, tmp_path):
     """A chest X-ray package (input.modalities CR/DX) given a CT, a CR and a tiny PNG: the CR passes, the
     CT and the PNG are marked in the CSV, and the CT's Structured Report says it is outside training."""
