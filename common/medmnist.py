@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.known_data import KNOWN_CLASS_COUNTS, KNOWN_CLASSES
 from common.readers.base import luma
 from common.scanners import acquire, scanner_for
 from common.schema import SiteConfig, SitePartition
@@ -36,16 +37,6 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
     if missing:
         raise SiteDataError(f"'{p}' lacks the MedMNIST arrays {missing}; is it a MedMNIST file?")
     return data
-
-
-# The class names of the MedMNIST sets fedward knows, for labels 0..K-1 (medmnist's INFO "label"), and
-# their channels (colour sets: 3).
-KNOWN_CLASSES = {"pneumoniamnist": ["normal", "pneumonia"], "breastmnist": ["malignant", "normal-or-benign"]}
-KNOWN_CLASS_COUNTS = {name: len(classes) for name, classes in KNOWN_CLASSES.items()}
-KNOWN_CHANNELS = {"pneumoniamnist": 1, "breastmnist": 1, "dermamnist": 3, "retinamnist": 3, "bloodmnist": 3,
-                  "pathmnist": 3}  # fmt: skip
-# Their imaging modality, as DICOM Modality codes (MedMNIST's paper: chest X-ray; breast ultrasound).
-KNOWN_MODALITIES = {"pneumoniamnist": ["CR", "DX"], "breastmnist": ["US"]}
 
 
 def npz_classes(path: str, data: dict[str, np.ndarray], configured: list[str]) -> list[str]:

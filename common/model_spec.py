@@ -14,10 +14,20 @@ site whose classes, channels, input size or task differ refuses, naming what dif
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from common.known_data import (
+    KNOWN_CHANNELS,
+    KNOWN_CLASSES,
+    KNOWN_MODALITIES,
+    SYNTHETIC_CLASSES,
+    SYNTHETIC_SEGMENTATION_CLASSES,
+)
 from common.round import RoundPlan
 from common.schema import SEGMENTATION_MODELS, VOLUME_MODELS, ConfigError, StudyConfig
-from common.sitedata import SiteData
+
+if TYPE_CHECKING:
+    from common.sitedata import SiteData
 
 TASKS = ("classification", "segmentation")
 
@@ -49,9 +59,6 @@ class ModelSpec:
 
 def model_spec(study: StudyConfig) -> ModelSpec:
     """The model the study trains, from the study config and its data source's known facts only."""
-    from common.medmnist import KNOWN_CHANNELS, KNOWN_CLASSES, KNOWN_MODALITIES
-    from common.synthetic import CLASSES, SEGMENTATION_CLASSES
-
     p, source = study.source_path or "study config", study.data.source
     dataset = study.data.dataset.lower()
     if study.task not in TASKS:
@@ -67,7 +74,7 @@ def model_spec(study: StudyConfig) -> ModelSpec:
         )
     classes = list(study.classes)
     if not classes and source == "synthetic":
-        classes = list(SEGMENTATION_CLASSES if study.task == "segmentation" else CLASSES)
+        classes = list(SYNTHETIC_SEGMENTATION_CLASSES if study.task == "segmentation" else SYNTHETIC_CLASSES)
     elif not classes and source == "medmnist":
         classes = list(KNOWN_CLASSES.get(dataset, []))
     if len(classes) < 2:

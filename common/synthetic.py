@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from common.known_data import SYNTHETIC_CLASSES, SYNTHETIC_SEGMENTATION_CLASSES
 from common.readers.base import LUMA, luma
 from common.scanners import acquire, scanner_for
 from common.schema import SiteConfig
 from common.sitedata import SiteData, site_data_from_arrays
 from common.transforms import normalize_images
 
-CLASSES = ["normal", "finding"]
-SEGMENTATION_CLASSES = ["background", "lesion"]  # the segmentation variant's label map values
 TINT = np.array([0.6, 0.45, 0.3], dtype=np.float32)  # the colour variant's organ: orange-red
 ISOLUMINANT = np.array([1.0, -LUMA[0] / LUMA[1], 0.0], dtype=np.float32)  # its BT.601 luma: 0
 
@@ -139,7 +138,7 @@ def synthetic_site(config: SiteConfig) -> SiteData:
         list(config.data.classes) if len(config.data.classes) == 2 else []
     )  # a site may name its two classes
     return site_data_from_arrays(
-        config.site, splits, named or list(SEGMENTATION_CLASSES if syn.masks else CLASSES)
+        config.site, splits, named or list(SYNTHETIC_SEGMENTATION_CLASSES if syn.masks else SYNTHETIC_CLASSES)
     )
 
 

@@ -21,9 +21,8 @@ from server.interrupt import interruptible
 
 
 def _simulate(args: argparse.Namespace, console: Console) -> int:
-    from server.progress import RichReporter
+    from server.run_claim import check_run_folder
     from server.run_folder import FINAL_MODEL_FILE, LOG_FILE, RESULTS_FILE
-    from server.simulate import simulate
     from server.tracking import Tracker, simulate_run
 
     study = load_study(args.config, rounds=args.rounds, num_sites=args.sites, data_dir=args.data_dir)
@@ -34,6 +33,12 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
     out = Path(args.out)
     tracker = Tracker(args.mlflow, console)
     tracker.check()
+    # a config or run folder that cannot be used is answered before torch, MONAI and Flower are loaded
+    # (seconds); `simulate` checks the folder again, for those who call it from Python
+    check_run_folder(out, resume=args.resume, force=args.force)
+    from server.progress import RichReporter
+    from server.simulate import simulate
+
     with interruptible() as stop:
         results = simulate(
             study, args.out, resume=args.resume, force=args.force, reporter=RichReporter(console),
