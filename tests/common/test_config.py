@@ -1,5 +1,7 @@
 """Study configs are read strictly: a wrong key, file, model or strategy is named before training."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,17 @@ def test_changes_by_dotted_key_are_checked_as_the_file_is_and_leave_the_original
     ):
         with pytest.raises(ConfigError, match=message):
             with_changes(study, changes)
+
+
+def test_reading_every_shipped_study_config_loads_neither_torch_nor_monai_nor_flower(root, medmnist_dir):
+    """So a command refusing a config (or its run folder) answers at once: checked in a fresh process,
+    the way `fedward simulate` reads its config before anything else."""
+    code = (
+        "import sys\nfrom pathlib import Path\nfrom common.config import load_study\n"
+        "for path in sorted(Path('configs').glob('*.yaml')):\n"
+        f"    load_study(path, data_dir={str(medmnist_dir)!r})\n"
+        "print(sorted(m for m in ('torch', 'monai', 'flwr', 'opacus') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", proc.stdout
