@@ -34,7 +34,9 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     """Files with end-to-end (slow) tests first, each file's tests kept together and in order: two
     workers then start the long files early and end on short ones instead of one waiting for the
-    other's last long file."""
+    other's last long file. (`make test` passes `--no-loadscope-reorder`: pytest-xdist would otherwise
+    hand out the files with the most tests first, and a file of one long test, such as the site
+    isolation run, came last.)"""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)  # a stable sort
 
