@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -43,17 +44,26 @@ class UndeliveredFolderError(RuntimeError):
 
 def undelivered_folder(path: str | Path) -> Path:
     """The folder for results the PACS does not take, made (private, 0700) and checked writable when
-    the node starts, so that a result is never lost to a folder that cannot take it."""
+    the node starts, so that a result is never lost to a folder that cannot take it. A folder that
+    exists already may be shared with the operator's group, not with every user of the machine: the
+    results name patients and their findings."""
     folder = Path(path)
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=folder)  # noqa: SIM115 - closed (and removed) at once
         probe.close()
+        mode = stat.S_IMODE(folder.stat().st_mode)
     except OSError as err:
         raise UndeliveredFolderError(
             f"the folder for results the PACS does not take, {folder.resolve()}, cannot be written "
             f"({err.strerror or err}): give --undelivered a folder this user can write"
         ) from None
+    if mode & 0o007:
+        raise UndeliveredFolderError(
+            f"the folder for results the PACS does not take, {folder.resolve()}, is open to every user of "
+            f"this machine (mode {mode:04o}) and the results it keeps name patients: `chmod o-rwx` it, or "
+            "give --undelivered another folder (fedward makes a new one private)"
+        )
     return folder
 
 

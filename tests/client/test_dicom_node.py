@@ -5,6 +5,8 @@ folder) is refused. The round trip with a PACS that takes the results is tests/e
 
 from __future__ import annotations
 
+import stat
+
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
@@ -146,3 +148,24 @@ def test_an_undelivered_folder_that_cannot_be_written_stops_the_node_at_its_star
     with pytest.raises(UndeliveredFolderError, match="a-file.*cannot be written.*--undelivered"):
         DicomNode(package, ae_title="FEDWARD", port=free_port(), pacs=("127.0.0.1", free_port(), "AWAY"),
                   undelivered=tmp_path / "a-file")  # fmt: skip
+
+
+def test_an_undelivered_folder_every_user_may_read_stops_the_node_and_a_group_one_does_not(tmp_path):
+    """The results kept there name patients; a folder an operator made with the usual 0755 would show
+    them to every account on the machine."""
+    from client.serve_files import UndeliveredFolderError, undelivered_folder
+
+    package = write_package(tmp_path / "model", build_model("cnn28", num_classes=2, seed=0), META)
+    shared, group = tmp_path / "shared", tmp_path / "group"
+    shared.mkdir()
+    shared.chmod(0o755)
+    with pytest.raises(
+        UndeliveredFolderError, match=r"shared, is open to every user.*mode 0755.*chmod o-rwx"
+    ):
+        DicomNode(package, ae_title="FEDWARD", port=free_port(), pacs=("127.0.0.1", free_port(), "AWAY"),
+                  undelivered=shared)  # fmt: skip
+    group.mkdir()
+    group.chmod(0o770)
+    assert undelivered_folder(group) == group  # the operator's group may share it
+    made = undelivered_folder(tmp_path / "new" / "undelivered")
+    assert stat.S_IMODE(made.stat().st_mode) == 0o700
