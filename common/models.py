@@ -155,8 +155,9 @@ def save_model(path: str | Path, model: nn.Module, *, meta: dict) -> None:
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild a model saved by `save_model`; returns the model (eval mode) and its metadata."""
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    """Rebuild a model saved by `save_model`; returns the model (eval mode) and its metadata. Read
+    without running code the file may carry (weights_only: tensors, numbers, text)."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
     model = build_model(blob["model"], in_channels=blob["in_channels"], num_classes=blob["num_classes"])
     model.load_state_dict(blob["state_dict"])
     return model.eval(), {k: v for k, v in blob.items() if k != "state_dict"}

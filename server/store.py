@@ -2,7 +2,8 @@
 
 Every file is written to a temporary name, flushed and renamed (common.files), so a crash never
 leaves a half-written results.json or checkpoint behind; the two newest checkpoints are kept, and a
-newest checkpoint that cannot be read (a damaged disk, a copy cut short) falls back to the one before,
+newest checkpoint that cannot be read (a damaged disk, a copy cut short, or one holding more than
+tensors, numbers, text and arrays: it is read without running code) falls back to the one before,
 with a warning.
 """
 
@@ -14,6 +15,7 @@ import pickle
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common.files import write_atomic
@@ -22,6 +24,13 @@ from server.run_folder import CHECKPOINTS_DIR, FINAL_MODEL_FILE, LOG_FILE, RESUL
 log = logging.getLogger("fedward.run")
 
 CHECKPOINTS_KEPT = 2
+# What a checkpoint holds besides tensors and plain values: the strategy's numpy arrays (FedAdam's
+# moments, SCAFFOLD's controls). A checkpoint is loaded without running any code it may carry
+# (weights_only), so a run folder copied from elsewhere cannot run code on `--resume`: a checkpoint
+# holding anything else is passed over as unreadable.
+NUMPY_ARRAYS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.Float32DType,
+                np.dtypes.Float64DType, np.dtypes.Float16DType, np.dtypes.Int64DType, np.dtypes.Int32DType,
+                np.dtypes.BoolDType]  # fmt: skip
 
 
 class RunStore:
@@ -62,7 +71,8 @@ class RunStore:
         passed over with a warning naming it, and left where it is."""
         for path in reversed(self.checkpoints()):
             try:
-                state = torch.load(path, map_location="cpu", weights_only=False)
+                with torch.serialization.safe_globals(NUMPY_ARRAYS):  # tensors, numbers, text, arrays
+                    state = torch.load(path, map_location="cpu", weights_only=True)
                 if not isinstance(state, dict) or "round" not in state:
                     raise ValueError("not a fedward checkpoint")
                 return state
