@@ -367,7 +367,7 @@ def _validate_site_privacy(site: SiteConfig, p: str) -> None:
 
 def _validate_geometry(data: SiteDataConfig, p: str) -> None:
     pre = data.preprocess
-    if data.volume and len(pre.size) == 2 or not data.volume and len(pre.size) == 3:
+    if pre.size and len(pre.size) != (3 if data.volume else 2):  # each side checked by _validate_preprocess
         shape = "[slices, height, width] (data.volume: true)" if data.volume else "[height, width]"
         raise ConfigError(f"{p}: 'data.preprocess.size' is {pre.size}; use {shape} or [].")
     if pre.spacing and (not data.volume or len(pre.spacing) != 3 or min(pre.spacing) <= 0):

@@ -8,13 +8,14 @@ and without privacy. Networks with BatchNorm are converted by Opacus's ModuleVal
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from common.files import write_atomic
+from common.files import json_safe, write_atomic
 from common.opacus_compat import make_opacus_compatible
 from common.scatter_net import ScatterNet
 from common.schema import MODEL_NAMES
@@ -150,7 +151,8 @@ def build_model(name: str, *, in_channels: int = 1, num_classes: int = 2, seed: 
 def save_model(path: str | Path, model: nn.Module, *, meta: dict) -> None:
     """Write weights plus what is needed to rebuild the model (name, channels, classes, config)."""
     buffer = io.BytesIO()  # serialized first: a full disk then fails as an OSError naming the path
-    torch.save({"state_dict": model.state_dict(), **meta}, buffer)
+    plain = json.loads(json.dumps(json_safe(meta)))  # text, numbers, lists: what load_model may read back
+    torch.save({"state_dict": model.state_dict(), **plain}, buffer)
     write_atomic(path, buffer.getvalue())
 
 

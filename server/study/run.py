@@ -332,7 +332,7 @@ class ComparisonRun:
         return {
             "model": self.study.model.name,
             **self.shape,
-            "trained_as": str(key),  # plain text: models are read back without unpickling
+            "trained_as": key,
             "study": self.study.to_dict(),
         }
 
