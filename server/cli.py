@@ -130,9 +130,44 @@ def _site_monitor(args: argparse.Namespace, console: Console) -> int:
 
 
 def _study(args: argparse.Namespace, console: Console) -> int:
-    from server.study.run import cli
+    from server.run_folder import STUDY_FILE
+    from server.study.plan import check_study_folder, validate_comparison, variants
+    from server.tracking import Tracker, study_run
 
-    return cli(args, console)
+    study = load_study(args.config, rounds=args.rounds, num_sites=args.sites, data_dir=args.data_dir)
+    validate_comparison(study)
+    tracker = Tracker(args.mlflow, console)
+    tracker.check()
+    # a config or study folder that cannot be used is answered before torch, MONAI and Flower are
+    # loaded; `run_comparison` checks the folder again, for those who call it from Python
+    check_study_folder(Path(args.out), force=args.force)
+    console.print(
+        f"[bold]fedward study[/] '{study.name}': {num_sites(study)} sites, {study.rounds} rounds x "
+        f"{study.train.local_epochs} local epochs, model {study.model.name}; runs: "
+        f"{', '.join(variants(study))}"
+        + (", local-only" if study.study.local else "")
+        + (", centralized" if study.study.centralized else "")
+        + (", leave-one-out" if study.study.leave_one_out else "")
+        + f" -> {args.out}",
+        highlight=False,
+    )
+    from server.study.run import run_comparison, summary_table
+
+    with interruptible() as stop:
+        doc = run_comparison(
+            study, args.out, console=console, verbose=args.verbose, force=args.force, stop=stop
+        )
+    if doc["status"] == "interrupted":
+        console.print(
+            f"[yellow]interrupted[/]: {escape(doc['summary'][0])}; {escape(doc['interrupted']['resume'])}"
+        )
+        return stop.exit_code or 130
+    console.print(summary_table(doc))
+    for line in doc["summary"]:
+        console.print(f"- {line}", highlight=False)
+    console.print(f"study: {args.out}/{STUDY_FILE}   report: {args.out}/report.html", highlight=False)
+    study_run(tracker, Path(args.out), doc)
+    return 0 if doc["status"] == "completed" else 3
 
 
 def _predict(args: argparse.Namespace, console: Console) -> int:

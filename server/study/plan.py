@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.config import ConfigError
 from common.schema import StudyConfig
-from common.sitedata import SiteData
-from server.run_folder import Variant, model_key
+from server.run_claim import check_run_folder
+from server.run_folder import FEDERATED_VARIANTS, LEAVE_ONE_OUT_DIR, Variant, model_key
+
+if TYPE_CHECKING:  # annotations only: reading a study's plan loads no torch
+    from common.sitedata import SiteData
 
 
 def validate_comparison(study: StudyConfig) -> None:
@@ -35,6 +40,22 @@ def validate_comparison(study: StudyConfig) -> None:
         raise ConfigError(
             f"{p}: 'study.compare_privacy' needs a strategy that works with privacy; 'strategy.name' "
             f"fedprox does not (use fedavg, fedavgm or fedadam)."
+        )
+
+
+def check_study_folder(out: Path, *, force: bool) -> None:
+    """Raise RunFolderError or ConfigError unless a study may start in `out`: a folder holding any run,
+    or a study's runs without its claim, is refused unless `force` (which moves it aside). Checks
+    only; `fedward study` runs it before loading torch, MONAI and Flower."""
+    check_run_folder(out, resume=False, force=force, kind="study")
+    if (
+        not force
+        and out.is_dir()
+        and any((out / v).exists() for v in (*FEDERATED_VARIANTS, LEAVE_ONE_OUT_DIR))
+    ):
+        raise ConfigError(
+            f"'{out}' already holds a study's runs (its privacy ledgers would add up with this one's); "
+            f"choose a new --out folder, or add --force to move it aside."
         )
 
 

@@ -26,29 +26,26 @@ real ledger, and study.json says what the whole study spent per site (server.stu
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
-from common.config import ConfigError, load_study
 from common.data import load_site_data
 from common.models import load_model, save_model
 from common.schema import SiteConfig, StudyConfig
-from common.simulated import num_sites, simulated_sites
+from common.simulated import simulated_sites
 from common.sitedata import SiteData
 from common.transforms import augment_fn
-from server.interrupt import Interrupted, StopRequest, interruptible
+from server.interrupt import Interrupted, StopRequest
 from server.ray_session import backend_config, one_ray_session
 from server.report import build_report, plain_summary
 from server.report.doc import METRIC_LABELS
-from server.run_claim import check_run_folder, claim_run_folder
+from server.run_claim import claim_run_folder
 from server.run_folder import (
     FEDERATED_VARIANTS,
     FINAL_MODEL_FILE,
@@ -69,11 +66,10 @@ from server.run_folder import (
 from server.simulate import preflight, simulate
 from server.study import personal
 from server.study.evaluate import compare, cross_site, evaluator_for
-from server.study.plan import Part, plan, validate_comparison, variants, with_privacy
+from server.study.plan import Part, check_study_folder, plan, validate_comparison, variants, with_privacy
 from server.study.progress import StudyProgress, fmt
 from server.study.references import train_alone
 from server.study.site_ledgers import check_policies, privacy_spent, real_sites, train_at_site
-from server.tracking import Tracker, study_run
 
 
 class ComparisonRun:
@@ -376,16 +372,7 @@ def run_comparison(
     """
     validate_comparison(study)
     out = Path(out_dir)
-    check_run_folder(out, resume=False, force=force, kind="study")
-    if (
-        not force
-        and out.is_dir()
-        and any((out / v).exists() for v in (*FEDERATED_VARIANTS, LEAVE_ONE_OUT_DIR))
-    ):
-        raise ConfigError(
-            f"'{out}' already holds a study's runs (its privacy ledgers would add up with this one's); "
-            f"choose a new --out folder, or add --force to move it aside."
-        )
+    check_study_folder(out, force=force)
     with claim_run_folder(out, resume=False, force=force, command=f"fedward study -> {out}", kind="study"):
         try:
             (out / MODELS_DIR).mkdir(parents=True, exist_ok=True)
@@ -407,37 +394,3 @@ def summary_table(doc: dict) -> Table:
             *(fmt(row.get(c, {}).get(comp["metric"])) for c in comp["columns"]),
         )
     return table
-
-
-def cli(args: argparse.Namespace, console: Console) -> int:
-    """`fedward study CONFIG --out DIR [--rounds N] [--sites K] [--data-dir D] [-v]`."""
-    study = load_study(args.config, rounds=args.rounds, num_sites=args.sites, data_dir=args.data_dir)
-    validate_comparison(study)
-    tracker = Tracker(args.mlflow, console)
-    tracker.check()
-    n_sites = num_sites(study)
-    console.print(
-        f"[bold]fedward study[/] '{study.name}': {n_sites} sites, {study.rounds} rounds x "
-        f"{study.train.local_epochs} local epochs, model {study.model.name}; runs: "
-        f"{', '.join(variants(study))}"
-        + (", local-only" if study.study.local else "")
-        + (", centralized" if study.study.centralized else "")
-        + (", leave-one-out" if study.study.leave_one_out else "")
-        + f" -> {args.out}",
-        highlight=False,
-    )
-    with interruptible() as stop:
-        doc = run_comparison(
-            study, args.out, console=console, verbose=args.verbose, force=args.force, stop=stop
-        )
-    if doc["status"] == "interrupted":
-        console.print(
-            f"[yellow]interrupted[/]: {escape(doc['summary'][0])}; {escape(doc['interrupted']['resume'])}"
-        )
-        return stop.exit_code or 130
-    console.print(summary_table(doc))
-    for line in doc["summary"]:
-        console.print(f"- {line}", highlight=False)
-    console.print(f"study: {args.out}/{STUDY_FILE}   report: {args.out}/report.html", highlight=False)
-    study_run(tracker, Path(args.out), doc)
-    return 0 if doc["status"] == "completed" else 3

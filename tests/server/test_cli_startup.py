@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 HEAVY = ("torch", "opacus", "monai")
@@ -26,3 +28,27 @@ def test_the_commands_parser_imports_no_training_stack():
 
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", done.stdout
+
+
+@pytest.mark.parametrize("command", ["simulate", "study"])
+def test_a_run_folder_the_command_cannot_use_is_refused_before_the_training_stack_loads(command, tmp_path):
+    """An --out that is a file is answered in about a second (not after loading torch, MONAI and
+    Flower first), with the reason and exit status 2."""
+    taken = tmp_path / "taken"
+    taken.write_text("a file, not a folder")
+    probe = (
+        "import sys\n"
+        "from server.cli import main\n"
+        f"status = main([{command!r}, 'configs/study-demo.yaml', '--out', {str(taken)!r}])\n"
+        f"print(status, sorted(m for m in {(*HEAVY, 'flwr')!r} if m in sys.modules))\n"
+    )
+
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+    assert done.returncode == 0, done.stderr
+    *said, last = done.stdout.strip().splitlines()
+    assert last == "2 []", done.stdout
+    assert "is a file, not a folder" in " ".join(" ".join(said).split()), done.stdout
+    assert taken.read_text() == "a file, not a folder"
