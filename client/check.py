@@ -231,8 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         return 2
+    return check_and_render(config, show_all=args.all, console=console)
+
+
+def check_and_render(config: SiteConfig, *, show_all: bool = False, console: Console | None = None) -> int:
+    """Check the site's data and print the result: 0 usable, 1 not usable."""
+    console = console or Console(width=None if sys.stdout.isatty() else 140)
     check = check_site(config)
-    render(check, console, show_all=args.all)
+    render(check, console, show_all=show_all)
     return 0 if check.usable else 1
 
 

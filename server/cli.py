@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from common.config import ConfigError, load_study
+from common.package import PackageError
 from common.simulated import num_sites
 from server.interrupt import interruptible
 
@@ -61,36 +62,52 @@ def command_line() -> str:
     return " ".join(["fedward", *(shlex.quote(a) for a in sys.argv[1:])])
 
 
-def _site_check(args: argparse.Namespace, console: Console) -> int:
-    from client.check import main as check_main
+# The site and package commands read the site config and the package's package.json first (both
+# light; main() answers their errors) and import what reads images or builds networks after, so a
+# wrong path is answered in about a second.
 
-    return check_main([args.site_config, *(["--all"] if args.all else [])])
+
+def _site_check(args: argparse.Namespace, console: Console) -> int:
+    from common.config import load_site
+
+    config = load_site(args.site_config)
+    from client.check import check_and_render
+
+    return check_and_render(config, show_all=args.all)
 
 
 def _site_serve(args: argparse.Namespace, console: Console) -> int:
+    from common.config import load_site
+
+    config = load_site(args.site_config)
     from client.ledger import LedgerError
     from client.service import ServiceError, serve
-    from common.config import load_site
     from common.sitedata import SiteDataError
 
     try:
-        return serve(load_site(args.site_config), socket=args.socket)
+        return serve(config, socket=args.socket)
     except (ServiceError, SiteDataError, LedgerError) as err:
         console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         return 2
 
 
 def _site_validate(args: argparse.Namespace, console: Console) -> int:
-    from client.site_validate import PackageError, SiteDataError, validate_here
     from common.config import load_site
-    from server.report import build_report
-    from server.validate_cli import table
+    from common.package import read_meta
+
+    config = load_site(args.site_config)
+    for package in args.package:  # --package is repeatable
+        read_meta(package)
+    from client.site_validate import SiteDataError, validate_here
 
     try:
-        doc = validate_here(load_site(args.site_config), args.package, args.out, split=args.split)
+        doc = validate_here(config, args.package, args.out, split=args.split)
     except (SiteDataError, PackageError) as err:
         console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         return 2
+    from server.report import build_report
+    from server.validate_cli import table
+
     report = build_report(args.out)
     console.print(table(doc))
     console.print(f"validation: {Path(args.out) / 'validation.json'}   report: {report} (nothing left the site)",
@@ -99,21 +116,24 @@ def _site_validate(args: argparse.Namespace, console: Console) -> int:
 
 
 def _site_monitor(args: argparse.Namespace, console: Console) -> int:
-    from client.monitor import monitor
     from common.config import load_site
-    from common.package import PackageError
-    from common.sitedata import SiteDataError
-    from server.report.monitor import write_monitor_report
+    from common.package import read_meta
     from server.tracking import Tracker, monitor_run
 
     tracker = Tracker(args.mlflow, console)
     tracker.check()
+    config, _ = load_site(args.site_config), read_meta(args.package)
+    from client.monitor import monitor
+    from common.sitedata import SiteDataError
+
     try:
-        doc = monitor(load_site(args.site_config), args.package, data_config=args.data, days=args.days,
+        doc = monitor(config, args.package, data_config=args.data, days=args.days,
                       reference_config=args.reference)  # fmt: skip
     except (SiteDataError, PackageError) as err:
         console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         return 2
+    from server.report.monitor import write_monitor_report
+
     report = write_monitor_report(args.out, doc)
     monitor_run(tracker, Path(args.out), doc)
     for f in doc["features"]:
@@ -171,8 +191,10 @@ def _study(args: argparse.Namespace, console: Console) -> int:
 
 
 def _predict(args: argparse.Namespace, console: Console) -> int:
+    from common.package import read_meta
+
+    read_meta(args.package)
     from client.predict import predict
-    from common.package import PackageError
 
     try:
         path = predict(args.package, args.input, args.out, heatmaps=not args.no_heatmaps, site=args.site)
@@ -184,9 +206,9 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
 
 
 def _serve(args: argparse.Namespace, console: Console) -> int:
-    from client.dicom_node import serve
-    from common.package import PackageError
+    from common.package import read_meta
 
+    read_meta(args.package)
     if args.dicomweb:
         from client.dicomweb_poller import serve_dicomweb
 
@@ -203,6 +225,8 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
             f"[red]error:[/] --pacs {args.pacs!r}: give HOST:PORT@AE_TITLE, e.g. 127.0.0.1:4242@ORTHANC"
         )
         return 2
+    from client.dicom_node import serve
+
     try:
         return serve(args.package, ae_title=args.ae_title, port=args.port, pacs=(host, int(port), title),
                      undelivered=args.undelivered, host=args.host, also_from=args.allow_aet)  # fmt: skip
@@ -373,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         handler.setLevel(logging.WARNING)
     try:
         return args.func(args, console)
-    except ConfigError as err:
+    except (ConfigError, PackageError) as err:
         console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         return 2
     except Exception as err:

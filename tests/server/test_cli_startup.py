@@ -52,3 +52,59 @@ def test_a_run_folder_the_command_cannot_use_is_refused_before_the_training_stac
     assert last == "2 []", done.stdout
     assert "is a file, not a folder" in " ".join(" ".join(said).split()), done.stdout
     assert taken.read_text() == "a file, not a folder"
+
+
+SITE_CONFIG = "configs/sites/example-dicom-site.yaml"
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["site", "check", "{missing}.yaml"], "does not exist"),
+        (["site", "serve", "{missing}.yaml"], "does not exist"),
+        (
+            ["site", "validate", "{missing}.yaml", "--package", "{missing}", "--out", "{out}"],
+            "does not exist",
+        ),
+        (
+            ["site", "validate", SITE_CONFIG, "--package", "{missing}", "--out", "{out}"],
+            "not a fedward model package",
+        ),
+        (["site", "monitor", "{missing}.yaml", "--package", "{missing}", "--out", "{out}"], "does not exist"),
+        (
+            ["site", "monitor", SITE_CONFIG, "--package", "{missing}", "--out", "{out}"],
+            "not a fedward model package",
+        ),
+        (["predict", "{missing}", "{missing}.dcm", "--out", "{out}"], "not a fedward model package"),
+        (["serve", "{missing}", "--dicomweb", "http://127.0.0.1:9"], "not a fedward model package"),
+    ],
+    ids=[
+        "site check",
+        "site serve",
+        "site validate: config",
+        "site validate: package",
+        "site monitor: config",
+        "site monitor: package",
+        "predict",
+        "serve",
+    ],
+)
+def test_a_missing_site_config_or_package_is_refused_before_the_training_stack_loads(args, said, tmp_path):
+    """A site operator's wrong path is answered in about a second, with exit status 2 and what is wrong."""
+    args = [a.format(missing=tmp_path / "missing", out=tmp_path / "out") for a in args]
+    probe = (
+        "import sys\n"
+        "from server.cli import main\n"
+        f"status = main({args!r})\n"
+        f"print(status, sorted(m for m in {(*HEAVY, 'flwr')!r} if m in sys.modules))\n"
+    )
+
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+    assert done.returncode == 0, done.stderr
+    *printed, last = done.stdout.strip().splitlines()
+    assert last == "2 []", done.stdout
+    assert said in " ".join(" ".join(printed).split()), done.stdout
+    assert not (tmp_path / "out").exists()
