@@ -1,17 +1,25 @@
 """What a site trained on, kept at the site: the reference that drift monitoring compares new data with.
 
-The first time a site trains in a study it writes `<state_dir>/profiles/<study id>.npz`: each
-training image's intensity features and acquisition facts (common.sitedata: manufacturer, model, kVp,
-photometric interpretation, date, modality, pixel spacing), the training labels' class counts, and a
-sample of at most `SAMPLE` of its test images (never trained on) with their labels, on which
-`fedward site monitor` (client.monitor) computes the package's prediction distribution. It stays in
-the site's private state folder, like the site's image cache: nothing of it leaves the site.
+The first time a site trains in a study it keeps, in `<state_dir>/profiles/`, each training image's
+intensity features and acquisition facts (common.sitedata: manufacturer, model, kVp, photometric
+interpretation, date, modality, pixel spacing), the training labels' class counts, and a sample of at
+most `SAMPLE` of its test images (never trained on) with their labels, on which `fedward site monitor`
+(client.monitor) computes the package's prediction distribution. It stays in the site's private state
+folder, like the site's image cache: nothing of it leaves the site.
+
+What the site trained on is the same in every study until its data changes, and the study id is the
+coordinator's word, so the profile is kept once per state of the data, `data-<digest>.npz` (named by
+a SHA-256 of its contents), and each study gets a small `<study id>.json` naming it: a coordinator
+that sends a new study id with every round adds a few hundred bytes a study, not another copy of the
+test sample (tens to hundreds of MB at clinical image sizes). A profile written before, one
+`<study id>.npz` holding all of it, is still read.
 
     profile = load_profile(state_dir, study_id)   # None when the site did not train in that study
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -53,29 +61,47 @@ def profile_of(x: torch.Tensor, y: torch.Tensor, acquisition: list[dict] | None,
 
 
 def profile_path(state_dir: str | Path, study_id: str) -> Path:
-    return Path(state_dir).expanduser() / PROFILES_DIR / f"{name_from_id(study_id)}.npz"
+    """The study's record: `<study id>.json`, naming the data profile it trained on."""
+    return _folder(state_dir) / f"{name_from_id(study_id)}.json"
+
+
+def _folder(state_dir: str | Path) -> Path:
+    return Path(state_dir).expanduser() / PROFILES_DIR
+
+
+def _legacy_path(state_dir: str | Path, study_id: str) -> Path:
+    """A study's whole profile as it was kept before the data profiles were shared."""
+    return _folder(state_dir) / f"{name_from_id(study_id)}.npz"
 
 
 def record_training_profile(state_dir: str | Path | None, study_id: str, data: SiteData) -> Path | None:
-    """Write the study's reference profile once (see the module docstring); None without a state_dir
-    or a study id. A write that fails is logged and does not stop the training."""
+    """Keep the study's reference profile once (see the module docstring): the data profile if no
+    study kept the same one, and the study's record naming it. None without a state_dir or a study
+    id. A write that fails is logged and does not stop the training."""
     if not state_dir or not study_id:
         return None
     path = profile_path(state_dir, study_id)
-    if path.exists():
+    if path.exists() or _legacy_path(state_dir, study_id).exists():
         return path
     train = profile_of(data.train_x, data.train_y, (data.acquisition or {}).get("train"), data.classes)
     keep = np.random.default_rng(0).permutation(len(data.test_x))[:SAMPLE]
-    meta = {"study_id": study_id, "site": data.site, "classes": data.classes, "n_train": train["n"],
-            "acquisition": train["acquisition"]}  # fmt: skip
+    meta = {
+        "site": data.site,
+        "classes": data.classes,
+        "n_train": train["n"],
+        "acquisition": train["acquisition"],
+    }
     arrays = {f"train_{k}": v for k, v in train["intensity"].items()}
     arrays |= {"train_class_counts": train["class_counts"], "sample_x": data.test_x[keep].to(torch.float16).numpy(),
                "sample_y": data.test_y[keep].numpy(), "meta": np.frombuffer(json.dumps(meta).encode(), np.uint8)}  # fmt: skip
+    snapshot = _folder(state_dir) / f"data-{_digest(arrays)}.npz"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, **arrays)
-        write_atomic(path, buffer.getvalue())
+        snapshot.parent.mkdir(parents=True, exist_ok=True)
+        if not snapshot.exists():
+            buffer = io.BytesIO()
+            np.savez_compressed(buffer, **arrays)
+            write_atomic(snapshot, buffer.getvalue())
+        write_atomic(path, json.dumps({"study_id": study_id, "data": snapshot.name}).encode())
     except OSError as err:
         log.warning("site '%s': could not keep its training profile at %s (%s); drift monitoring of this "
                     "study will need --reference", data.site, path, err)  # fmt: skip
@@ -83,13 +109,27 @@ def record_training_profile(state_dir: str | Path | None, study_id: str, data: S
     return path
 
 
+def _digest(arrays: dict[str, np.ndarray]) -> str:
+    """A SHA-256 of the arrays' names, types, shapes and values (the first 16 hex digits)."""
+    sha = hashlib.sha256()
+    for name in sorted(arrays):
+        value = np.ascontiguousarray(arrays[name])
+        sha.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
+        sha.update(value.tobytes())
+    return sha.hexdigest()[:16]
+
+
 def load_profile(state_dir: str | Path, study_id: str) -> dict | None:
     """The reference profile the site kept for `study_id` (record_training_profile), or None."""
-    path = profile_path(state_dir, study_id)
-    if not path.exists():
-        return None
+    record = profile_path(state_dir, study_id)
+    if record.exists():
+        path = _folder(state_dir) / Path(json.loads(record.read_text())["data"]).name
+    else:
+        path = _legacy_path(state_dir, study_id)
+        if not path.exists():
+            return None
     with np.load(path) as z:
-        meta = json.loads(bytes(z["meta"]).decode())
+        meta = json.loads(bytes(z["meta"]).decode()) | {"study_id": study_id}
         return {
             "meta": meta,
             "intensity": {k: z[f"train_{k}"] for k in INTENSITY_FEATURES},

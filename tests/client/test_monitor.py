@@ -88,7 +88,7 @@ def _run(site_config, package, tmp, data=None, extra=()) -> tuple[int, dict]:
 
 def test_the_site_kept_what_it_trained_on_and_a_new_export_of_the_same_scanner_does_not_drift(trained_site):
     tmp, site_config, package = trained_site
-    assert (tmp / "state" / "profiles" / "monitor-study.npz").is_file()
+    assert (tmp / "state" / "profiles" / "monitor-study.json").is_file()
     same = write_export(tmp / "same", n=200, seed=1)
     code, doc = _run(site_config, package, tmp, data=same)
     assert code == 0 and doc["status"] == "stable" and doc["drifting"] == [], doc["drifting"]
