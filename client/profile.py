@@ -8,10 +8,10 @@ most `SAMPLE` of its test images (never trained on) with their labels, on which 
 folder, like the site's image cache: nothing of it leaves the site.
 
 What the site trained on is the same in every study until its data changes, and the study id is the
-coordinator's word, so the profile is kept once per state of the data, `data-<digest>.npz` (named by
-a SHA-256 of its contents), and each study gets a small `<study id>.json` naming it: a coordinator
-that sends a new study id with every round adds a few hundred bytes a study, not another copy of the
-test sample (tens to hundreds of MB at clinical image sizes). A profile written before, one
+coordinator's word, so the profile is kept once per state of the data, `data/<digest>.npz` (named by
+a SHA-256 of its contents), and each study gets a small record naming it, `<study id>.json`: a
+coordinator that sends a new study id with every round adds one small file a study, not another copy
+of the test sample (tens to hundreds of MB at clinical image sizes). A profile written before, one
 `<study id>.npz` holding all of it, is still read.
 
     profile = load_profile(state_dir, study_id)   # None when the site did not train in that study
@@ -33,6 +33,7 @@ from common.sitedata import SiteData
 
 log = logging.getLogger("fedward.site")
 PROFILES_DIR = "profiles"
+DATA_DIR = "data"  # inside PROFILES_DIR: one profile per state of the site's data, named by its digest
 SAMPLE = 300  # test images kept for the prediction distribution
 INTENSITY_FEATURES = ("intensity_mean", "intensity_std", "intensity_p05", "intensity_p50", "intensity_p95")
 
@@ -74,15 +75,31 @@ def _legacy_path(state_dir: str | Path, study_id: str) -> Path:
     return _folder(state_dir) / f"{name_from_id(study_id)}.npz"
 
 
+def _kept_profile(state_dir: str | Path, study_id: str) -> Path | None:
+    """The file holding the profile kept for `study_id`: the data profile its record names, else a
+    profile kept whole by an earlier version; None when there is none to read (no record, a record
+    that cannot be read or is another study's, or a data profile no longer there: the study's next
+    round keeps it again)."""
+    try:
+        record = json.loads(profile_path(state_dir, study_id).read_text())
+        if record["study_id"] == study_id:  # two ids can share a file name (name_from_id)
+            path = _folder(state_dir) / DATA_DIR / Path(record["data"]).name
+            return path if path.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    legacy = _legacy_path(state_dir, study_id)
+    return legacy if legacy.is_file() else None
+
+
 def record_training_profile(state_dir: str | Path | None, study_id: str, data: SiteData) -> Path | None:
     """Keep the study's reference profile once (see the module docstring): the data profile if no
     study kept the same one, and the study's record naming it. None without a state_dir or a study
     id. A write that fails is logged and does not stop the training."""
     if not state_dir or not study_id:
         return None
+    if kept := _kept_profile(state_dir, study_id):
+        return kept
     path = profile_path(state_dir, study_id)
-    if path.exists() or _legacy_path(state_dir, study_id).exists():
-        return path
     train = profile_of(data.train_x, data.train_y, (data.acquisition or {}).get("train"), data.classes)
     keep = np.random.default_rng(0).permutation(len(data.test_x))[:SAMPLE]
     meta = {
@@ -94,7 +111,7 @@ def record_training_profile(state_dir: str | Path | None, study_id: str, data: S
     arrays = {f"train_{k}": v for k, v in train["intensity"].items()}
     arrays |= {"train_class_counts": train["class_counts"], "sample_x": data.test_x[keep].to(torch.float16).numpy(),
                "sample_y": data.test_y[keep].numpy(), "meta": np.frombuffer(json.dumps(meta).encode(), np.uint8)}  # fmt: skip
-    snapshot = _folder(state_dir) / f"data-{_digest(arrays)}.npz"
+    snapshot = _folder(state_dir) / DATA_DIR / f"{_digest(arrays)}.npz"
     try:
         snapshot.parent.mkdir(parents=True, exist_ok=True)
         if not snapshot.exists():
@@ -121,13 +138,9 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
 
 def load_profile(state_dir: str | Path, study_id: str) -> dict | None:
     """The reference profile the site kept for `study_id` (record_training_profile), or None."""
-    record = profile_path(state_dir, study_id)
-    if record.exists():
-        path = _folder(state_dir) / Path(json.loads(record.read_text())["data"]).name
-    else:
-        path = _legacy_path(state_dir, study_id)
-        if not path.exists():
-            return None
+    path = _kept_profile(state_dir, study_id)
+    if path is None:
+        return None
     with np.load(path) as z:
         meta = json.loads(bytes(z["meta"]).decode()) | {"study_id": study_id}
         return {

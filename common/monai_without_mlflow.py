@@ -10,7 +10,10 @@ modules imports MONAI), puts an import finder first on `sys.meta_path` that answ
 to MLflow's modules while MONAI's package itself is being imported, and to nothing else: MONAI then
 notes MLflow as a missing optional package, as it does without the extra, and every later `import
 mlflow` (server.tracking, a user's own code) gets the real one. The one visible difference: MONAI's own
-`MLFlowHandler`, in a process that imported fedward before MONAI, says MLflow is missing.
+`MLFlowHandler`, in a process that imported fedward before MONAI, says MLflow is missing. The import
+system's flag belongs to the process, not to a thread: another thread importing MLflow for the first
+time while MONAI is being imported would be told it is missing as well (fedward's commands import it
+in their own thread, `Tracker.check`, before anything loads MONAI).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import handle_train
-from client.profile import PROFILES_DIR, load_profile, record_training_profile
+from client.profile import DATA_DIR, PROFILES_DIR, load_profile, record_training_profile
 from client.site import SiteRuntime
 from common.keys import Rec, Site
 from common.models import build_model
@@ -54,7 +54,7 @@ def test_a_new_study_id_every_round_adds_a_small_record_not_another_copy_of_the_
         _train(rt, study)
 
     folder = tmp_path / PROFILES_DIR
-    (data,) = folder.glob("data-*.npz")  # one copy of what the site trained on
+    (data,) = (folder / DATA_DIR).glob("*.npz")  # one copy of what the site trained on
     records = sorted(folder.glob("*.json"))
     assert [r.stem for r in records] == studies
     assert all(r.stat().st_size < 300 for r in records)
@@ -69,7 +69,7 @@ def test_new_data_gets_a_profile_of_its_own(tmp_path):
     record_training_profile(tmp_path, "before", _runtime(tmp_path).data)
     record_training_profile(tmp_path, "after", _runtime(tmp_path, test_per_site=24).data)
 
-    assert len(list((tmp_path / PROFILES_DIR).glob("data-*.npz"))) == 2
+    assert len(list((tmp_path / PROFILES_DIR / DATA_DIR).glob("*.npz"))) == 2
     before, after = load_profile(tmp_path, "before"), load_profile(tmp_path, "after")
     assert len(before["sample_x"]) == 40 and len(after["sample_x"]) == 24
 
@@ -78,7 +78,7 @@ def test_a_profile_kept_whole_by_an_earlier_fedward_is_still_read_and_kept(tmp_p
     data = _runtime(tmp_path).data
     record_training_profile(tmp_path, "new", data)
     folder = tmp_path / PROFILES_DIR
-    (shared,) = folder.glob("data-*.npz")
+    (shared,) = (folder / DATA_DIR).glob("*.npz")
     with np.load(shared) as z:  # the earlier layout: everything in <study id>.npz, its id in the meta
         arrays = dict(z)
     meta = json.loads(bytes(arrays["meta"]).decode()) | {"study_id": "old"}
@@ -92,3 +92,22 @@ def test_a_profile_kept_whole_by_an_earlier_fedward_is_still_read_and_kept(tmp_p
     assert old["meta"]["study_id"] == "old" and old["path"] == str(folder / "old.npz")
     assert torch.equal(old["sample_x"], load_profile(tmp_path, "new")["sample_x"])
     assert load_profile(tmp_path, "never-trained-here") is None
+
+
+def test_a_study_whose_data_profile_is_gone_has_none_until_it_trains_again(tmp_path):
+    data = _runtime(tmp_path).data
+    record_training_profile(tmp_path, "study", data)
+    (kept,) = (tmp_path / PROFILES_DIR / DATA_DIR).glob("*.npz")
+    kept.unlink()  # an operator's clean-up, or a state folder copied in part
+
+    assert load_profile(tmp_path, "study") is None  # the monitor then asks for --reference, no crash
+
+    record_training_profile(tmp_path, "study", data)
+    assert kept.is_file() and load_profile(tmp_path, "study")["path"] == str(kept)
+
+
+def test_a_record_is_read_only_for_the_study_it_names(tmp_path):
+    record_training_profile(tmp_path, "a/b", _runtime(tmp_path).data)  # the same file name as "a_b"
+
+    assert load_profile(tmp_path, "a/b") is not None
+    assert load_profile(tmp_path, "a_b") is None
