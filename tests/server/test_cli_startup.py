@@ -36,22 +36,32 @@ def test_a_run_folder_the_command_cannot_use_is_refused_before_the_training_stac
     Flower first), with the reason and exit status 2."""
     taken = tmp_path / "taken"
     taken.write_text("a file, not a folder")
+
+    status, loaded, said = _command_in_a_fresh_process(
+        [command, "configs/study-demo.yaml", "--out", str(taken)]
+    )
+
+    assert (status, loaded) == (2, []), said
+    assert "is a file, not a folder" in said
+    assert taken.read_text() == "a file, not a folder"
+
+
+def _command_in_a_fresh_process(args: list[str]) -> tuple[int, list[str], str]:
+    """`fedward ARGS` in a new Python process: its exit status, which of the training stack's packages
+    (and Flower) it had imported when it returned, and what it printed (on one line)."""
     probe = (
         "import sys\n"
         "from server.cli import main\n"
-        f"status = main([{command!r}, 'configs/study-demo.yaml', '--out', {str(taken)!r}])\n"
-        f"print(status, sorted(m for m in {(*HEAVY, 'flwr')!r} if m in sys.modules))\n"
+        f"status = main({args!r})\n"
+        f"print(status, *sorted(m for m in {(*HEAVY, 'flwr')!r} if m in sys.modules))\n"
     )
-
     done = subprocess.run(
         [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
-
     assert done.returncode == 0, done.stderr
-    *said, last = done.stdout.strip().splitlines()
-    assert last == "2 []", done.stdout
-    assert "is a file, not a folder" in " ".join(" ".join(said).split()), done.stdout
-    assert taken.read_text() == "a file, not a folder"
+    *printed, last = done.stdout.strip().splitlines()
+    status, *loaded = last.split()
+    return int(status), loaded, " ".join(" ".join(printed).split())
 
 
 SITE_CONFIG = "configs/sites/example-dicom-site.yaml"
@@ -92,19 +102,9 @@ SITE_CONFIG = "configs/sites/example-dicom-site.yaml"
 def test_a_missing_site_config_or_package_is_refused_before_the_training_stack_loads(args, said, tmp_path):
     """A site operator's wrong path is answered in about a second, with exit status 2 and what is wrong."""
     args = [a.format(missing=tmp_path / "missing", out=tmp_path / "out") for a in args]
-    probe = (
-        "import sys\n"
-        "from server.cli import main\n"
-        f"status = main({args!r})\n"
-        f"print(status, sorted(m for m in {(*HEAVY, 'flwr')!r} if m in sys.modules))\n"
-    )
 
-    done = subprocess.run(
-        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    status, loaded, printed = _command_in_a_fresh_process(args)
 
-    assert done.returncode == 0, done.stderr
-    *printed, last = done.stdout.strip().splitlines()
-    assert last == "2 []", done.stdout
-    assert said in " ".join(" ".join(printed).split()), done.stdout
+    assert (status, loaded) == (2, []), printed
+    assert said in printed
     assert not (tmp_path / "out").exists()
