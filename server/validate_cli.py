@@ -13,9 +13,11 @@ from rich.console import Console
 from rich.table import Table
 
 from common.config import load_study
+from common.package import read_meta
 from server import tracking
 from server.interrupt import interruptible
 from server.report.doc import METRIC_LABELS
+from server.run_claim import check_run_folder
 from server.run_folder import REPORT_FILE, VALIDATION_FILE
 
 HELP = "evaluate model packages at every site, training nothing (each site's policy and budget apply)"
@@ -50,11 +52,16 @@ def table(doc: dict) -> Table:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     """0 when every package was evaluated at every site, 3 when some site refused or failed."""
-    from server.simulate import validate_simulated
-
     study = load_study(args.study, data_dir=args.data_dir)
     tracker = tracking.Tracker(args.mlflow, console)
     tracker.check()
+    # a package that is none, or an --out that cannot be used, is answered before torch, MONAI and Flower
+    # load; `validate_simulated` then checks each package against the study, and the folder again
+    for package in args.packages:
+        read_meta(package)
+    check_run_folder(Path(args.out), resume=False, force=args.force, kind="validation")
+    from server.simulate import validate_simulated
+
     with interruptible() as stop:
         doc = validate_simulated(study, args.packages, args.out, force=args.force, verbose=args.verbose,
                                  stop=stop, command=f"fedward validate ... --out {args.out}")  # fmt: skip

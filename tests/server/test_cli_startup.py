@@ -87,6 +87,10 @@ SITE_CONFIG = "configs/sites/example-dicom-site.yaml"
         ),
         (["predict", "{missing}", "{missing}.dcm", "--out", "{out}"], "not a fedward model package"),
         (["serve", "{missing}", "--dicomweb", "http://127.0.0.1:9"], "not a fedward model package"),
+        (
+            ["validate", "{missing}", "--study", "configs/demo.yaml", "--out", "{out}"],
+            "not a fedward model package",
+        ),
     ],
     ids=[
         "site check",
@@ -97,10 +101,11 @@ SITE_CONFIG = "configs/sites/example-dicom-site.yaml"
         "site monitor: package",
         "predict",
         "serve",
+        "validate",
     ],
 )
 def test_a_missing_site_config_or_package_is_refused_before_the_training_stack_loads(args, said, tmp_path):
-    """A site operator's wrong path is answered in about a second, with exit status 2 and what is wrong."""
+    """A site operator's (or a coordinator operator's) wrong path is answered in about a second, with exit status 2 and what is wrong."""
     args = [a.format(missing=tmp_path / "missing", out=tmp_path / "out") for a in args]
 
     status, loaded, printed = _command_in_a_fresh_process(args)
