@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("site_config", help="the site's YAML config, e.g. /etc/fedward/site.yaml")
     parser.add_argument("--all", action="store_true", help=f"list every problem (default: the first {SHOWN})")
     args = parser.parse_args(argv)
-    console = Console(width=None if sys.stdout.isatty() else 140)
+    console = _console()
     try:
         config = load_site(args.site_config)
     except ConfigError as err:
@@ -236,10 +236,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_and_render(config: SiteConfig, *, show_all: bool = False, console: Console | None = None) -> int:
     """Check the site's data and print the result: 0 usable, 1 not usable."""
-    console = console or Console(width=None if sys.stdout.isatty() else 140)
+    console = console or _console()
     check = check_site(config)
     render(check, console, show_all=show_all)
     return 0 if check.usable else 1
+
+
+def _console() -> Console:
+    return Console(width=None if sys.stdout.isatty() else 140)
 
 
 if __name__ == "__main__":

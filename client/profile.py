@@ -93,8 +93,8 @@ def _kept_profile(state_dir: str | Path, study_id: str) -> Path | None:
 
 def record_training_profile(state_dir: str | Path | None, study_id: str, data: SiteData) -> Path | None:
     """Keep the study's reference profile once (see the module docstring): the data profile if no
-    study kept the same one, and the study's record naming it. None without a state_dir or a study
-    id. A write that fails is logged and does not stop the training."""
+    study kept the same one, and the study's record naming it. Returns the file holding the profile;
+    None without a state_dir or a study id, or when a write failed (logged; the training goes on)."""
     if not state_dir or not study_id:
         return None
     if kept := _kept_profile(state_dir, study_id):
@@ -123,7 +123,7 @@ def record_training_profile(state_dir: str | Path | None, study_id: str, data: S
         log.warning("site '%s': could not keep its training profile at %s (%s); drift monitoring of this "
                     "study will need --reference", data.site, path, err)  # fmt: skip
         return None
-    return path
+    return snapshot
 
 
 def _digest(arrays: dict[str, np.ndarray]) -> str:

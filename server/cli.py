@@ -122,7 +122,8 @@ def _site_monitor(args: argparse.Namespace, console: Console) -> int:
 
     tracker = Tracker(args.mlflow, console)
     tracker.check()
-    config, _ = load_site(args.site_config), read_meta(args.package)
+    config = load_site(args.site_config)
+    read_meta(args.package)
     from client.monitor import monitor
     from common.sitedata import SiteDataError
 
@@ -196,11 +197,7 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
     read_meta(args.package)
     from client.predict import predict
 
-    try:
-        path = predict(args.package, args.input, args.out, heatmaps=not args.no_heatmaps, site=args.site)
-    except PackageError as err:
-        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
-        return 2
+    path = predict(args.package, args.input, args.out, heatmaps=not args.no_heatmaps, site=args.site)
     console.print(f"predictions: {path}", highlight=False)
     return 0
 
