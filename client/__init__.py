@@ -1,5 +1,5 @@
 """fedward client package."""
 
-from common.monai_without_mlflow import install as _import_monai_without_mlflow
+from common.monai_unused_imports import install as _hide_unused_imports_from_monai
 
-_import_monai_without_mlflow()
+_hide_unused_imports_from_monai()
