@@ -18,10 +18,10 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
-from client.dp import PrivateTraining
 from client.ledger import LedgerEntry, SiteAccountant
 from client.patients import patient_groups
 from client.policy import SitePolicy
@@ -29,6 +29,9 @@ from client.randomness import RoundRandomness
 from common.privacy import HistoryItem, PrivacyConfigError, PrivacyRequest
 from common.round import RoundPlan
 from common.schema import SiteConfig
+
+if TYPE_CHECKING:  # client.dp loads Opacus: the site imports it where a round is private
+    from client.dp import PrivateTraining
 
 log = logging.getLogger("fedward.site")
 

@@ -15,10 +15,13 @@ and the site's released count is its number of patients.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from opacus.data_loader import DPDataLoader
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:  # Opacus (about a second to import): loaded where patients are sampled
+    from opacus.data_loader import DPDataLoader
 
 
 def patient_groups(patients: Sequence[str]) -> list[list[int]]:
@@ -73,6 +76,8 @@ def patient_loader(
     generator: torch.Generator,
 ) -> DPDataLoader:
     """Poisson sampling of patients: each patient joins each batch with `sample_rate`."""
+    from opacus.data_loader import DPDataLoader
+
     return DPDataLoader(
         PatientDataset(x, y, groups),
         sample_rate=sample_rate,

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 
 from client import evaluation, guard, local_norm
-from client.dp import PoissonPlan
 from client.policy import SitePolicy
 from client.profile import record_training_profile
 from client.scaffold_correction import correction_problem, split_correction
@@ -127,6 +126,8 @@ class SiteRuntime:
             return self.refusal(refusal)
         # drift's reference, once the round is accepted: a refused request writes nothing
         record_training_profile(self.config.state_dir, plan.study_id, self.data)
+        from client.dp import PoissonPlan  # Opacus: loaded by private rounds only (about a second)
+
         entries = []
         result = train_round(
             model,

@@ -13,20 +13,22 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from opacus.utils.batch_memory_manager import wrap_data_loader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.dp import PoissonPlan, PrivateTraining, make_private_for
 from client.patients import PatientDataset, collate_patients, sum_per_patient, unpack_batch
 from client.randomness import RoundRandomness
 from client.scaffold_correction import correct_after_each_step
 from common.privacy import PrivacyRequest
 from common.round import RoundPlan
 from common.transforms import BatchAugment, acquisition_transforms
+
+if TYPE_CHECKING:  # client.dp loads Opacus (about a second): imported where a round is private
+    from client.dp import PoissonPlan, PrivateTraining
 
 DEVICE_ENV = "FEDWARD_DEVICE"  # e.g. "cpu" to keep a site with a GPU on its CPU
 
@@ -154,6 +156,8 @@ def physical_batches(loader: DataLoader, optimizer, size: int, private: bool) ->
     so a large logical batch fits in memory; otherwise the loader as it is."""
     if not private or size <= 0:
         return loader
+    from opacus.utils.batch_memory_manager import wrap_data_loader
+
     return wrap_data_loader(data_loader=loader, max_batch_size=size, optimizer=optimizer)
 
 
@@ -306,6 +310,8 @@ def train_round(
         augment_fn = with_acquisition(augment_fn or (augment if plan.augment else None))
     private, trainee = None, model
     if dp is not None:
+        from client.dp import make_private_for
+
         private = make_private_for(dp.request, model=model, optimizer=optimizer, data_loader=loader,
                                    criterion=criterion, noise_generator=randomness.noise, poisson=dp.poisson)  # fmt: skip
         trainee, optimizer, criterion = private.model, private.optimizer, private.criterion

@@ -4,14 +4,31 @@
 `ModuleValidator.fix`) and removes in-place operations on layer outputs, deterministically, so every
 party that builds the same architecture gets the same state_dict keys and shapes
 (`common.models.build_model` calls it for every network).
+
+Opacus's validator looks only at layers of the types it has validators or fixers for (BatchNorm,
+InstanceNorm, LSTM, GRU, multi-head attention): a network with none of them, such as fedward's own
+`cnn28` family, passes it unchanged. Such a network skips Opacus altogether, so that a process that
+never trains privately (the coordinator, a non-private site, evaluation, `fedward predict`) does not
+pay Opacus's import (about a second: all of Opacus, torch.distributed, SciPy's statistics).
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
-from opacus.validators import ModuleValidator
-from opacus.validators.errors import UnsupportedModuleError
+from torch import nn
+
+# The layer types Opacus 1.5's ModuleValidator has validators or fixers for (opacus/validators/):
+# tested equal to its registry, so an Opacus that adds one fails the test rather than this check.
+OPACUS_CHECKED_LAYERS: frozenset[type] = frozenset(
+    {
+        nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+        nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+        nn.LSTM, nn.GRU, nn.MultiheadAttention,
+    }
+)  # fmt: skip
 
 
 class IncompatibleModelError(ValueError):
@@ -19,18 +36,26 @@ class IncompatibleModelError(ValueError):
 
 
 def make_opacus_compatible(model: torch.nn.Module) -> torch.nn.Module:
-    """Return a copy of `model` that Opacus can train: BatchNorm becomes GroupNorm, and so on.
+    """Return `model` as Opacus can train it: BatchNorm becomes GroupNorm, and so on.
 
     `ModuleValidator.fix` replaces the layers it knows how to replace, deterministically, so the
     coordinator and every site that fix the same architecture get the same state_dict keys and
-    shapes. In-place operations on layer outputs, which Opacus's hooks cannot train through, are
-    made out-of-place (same weights, same outputs). The result is then validated (in training
-    mode; the mode is restored afterwards).
+    shapes; it works on a copy. In-place operations on layer outputs, which Opacus's hooks cannot
+    train through, are made out-of-place (same weights, same outputs). The result is then validated
+    (in training mode; the mode is restored afterwards). A network with no layer Opacus's validator
+    checks (`_checked_by_opacus`) needs neither: it comes back itself, in-place operations made
+    out-of-place, and Opacus is not imported.
 
     Raises:
         IncompatibleModelError: a layer that Opacus cannot fix remains; the message lists
             Opacus's own reasons.
     """
+    if not _checked_by_opacus(model):
+        _remove_inplace_ops(model)
+        return model
+    from opacus.validators import ModuleValidator
+    from opacus.validators.errors import UnsupportedModuleError
+
     fixed = ModuleValidator.fix(model)
     _remove_inplace_ops(fixed)
     was_training = fixed.training
@@ -49,6 +74,18 @@ def make_opacus_compatible(model: torch.nn.Module) -> torch.nn.Module:
     finally:
         fixed.train(was_training)
     return fixed
+
+
+def _checked_by_opacus(model: nn.Module) -> bool:
+    """Whether a layer of `model` is of a type Opacus's validator checks: those in its registry once
+    Opacus is loaded (validators registered by a user's code included), else OPACUS_CHECKED_LAYERS."""
+    validators = sys.modules.get("opacus.validators.module_validator")
+    if validators is None:
+        checked = OPACUS_CHECKED_LAYERS
+    else:
+        registry = validators.ModuleValidator
+        checked = registry.VALIDATORS.keys() | registry.FIXERS.keys()
+    return any(type(layer) in checked for layer in model.modules())
 
 
 def _remove_inplace_ops(model: torch.nn.Module) -> None:

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
 
 from common.schema import DEFAULT_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES, PrivacyConfig
 
@@ -176,15 +174,25 @@ def rdp_epsilon(history: Sequence[HistoryItem], *, delta: float) -> float:
     if not any(steps.values()):
         return 0.0
     rdp = sum(n * _rdp_per_step(nm, q) for (nm, q), n in steps.items())
-    eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+    analysis, orders = _opacus_rdp()
+    eps, _ = analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
     return float(eps)
+
+
+def _opacus_rdp():
+    """Opacus's RDP analysis and its accountant's orders, imported when a step is first counted, so
+    that a process that never counts one (a non-private study's coordinator and sites) does not pay
+    Opacus's import (about a second)."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp
+
+    return rdp, RDPAccountant.DEFAULT_ALPHAS
 
 
 @functools.lru_cache(maxsize=256)
 def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
-    rdp = rdp_analysis.compute_rdp(
-        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
-    )
+    analysis, orders = _opacus_rdp()
+    rdp = analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=orders)
     rdp.flags.writeable = False  # shared by every caller
     return rdp
 

@@ -1,5 +1,5 @@
-"""MONAI loads without the optional packages fedward never uses through it (MLflow and matplotlib's
-pyplot: about 1.5 seconds of CPU per process), and each still works when imported afterwards."""
+"""MONAI loads without the optional packages fedward never uses through it (MLflow, matplotlib's
+pyplot, SciPy's signal, scikit-learn), and each still works when imported afterwards."""
 
 from __future__ import annotations
 
@@ -23,15 +23,16 @@ def test_fedward_loads_monai_without_them_and_each_imports_afterwards():
         "assert all(importlib.util.find_spec(m) is not None for m in unused), 'the test extra installs them'\n"
         "import client.train\n"  # the training recipe: MONAI's transforms and networks
         "print('monai' in sys.modules, [m for m in unused if m in sys.modules])\n"
-        "import mlflow, matplotlib.pyplot\n"
-        "print(callable(mlflow.start_run), callable(matplotlib.pyplot.figure))\n"
+        "import mlflow, matplotlib.pyplot, scipy.signal, sklearn.metrics\n"
+        "print(callable(mlflow.start_run), callable(matplotlib.pyplot.figure), callable(scipy.signal.hilbert),"
+        " callable(sklearn.metrics.roc_curve))\n"
     )
 
-    assert _fresh(probe).splitlines() == ["True []", "True True"]
+    assert _fresh(probe).splitlines() == ["True []", "True True True True"]
 
 
 def test_without_fedward_first_monai_loads_them():
-    """What the finder saves: MONAI imported on its own loads both (were this not so, the
+    """What the finder saves: MONAI imported on its own loads them all (were this not so, the
     finder would be needless for that one and the test above could not fail)."""
     probe = f"import sys, monai\nprint([m for m in {list(UNUSED)!r} if m not in sys.modules])"
     assert _fresh(probe) == "[]"
