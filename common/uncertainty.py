@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.metrics import roc_curve as _sk_roc_curve
 
 CONFIDENCE = 0.95
 CI_METRICS = ("auc", "sensitivity", "specificity")
@@ -248,5 +247,7 @@ def roc_points(labels: np.ndarray, probs: np.ndarray, *, digits: int = 4) -> dic
     else:
         y = (labels[:, None] == np.arange(probs.shape[1])[None, :]).ravel()
         score = probs.ravel()
-    fpr, tpr, _ = _sk_roc_curve(y, score, drop_intermediate=True)
+    from sklearn.metrics import roc_curve  # scikit-learn (with SciPy's statistics): loaded where plotted
+
+    fpr, tpr, _ = roc_curve(y, score, drop_intermediate=True)
     return {"fpr": np.round(fpr, digits).tolist(), "tpr": np.round(tpr, digits).tolist()}
