@@ -71,6 +71,16 @@ def medmnist_dir() -> Path:
     return folder
 
 
+def python_in_a_fresh_process(code: str, *args: str, timeout: float = 300) -> str:
+    """Run `code` with `python -c` from the project root, as a new process starts (nothing imported
+    yet); its stdout. A failure fails the test with the process's stderr."""
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip()
+
+
 def run_fedward(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the installed CLI exactly as a user would, from the project root."""
     return subprocess.run(

@@ -7,11 +7,9 @@ as a site's process starts."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 from client.ledger import LEDGER_FILENAME
-from tests.conftest import ROOT
+from tests.conftest import python_in_a_fresh_process
 
 SITE = """
 import json, sys, warnings
@@ -44,16 +42,8 @@ print(json.dumps(seen))
 """
 
 
-def _fresh(code: str, *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout.strip().splitlines()[-1]
-
-
 def test_a_sites_plain_rounds_never_load_opacus_and_a_private_round_trains_and_is_charged(tmp_path):
-    seen = json.loads(_fresh(SITE, str(tmp_path / "state")))
+    seen = json.loads(python_in_a_fresh_process(SITE, str(tmp_path / "state")).splitlines()[-1])
     assert seen == {"plain": [True, True, False], "private": [True, True]}
     ledger = [json.loads(line) for line in (tmp_path / "state" / LEDGER_FILENAME).read_text().splitlines()]
     trained = [entry for entry in ledger if entry["kind"] == "train"]
@@ -75,8 +65,4 @@ def test_layers_opacus_checks_are_its_validators_own_and_such_a_network_loads_it
         "from opacus.validators import ModuleValidator\n"
         "print(set(ModuleValidator.VALIDATORS) | set(ModuleValidator.FIXERS) == OPACUS_CHECKED_LAYERS)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["False", "True", "False", "True"]
+    assert python_in_a_fresh_process(probe).split() == ["False", "True", "False", "True"]

@@ -3,17 +3,8 @@ pyplot, SciPy's signal, scikit-learn), and each still works when imported afterw
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 from common.monai_unused_imports import UNUSED
-from tests.conftest import ROOT
-
-
-def _fresh(code: str) -> str:
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout.strip()
+from tests.conftest import python_in_a_fresh_process
 
 
 def test_fedward_loads_monai_without_them_and_each_imports_afterwards():
@@ -28,11 +19,11 @@ def test_fedward_loads_monai_without_them_and_each_imports_afterwards():
         " callable(sklearn.metrics.roc_curve))\n"
     )
 
-    assert _fresh(probe).splitlines() == ["True []", "True True True True"]
+    assert python_in_a_fresh_process(probe).splitlines() == ["True []", "True True True True"]
 
 
 def test_without_fedward_first_monai_loads_them():
     """What the finder saves: MONAI imported on its own loads them all (were this not so, the
     finder would be needless for that one and the test above could not fail)."""
     probe = f"import sys, monai\nprint([m for m in {list(UNUSED)!r} if m not in sys.modules])"
-    assert _fresh(probe) == "[]"
+    assert python_in_a_fresh_process(probe) == "[]"
