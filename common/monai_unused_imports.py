@@ -13,7 +13,8 @@ modules import optional packages at once whenever they are installed (`UNUSED`):
 
 Measured on 2 cores, in fresh processes (2026-12-07, medians of 3): `import monai` alone takes 4.4
 CPU-seconds; after fedward's packages 2.5 (3.4 with MLflow alone hidden). Opacus imports SciPy's
-`signal` too, where a process trains privately (client.dp).
+`signal` too, where a process loads it (a private round, privacy accounting, a network with layers
+Opacus's validator checks: common.opacus_compat).
 
 That is paid in every process that trains, evaluates or reads images. `install()`, run when
 fedward's `common` and `client` packages are imported (so before any of their modules imports

@@ -20,7 +20,7 @@ import torch
 from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from torch import nn
 
-# The layer types Opacus 1.5's ModuleValidator has validators or fixers for (opacus/validators/):
+# The layer types Opacus's ModuleValidator has validators or fixers for (opacus/validators/, 1.6):
 # tested equal to its registry, so an Opacus that adds one fails the test rather than this check.
 OPACUS_CHECKED_LAYERS: frozenset[type] = frozenset(
     {
