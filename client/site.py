@@ -118,6 +118,8 @@ class SiteRuntime:
     def _train_private(
         self, plan: RoundPlan, config: Mapping, model: torch.nn.Module, received: Mapping, correction
     ) -> SiteReply:
+        from client.dp import PoissonPlan  # Opacus (about a second to import): private rounds only
+
         private, refusal = guard.plan_round(
             config, plan, self.config, len(self.data.train_y), device(), patients=self.data.train_patients
         )
@@ -126,8 +128,6 @@ class SiteRuntime:
             return self.refusal(refusal)
         # drift's reference, once the round is accepted: a refused request writes nothing
         record_training_profile(self.config.state_dir, plan.study_id, self.data)
-        from client.dp import PoissonPlan  # Opacus: loaded by private rounds only (about a second)
-
         entries = []
         result = train_round(
             model,

@@ -15,8 +15,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from common.config import ConfigError, load_study
-from common.package import PackageError
+from common.config import ConfigError, load_site, load_study
+from common.package import PackageError, read_meta
 from common.simulated import num_sites
 from server.interrupt import interruptible
 
@@ -68,8 +68,6 @@ def command_line() -> str:
 
 
 def _site_check(args: argparse.Namespace, console: Console) -> int:
-    from common.config import load_site
-
     config = load_site(args.site_config)
     from client.check import check_and_render
 
@@ -77,8 +75,6 @@ def _site_check(args: argparse.Namespace, console: Console) -> int:
 
 
 def _site_serve(args: argparse.Namespace, console: Console) -> int:
-    from common.config import load_site
-
     config = load_site(args.site_config)
     from client.ledger import LedgerError
     from client.service import ServiceError, serve
@@ -92,9 +88,6 @@ def _site_serve(args: argparse.Namespace, console: Console) -> int:
 
 
 def _site_validate(args: argparse.Namespace, console: Console) -> int:
-    from common.config import load_site
-    from common.package import read_meta
-
     config = load_site(args.site_config)
     for package in args.package:  # --package is repeatable
         read_meta(package)
@@ -116,8 +109,6 @@ def _site_validate(args: argparse.Namespace, console: Console) -> int:
 
 
 def _site_monitor(args: argparse.Namespace, console: Console) -> int:
-    from common.config import load_site
-    from common.package import read_meta
     from server.tracking import Tracker, monitor_run
 
     tracker = Tracker(args.mlflow, console)
@@ -192,8 +183,6 @@ def _study(args: argparse.Namespace, console: Console) -> int:
 
 
 def _predict(args: argparse.Namespace, console: Console) -> int:
-    from common.package import read_meta
-
     read_meta(args.package)
     from client.predict import predict
 
@@ -203,8 +192,6 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
 
 
 def _serve(args: argparse.Namespace, console: Console) -> int:
-    from common.package import read_meta
-
     read_meta(args.package)
     if args.dicomweb:
         from client.dicomweb_poller import serve_dicomweb
