@@ -49,7 +49,8 @@ def one_ray_session(study: StudyConfig) -> Iterator[None]:
     study runs up to 2 + (number of sites) federations. So Ray is started once here, with the
     settings `server.simulate.backend_config` gives Flower; Flower's Ray backend then finds it up and
     skips `ray.init`, and its `ray.shutdown()` after each simulation is deferred to the study's end.
-    Each simulation still starts and ends its own site processes (Ray actors).
+    Each simulation still starts and ends its own site processes (Ray actors); no idle workers are
+    started beside them.
     """
     import ray
 
@@ -57,6 +58,9 @@ def one_ray_session(study: StudyConfig) -> Iterator[None]:
     threads = str(config["client_resources"]["num_cpus"])
     os.environ["FEDWARD_SITE_THREADS"] = threads
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Ray prestarts a worker per core for the first driver; they lack the runtime_env below, so no
+    # site's actor can use them: each only imports Ray's worker and idles (about 0.5 CPU-s apiece)
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     if ray.is_initialized():  # someone else's session: leave it as it is
         yield
         return

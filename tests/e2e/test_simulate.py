@@ -165,6 +165,7 @@ def test_bad_config_is_reported_before_any_training(tmp_path):
     ("config", "rounds", "metric", "floor"),
     # the 3-D demo's first 3 of its 5 rounds (pooled AUC 0.836 at round 3): the suite's time
     [("configs/demo-3d.yaml", ["--rounds", "3"], "auc", 0.8), ("configs/demo-seg.yaml", [], "dice", 0.6)],
+    ids=["demo-3d", "demo-seg"],
 )
 def test_the_volume_and_segmentation_demos_learn(tmp_path, config, rounds, metric, floor):
     """The 3-D demo (cnn3d on synthetic volumes) and the segmentation demo (a UNet, Dice + CE) run
