@@ -43,7 +43,7 @@ from server.deploy_site import (
     write_site_config,
 )
 from server.isolation import Account, IsolationError
-from server.processes import Service, free_port
+from server.processes import Service, free_port, stop_together
 from server.run_folder import RESULTS_FILE
 
 log = logging.getLogger("fedward.deploy")
@@ -289,11 +289,17 @@ class LocalDeployment:
 
     def start_site_service(self, site: str, timeout: float = 120.0) -> Service:
         """The hospital's own site service: loads the site's data and listens on its socket."""
+        service = self._spawn_site_service(site)
+        self._wait_serving(service, timeout)
+        return service
+
+    def _spawn_site_service(self, site: str) -> Service:
         paths = self.paths(site)
         env = self.env(paths.root / "service-home", FEDWARD_SITE_THREADS=str(self.site_threads))
-        service = self._spawn(f"site-{site}", service_command(paths), env, self.project)
+        return self._spawn(f"site-{site}", service_command(paths), env, self.project)
+
+    def _wait_serving(self, service: Service, timeout: float = 120.0) -> None:
         self._wait(service, lambda: "serving on" in service.log_text(), timeout, "serve")
-        return service
 
     def wait_online(self, service: Service, timeout: float = 60.0) -> int:
         self._wait(service, lambda: ONLINE.search(service.log_text()) is not None, timeout, "connect")
@@ -325,8 +331,9 @@ class LocalDeployment:
         for site in self.sites:
             if not self.insecure:
                 self.register(site)
-        for site in self.sites:
-            self.start_site_service(site)
+        started = [self._spawn_site_service(site) for site in self.sites]  # they load their data at once
+        for service in started:
+            self._wait_serving(service)
         for site in self.sites:
             self.start_supernode(site, wait=False)
         for site in self.sites:
@@ -418,13 +425,14 @@ class LocalDeployment:
     # ------------------------------------------------------------------ stopping
 
     def stop(self) -> None:
-        """Stop every process, the SuperLink last."""
-        # the study's clients, then the SuperNodes and their runners, the site services, the SuperLink
-        order = sorted(
-            self.services.values(), key=lambda s: (s.name == "superlink", s.name.startswith("site-"))
-        )
-        for service in order:
-            service.stop()
+        """Stop every process, the SuperLink last: first the study's clients, the SuperNodes and their
+        runners, then the site services, then the SuperLink; the processes of each step together."""
+        services = list(self.services.values())
+        site_services = [s for s in services if s.name.startswith("site-")]
+        superlink = [s for s in services if s.name == "superlink"]
+        stop_together([s for s in services if s not in site_services + superlink])
+        stop_together(site_services)
+        stop_together(superlink)
 
     def __enter__(self) -> LocalDeployment:
         return self

@@ -2,7 +2,8 @@
 
 `Service` is one started process with its log file; it stops the whole tree of processes it started
 (Flower starts its helpers in new sessions, so a process group would miss them), also by SIGKILL, as
-a crash would. Linux only: the tree is read from /proc. Used by server.deploy and its tests.
+a crash would; `stop_together` stops several services at once (a deployment's SuperNodes, say),
+so that their shutdowns overlap. Linux only: the tree is read from /proc. Used by server.deploy and its tests.
 """
 
 from __future__ import annotations
@@ -76,18 +77,7 @@ class Service:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the process tree, then SIGKILL whatever is left after `timeout` seconds."""
-        if self.proc.poll() is not None:  # its pid may be reused now; its helpers watch it and exit
-            return
-        pids = process_tree(self.proc.pid)
-        for p in pids:
-            _send(p, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(_exists(p) for p in pids):
-            self.proc.poll()
-            time.sleep(0.1)
-        for p in pids:
-            _send(p, signal.SIGKILL)
-        self._reap(5.0)
+        stop_together([self], timeout)
 
     def _signal_tree(self, sig: int) -> None:
         for p in process_tree(self.proc.pid):
@@ -98,6 +88,26 @@ class Service:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             pass
+
+
+def stop_together(services: list[Service], timeout: float = 10.0) -> None:
+    """Stop several services at once: SIGTERM every process tree, wait until all have exited (each
+    shuts down at the same time as the others, not one after another), then SIGKILL whatever is left
+    after `timeout` seconds."""
+    # one that has exited is skipped: its pid may be reused now; its helpers watch it and exit
+    running = [s for s in services if s.proc.poll() is None]
+    pids = [p for s in running for p in process_tree(s.proc.pid)]
+    for p in pids:
+        _send(p, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_exists(p) for p in pids):
+        for s in running:
+            s.proc.poll()
+        time.sleep(0.1)
+    for p in pids:
+        _send(p, signal.SIGKILL)
+    for s in running:
+        s._reap(5.0)
 
 
 def _send(pid: int, sig: int) -> None:
