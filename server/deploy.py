@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from common.config import PROJECT_ROOT, ConfigError
@@ -51,6 +52,7 @@ LOCAL_DIR = PROJECT_ROOT / "deploy" / "local"
 DEFAULT_STUDY = LOCAL_DIR / "study.yaml"
 CONNECTION = "fedward-local"  # the SuperLink connection's name in the CLI's config.toml
 ONLINE = re.compile(r"SuperNode ID: (\d+)")
+SITE_START_S = 120.0  # for a site service to load its data and listen (three at once share the cores)
 NOT_ISOLATED_WARNING = (
     "NOT ISOLATED: the SuperNodes and the ClientApps run as you, so the app the coordinator ships "
     "could read the sites' files and the SuperNodes' keys. Use it only to debug."
@@ -287,19 +289,16 @@ class LocalDeployment:
         isolation.own(copy, node, 0o600)
         return copy
 
-    def start_site_service(self, site: str, timeout: float = 120.0) -> Service:
+    def start_site_service(self, site: str, timeout: float = SITE_START_S) -> Service:
         """The hospital's own site service: loads the site's data and listens on its socket."""
         service = self._spawn_site_service(site)
-        self._wait_serving(service, timeout)
+        self._wait(service, _serving(service), timeout, "serve")
         return service
 
     def _spawn_site_service(self, site: str) -> Service:
         paths = self.paths(site)
         env = self.env(paths.root / "service-home", FEDWARD_SITE_THREADS=str(self.site_threads))
         return self._spawn(f"site-{site}", service_command(paths), env, self.project)
-
-    def _wait_serving(self, service: Service, timeout: float = 120.0) -> None:
-        self._wait(service, lambda: "serving on" in service.log_text(), timeout, "serve")
 
     def wait_online(self, service: Service, timeout: float = 60.0) -> int:
         self._wait(service, lambda: ONLINE.search(service.log_text()) is not None, timeout, "connect")
@@ -332,8 +331,7 @@ class LocalDeployment:
             if not self.insecure:
                 self.register(site)
         started = [self._spawn_site_service(site) for site in self.sites]  # they load their data at once
-        for service in started:
-            self._wait_serving(service)
+        wait_ready([(service, _serving(service)) for service in started], SITE_START_S, "serve")
         for site in self.sites:
             self.start_supernode(site, wait=False)
         for site in self.sites:
@@ -345,20 +343,8 @@ class LocalDeployment:
         if _runner(name) in self.services:
             self.services[_runner(name)].kill()
 
-    def _wait(self, service: Service, ready, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not ready():
-            if not service.alive():
-                raise DeploymentError(
-                    f"{service.name} exited (code {service.proc.returncode}) before it could {what}; "
-                    f"its log ({service.log_path}) ends:\n{service.tail()}"
-                )
-            if time.monotonic() > deadline:
-                raise DeploymentError(
-                    f"{service.name} did not {what} within {timeout:.0f}s; its log ({service.log_path}) "
-                    f"ends:\n{service.tail()}"
-                )
-            time.sleep(0.2)
+    def _wait(self, service: Service, ready: Callable[[], bool], timeout: float, what: str) -> None:
+        wait_ready([(service, ready)], timeout, what)
 
     # ------------------------------------------------------------------ the study
 
@@ -430,15 +416,47 @@ class LocalDeployment:
         services = list(self.services.values())
         site_services = [s for s in services if s.name.startswith("site-")]
         superlink = [s for s in services if s.name == "superlink"]
-        stop_together([s for s in services if s not in site_services + superlink])
-        stop_together(site_services)
-        stop_together(superlink)
+        try:
+            stop_together([s for s in services if s not in site_services + superlink])
+        finally:  # an error or Ctrl-C in one step still stops the rest (they run in sessions of their own)
+            try:
+                stop_together(site_services)
+            finally:
+                stop_together(superlink)
 
     def __enter__(self) -> LocalDeployment:
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def wait_ready(waits: list[tuple[Service, Callable[[], bool]]], timeout: float, what: str) -> None:
+    """Wait until every service is ready; the first one to exit before, or the first not ready
+    within `timeout` seconds, is a DeploymentError naming it and showing its log's end."""
+    deadline, pending = time.monotonic() + timeout, list(waits)
+    while True:
+        pending = [(service, ready) for service, ready in pending if not ready()]
+        if not pending:
+            return
+        for service, _ in pending:
+            if not service.alive():
+                raise DeploymentError(
+                    f"{service.name} exited (code {service.proc.returncode}) before it could {what}; "
+                    f"its log ({service.log_path}) ends:\n{service.tail()}"
+                )
+        if time.monotonic() > deadline:
+            service = pending[0][0]
+            raise DeploymentError(
+                f"{service.name} did not {what} within {timeout:.0f}s; its log ({service.log_path}) "
+                f"ends:\n{service.tail()}"
+            )
+        time.sleep(0.2)
+
+
+def _serving(service: Service) -> Callable[[], bool]:
+    """Whether a site service listens on its socket yet (its log says so)."""
+    return lambda: "serving on" in service.log_text()
 
 
 def _runner(supernode: str) -> str:

@@ -105,7 +105,8 @@ def stop_together(services: list[Service], timeout: float = 10.0) -> None:
             s.proc.poll()
         time.sleep(0.1)
     for p in pids:
-        _send(p, signal.SIGKILL)
+        if _exists(p):  # a pid that has exited may belong to another process by now
+            _send(p, signal.SIGKILL)
     for s in running:
         s._reap(5.0)
 

@@ -38,6 +38,7 @@ def test_the_session_starts_no_idle_workers_beside_the_sites():
     probe = (
         "import os, time, pathlib, ray\n"
         "from common.config import load_study\n"
+        "from server.processes import process_tree\n"
         "from server.ray_session import one_ray_session\n"
         "with one_ray_session(load_study('configs/demo.yaml')):\n"
         "    @ray.remote(num_cpus=1)\n"
@@ -47,8 +48,11 @@ def test_the_session_starts_no_idle_workers_beside_the_sites():
         "    site = Site.remote()\n"
         "    ray.get(site.pid.remote())\n"
         "    time.sleep(3)\n"  # prestarted workers start with the driver: up by now
-        "    for cmdline in pathlib.Path('/proc').glob('[0-9]*/cmdline'):\n"
-        "        name = cmdline.read_bytes().split(b'\\0')[0].decode(errors='replace')\n"
+        "    for pid in process_tree(os.getpid()):\n"  # this session's: Ray's raylet is our child
+        "        try:\n"
+        "            name = pathlib.Path(f'/proc/{pid}/cmdline').read_bytes().split(b'\\0')[0].decode()\n"
+        "        except OSError:\n"
+        "            continue\n"  # gone since the tree was read
         "        if name.startswith('ray::'): print(name)\n"
     )
 
