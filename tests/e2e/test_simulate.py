@@ -87,7 +87,7 @@ def test_pneumoniamnist_three_sites_label_skew_reaches_auc_090(tmp_path, medmnis
         "--out",
         str(out),
         "--rounds",
-        "3",
+        "2",  # pooled AUC 0.923 after round 1, 0.934 after 2, 0.935 after 3
         "--data-dir",
         str(medmnist_dir),
     )
@@ -97,7 +97,7 @@ def test_pneumoniamnist_three_sites_label_skew_reaches_auc_090(tmp_path, medmnis
     assert len(results["final"]["sites"]) == 3
     auc = results["final"]["pooled"]["auc"]
     assert auc >= 0.90, (
-        f"pooled AUC {auc}: 3 rounds of this study should land near the published centralized "
+        f"pooled AUC {auc}: 2 rounds of this study should land near the published centralized "
         "ResNet-18 figure (0.944, MedMNIST v2); 0.90 is a floor that says it learned, with room for "
         "the noise of a short run"
     )
