@@ -36,9 +36,10 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def process_tree(pid: int) -> list[int]:
-    """`pid` and all its descendants (Flower starts its helpers in new sessions, not our group)."""
-    tree, out, todo = _children(), [], [pid]
+def process_tree(*pids: int) -> list[int]:
+    """The `pids` and all their descendants (Flower starts its helpers in new sessions, not our
+    group), from one reading of /proc."""
+    tree, out, todo = _children(), [], list(pids)
     while todo:
         p = todo.pop()
         out.append(p)
@@ -96,7 +97,7 @@ def stop_together(services: list[Service], timeout: float = 10.0) -> None:
     after `timeout` seconds."""
     # one that has exited is skipped: its pid may be reused now; its helpers watch it and exit
     running = [s for s in services if s.proc.poll() is None]
-    pids = [p for s in running for p in process_tree(s.proc.pid)]
+    pids = process_tree(*(s.proc.pid for s in running)) if running else []
     for p in pids:
         _send(p, signal.SIGTERM)
     deadline = time.monotonic() + timeout

@@ -58,12 +58,12 @@ def one_ray_session(study: StudyConfig) -> Iterator[None]:
     threads = str(config["client_resources"]["num_cpus"])
     os.environ["FEDWARD_SITE_THREADS"] = threads
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    # Ray prestarts a worker per core for the first driver; they lack the runtime_env below, so no
-    # site's actor can use them: each only imports Ray's worker and idles (about 0.5 CPU-s apiece)
-    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     if ray.is_initialized():  # someone else's session: leave it as it is
         yield
         return
+    # Ray prestarts a worker per core for the first driver; they lack the runtime_env below, so no
+    # site's actor can use them: each only imports Ray's worker and idles (about 0.5 CPU-s apiece)
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
     os.environ["PYTHONPATH"] = pythonpath
     ray.init(
