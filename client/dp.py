@@ -241,7 +241,16 @@ def _check_settings(
         raise PrivacyConfigError(f"noise_multiplier must be > 0, got {noise_multiplier}")
     if not max_grad_norm > 0:
         raise PrivacyConfigError(f"max_grad_norm must be > 0, got {max_grad_norm}")
-    if grad_sample_mode == "ghost" and getattr(criterion, "reduction", "mean") != "mean":
+    if grad_sample_mode == "ghost" and not isinstance(criterion, torch.nn.CrossEntropyLoss):
+        # Opacus's ghost clipping sets the loss's `reduction` to 'none' and weighs each sample's loss by
+        # that sample's clip factor: a loss that ignores `reduction` (a Dice loss averaged over the
+        # batch) would have every sample scaled by the batch's mean factor, not clipped one by one.
+        # Cross-entropy (and client.train's class-balanced one) returns one loss per sample.
+        raise PrivacyConfigError(
+            f"ghost clipping needs a cross-entropy loss that returns one loss per sample, got "
+            f"{type(criterion).__name__}; use grad_sample_mode='hooks'"
+        )
+    if grad_sample_mode == "ghost" and criterion.reduction != "mean":
         raise PrivacyConfigError(
             f"ghost clipping needs a loss with reduction='mean', got {criterion.reduction!r}; "
             "pass e.g. nn.CrossEntropyLoss() or use grad_sample_mode='hooks'"

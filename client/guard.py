@@ -126,9 +126,11 @@ def plan_round(
         )
     except PrivacyConfigError as err:
         return None, refusal_text(site, plan.round, f"its privacy request cannot be read ({err})")
-    if (groups is not None or plan.augment_views > 1) and request.grad_sample_mode == "ghost":
+    per_image_gradients = groups is not None or plan.augment_views > 1 or plan.task != "classification"
+    if per_image_gradients and request.grad_sample_mode == "ghost":
         # per-patient sums and the mean of an image's views need per-image gradients: ghost clipping
-        # would clip each view as an image of its own, multiplying what one image can contribute
+        # would clip each view as an image of its own, multiplying what one image can contribute;
+        # and it needs a loss per image, which segmentation's Dice loss (a batch mean) does not give
         request = replace(request, grad_sample_mode="hooks")
     private = PrivateRound(
         request, policy, accountant, randomness, count, released is None, sample_rate, steps, plan.round,

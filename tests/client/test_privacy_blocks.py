@@ -446,6 +446,25 @@ def test_ghost_clipping_refuses_a_summed_loss():
         )
 
 
+def test_ghost_clipping_refuses_a_loss_that_gives_no_loss_per_sample():
+    """Ghost clipping weighs each sample's loss by its clip factor; the segmentation loss (Dice, a batch
+    mean whatever `reduction` says) would scale every sample by the batch's mean factor instead."""
+    from client.train import SegmentationLoss
+
+    model = _tiny_cnn()
+    with pytest.raises(PrivacyConfigError, match="one loss per sample.*SegmentationLoss"):
+        make_private(
+            noise_generator=torch.Generator().manual_seed(0),
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(_data(), batch_size=16),
+            criterion=SegmentationLoss(),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            grad_sample_mode="ghost",
+        )
+
+
 def test_round_order_is_checked_per_study_and_epsilon_counts_every_study(tmp_path):
     accountant = SiteAccountant(tmp_path)
     spend = dict(steps=10, sample_rate=0.05, noise_multiplier=1.0, max_grad_norm=1.0, delta=DELTA)

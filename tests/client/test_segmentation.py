@@ -4,18 +4,25 @@ through every layer) is accounted like any other."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
+import pytest
 import torch
 from flwr.supercore.task_identity import TaskIdentity
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.utils import one_hot
 
+from client import guard
+from client.dp import PoissonPlan
 from client.ledger import SiteAccountant
+from client.randomness import RoundRandomness
 from client.site import SiteRuntime
-from client.train import predict, train_round
+from client.train import DPSettings, predict, train_round
 from common.keys import Cfg, Met
 from common.models import build_model
 from common.privacy import request_config
+from common.round import RoundPlan
 from common.schema import (
     EvaluationPolicyConfig,
     PrivacyConfig,
@@ -45,7 +52,6 @@ def _site(tmp_path, release: str = "exact", max_epsilon: float = 50.0) -> SiteRu
 def _trained(site: SiteRuntime) -> torch.nn.Module:
     model = build_model("unet", num_classes=2, seed=0)
     plan_config = round_config(**SEG, local_epochs=10, batch_size=16, lr=0.003)
-    from common.round import RoundPlan
 
     return train_round(model, site.data.train_x, site.data.train_y, RoundPlan.from_config(plan_config)).model
 
@@ -94,6 +100,39 @@ def test_a_dp_sgd_round_of_the_unet_is_clipped_per_sample_and_accounted(tmp_path
     assert [e.kind for e in SiteAccountant(str(tmp_path)).ledger.entries()] == ["count", "train"]
     wrong = round_config(**{**SEG, "task": "classification"}, dp_enabled=False) | {Cfg.EVAL_SPLIT: "test"}
     assert "this site's data is for segmentation" in site.train(wrong, reply.weights).refused
+
+
+@pytest.mark.parametrize("asked", ["hooks", "ghost"])
+def test_one_image_moves_a_private_unet_update_by_at_most_the_clip_bound_whatever_mode_is_asked(
+    tmp_path, asked
+):
+    """Attack on the clipping: a coordinator asks for `asked` per-sample mode; one image whose gradient
+    is far above the bound joins a batch of four. With the site's plan (client.guard) and its training
+    recipe, the clipped gradient sum may move by at most max_grad_norm. (Opacus's ghost clipping weighs
+    each image's loss by its clip factor, which the UNet's Dice loss, a batch mean, cannot take: it
+    moved by 2.7x the bound before the guard kept segmentation on per-image gradients.)"""
+    clip = 1.0
+    config = round_config(**SEG | {"classes": ("background", "a", "b")}, num_classes=3, dp_enabled=True, batch_size=64, lr=1.0, optimizer="sgd")
+    config |= request_config(PrivacyConfig(enabled=True, noise_multiplier=1.0, grad_sample_mode=asked))
+    plan = RoundPlan.from_config(config)
+    site = SiteConfig(site="a", privacy=SitePolicyConfig(max_epsilon=1e4), state_dir=str(tmp_path))
+    private, refusal = guard.plan_round(config, plan, site, n_train=5)
+    assert refusal is None and private.request.max_grad_norm == clip
+    request = replace(private.request, noise_multiplier=1e-9)  # noise off: the clipping alone is seen
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(5, 1, 16, 16, generator=gen) * 0.1, torch.randint(0, 3, (5, 16, 16), generator=gen)
+    x[4] = 50.0 * (torch.arange(16) > 7).float().expand(1, 16, 16)  # z: a loud image, far from the others
+    y[4] = 2 * (torch.arange(16) > 7).long().expand(16, 16)
+    sums = []
+    for n in (4, 5):
+        model = build_model("unet", in_channels=1, num_classes=3, seed=0)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        dp = DPSettings(request, poisson=PoissonPlan(sample_rate=1.0, expected_batch_size=1.0))
+        after = train_round(model, x[:n], y[:n], plan, randomness=RoundRandomness.repeatable(0, 1), dp=dp)
+        # SGD at lr 1, expected batch 1, one step: the weights moved by the clipped, summed gradient
+        sums.append({k: before[k] - v for k, v in after.model.state_dict().items()})
+    moved = sum((sums[1][k] - sums[0][k]).double().pow(2).sum() for k in sums[0]) ** 0.5
+    assert 0.5 * clip < float(moved) <= clip * (1 + 1e-4), float(moved)  # z counted, and clipped
 
 
 def test_fedward_predict_writes_masks_as_nifti_and_dicom_seg(tmp_path):
@@ -291,7 +330,6 @@ def test_segmentation_augmentation_flips_image_and_mask_together():
         assert torch.equal(ya, (xa[:, 0] > 0.7).long())  # still each other's
         assert not torch.equal(xa, x)  # and something was flipped
     site_round = round_config(**SEG, local_epochs=1, batch_size=16, augment=True)
-    from common.round import RoundPlan
 
     data = SiteDataConfig(
         format="synthetic",
