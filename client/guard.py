@@ -8,7 +8,8 @@ is written to the ledger (flushed to disk) before its update leaves the site.
 What a private round releases besides the noised update is protected too: the site's training-set
 size, which FedAvg weighs updates by and which sets the sample rate (and so the number of steps the
 coordinator can see), is released once per study with Gaussian noise (`privacy.count_noise`) and
-charged to the ledger as a `count` line; the training loss and time are not sent at all.
+charged to the ledger as a `count` line as soon as it is drawn (a refusal depends on it too); the
+training loss and time are not sent at all.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from client.ledger import LedgerEntry, SiteAccountant
 from client.patients import patient_groups
 from client.policy import SitePolicy
 from client.randomness import RoundRandomness
-from common.privacy import HistoryItem, PrivacyConfigError, PrivacyRequest
+from common.privacy import PrivacyConfigError, PrivacyKey, PrivacyRequest
 from common.round import RoundPlan
 from common.schema import SiteConfig
 
@@ -43,18 +44,12 @@ class PrivateRound:
     accountant: SiteAccountant
     randomness: RoundRandomness
     count: float  # the noised training-set size (images, or patients) this site releases for the study
-    count_is_new: bool  # released in this round (written to the ledger with the round)
     sample_rate: float  # 1 / batches, batches = ceil(count / batch size): from the released count only
     steps: int  # planned: local epochs x batches per epoch
     round: int
     study_id: str
     unit: str = "image"  # image | patient (then batch size and count are patients)
     groups: list[list[int]] | None = None  # patient-level: each patient's training images
-
-    @property
-    def count_release(self) -> HistoryItem:
-        """The count's release as an accountant step: Gaussian noise count_noise x sensitivity 1."""
-        return (self.policy.count_noise, 1.0, 1)
 
 
 def site_lock(site: SiteConfig):
@@ -102,7 +97,7 @@ def plan_round(
     count, the batch size and the sampling are in patients."""
     policy = SitePolicy.of(site)
     unit = policy.unit_for(bool(patients))
-    problem = _precondition_problem(plan, site, unit)
+    problem = _precondition_problem(plan, site, unit) or _request_problem(cfg, policy)
     if problem:
         return None, refusal_text(site, plan.round, problem)
     accountant = SiteAccountant(site.state_dir)
@@ -113,8 +108,11 @@ def plan_round(
         if policy.repeatable_noise
         else RoundRandomness.secret(device)
     )
-    released = accountant.released_count(plan.study_id)
-    count = released if released is not None else _noised_count(n_train, policy.count_noise, randomness)
+    count = accountant.released_count(plan.study_id)
+    if count is None:
+        count, refusal = _release_count(plan, site, policy, accountant, n_train, randomness)
+        if refusal:
+            return None, refusal_text(site, plan.round, refusal)
     batches = math.ceil(count / plan.batch_size)
     sample_rate, steps = 1.0 / batches, plan.local_epochs * batches
     try:
@@ -133,12 +131,10 @@ def plan_round(
         # and it needs a loss per image, which segmentation's Dice loss (a batch mean) does not give
         request = replace(request, grad_sample_mode="hooks")
     private = PrivateRound(
-        request, policy, accountant, randomness, count, released is None, sample_rate, steps, plan.round,
-        plan.study_id, unit, groups,
+        request, policy, accountant, randomness, count, sample_rate, steps, plan.round, plan.study_id, unit,
+        groups,
     )  # fmt: skip
-    planned = ([private.count_release] if private.count_is_new else []) + [
-        (request.noise_multiplier, sample_rate, steps)
-    ]
+    planned = [(request.noise_multiplier, sample_rate, steps)]
     refusal = policy.check(request) or policy.would_exceed_budget(accountant.history(), planned)
     if refusal:
         return None, refusal_text(site, plan.round, refusal)
@@ -172,24 +168,54 @@ def _precondition_problem(plan: RoundPlan, site: SiteConfig, unit: str | None) -
     return None
 
 
-def _noised_count(n: int, std: float, randomness: RoundRandomness) -> float:
-    noise = float(torch.randn((), generator=randomness.release)) * std
-    return max(1.0, round(n + noise))
+def _request_problem(cfg: Mapping, policy: SitePolicy) -> str | None:
+    """Why the site refuses the privacy request whatever the size of its data (or None): every field but
+    a noise the site derives from the target epsilon, which needs the count. Checked before the count
+    is drawn, so that such a refusal releases nothing and costs nothing."""
+    derived = PrivacyKey.NOISE_MULTIPLIER not in cfg and PrivacyKey.TARGET_EPSILON in cfg
+    as_sent = {**cfg, PrivacyKey.NOISE_MULTIPLIER: math.inf} if derived else cfg  # inf: above any minimum
+    try:
+        request = PrivacyRequest.from_config(as_sent, sample_rate=1.0, steps_total=1)
+    except PrivacyConfigError as err:
+        return f"its privacy request cannot be read ({err})"
+    return policy.check(request)
+
+
+def _release_count(
+    plan: RoundPlan,
+    site: SiteConfig,
+    policy: SitePolicy,
+    accountant: SiteAccountant,
+    n_train: int,
+    randomness: RoundRandomness,
+) -> tuple[float | None, str | None]:
+    """(the study's noised training-set size, None), drawn and charged to the ledger at once, or (None,
+    why the budget cannot pay for it). Charged when drawn, not when a round is trained: everything the
+    site decides from here on (the sample rate, the steps, a derived noise, the budget check) depends on
+    the count, so a refusal tells the coordinator something of it too; a count drawn afresh for every
+    refused request would let it average the noise away, uncharged."""
+    release = (policy.count_noise, 1.0, 1)  # Gaussian noise count_noise on a sum of sensitivity 1
+    if policy.projected_epsilon(accountant.history(), [release]) > policy.max_epsilon:
+        return None, (
+            f"privacy budget: releasing this study's training-set size (noise {policy.count_noise:g}) would "
+            f"take the site past its privacy.max_epsilon {policy.max_epsilon:g} at delta {policy.delta:g}"
+        )
+    noise = float(torch.randn((), generator=randomness.release)) * policy.count_noise
+    count = max(1.0, round(n_train + noise))
+    accountant.record_round(
+        round=0, kind="count", value=count, steps=1, sample_rate=1.0, noise_multiplier=policy.count_noise,
+        max_grad_norm=1.0, study=plan.study_id, delta=policy.delta, repeatable=randomness.repeatable,
+    )  # fmt: skip
+    return count, None
 
 
 def record_round(private: PrivateRound, dp: PrivateTraining) -> LedgerEntry:
-    """Write the round's real spending to the ledger (the count first, when this round releases it);
-    a round trained again counts again."""
+    """Write the round's real spending to the ledger (its count was written when drawn, in
+    `plan_round`); a round trained again counts again."""
     ledger = private.accountant
     common = dict(
         study=private.study_id, delta=private.policy.delta, repeatable=private.randomness.repeatable
     )
-    if private.count_is_new and ledger.released_count(private.study_id) is None:
-        nm, q, steps = private.count_release
-        ledger.record_round(
-            round=0, kind="count", value=private.count, steps=steps, sample_rate=q, noise_multiplier=nm,
-            max_grad_norm=1.0, **common,
-        )  # fmt: skip
     retry = any(
         e.study == private.study_id and e.kind == "train" and e.round == private.round
         for e in ledger.ledger.entries()

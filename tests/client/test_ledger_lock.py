@@ -23,6 +23,7 @@ from tests.plans import round_config
 
 N_TRAIN, BATCH, NOISE, DELTA = 64, 32, 2.0, 1e-5
 ROUND = (NOISE, BATCH / N_TRAIN, N_TRAIN // BATCH)  # one local epoch: 2 steps at sample rate 0.5
+COUNT = (10.0, 1.0, 1)  # study-2's released training-set size (the policy's count_noise 10)
 
 
 def _site(state_dir: Path, max_epsilon: float) -> SiteConfig:
@@ -67,6 +68,10 @@ def _race(state_dir: Path, budget: float, *, skip_lock: bool) -> tuple[str, bool
     """Hold the ledger lock, start the child, spend the budget while it waits, let go.
     Returns the child's outcome and whether it was seen waiting for the lock."""
     accountant = SiteAccountant(state_dir)
+    # the child trains a later round of study-2, whose count is out already: a first round would write
+    # its count line (which takes the lock) before its budget check, and so wait there even unlocked
+    accountant.record_round(round=0, kind="count", value=N_TRAIN, steps=COUNT[2], sample_rate=COUNT[1],
+                            noise_multiplier=COUNT[0], max_grad_norm=1.0, delta=DELTA, study="study-2")  # fmt: skip
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     child = ctx.Process(target=_train, args=(_site(state_dir, budget), skip_lock, out))
@@ -88,7 +93,7 @@ def _race(state_dir: Path, budget: float, *, skip_lock: bool) -> tuple[str, bool
 
 
 def test_a_second_training_waits_for_the_ledger_and_sees_the_first_ones_spending(tmp_path):
-    one, two = rdp_epsilon([ROUND], delta=DELTA), rdp_epsilon([ROUND, ROUND], delta=DELTA)
+    one, two = rdp_epsilon([COUNT, ROUND], delta=DELTA), rdp_epsilon([COUNT, ROUND, ROUND], delta=DELTA)
     budget = (one + two) / 2  # room for one round, not two
 
     outcome, waited = _race(tmp_path / "site", budget, skip_lock=False)
@@ -99,7 +104,7 @@ def test_a_second_training_waits_for_the_ledger_and_sees_the_first_ones_spending
 
 
 def test_a_training_path_without_the_lock_overspends_and_is_caught(tmp_path):
-    one, two = rdp_epsilon([ROUND], delta=DELTA), rdp_epsilon([ROUND, ROUND], delta=DELTA)
+    one, two = rdp_epsilon([COUNT, ROUND], delta=DELTA), rdp_epsilon([COUNT, ROUND, ROUND], delta=DELTA)
     budget = (one + two) / 2
 
     outcome, waited = _race(tmp_path / "site", budget, skip_lock=True)

@@ -104,6 +104,39 @@ def test_a_request_at_the_policys_limits_trains_and_is_counted(tmp_path):
     assert 0 < reply[Rec.METRICS][Met.EPSILON] <= 10.0
 
 
+def test_a_refusal_that_tells_of_the_noised_count_is_charged_and_the_count_is_not_drawn_again(tmp_path):
+    """Attack (an independent review's): a budget refusal names the round's sample rate, 1 / ceil(count
+    / batch), so at batch 1 it reads off the site's noised training-set size. When every refused
+    request drew the count afresh, uncharged, a coordinator asking again and again (under new study
+    ids) averaged the noise away: 300 refusals put a 57-image site at 57.1 +- 0.6 with nothing in the
+    ledger. The count is now charged when drawn, and asked again in a study the site answers with the
+    count it drew; a new study is a new release, paid from the same budget until none is left."""
+    rt = _runtime(tmp_path, max_epsilon=1.0, min_noise_multiplier=0.5)
+    config = _private(noise_multiplier=0.5) | round_config(dp_enabled=True, batch_size=1, local_epochs=100)
+    accountant = SiteAccountant(tmp_path)
+
+    first, again = (_train(rt, config)[Rec.SITE][Site.REFUSED] for _ in range(2))
+
+    (count,) = accountant.ledger.entries()
+    assert (
+        count.kind == "count"
+        and "privacy.max_epsilon" in first
+        and f"sample rate {1 / count.value:g}" in first
+    )
+    assert again == first  # the same count: nothing new to average
+    studies = 1
+    while "training-set size" not in (
+        refusal := _train(rt, config | {"study-id": f"study-{studies}"})[Rec.SITE][Site.REFUSED]
+    ):
+        assert "privacy.max_epsilon" in refusal
+        studies += 1
+        assert studies < 100
+    assert "releasing this study's training-set size (noise 10) would take the site past" in refusal
+    counts = [e for e in accountant.ledger.entries() if e.kind == "count"]
+    assert len(counts) == studies >= 2 and len({e.study for e in counts}) == studies
+    assert accountant.epsilon(1e-5) <= 1.0  # every count that left is paid for, within the budget
+
+
 def test_a_site_that_allows_non_private_training_trains_without_it(tmp_path):
     rt = _runtime(tmp_path, required=False)
 
