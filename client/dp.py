@@ -222,12 +222,17 @@ def _hooks_mode_savings(model: torch.nn.Module, dp_model, dp_optimizer: DPOptimi
 
 
 def _poisson_loader(data_loader: DataLoader, poisson: PoissonPlan) -> DPDataLoader:
-    return DPDataLoader(
+    loader = DPDataLoader(
         data_loader.dataset,
         sample_rate=poisson.sample_rate,
         generator=data_loader.generator,
         collate_fn=data_loader.collate_fn,  # e.g. client.patients' batches of whole patients
     )
+    # the steps of an epoch are the planned ones, 1 / sample rate (the guard plans 1 / batches): Opacus
+    # takes int(1 / q), one fewer where 1 / q falls just below the whole number (int(1 / (1 / 93)) is
+    # 92), and its accountant then counts 1 / 92, not the rate the site's budget check planned for
+    loader.batch_sampler.steps = max(1, round(1.0 / poisson.sample_rate))
+    return loader
 
 
 def _check_settings(

@@ -137,6 +137,24 @@ def test_a_refusal_that_tells_of_the_noised_count_is_charged_and_the_count_is_no
     assert accountant.epsilon(1e-5) <= 1.0  # every count that left is paid for, within the budget
 
 
+def test_a_round_takes_and_counts_the_steps_and_sample_rate_its_budget_check_planned(tmp_path):
+    """93 batches an epoch: Opacus's Poisson loader took int(1 / (1 / 93)) = 92 steps and its accountant
+    counted 1 / 92, so the ledger held more than the budget check had allowed (found by an independent
+    review). The study's count (93 at batch 1) is out already, so the plan is known exactly."""
+    rt = _runtime(tmp_path, max_epsilon=50.0)
+    accountant = SiteAccountant(tmp_path)
+    accountant.record_round(round=0, kind="count", value=93.0, steps=1, sample_rate=1.0, noise_multiplier=10.0,
+                            max_grad_norm=1.0, delta=1e-5, study="test-study")  # fmt: skip
+    config = _private() | round_config(dp_enabled=True, batch_size=1, study_id="test-study")
+
+    reply = _train(rt, config)
+
+    assert reply[Rec.SITE][Site.REFUSED] == ""
+    assert (reply[Rec.METRICS][Met.STEPS], reply[Rec.METRICS][Met.SAMPLE_RATE]) == (93, 1 / 93)
+    trained = accountant.ledger.entries()[-1]
+    assert (trained.kind, trained.steps, trained.sample_rate) == ("train", 93, 1 / 93)
+
+
 def test_a_site_that_allows_non_private_training_trains_without_it(tmp_path):
     rt = _runtime(tmp_path, required=False)
 
