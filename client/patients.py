@@ -53,17 +53,19 @@ def collate_patients(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[to
     return torch.cat(xs), torch.cat(ys), owner
 
 
-def unpack_batch(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(images, labels, owner) of a loader's batch; owner is None for image-level batches.
+def unpack_batch(batch, patients: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(images, labels, owner) of a loader's batch (`patients`: of a PatientDataset); owner is None
+    for image-level batches.
 
     Opacus's Poisson loader gives an empty batch as zeros shaped like one dataset item with a batch
-    dimension of 0: for patients that is (0, images of a patient, ...) with labels (0, images), and
-    no owner; it is turned here into an empty patient-level batch of images."""
+    dimension of 0: for patients that is (0, images of a patient, ...) with labels (0, images, ...)
+    and no owner; it is turned here into an empty patient-level batch of images. (Told, not guessed
+    from the labels' shape: a segmentation site's image-level labels have as many dimensions.)"""
     if len(batch) == 3:
         return batch[0], batch[1], batch[2]
     x, y = batch
-    if y.dim() == 2:  # an empty batch of patients
-        return x.flatten(0, 1), y.flatten(), torch.zeros(0, dtype=torch.long)
+    if patients:  # an empty batch of patients
+        return x.flatten(0, 1), y.flatten(0, 1), torch.zeros(0, dtype=torch.long)
     return x, y, None
 
 

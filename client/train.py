@@ -224,10 +224,11 @@ def train_epochs(
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     model.train()
+    of_patients = isinstance(loader.dataset, PatientDataset)
     t0, total, n, steps = time.perf_counter(), 0.0, 0, 0
     for _ in range(epochs):
         for batch in loader:
-            xb, yb, owner = unpack_batch(batch)  # owner: patient-level batches
+            xb, yb, owner = unpack_batch(batch, of_patients)  # owner: patient-level batches
             if len(yb) == 0 and not private:
                 continue
             xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)

@@ -8,13 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from client.dp import make_private
+from client.dp import PoissonPlan, make_private
 from client.ledger import SiteAccountant
 from client.patients import collate_patients, patient_groups, patient_loader, sum_per_patient, unpack_batch
+from client.randomness import RoundRandomness
 from client.site import SiteRuntime
+from client.train import DPSettings, train_round
 from common.keys import Met
 from common.models import build_model
-from common.privacy import request_config
+from common.privacy import PrivacyRequest, request_config
+from common.round import RoundPlan
 from common.schema import PrivacyConfig, SiteConfig, SiteDataConfig, SitePolicyConfig, SyntheticConfig
 from common.sitedata import SiteData
 from tests.plans import round_config
@@ -86,14 +89,44 @@ def test_poisson_sampling_draws_whole_patients():
     assert 0 < drawn < 2 * len(groups)  # about half the patients each of the two steps
 
 
-def test_an_empty_poisson_batch_of_patients_is_an_empty_batch_of_images():
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_an_empty_poisson_batch_of_patients_is_an_empty_batch_of_images(task):
     x, y, names = _patients()
+    if task == "segmentation":  # label maps: an empty batch of them has as many dimensions as a full one
+        y = (x[:, 0] > 0.5).long()
     # a sample rate this small draws nobody in (nearly) every step
     loader = patient_loader(
         x, y, patient_groups(names), sample_rate=1e-9, generator=torch.Generator().manual_seed(0)
     )
-    xb, yb, owner = unpack_batch(next(iter(loader)))
-    assert xb.shape == (0, *x.shape[1:]) and yb.shape == (0,) and owner.shape == (0,)
+    xb, yb, owner = unpack_batch(next(iter(loader)), patients=True)
+    assert xb.shape == (0, *x.shape[1:]) and yb.shape == (0, *y.shape[1:]) and owner.shape == (0,)
+
+
+def test_a_patient_level_segmentation_round_trains_through_empty_poisson_batches():
+    """An empty batch of patients with label maps was taken for an image-level batch (its labels have
+    as many dimensions) and the UNet got a 5-D input: the round failed at random (an independent
+    review found it)."""
+    x, y, names = _patients()
+    x, y = x[:, :, :16, :16], (x[:, 0, :16, :16] > 0.5).long()
+    plan = RoundPlan.from_config(
+        round_config(
+            task="segmentation",
+            model="unet",
+            classes=("background", "lesion"),
+            dp_enabled=True,
+            batch_size=1,
+            lr=0.1,
+            optimizer="sgd",
+        )  # fmt: skip
+    )
+    request = PrivacyRequest(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5)
+    dp = DPSettings(request, poisson=PoissonPlan(0.05, 0.25), patients=patient_groups(names))
+
+    result = train_round(
+        build_model("unet", num_classes=2), x, y, plan, randomness=RoundRandomness.secret(), dp=dp
+    )
+
+    assert result.steps == 20  # 1 / 0.05 steps, nearly all of them without a patient
 
 
 def _site(tmp_path, unit: str, with_patients: bool) -> SiteRuntime:
