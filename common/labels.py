@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import os
 from collections import defaultdict
@@ -227,9 +228,14 @@ def patient_split(
 ) -> dict[str, list[int]]:
     """Split row indices into train/val/test by patient, so no patient is in two splits.
 
-    Patients whose rows carry a `split` go there (all their rows must agree). The others are
-    shuffled with `seed` (in sorted patient-id order, so the CSV's row order does not matter)
-    and cut by patient count into `fractions` (train, val, test). Same rows and seed, same split.
+    Patients whose rows carry a `split` go there (all their rows must agree). Each other patient's
+    split is drawn from a keyed hash of `seed` and its patient id alone, with `fractions` (train, val,
+    test) as the chances: the same patient and seed give the same split on every machine, whatever
+    else the sheet holds. So a patient added to or removed from the sheet moves no other patient
+    between the splits (the per-patient privacy of training then holds for the hospital's sheet, not
+    only for the training split it drew), and a patient stays in its split as the sheet grows (it
+    cannot spend the training budget in one study and the evaluation budget in the next). A small
+    site's splits are near the fractions, not exactly them.
     """
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(
@@ -251,17 +257,25 @@ def patient_split(
         if given:
             assigned[patient] = given.pop()
 
-    free = sorted(p for p in by_patient if p not in assigned)
-    order = np.random.default_rng(seed).permutation(len(free))
-    cuts = np.rint(np.cumsum(fractions) * len(free)).astype(int)
-    cuts[-1] = len(free)
-    for rank, k in enumerate(order):
-        assigned[free[k]] = SPLITS[int(np.searchsorted(cuts, rank, side="right"))]
+    bounds = np.cumsum(fractions)
+    for patient in by_patient:
+        if patient not in assigned:
+            chance = _uniform(seed, patient)
+            assigned[patient] = SPLITS[
+                min(int(np.searchsorted(bounds, chance, side="right")), len(SPLITS) - 1)
+            ]
 
     split: dict[str, list[int]] = {name: [] for name in SPLITS}
     for patient, indices in by_patient.items():
         split[assigned[patient]].extend(indices)
     return {name: sorted(indices) for name, indices in split.items()}
+
+
+def _uniform(seed: int, patient: str) -> float:
+    """A number in [0, 1) drawn from `seed` and `patient` alone (BLAKE2b keyed with the seed)."""
+    key = int(seed).to_bytes(16, "little", signed=True)
+    digest = hashlib.blake2b(patient.encode("utf-8"), key=key, digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
 
 
 def split_rows(

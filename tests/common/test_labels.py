@@ -113,9 +113,28 @@ def test_patient_split_keeps_each_patient_in_one_split_and_is_deterministic():
     assert sorted(sum(split.values(), [])) == list(range(len(rows)))
     assert not (patients["train"] & patients["val"] or patients["train"] & patients["test"])
     assert not patients["val"] & patients["test"]
-    assert [len(patients[s]) for s in ("train", "val", "test")] == [28, 6, 6]
     assert split == again and split != other
     assert patients_by_split(reordered, rows[::-1]) == patients  # row order does not matter
+
+
+def test_a_patients_split_does_not_depend_on_the_other_patients_in_the_sheet():
+    """DP-SGD's per-patient guarantee is for the training set; it holds for the hospital's sheet only
+    if adding or removing one patient changes the training set by that patient alone. When the split
+    was a shuffle of the whole patient list cut by count, removing one of 40 patients moved 8 others
+    between the splits (an independent review found it), and a growing sheet moved training patients
+    into the test split, where they spend the evaluation budget too."""
+    rows = make_rows(400)
+    split = patients_by_split(patient_split(rows, seed=3), rows)
+    without = [r for r in rows if r.patient_id != "P007"]
+    grown = rows + [LabelRow(f"new{p}.dcm", None, f"N{p:03d}", "normal", 0, None, 0) for p in range(50)]
+
+    for changed in (without, grown):
+        again = patients_by_split(patient_split(changed, seed=3), changed)
+        for name in ("train", "val", "test"):
+            assert again[name] - split[name] <= {f"N{p:03d}" for p in range(50)}  # only the new ones joined
+            assert split[name] - again[name] <= {"P007"}  # only the removed one left
+    shares = [len(split[name]) / 400 for name in ("train", "val", "test")]
+    assert abs(shares[0] - 0.7) < 0.07 and abs(shares[1] - 0.15) < 0.05 and abs(shares[2] - 0.15) < 0.05
 
 
 def test_patient_split_respects_the_sites_split_column():

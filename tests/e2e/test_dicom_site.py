@@ -22,8 +22,10 @@ from tests.conftest import run_fedward
 def test_two_dicom_sites_pass_the_check_and_train_for_two_rounds(tmp_path):
     allow = {"required": False}  # this study trains without privacy, which each site must allow
     a = write_dicom_site(tmp_path / "a", name="hospital-a", patients=12, size=32, seed=1, privacy=allow)
+    # 12 patients: each patient's split is its own draw (common.labels.patient_split), and hospital-b's
+    # first 10 ids draw no test patient at split seed 0 (8 / 2 / 0; 12 give 9 / 2 / 1)
     b = write_dicom_site(
-        tmp_path / "b", name="hospital-b", patients=10, size=32, seed=2, bad_files=False, privacy=allow
+        tmp_path / "b", name="hospital-b", patients=12, size=32, seed=2, bad_files=False, privacy=allow
     )
     study = tmp_path / "study.yaml"
     study.write_text(
