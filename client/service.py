@@ -149,6 +149,11 @@ class SiteService:
         except OSError as err:  # the forwarder went away inside its request
             log.warning("site %s: the forwarder hung up inside its request (%s)", self.config.site, err)
             return
+        except Exception as err:  # anything else a frame can make the reader raise: unreadable, answered
+            reply, weights = (
+                self._unreadable(WireError(f"it could not be read ({type(err).__name__}: {err})")),
+                None,
+            )
         else:
             reply, weights = self._answer_or_error(header, arrays)
         conn.settimeout(WRITE_TIMEOUT_S)  # a forwarder that does not read its answer cannot hold the service

@@ -50,10 +50,11 @@ def recv_frame(sock: socket.socket, *, within_s: float | None = None) -> tuple[d
     n_head, n_blob = _LENGTHS.unpack(prefix[len(MAGIC) :])
     if n_head > MAX_HEADER_BYTES or n_blob > MAX_ARRAY_BYTES:
         raise WireError(f"frame too large (header {n_head} bytes, arrays {n_blob} bytes)")
+    raw_header = _recv_exactly(sock, deadline, n_head)
     try:
-        header = json.loads(_recv_exactly(sock, deadline, n_head).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise WireError(f"the frame's header is not JSON ({err})") from None
+        header = json.loads(raw_header.decode("utf-8"))
+    except (ValueError, RecursionError) as err:  # not UTF-8 or JSON, a number too long, nesting too deep
+        raise WireError(f"the frame's header is not JSON the site can read ({type(err).__name__})") from None
     if not isinstance(header, dict):
         raise WireError("the frame's header is not a JSON object")
     arrays: dict[str, np.ndarray] = {}
@@ -63,7 +64,11 @@ def recv_frame(sock: socket.socket, *, within_s: float | None = None) -> tuple[d
         except Exception as err:  # safetensors raises its own error types for a damaged blob
             raise WireError(f"the frame's arrays are not safetensors ({err})") from None
         keys = header.pop("keys", list(loaded))
-        if sorted(keys) != sorted(loaded):
+        if (
+            not isinstance(keys, list)
+            or not all(isinstance(k, str) for k in keys)
+            or sorted(keys) != sorted(loaded)
+        ):
             raise WireError("the frame's key list does not match its arrays")
         arrays = {k: loaded[k] for k in keys}
     return header, arrays

@@ -3,14 +3,17 @@ own training path behind it; garbage, hang-ups and restarts do not hurt the site
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 import threading
 import time
 
+import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from safetensors.numpy import save
 
 import client.service
 from client.forwarder import SiteUnreachableError, ask, forward
@@ -107,6 +110,30 @@ def test_garbage_and_a_forwarder_that_hangs_up_do_not_stop_the_service(running):
 
     assert header["site"] == "hospital-a"
     assert forward(_message(MessageType.EVALUATE), path, "evaluate").content[Rec.METRICS][Met.EVAL_BINS] == 16
+
+
+@pytest.mark.parametrize(
+    ("header", "arrays"),
+    [
+        (b'{"op": "status", "x": 1' + b"0" * 5000 + b"}", b""),  # an integer longer than Python reads
+        (b"[" * 100_000, b""),  # nested deeper than the JSON reader recurses
+        (json.dumps({"op": "train", "config": {}, "keys": 5}).encode(), save({"w": np.zeros(2, np.float32)})),
+    ],
+    ids=["long-number", "deep-nesting", "keys-not-a-list"],
+)
+def test_a_frame_the_reader_chokes_on_is_answered_as_unreadable_and_the_service_serves_on(
+    running, header, arrays
+):
+    """Frames an independent review sent from the ClientApp's side of the socket: each made the
+    reader raise something other than a WireError, which ended `fedward site serve` for every study."""
+    path = str(running.service.path)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(path)
+        s.sendall(MAGIC + struct.pack("!II", len(header), len(arrays)) + header + arrays)
+        s.settimeout(30)
+        assert b"unreadable request" in s.recv(4096)
+
+    assert ask(path, {"op": "status"})[0]["site"] == "hospital-a" and running.thread.is_alive()
 
 
 def test_a_forwarder_that_dies_while_the_site_trains_leaves_the_round_charged_and_the_service_up(running):
