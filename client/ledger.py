@@ -199,18 +199,19 @@ class PrivacyLedger:
         except FileNotFoundError:
             return [], 0, False
         entries: list[LedgerEntry] = []
+        last_trained: dict[str, LedgerEntry] = {}  # per study: one pass, however long the ledger
         lines = data.split(b"\n")
         tail = lines.pop()  # b"" when the file ends with a newline
         offset = 0
         for lineno, raw in enumerate(lines, start=1):
             offset += len(raw) + 1
             if raw.strip():
-                entries.append(self._parse(raw, lineno, entries))
+                entries.append(self._parse(raw, lineno, last_trained))
         if not tail.strip():
             return entries, len(data), False
         lineno = len(lines) + 1
         try:
-            entries.append(self._parse(tail, lineno, entries))
+            entries.append(self._parse(tail, lineno, last_trained))
             return entries, len(data), True
         except LedgerError as e:
             if warn:
@@ -223,7 +224,9 @@ class PrivacyLedger:
                 )
             return entries, offset, False
 
-    def _parse(self, raw: bytes, lineno: int, previous: list[LedgerEntry]) -> LedgerEntry:
+    def _parse(self, raw: bytes, lineno: int, last_trained: dict[str, LedgerEntry]) -> LedgerEntry:
+        """The line's entry, checked to come after its study's last `train` line (`last_trained`,
+        which it then updates)."""
         where = f"{self.path}:{lineno}"
         try:
             entry = LedgerEntry.from_dict(json.loads(raw.decode("utf-8")))
@@ -232,11 +235,10 @@ class PrivacyLedger:
                 f"{where}: not a valid privacy ledger entry ({e}). The ledger is the record of "
                 "this site's privacy spending: restore it from a backup rather than delete it."
             ) from None
-        previous = [e for e in previous if e.study == entry.study and e.kind == entry.kind == "train"]
-        if previous:
-            problem = _order_problem(previous[-1], entry)
-            if problem:
+        if entry.kind == "train":
+            if entry.study in last_trained and (problem := _order_problem(last_trained[entry.study], entry)):
                 raise LedgerError(f"{where}: {problem}")
+            last_trained[entry.study] = entry
         return entry
 
     def entries(self) -> list[LedgerEntry]:
