@@ -4,6 +4,7 @@ written that way (NaN and infinities as null); a file name from an id that came 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -57,7 +58,16 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_atomic(path, json.dumps(json_safe(obj), indent=2, allow_nan=False))
 
 
+MAX_NAME_FROM_ID = 120  # UTF-8 bytes: file systems allow 255 a name, and suffixes follow
+
+
 def name_from_id(text: str) -> str:
     """`text` (a study id the coordinator sent) as a file name: letters, digits, '-', '_' and '.' kept,
-    anything else (a '/', for one) as '_', so that it names a file in its folder and nowhere else."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+    anything else (a '/', for one) as '_', so that it names a file in its folder and nowhere else. A
+    longer name is cut and ends in a hash of the whole id (BLAKE2b), so it still names one file."""
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+    if len(name.encode("utf-8", "surrogatepass")) <= MAX_NAME_FROM_ID:
+        return name
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+    cut = name.encode("utf-8", "surrogatepass")[: MAX_NAME_FROM_ID - len(digest) - 1]
+    return f"{cut.decode('utf-8', 'ignore')}-{digest}"

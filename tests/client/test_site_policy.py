@@ -4,6 +4,7 @@ A site that allows non-private training says so in its own config, and then trai
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -12,7 +13,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import handle_train
 from client.ledger import SiteAccountant
-from client.profile import PROFILES_DIR
+from client.profile import PROFILES_DIR, profile_path
 from client.site import SiteRuntime
 from common.config import load_site
 from common.keys import Met, Rec, Site
@@ -153,6 +154,21 @@ def test_a_round_takes_and_counts_the_steps_and_sample_rate_its_budget_check_pla
     assert (reply[Rec.METRICS][Met.STEPS], reply[Rec.METRICS][Met.SAMPLE_RATE]) == (93, 1 / 93)
     trained = accountant.ledger.entries()[-1]
     assert (trained.kind, trained.steps, trained.sample_rate) == ("train", 93, 1 / 93)
+
+
+def test_a_study_id_of_any_length_and_characters_names_one_file_in_the_state_folder(tmp_path):
+    """The coordinator names the study; the site keeps a record per study under that name, for drift
+    monitoring. For a 300-character id the file system refused the name ('File name too long'), so the
+    study had no reference profile (an independent review found it)."""
+    rt = _runtime(tmp_path, max_epsilon=50.0)
+    study_id = "../" * 3 + "x" * 300
+
+    reply = _train(rt, _private() | {"study-id": study_id})
+
+    assert reply[Rec.SITE][Site.REFUSED] == ""
+    (record,) = (tmp_path / PROFILES_DIR).glob("*.json")  # the study's record, beside the data profiles
+    assert record == profile_path(tmp_path, study_id) and len(record.name.encode()) < 255
+    assert json.loads(record.read_text())["study_id"] == study_id
 
 
 def test_a_site_that_allows_non_private_training_trains_without_it(tmp_path):
