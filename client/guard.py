@@ -65,20 +65,36 @@ def refusal_text(site: SiteConfig, round_: int, reason: str) -> str:
     return f"site '{site.site}' refuses round {round_}: {reason}. {SitePolicy.of(site).allows()}"
 
 
-def work_problem(site: SiteConfig, plan: RoundPlan) -> str | None:
+def work_problem(site: SiteConfig, plan: RoundPlan, patient_level: bool = False) -> str | None:
     """Why the round asks more work than the site's `limits` allow, or a batch, epochs or views of
     none (None: it does not). The limits bound what one round can cost the site whatever the
-    coordinator sends: at most max_local_epochs x max_augment_views passes over its data. They are not
-    counted in steps: a limit on steps would depend on the exact number of images, and its refusals
-    would tell it, uncharged, to a coordinator that tries batch sizes."""
+    coordinator sends: at most max_local_epochs x max_augment_views passes over its data, and at most
+    max_step_images images computed at once (the memory a step takes; a private round cuts its batches
+    into physical ones of train.max_physical_batch, except at a `patient_level` site, where the batch
+    counts patients). They are not counted in steps or in the site's images: a limit on those would
+    depend on the exact number of images, and its refusals would tell it, uncharged, to a coordinator
+    that tries batch sizes."""
     for name, value in (("batch_size", plan.batch_size), ("local_epochs", plan.local_epochs),
                         ("augment_views", plan.augment_views)):  # fmt: skip
         if value < 1:
             return f"{name} {value} is not a positive number"
-    asked = {"max_local_epochs": plan.local_epochs, "max_augment_views": plan.augment_views}
+    cut = plan.dp_enabled and plan.max_physical_batch > 0 and not patient_level
+    at_once = (min(plan.batch_size, plan.max_physical_batch) if cut else plan.batch_size) * plan.augment_views
+    asked = {
+        "max_local_epochs": plan.local_epochs,
+        "max_augment_views": plan.augment_views,
+        "max_step_images": at_once,
+    }
     for key, value in asked.items():
         limit = getattr(site.limits, key)
         if value > limit:
+            if key == "max_step_images":
+                return (
+                    f"a step would compute {value} images at once (batch {plan.batch_size}, physical batch "
+                    f"{plan.max_physical_batch or 'none'}, {plan.augment_views} view(s)), more than this site's "
+                    f"limits.max_step_images {limit}; a private study can keep its batch and set "
+                    "train.max_physical_batch"
+                )
             return f"{key.removeprefix('max_')} {value} is more than this site's limits.{key} {limit}"
     return None
 

@@ -90,7 +90,7 @@ class SiteRuntime:
         plan = RoundPlan.from_config(config)
         refusal = (
             spec_problem(plan, self.data)
-            or guard.work_problem(self.config, plan)
+            or guard.work_problem(self.config, plan, self._patient_level())
             or SitePolicy.of(self.config).check_mode(plan.dp_enabled)
         )
         if refusal:
@@ -108,6 +108,10 @@ class SiteRuntime:
         # the budget check to the ledger line is one step: one private training at a time per ledger
         with guard.site_lock(self.config):
             return self._train_private(plan, config, model, received, correction)
+
+    def _patient_level(self) -> bool:
+        """Whether a private round here counts patients (its batches are then whole patients)."""
+        return SitePolicy.of(self.config).unit_for(bool(self.data.train_patients)) == "patient"
 
     def _own_norms(self, plan: RoundPlan, weights: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """With `local_norm`, the global weights with this site's own normalization parameters."""

@@ -329,6 +329,10 @@ class RoundLimitsConfig:
 
     max_local_epochs: int = 100  # passes over the site's training data in one round
     max_augment_views: int = 32  # augmented views of each image per step (augmentation multiplicity)
+    # images (views included) one step computes at once: batch size x views, or a private round's
+    # physical batch (train.max_physical_batch) x views; memory grows with it (DP-SGD keeps a gradient
+    # per image: images x the model's parameters x 4 bytes), so a site with a large model lowers it
+    max_step_images: int = 2048
 
 
 @dataclass

@@ -206,8 +206,14 @@ def test_a_malformed_privacy_request_is_refused_not_a_crash(tmp_path):
         ({"local_epochs": 10_000_000}, "limits.max_local_epochs 100"),
         ({"augment_views": 100_000, "augment": True}, "limits.max_augment_views 32"),
         ({"batch_size": 0}, "batch_size 0 is not a positive number"),
+        # a review's attack on memory: the whole data set's 32 views in one step (tens of GB)
+        ({"batch_size": 10**6, "augment_views": 32, "augment": True}, "limits.max_step_images 2048"),
+        (
+            {"batch_size": 4096, "max_physical_batch": 128, "augment_views": 32, "augment": True},
+            "limits.max_step_images 2048",
+        ),
     ],  # fmt: skip
-    ids=["epochs", "views", "no-batch"],
+    ids=["epochs", "views", "no-batch", "memory", "memory-physical"],
 )
 def test_a_round_asking_more_work_than_the_sites_limits_is_refused_before_any(tmp_path, asked, field):
     """A coordinator that asks for ten million local epochs at a noise so high the budget allows
@@ -221,6 +227,15 @@ def test_a_round_asking_more_work_than_the_sites_limits_is_refused_before_any(tm
 
     assert field in reply[Rec.SITE][Site.REFUSED] and Rec.ARRAYS not in reply
     assert time.perf_counter() - t0 < 30 and SiteAccountant(tmp_path).ledger.entries() == []
+
+
+def test_a_large_logical_batch_cut_into_physical_ones_within_the_limit_trains(tmp_path):
+    rt = _runtime(tmp_path, max_epsilon=50.0)
+    config = _private() | round_config(dp_enabled=True, batch_size=4096, max_physical_batch=16)
+
+    reply = _train(rt, config)
+
+    assert reply[Rec.SITE][Site.REFUSED] == "" and Rec.ARRAYS in reply
 
 
 def test_a_sites_own_limits_come_from_its_config(tmp_path):
