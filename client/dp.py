@@ -222,6 +222,13 @@ def _hooks_mode_savings(model: torch.nn.Module, dp_model, dp_optimizer: DPOptimi
 
 
 def _poisson_loader(data_loader: DataLoader, poisson: PoissonPlan) -> DPDataLoader:
+    batches = round(1.0 / poisson.sample_rate) if poisson.sample_rate > 0 else 0
+    if batches < 1 or abs(batches * poisson.sample_rate - 1.0) > 1e-9:
+        # an epoch of 1 / q steps is whole only for q = 1 / k; any other rate would be taken at one
+        # rate and counted at another
+        raise PrivacyConfigError(
+            f"the sample rate must be 1 / a whole number of batches, got {poisson.sample_rate}"
+        )
     loader = DPDataLoader(
         data_loader.dataset,
         sample_rate=poisson.sample_rate,
@@ -231,7 +238,7 @@ def _poisson_loader(data_loader: DataLoader, poisson: PoissonPlan) -> DPDataLoad
     # the steps of an epoch are the planned ones, 1 / sample rate (the guard plans 1 / batches): Opacus
     # takes int(1 / q), one fewer where 1 / q falls just below the whole number (int(1 / (1 / 93)) is
     # 92), and its accountant then counts 1 / 92, not the rate the site's budget check planned for
-    loader.batch_sampler.steps = max(1, round(1.0 / poisson.sample_rate))
+    loader.batch_sampler.steps = batches
     return loader
 
 

@@ -27,7 +27,7 @@ from client.ledger import LedgerEntry, SiteAccountant
 from client.patients import patient_groups
 from client.policy import SitePolicy
 from client.randomness import RoundRandomness
-from common.privacy import PrivacyConfigError, PrivacyKey, PrivacyRequest
+from common.privacy import PrivacyConfigError, PrivacyKey, PrivacyRequest, rdp_epsilon
 from common.round import RoundPlan
 from common.schema import SiteConfig
 
@@ -88,6 +88,13 @@ def work_problem(site: SiteConfig, plan: RoundPlan, patient_level: bool = False)
     for key, value in asked.items():
         limit = getattr(site.limits, key)
         if value > limit:
+            if key == "max_step_images" and patient_level:
+                return (
+                    f"a step would take {value} patients' views at once (batch {plan.batch_size} patients, "
+                    f"{plan.augment_views} view(s)), more than this site's limits.max_step_images {limit}, "
+                    "counted in patients here (train.max_physical_batch does not cut batches of patients); "
+                    "the study must ask a smaller batch_size or fewer views"
+                )
             if key == "max_step_images":
                 return (
                     f"a step would compute {value} images at once (batch {plan.batch_size}, physical batch "
@@ -194,7 +201,18 @@ def _request_problem(cfg: Mapping, policy: SitePolicy) -> str | None:
         request = PrivacyRequest.from_config(as_sent, sample_rate=1.0, steps_total=1)
     except PrivacyConfigError as err:
         return f"its privacy request cannot be read ({err})"
-    return policy.check(request)
+    if problem := policy.check(request):
+        return problem
+    if not 0 < request.delta < 1:
+        return f"its delta {request.delta:g} is not in (0, 1)"
+    if derived and not request.target_epsilon > (
+        alone := rdp_epsilon([(policy.count_noise, 1.0, 1)], delta=request.delta)
+    ):
+        return (
+            f"its target epsilon {request.target_epsilon:g} leaves nothing for training: releasing the "
+            f"training-set size alone spends {alone:.3f} at delta {request.delta:g}"
+        )
+    return None
 
 
 def _release_count(

@@ -438,7 +438,8 @@ def _final_checks(report: SourceReport) -> None:
         if report.count(split) == 0:
             report.fatal.append(
                 f"no {what} image: the {split} split is empty ({len(report.patients())} patients); add "
-                f"patients or change 'data.split_fractions' / the sheet's split column"
+                f"patients, or change 'data.split_fractions' or 'data.split_seed' (each patient's split "
+                f"is its own draw), or put patients there with the sheet's split column"
             )
     mismatched = [s for s in report.samples if s.file_patient_id and s.file_patient_id != s.patient_id]
     if mismatched:

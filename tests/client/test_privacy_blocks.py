@@ -18,7 +18,7 @@ from opacus.validators.errors import UnsupportedModuleError
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.dp import make_private
+from client.dp import PoissonPlan, make_private
 from client.ledger import (
     LEDGER_FILENAME,
     LedgerEntry,
@@ -462,6 +462,24 @@ def test_ghost_clipping_refuses_a_loss_that_gives_no_loss_per_sample():
             noise_multiplier=1.0,
             max_grad_norm=1.0,
             grad_sample_mode="ghost",
+        )
+
+
+@pytest.mark.parametrize("rate", [0.6, 0.3, 0.0])
+def test_a_planned_sample_rate_that_is_not_one_over_a_whole_number_of_batches_is_refused(rate):
+    """An epoch is 1 / q Poisson steps; for q = 0.6 the loader would take 2 steps at 0.6 and the
+    accountant count 1 / 2, less than was spent."""
+    model = _tiny_cnn()
+    with pytest.raises(PrivacyConfigError, match="1 / a whole number of batches"):
+        make_private(
+            noise_generator=torch.Generator().manual_seed(0),
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(_data(), batch_size=16),
+            criterion=nn.CrossEntropyLoss(),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson=PoissonPlan(rate, 4.0),
         )
 
 

@@ -112,7 +112,14 @@ def test_one_image_moves_a_private_unet_update_by_at_most_the_clip_bound_whateve
     each image's loss by its clip factor, which the UNet's Dice loss, a batch mean, cannot take: it
     moved by 2.7x the bound before the guard kept segmentation on per-image gradients.)"""
     clip = 1.0
-    config = round_config(**SEG | {"classes": ("background", "a", "b")}, num_classes=3, dp_enabled=True, batch_size=64, lr=1.0, optimizer="sgd")
+    config = round_config(
+        **SEG | {"classes": ("background", "a", "b")},
+        num_classes=3,
+        dp_enabled=True,
+        batch_size=64,
+        lr=1.0,
+        optimizer="sgd",
+    )
     config |= request_config(PrivacyConfig(enabled=True, noise_multiplier=1.0, grad_sample_mode=asked))
     plan = RoundPlan.from_config(config)
     site = SiteConfig(site="a", privacy=SitePolicyConfig(max_epsilon=1e4), state_dir=str(tmp_path))

@@ -138,6 +138,18 @@ def test_a_refusal_that_tells_of_the_noised_count_is_charged_and_the_count_is_no
     assert accountant.epsilon(1e-5) <= 1.0  # every count that left is paid for, within the budget
 
 
+def test_a_target_epsilon_the_count_alone_would_spend_is_refused_before_the_count_is_drawn(tmp_path):
+    rt = _runtime(tmp_path, max_epsilon=50.0)
+    config = round_config(dp_enabled=True, batch_size=16) | request_config(
+        PrivacyConfig(enabled=True, noise_multiplier=0.0, target_epsilon=1e-3)
+    )
+
+    reply = _train(rt, config)
+
+    assert "leaves nothing for training" in reply[Rec.SITE][Site.REFUSED]
+    assert SiteAccountant(tmp_path).ledger.entries() == []  # nothing drawn, nothing charged
+
+
 def test_a_round_takes_and_counts_the_steps_and_sample_rate_its_budget_check_planned(tmp_path):
     """93 batches an epoch: Opacus's Poisson loader took int(1 / (1 / 93)) = 92 steps and its accountant
     counted 1 / 92, so the ledger held more than the budget check had allowed (found by an independent
