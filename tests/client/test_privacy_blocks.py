@@ -430,20 +430,24 @@ def test_ghost_and_hooks_clip_the_same_way():
     assert grads["hooks"].norm() <= 0.01 + 1e-6  # mean of per-sample grads clipped to 0.01
 
 
-def test_ghost_clipping_refuses_a_summed_loss():
+def _refused_settings(**settings) -> None:
+    """make_private of a small CNN with `settings` over the defaults (cross-entropy, noise 1, clip 1)."""
     model = _tiny_cnn()
+    make_private(**{
+        "noise_generator": torch.Generator().manual_seed(0),
+        "model": model,
+        "optimizer": torch.optim.SGD(model.parameters(), lr=0.1),
+        "data_loader": DataLoader(_data(), batch_size=16),
+        "criterion": nn.CrossEntropyLoss(),
+        "noise_multiplier": 1.0,
+        "max_grad_norm": 1.0,
+        **settings,
+    })  # fmt: skip
 
+
+def test_ghost_clipping_refuses_a_summed_loss():
     with pytest.raises(PrivacyConfigError, match="reduction='mean'"):
-        make_private(
-            noise_generator=torch.Generator().manual_seed(0),
-            model=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            data_loader=DataLoader(_data(), batch_size=16),
-            criterion=nn.CrossEntropyLoss(reduction="sum"),
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            grad_sample_mode="ghost",
-        )
+        _refused_settings(criterion=nn.CrossEntropyLoss(reduction="sum"), grad_sample_mode="ghost")
 
 
 def test_ghost_clipping_refuses_a_loss_that_gives_no_loss_per_sample():
@@ -451,36 +455,16 @@ def test_ghost_clipping_refuses_a_loss_that_gives_no_loss_per_sample():
     mean whatever `reduction` says) would scale every sample by the batch's mean factor instead."""
     from client.train import SegmentationLoss
 
-    model = _tiny_cnn()
     with pytest.raises(PrivacyConfigError, match="one loss per sample.*SegmentationLoss"):
-        make_private(
-            noise_generator=torch.Generator().manual_seed(0),
-            model=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            data_loader=DataLoader(_data(), batch_size=16),
-            criterion=SegmentationLoss(),
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            grad_sample_mode="ghost",
-        )
+        _refused_settings(criterion=SegmentationLoss(), grad_sample_mode="ghost")
 
 
 @pytest.mark.parametrize("rate", [0.6, 0.3, 0.0])
 def test_a_planned_sample_rate_that_is_not_one_over_a_whole_number_of_batches_is_refused(rate):
     """An epoch is 1 / q Poisson steps; for q = 0.6 the loader would take 2 steps at 0.6 and the
     accountant count 1 / 2, less than was spent."""
-    model = _tiny_cnn()
     with pytest.raises(PrivacyConfigError, match="1 / a whole number of batches"):
-        make_private(
-            noise_generator=torch.Generator().manual_seed(0),
-            model=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            data_loader=DataLoader(_data(), batch_size=16),
-            criterion=nn.CrossEntropyLoss(),
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            poisson=PoissonPlan(rate, 4.0),
-        )
+        _refused_settings(poisson=PoissonPlan(rate, 4.0))
 
 
 def test_round_order_is_checked_per_study_and_epsilon_counts_every_study(tmp_path):
