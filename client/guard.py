@@ -147,12 +147,7 @@ def plan_round(
         )
     except PrivacyConfigError as err:
         return None, refusal_text(site, plan.round, f"its privacy request cannot be read ({err})")
-    per_image_gradients = groups is not None or plan.augment_views > 1 or plan.task != "classification"
-    if per_image_gradients and request.grad_sample_mode == "ghost":
-        # per-patient sums and the mean of an image's views need per-image gradients: ghost clipping
-        # would clip each view as an image of its own, multiplying what one image can contribute;
-        # and it needs a loss per image, which segmentation's Dice loss (a batch mean) does not give
-        request = replace(request, grad_sample_mode="hooks")
+    request = _with_per_image_gradients(request, plan, patient_level=groups is not None)
     private = PrivateRound(
         request, policy, accountant, randomness, count, sample_rate, steps, plan.round, plan.study_id, unit,
         groups,
@@ -167,6 +162,20 @@ def plan_round(
             "this round is NOT private against the coordinator", site.site, plan.round,
         )  # fmt: skip
     return private, None
+
+
+def _with_per_image_gradients(
+    request: PrivacyRequest, plan: RoundPlan, *, patient_level: bool
+) -> PrivacyRequest:
+    """The request in `hooks` mode where ghost clipping cannot clip each image (or patient) once:
+    per-patient sums and the mean of an image's views need per-image gradients (ghost clipping would
+    clip each view as an image of its own, multiplying what one image can contribute), and ghost
+    clipping needs a loss per image, which segmentation's Dice loss (a batch mean) does not give."""
+    if request.grad_sample_mode == "ghost" and (
+        patient_level or plan.augment_views > 1 or plan.task != "classification"
+    ):
+        return replace(request, grad_sample_mode="hooks")
+    return request
 
 
 def _precondition_problem(plan: RoundPlan, site: SiteConfig, unit: str | None) -> str | None:
