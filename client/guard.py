@@ -78,31 +78,36 @@ def work_problem(site: SiteConfig, plan: RoundPlan, patient_level: bool = False)
                         ("augment_views", plan.augment_views)):  # fmt: skip
         if value < 1:
             return f"{name} {value} is not a positive number"
-    cut = plan.dp_enabled and plan.max_physical_batch > 0 and not patient_level
-    at_once = (min(plan.batch_size, plan.max_physical_batch) if cut else plan.batch_size) * plan.augment_views
-    asked = {
-        "max_local_epochs": plan.local_epochs,
-        "max_augment_views": plan.augment_views,
-        "max_step_images": at_once,
-    }
+    asked = {"max_local_epochs": plan.local_epochs, "max_augment_views": plan.augment_views}
     for key, value in asked.items():
         limit = getattr(site.limits, key)
         if value > limit:
-            if key == "max_step_images" and patient_level:
-                return (
-                    f"a step would take {value} patients' views at once (batch {plan.batch_size} patients, "
-                    f"{plan.augment_views} view(s)), more than this site's limits.max_step_images {limit}, "
-                    "counted in patients here (train.max_physical_batch does not cut batches of patients); "
-                    "the study must ask a smaller batch_size or fewer views"
-                )
-            if key == "max_step_images":
-                return (
-                    f"a step would compute {value} images at once (batch {plan.batch_size}, physical batch "
-                    f"{plan.max_physical_batch or 'none'}, {plan.augment_views} view(s)), more than this site's "
-                    f"limits.max_step_images {limit}; a private study can keep its batch and set "
-                    "train.max_physical_batch"
-                )
             return f"{key.removeprefix('max_')} {value} is more than this site's limits.{key} {limit}"
+    return _step_size_problem(site, plan, patient_level)
+
+
+def _step_size_problem(site: SiteConfig, plan: RoundPlan, patient_level: bool) -> str | None:
+    """Why a step would compute more images at once than the site's limits.max_step_images (or None)."""
+    limit = site.limits.max_step_images
+    if patient_level:  # batches of whole patients are not cut into physical batches
+        at_once = plan.batch_size * plan.augment_views
+        if at_once > limit:
+            return (
+                f"a step would take {at_once} patients' views at once (batch {plan.batch_size} patients, "
+                f"{plan.augment_views} view(s)), more than this site's limits.max_step_images {limit}, "
+                "counted in patients here (train.max_physical_batch does not cut batches of patients); "
+                "the study must ask a smaller batch_size or fewer views"
+            )
+        return None
+    physical = plan.max_physical_batch if plan.dp_enabled and plan.max_physical_batch > 0 else plan.batch_size
+    at_once = min(plan.batch_size, physical) * plan.augment_views
+    if at_once > limit:
+        return (
+            f"a step would compute {at_once} images at once (batch {plan.batch_size}, physical batch "
+            f"{plan.max_physical_batch or 'none'}, {plan.augment_views} view(s)), more than this site's "
+            f"limits.max_step_images {limit}; a private study can keep its batch and set "
+            "train.max_physical_batch"
+        )
     return None
 
 
@@ -143,7 +148,7 @@ def plan_round(
             cfg,
             sample_rate=sample_rate,
             steps_total=plan.planned_rounds * steps,
-            fixed=((policy.count_noise, 1.0, 1),),
+            fixed=(policy.count_release,),
         )
     except PrivacyConfigError as err:
         return None, refusal_text(site, plan.round, f"its privacy request cannot be read ({err})")
@@ -215,7 +220,7 @@ def _request_problem(cfg: Mapping, policy: SitePolicy) -> str | None:
     if not 0 < request.delta < 1:
         return f"its delta {request.delta:g} is not in (0, 1)"
     if derived and not request.target_epsilon > (
-        alone := rdp_epsilon([(policy.count_noise, 1.0, 1)], delta=request.delta)
+        alone := rdp_epsilon([policy.count_release], delta=request.delta)
     ):
         return (
             f"its target epsilon {request.target_epsilon:g} leaves nothing for training: releasing the "
@@ -237,17 +242,18 @@ def _release_count(
     site decides from here on (the sample rate, the steps, a derived noise, the budget check) depends on
     the count, so a refusal tells the coordinator something of it too; a count drawn afresh for every
     refused request would let it average the noise away, uncharged."""
-    release = (policy.count_noise, 1.0, 1)  # Gaussian noise count_noise on a sum of sensitivity 1
-    if policy.projected_epsilon(accountant.history(), [release]) > policy.max_epsilon:
+    if policy.projected_epsilon(accountant.history(), [policy.count_release]) > policy.max_epsilon:
         return None, (
             f"privacy budget: releasing this study's training-set size (noise {policy.count_noise:g}) would "
             f"take the site past its privacy.max_epsilon {policy.max_epsilon:g} at delta {policy.delta:g}"
         )
     noise = float(torch.randn((), generator=randomness.release)) * policy.count_noise
     count = max(1.0, round(n_train + noise))
+    noise_multiplier, sample_rate, steps = policy.count_release
     accountant.record_round(
-        round=0, kind="count", value=count, steps=1, sample_rate=1.0, noise_multiplier=policy.count_noise,
-        max_grad_norm=1.0, study=plan.study_id, delta=policy.delta, repeatable=randomness.repeatable,
+        round=0, kind="count", value=count, steps=steps, sample_rate=sample_rate,
+        noise_multiplier=noise_multiplier, max_grad_norm=1.0, study=plan.study_id, delta=policy.delta,
+        repeatable=randomness.repeatable,
     )  # fmt: skip
     return count, None
 

@@ -58,6 +58,12 @@ class SitePolicy:
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in dataclasses.asdict(site.privacy).items() if k in fields})
 
+    @property
+    def count_release(self) -> HistoryItem:
+        """The release of the training-set size as an accountant step: Gaussian noise of std
+        count_noise on a count of sensitivity 1, once."""
+        return (self.count_noise, 1.0, 1)
+
     def allows(self) -> str:
         """What this site accepts, in one line, for refusal messages."""
         return (

@@ -66,8 +66,8 @@ def name_from_id(text: str) -> str:
     anything else (a '/', for one) as '_', so that it names a file in its folder and nowhere else. A
     longer name is cut and ends in a hash of the whole id (BLAKE2b), so it still names one file."""
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
-    if len(name.encode("utf-8", "surrogatepass")) <= MAX_NAME_FROM_ID:
+    encoded = name.encode("utf-8", "surrogatepass")
+    if len(encoded) <= MAX_NAME_FROM_ID:
         return name
     digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
-    cut = name.encode("utf-8", "surrogatepass")[: MAX_NAME_FROM_ID - len(digest) - 1]
-    return f"{cut.decode('utf-8', 'ignore')}-{digest}"
+    return f"{encoded[: MAX_NAME_FROM_ID - len(digest) - 1].decode('utf-8', 'ignore')}-{digest}"
