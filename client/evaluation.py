@@ -139,13 +139,24 @@ def refusal(site: SiteConfig, spends: HistoryItem | None) -> str | None:
 
 
 def record(site: SiteConfig, release_: Release, *, study: str, round_: int, repeatable: bool) -> float:
-    """Write the release's evaluation line (before the reply leaves); the site's evaluation epsilon."""
+    """Write the release's evaluation line (before the reply leaves); the epsilon spent on the site's
+    test images (infinite once any release of them was not private)."""
     nm, q, steps = release_.spends
-    entry = SiteAccountant(site.state_dir).record_round(
+    accountant = SiteAccountant(site.state_dir)
+    accountant.record_round(
         round=round_, steps=steps, sample_rate=q, noise_multiplier=nm, max_grad_norm=1.0,
         delta=site.privacy.delta, study=study, kind="evaluation", repeatable=repeatable,
     )  # fmt: skip
-    return entry.epsilon
+    return accountant.spent(site.privacy.delta, EVALUATION_KINDS)
+
+
+def record_nonprivate(site: SiteConfig, *, study: str, round_: int) -> None:
+    """Write an `exact` or `summary` release (not private) to the ledger before it leaves: from then on
+    the site reports its test images' epsilon as infinite. A site without a state_dir keeps no ledger."""
+    if site.state_dir:
+        SiteAccountant(site.state_dir).record_nonprivate(
+            budget=EVALUATION_KINDS, round=round_, steps=1, delta=site.privacy.delta, study=study
+        )
 
 
 def patient_subset(patients: list[str], cap: int) -> np.ndarray:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from client.ledger import LedgerEntry, SiteAccountant
+from client.ledger import TRAINING_KINDS, LedgerEntry, SiteAccountant
 from client.patients import patient_groups
 from client.policy import SitePolicy
 from client.randomness import RoundRandomness
@@ -272,8 +272,22 @@ def record_round(private: PrivateRound, dp: PrivateTraining) -> LedgerEntry:
     return ledger.record_round(round=private.round, retry=retry, **common, **dp.spending())
 
 
+def record_nonprivate(site: SiteConfig, plan: RoundPlan, steps: int) -> None:
+    """Write a round trained without differential privacy to the ledger before its exact update, size
+    and loss leave: from then on the site reports its training images' epsilon as infinite. A site
+    without a state_dir keeps no ledger (and trains nothing privately)."""
+    if site.state_dir:
+        SiteAccountant(site.state_dir).record_nonprivate(
+            budget=TRAINING_KINDS, round=plan.round, steps=max(1, steps), delta=site.privacy.delta,
+            study=plan.study_id,
+        )  # fmt: skip
+
+
 def spent(site: SiteConfig) -> tuple[float, float]:
-    """(epsilon, delta) spent so far at this site, over its whole ledger, at the site's delta."""
+    """(epsilon, delta) spent so far on this site's training images, over its whole ledger, at the
+    site's delta: infinite once any round released them without differential privacy. Without a
+    state_dir there is no ledger and no private round: 0 where the policy requires privacy (nothing
+    trains), infinite where it allows training without (the site cannot know it did not)."""
     if not site.state_dir:
-        return 0.0, site.privacy.delta
-    return SiteAccountant(site.state_dir).epsilon(site.privacy.delta), site.privacy.delta
+        return (0.0 if site.privacy.required else math.inf), site.privacy.delta
+    return SiteAccountant(site.state_dir).spent(site.privacy.delta), site.privacy.delta

@@ -9,9 +9,15 @@ One JSON object per line, one line per trained round, in `<state_dir>/privacy-le
 `epsilon` is the cumulative epsilon (at that line's `delta`) of its budget after the line. A line's
 `kind` is `train` (a round of DP-SGD), `count` (the site's training-set size, released once per study
 with Gaussian noise: one step of noise `noise_multiplier` x sensitivity 1 at sample rate 1, its noised
-`value` kept so the study's later rounds reuse it), or `evaluation` (one protected evaluation release,
-client.evaluation). Training and count lines spend the training images' budget, evaluation lines the
-test images' budget: the splits hold different images (patients), so each image spends one of them. `repeatable: true` marks spending whose noise was
+`value` kept so the study's later rounds reuse it), `evaluation` (one protected evaluation release,
+client.evaluation), or a release without differential privacy: `train-nonprivate` (a round trained
+without DP, at a site whose policy allows it: exact size, loss and update) or `evaluation-nonprivate`
+(an `exact` or `summary` evaluation release), written with noise 0 and no clipping. Training, count and
+train-nonprivate lines are the training images' budget, the evaluation kinds the test images': the
+splits hold different images (patients), so each image spends one of them. The budget a site enforces
+(`privacy.max_epsilon`, `privacy.evaluation.max_epsilon`) composes the private lines (`epsilon`); what
+a site reports as spent (`spent`) is infinite once any image of the budget was released without
+privacy, since no epsilon bounds an exact release. `repeatable: true` marks spending whose noise was
 seeded from the round (`privacy.repeatable_noise`, simulation only): counted like any other, but not
 private against a coordinator that knows the seed. The ledger, not any
 process's memory, is the truth: `epsilon(delta)` recomputes it from all lines with a fresh Opacus
@@ -73,11 +79,11 @@ class LedgerEntry:
     noise_multiplier: float
     max_grad_norm: float
     delta: float
-    epsilon: float  # cumulative epsilon at `delta` after this round
+    epsilon: float  # cumulative epsilon of its budget's private lines at `delta` after this line
     time: str  # ISO 8601, UTC
     attempt: int = 1  # > 1: the round was trained again after an earlier attempt's update was lost
     study: str = ""  # the study (run) this round belongs to; round order is checked per study
-    kind: str = "train"  # train | count
+    kind: str = "train"  # one of ENTRY_KINDS
     value: float | None = None  # count: the noised value released
     repeatable: bool = False  # noise seeded from the round: not private against the coordinator
 
@@ -91,10 +97,13 @@ class LedgerEntry:
             problems.append(f"steps must be >= 1, got {self.steps}")
         if not 0 < self.sample_rate <= 1:
             problems.append(f"sample_rate must be in (0, 1], got {self.sample_rate}")
-        if not self.noise_multiplier > 0:
-            problems.append(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
-        if not self.max_grad_norm > 0:
-            problems.append(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.kind in NONPRIVATE_KINDS:
+            if self.noise_multiplier != 0 or self.max_grad_norm != 0:
+                problems.append(f"a {self.kind} line has noise_multiplier 0 and max_grad_norm 0 (no DP)")
+        elif not (self.noise_multiplier > 0 and self.max_grad_norm > 0):
+            problems.append(
+                f"noise_multiplier and max_grad_norm must be > 0, got {self.noise_multiplier}, {self.max_grad_norm}"
+            )
         if not 0 < self.delta < 1:
             problems.append(f"delta must be in (0, 1), got {self.delta}")
         if not (self.epsilon >= 0 and math.isfinite(self.epsilon)):
@@ -141,14 +150,24 @@ class LedgerEntry:
 
 _INT_FIELDS = ("round", "attempt", "steps")
 _OPTIONAL_FIELDS = ("attempt", "study", "kind", "value", "repeatable")  # lines from older versions lack them
-TRAINING_KINDS = ("train", "count")  # spend the training images' budget (privacy.max_epsilon)
-EVALUATION_KINDS = ("evaluation",)  # spend the test images' budget (privacy.evaluation.max_epsilon)
-ENTRY_KINDS = TRAINING_KINDS + EVALUATION_KINDS
+TRAINING_KINDS = ("train", "count")  # private spending of the training images (privacy.max_epsilon)
+EVALUATION_KINDS = ("evaluation",)  # of the test images (privacy.evaluation.max_epsilon)
+NONPRIVATE_OF = {TRAINING_KINDS: "train-nonprivate", EVALUATION_KINDS: "evaluation-nonprivate"}
+NONPRIVATE_KINDS = tuple(NONPRIVATE_OF.values())  # releases without DP: no epsilon bounds them
+ENTRY_KINDS = TRAINING_KINDS + EVALUATION_KINDS + NONPRIVATE_KINDS
+
+
+def spending(budget: tuple[str, ...]) -> tuple[str, ...]:
+    """Every kind of line that spends the images of `budget` (TRAINING_KINDS or EVALUATION_KINDS),
+    the releases without privacy included."""
+    return (*budget, NONPRIVATE_OF[budget])
 
 
 def budget_of(kind: str) -> tuple[str, ...]:
-    """The kinds of line that spend the same budget as a line of `kind`."""
-    return EVALUATION_KINDS if kind in EVALUATION_KINDS else TRAINING_KINDS
+    """The private kinds of line that spend the same budget as a line of `kind`."""
+    if kind in EVALUATION_KINDS or kind == NONPRIVATE_OF[EVALUATION_KINDS]:
+        return EVALUATION_KINDS
+    return TRAINING_KINDS
 
 
 # per ledger path: (a lock for this process's threads, [depth, fd of the held flock])
@@ -287,6 +306,12 @@ class PrivacyLedger:
         """Cumulative epsilon at `delta` over every recorded line of `kinds` (a fresh RDPAccountant)."""
         return rdp_epsilon(self.history(kinds), delta=delta)
 
+    def spent(self, delta: float, kinds: tuple[str, ...] = TRAINING_KINDS) -> float:
+        """What the site reports as spent on the images of the budget `kinds` (TRAINING_KINDS or
+        EVALUATION_KINDS): `epsilon`, or infinity once any of them was released without privacy (its
+        line has no noise)."""
+        return self.epsilon(delta, spending(kinds))
+
 
 def _order_problem(last: LedgerEntry, new: LedgerEntry) -> str | None:
     if new.round > last.round:
@@ -335,6 +360,9 @@ class SiteAccountant:
     def epsilon(self, delta: float, kinds: tuple[str, ...] = TRAINING_KINDS) -> float:
         return self.ledger.epsilon(delta, kinds)
 
+    def spent(self, delta: float, kinds: tuple[str, ...] = TRAINING_KINDS) -> float:
+        return self.ledger.spent(delta, kinds)
+
     def released_count(self, study: str) -> float | None:
         """The noised training-set size this site released for `study`, if it has."""
         for e in self.ledger.entries():
@@ -357,7 +385,8 @@ class SiteAccountant:
         value: float | None = None,
         repeatable: bool = False,
     ) -> LedgerEntry:
-        """Append a trained round or a released count (before it is sent) and return the entry.
+        """Append a trained round, a released count or a release without DP (before it is sent) and
+        return the entry.
 
         `retry=True` records a second training of the last recorded round (its update was lost):
         the new attempt's spending is added to the old one's.
@@ -371,7 +400,8 @@ class SiteAccountant:
             history = [
                 (e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.kind in budget_of(kind)
             ]
-            history.append((float(noise_multiplier), float(sample_rate), int(steps)))
+            if kind not in NONPRIVATE_KINDS:  # the line's epsilon composes the private lines only
+                history.append((float(noise_multiplier), float(sample_rate), int(steps)))
             entry = LedgerEntry(
                 round=int(round),
                 attempt=attempt,
@@ -389,6 +419,16 @@ class SiteAccountant:
             )
             self.ledger.append(entry)
             return entry
+
+    def record_nonprivate(
+        self, *, budget: tuple[str, ...], round: int, steps: int, delta: float, study: str
+    ) -> LedgerEntry:
+        """Append a release of the images of `budget` (TRAINING_KINDS or EVALUATION_KINDS) without
+        differential privacy, before it is sent: from then on the site reports their epsilon as infinite."""
+        return self.record_round(
+            round=round, steps=steps, sample_rate=1.0, noise_multiplier=0.0, max_grad_norm=0.0, delta=delta,
+            study=study, kind=NONPRIVATE_OF[budget],
+        )  # fmt: skip
 
 
 def ledger_notices(state_dir: str | os.PathLike[str]) -> list[str]:

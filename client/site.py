@@ -104,6 +104,7 @@ class SiteRuntime:
             record_training_profile(self.config.state_dir, plan.study_id, self.data)  # drift's reference
             result = train_round(model, self.data.train_x, self.data.train_y, plan,
                                  augment_fn=self.augment, correction=correction)  # fmt: skip
+            guard.record_nonprivate(self.config, plan, result.steps)  # before the exact reply leaves
             return self._reply(plan, result, exact=True, received=received)
         # the budget check to the ledger line is one step: one private training at a time per ledger
         with guard.site_lock(self.config):
@@ -152,7 +153,7 @@ class SiteRuntime:
         entry = entries[0]
         reply.metrics |= {
             Met.NUM_EXAMPLES: int(private.count),  # the released, noised count: FedAvg's weight
-            Met.EPSILON: private.accountant.epsilon(entry.delta),
+            Met.EPSILON: private.accountant.spent(entry.delta),
             Met.DELTA: entry.delta,
             Met.NOISE_MULTIPLIER: entry.noise_multiplier,
             Met.STEPS: entry.steps,
@@ -262,21 +263,24 @@ class SiteRuntime:
         else:
             out = evaluation.release(labels, probs, policy, noise, per_unit=per_unit)
         metrics = dict(out.metrics) | {Met.PRIVACY_UNIT: int(unit == "patient")}
-        if out.spends is not None:
-            with guard.site_lock(self.config):
-                refusal = evaluation.refusal(self.config, out.spends)
-                if refusal:
-                    log.warning(refusal)
-                    return SiteReply(self.config.site, {}, refused=refusal, release=out.kind)
-                metrics[Met.EVAL_EPSILON] = evaluation.record(
-                    self.config,
-                    out,
-                    study=plan.study_id,
-                    round_=plan.round,
-                    repeatable=self.config.privacy.repeatable_noise,
-                )
         if out.spends is None:  # a protected release sends no time either: it grows with the exact n_test
+            evaluation.record_nonprivate(self.config, study=plan.study_id, round_=plan.round)
             metrics[Met.EVAL_S] = time.perf_counter() - t0
+            return SiteReply(self.config.site, metrics, release=out.kind)
+        return self._charged_release(plan, out, metrics)
+
+    def _charged_release(self, plan: RoundPlan, out: evaluation.Release, metrics: dict) -> SiteReply:
+        """A protected evaluation's reply, once its ledger line is written (or the refusal, when the
+        budget was spent by another study meanwhile: checked again under the ledger's lock)."""
+        with guard.site_lock(self.config):
+            refusal = evaluation.refusal(self.config, out.spends)
+            if refusal:
+                log.warning(refusal)
+                return SiteReply(self.config.site, {}, refused=refusal, release=out.kind)
+            metrics[Met.EVAL_EPSILON] = evaluation.record(
+                self.config, out, study=plan.study_id, round_=plan.round,
+                repeatable=self.config.privacy.repeatable_noise,
+            )  # fmt: skip
         return SiteReply(self.config.site, metrics, release=out.kind)
 
 

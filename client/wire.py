@@ -2,8 +2,8 @@
 
 One request per connection over a Unix socket: a frame is a 4-byte magic, the lengths of a JSON header
 and of a safetensors blob (model arrays, possibly none), then both. Plain values only: the header holds
-numbers, strings, booleans and lists of numbers; arrays are safetensors, which loading never turns
-into code. The forwarder (client.forwarder) uses numpy, the service (client.service) torch.
+numbers (never NaN; an infinite epsilon as JSON's `Infinity`), strings, booleans and lists of numbers;
+arrays are safetensors, which loading never turns into code. The forwarder (client.forwarder) uses numpy, the service (client.service) torch.
 
     request header: {"op": "train" | "evaluate" | "status", "config": {...the round's ConfigRecord...}}
     reply header:   {"site": "...", "metrics": {...}, "refused": "", "error": ""}
@@ -12,6 +12,7 @@ into code. The forwarder (client.forwarder) uses numpy, the service (client.serv
 from __future__ import annotations
 
 import json
+import math
 import socket
 import struct
 import time
@@ -35,9 +36,21 @@ def send_frame(sock: socket.socket, header: dict, arrays: dict[str, np.ndarray] 
     """Send one frame: `header` as JSON and `arrays` (kept in their order) as safetensors."""
     if arrays:
         header = {**header, "keys": list(arrays)}
-    head = json.dumps(header, allow_nan=False).encode("utf-8")
+    _refuse_nan(header)
+    head = json.dumps(header).encode("utf-8")  # an infinity as JSON's Infinity (an unbounded epsilon)
     blob = save_arrays({k: np.ascontiguousarray(v) for k, v in arrays.items()}) if arrays else b""
     sock.sendall(MAGIC + _LENGTHS.pack(len(head), len(blob)) + head + blob)
+
+
+def _refuse_nan(value: object) -> None:
+    """ValueError if `value` holds a NaN: numbers sent are finite, or infinite (an epsilon no DP bounds)."""
+    if isinstance(value, float) and math.isnan(value):
+        raise ValueError("a frame's header holds a NaN")
+    if isinstance(value, dict):
+        value = value.values()
+    if isinstance(value, list | tuple | type({}.values())):
+        for item in value:
+            _refuse_nan(item)
 
 
 def recv_frame(sock: socket.socket, *, within_s: float | None = None) -> tuple[dict, dict[str, np.ndarray]]:

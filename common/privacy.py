@@ -14,6 +14,7 @@ every step a site has taken (`rdp_epsilon`).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -159,7 +160,7 @@ def _flag(config: Mapping[str, object], key: PrivacyKey, default: bool) -> bool:
 
 def rdp_epsilon(history: Sequence[HistoryItem], *, delta: float) -> float:
     """Epsilon spent by `history` at `delta`: what a fresh Opacus RDPAccountant holding this history
-    gives (0.0 if empty), computed faster.
+    gives (0.0 if empty; infinity when an entry has no noise), computed faster.
 
     Opacus computes the RDP curve of every history entry anew, about 0.1 s each at large sample
     rates, so a ledger of many rounds took seconds per question, asked several times a round. The
@@ -167,6 +168,8 @@ def rdp_epsilon(history: Sequence[HistoryItem], *, delta: float) -> float:
     sample rate) are summed into one and each (noise, sample rate) curve is computed once per process
     (cached). Same formulas, same orders, same conversion to epsilon as Opacus's accountant.
     """
+    if any(float(nm) == 0 and int(s) > 0 for nm, _, s in history):
+        return math.inf  # a release without noise: no epsilon bounds it
     steps: dict[tuple[float, float], int] = {}
     for nm, q, s in history:
         key = (float(nm), float(q))

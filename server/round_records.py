@@ -4,6 +4,7 @@ evaluation, training and privacy, timings, stops and budget warnings; and the re
 from __future__ import annotations
 
 import logging
+import math
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -69,10 +70,15 @@ def warn_budget_passed(results: Results, record: RoundRecord, target: float | No
     for site, metrics in record["sites"].items():
         eps = metrics.get("epsilon") or 0.0
         if eps > target and site not in warned:
+            why = (
+                "its training images were released without differential privacy in a study that trained "
+                "without it, which no epsilon bounds"
+                if math.isinf(eps)
+                else "rounds trained again after a crash or added on resume count too"
+            )
             message = (
                 f"site '{site}' has spent epsilon {eps:.2f}, past the study's target_epsilon {target:g}, "
-                f"after round {record['round']} (rounds trained again after a crash or added on resume "
-                f"count too)"
+                f"after round {record['round']} ({why})"
             )
             log.warning("%s", message)
             results.setdefault("warnings", []).append(

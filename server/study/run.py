@@ -27,6 +27,7 @@ real ledger, and study.json says what the whole study spent per site (server.stu
 from __future__ import annotations
 
 import copy
+import math
 import time
 from pathlib import Path
 
@@ -69,7 +70,13 @@ from server.study.evaluate import compare, cross_site, evaluator_for
 from server.study.plan import Part, check_study_folder, plan, validate_comparison, variants, with_privacy
 from server.study.progress import StudyProgress, fmt
 from server.study.references import train_alone
-from server.study.site_ledgers import check_policies, privacy_spent, real_sites, train_at_site
+from server.study.site_ledgers import (
+    check_policies,
+    privacy_spent,
+    real_sites,
+    record_pooled_release,
+    train_at_site,
+)
 
 
 class ComparisonRun:
@@ -282,6 +289,9 @@ class ComparisonRun:
         x = torch.cat([d.train_x for d in self.data.values()])
         y = torch.cat([d.train_y for d in self.data.values()])
         model, info = self._train(x, y, False, self.study.privacy.delta, self._pooled_augment())
+        if real_sites(self.study):  # hospitals' images trained without DP: in their ledgers, as unbounded
+            steps = info["epochs"] * math.ceil(len(y) / self.study.train.batch_size)
+            self.study_ids.add(record_pooled_release(self.study, self.sites, steps))
         save_model(self.out / MODELS_DIR / f"{Variant.CENTRALIZED}.pt", model, meta=self._meta(part.key))
         self.evaluator.predict(part.key, model)
         self.models[part.key] = {

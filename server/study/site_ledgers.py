@@ -11,7 +11,9 @@ simulated data (synthetic or MedMNIST partitions, which keeps fresh ledgers per 
 - a site's local-only reference trains through the site's own path (client.site.SiteRuntime: policy,
   guard, ledger), one round-equivalent at a time, like a federation of one;
 - study.json says, per site, the epsilon the whole study spent on its images (every run's lines
-  composed) beside the site's total and its budget.
+  composed) beside the site's total and its budget: unbounded (null) when a run trained them without
+  DP (a plain federation or local-only reference, through the site's own path, or the centralized
+  reference, which `record_pooled_release` writes to every site's ledger).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import replace
 
 from torch import nn
 
-from client.ledger import SiteAccountant
+from client.ledger import TRAINING_KINDS, SiteAccountant, spending
 from client.site import SiteRuntime
 from common.config import ConfigError
 from common.keys import Met
@@ -109,15 +111,29 @@ def train_at_site(
     return model.eval(), info
 
 
+def record_pooled_release(study: StudyConfig, sites: dict[str, SiteConfig], steps: int) -> str:
+    """Write the centralized reference (every site's training images pooled, trained without DP) to
+    each site's ledger, as a site writes its own round without privacy; returns the run's study id."""
+    study_id = f"{study.name}-centralized-{uuid.uuid4().hex[:8]}"
+    for site in sites.values():
+        if site.state_dir:
+            SiteAccountant(site.state_dir).record_nonprivate(
+                budget=TRAINING_KINDS, round=1, steps=max(1, steps), delta=site.privacy.delta, study=study_id
+            )
+    return study_id
+
+
 def study_epsilon(site: SiteConfig, study_ids: set[str]) -> float:
-    """Epsilon of the lines of these runs in the site's ledger, composed (training budget)."""
+    """Epsilon of the lines of these runs in the site's ledger, composed (training budget): infinite
+    when one of them trained the site's images without differential privacy."""
     if not site.state_dir:
         return 0.0
     entries = SiteAccountant(site.state_dir).ledger.entries()
+    kinds = spending(TRAINING_KINDS)
     history = [
         (e.noise_multiplier, e.sample_rate, e.steps)
         for e in entries
-        if e.study in study_ids and e.kind != "evaluation"
+        if e.study in study_ids and e.kind in kinds
     ]
     return rdp_epsilon(history, delta=site.privacy.delta)
 
@@ -126,7 +142,7 @@ def privacy_spent(sites: dict[str, SiteConfig], study_ids: set[str]) -> dict[str
     """Per site: the epsilon the whole study spent (all its runs composed), the site's total, its budget."""
     out = {}
     for name, site in sites.items():
-        total = SiteAccountant(site.state_dir).epsilon(site.privacy.delta) if site.state_dir else 0.0
+        total = SiteAccountant(site.state_dir).spent(site.privacy.delta) if site.state_dir else 0.0
         out[name] = {
             "study_epsilon": round(study_epsilon(site, study_ids), 6),
             "site_total_epsilon": round(total, 6),

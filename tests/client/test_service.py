@@ -90,6 +90,24 @@ def test_the_forwarder_trains_and_evaluates_through_the_service(running):
     assert kinds == ["count", "train", "evaluation"]
 
 
+def test_an_unbounded_epsilon_crosses_the_socket_as_infinity(tmp_path):
+    """After a round without privacy the site reports its training images' epsilon as infinite; the
+    frame carries it as JSON's Infinity (a NaN is still refused on sending)."""
+    site = _site(tmp_path)
+    site.privacy.required = False
+    service = Running(site, tmp_path / "sock" / "site.sock")
+    try:
+        path = str(service.service.path)
+        plain = forward(_message(MessageType.TRAIN, private=False), path, "train").content
+        private = forward(_message(MessageType.TRAIN), path, "train").content
+    finally:
+        service.stop()
+    assert plain[Rec.SITE][Site.REFUSED] == private[Rec.SITE][Site.REFUSED] == ""
+    assert private[Rec.METRICS][Met.EPSILON] == float("inf")
+    with socket.socket(socket.AF_UNIX) as unused, pytest.raises(ValueError, match="NaN"):
+        send_frame(unused, {"metrics": {"x": [1.0, float("nan")]}})
+
+
 def test_the_service_applies_the_sites_policy_whatever_the_forwarder_sends(running):
     reply = forward(_message(MessageType.TRAIN, private=False), str(running.service.path), "train").content
 

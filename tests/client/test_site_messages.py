@@ -125,7 +125,10 @@ def test_a_private_rounds_reply_holds_only_what_its_epsilon_covers(site):
     assert private[Rec.METRICS][Met.NUM_EXAMPLES] == int(count[0].value)
     again = _ask(rt, MessageType.TRAIN, _config(2, private=True))
     assert again[Rec.METRICS][Met.NUM_EXAMPLES] == int(count[0].value)
-    assert [e.kind for e in SiteAccountant(site.state_dir).ledger.entries()] == ["count", "train", "train"]
+    kinds = [e.kind for e in SiteAccountant(site.state_dir).ledger.entries()]
+    assert kinds == ["train-nonprivate", "count", "train", "train"]
+    # the plain round released the training images exactly: no epsilon bounds that, whatever came after
+    assert private[Rec.METRICS][Met.EPSILON] == again[Rec.METRICS][Met.EPSILON] == float("inf")
 
 
 def test_site_trains_with_its_own_class_balance_when_asked(site, monkeypatch):
@@ -149,3 +152,22 @@ def test_site_trains_with_its_own_class_balance_when_asked(site, monkeypatch):
     assert [b for b, _ in seen] == [False, True]
     counts = torch.bincount(rt.data.train_y, minlength=2).double()
     assert torch.allclose(seen[1][1].double(), counts.sum() / (2 * counts))
+
+
+def test_an_evaluation_released_without_privacy_leaves_the_test_images_epsilon_unbounded(site):
+    """A `summary` release is exact: it is written to the ledger before it leaves, and a protected
+    release after it reports the test images' epsilon as infinite, not as its own noise's epsilon."""
+    from client.site import SiteRuntime
+
+    evaluation = site.privacy.evaluation
+    summary = dataclasses.replace(site, privacy=dataclasses.replace(
+        site.privacy, evaluation=dataclasses.replace(evaluation, release="summary")
+    ))  # fmt: skip
+    first = _ask(SiteRuntime.load(summary), MessageType.EVALUATE, _config(1))
+    protected = _ask(SiteRuntime.load(site), MessageType.EVALUATE, _config(2))
+
+    assert Met.AUC in first[Rec.METRICS] and Met.EVAL_EPSILON not in first[Rec.METRICS]
+    assert protected[Rec.METRICS][Met.EVAL_EPSILON] == float("inf")
+    lines = SiteAccountant(site.state_dir).ledger.entries()
+    assert [e.kind for e in lines] == ["evaluation-nonprivate", "evaluation"]
+    assert SiteAccountant(site.state_dir).spent(site.privacy.delta) == 0.0  # the training images: untouched

@@ -190,7 +190,25 @@ def test_a_site_that_allows_non_private_training_trains_without_it(tmp_path):
 
     assert reply[Rec.SITE][Site.REFUSED] == "" and Rec.ARRAYS in reply
     assert reply[Rec.METRICS][Met.NUM_EXAMPLES] == 48
-    assert SiteAccountant(tmp_path).ledger.entries() == []  # nothing private was spent
+    (line,) = SiteAccountant(tmp_path).ledger.entries()  # written before the exact reply left
+    assert (line.kind, line.noise_multiplier, line.max_grad_norm) == ("train-nonprivate", 0.0, 0.0)
+
+
+def test_after_a_round_without_privacy_the_site_reports_its_epsilon_as_unbounded(tmp_path):
+    """The exact release is in the ledger: every later reply (a refusal, a private round) says the
+    training images' epsilon is infinite, while the budget check still bounds what DP rounds spend."""
+    rt = _runtime(tmp_path, required=False, max_epsilon=50.0)
+    assert _train(rt, round_config(dp_enabled=False))[Rec.SITE][Site.REFUSED] == ""
+
+    refused = _train(rt, _private(noise_multiplier=0.5))  # less noise than the policy
+    private = _train(rt, _private())
+
+    assert "min_noise_multiplier" in refused[Rec.SITE][Site.REFUSED]
+    assert refused[Rec.METRICS][Met.EPSILON] == float("inf")
+    assert private[Rec.SITE][Site.REFUSED] == "" and private[Rec.METRICS][Met.EPSILON] == float("inf")
+    accountant = SiteAccountant(tmp_path)
+    assert 0 < accountant.epsilon(1e-5) < 50.0  # the private lines, which max_epsilon bounds
+    assert accountant.spent(1e-5) == float("inf")
 
 
 def test_the_coordinators_seed_does_not_decide_the_noise(tmp_path):

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from client.ledger import LedgerWarning, SiteAccountant
+from client.ledger import TRAINING_KINDS, LedgerWarning, SiteAccountant
 from server.certs import make_credentials
 from server.deploy import DeploymentError, LocalDeployment
 from server.processes import Service
@@ -313,7 +313,9 @@ def test_a_restarted_coordinator_resumes_after_the_last_finished_round(deploymen
         with warnings.catch_warnings():  # a line being appended right now reads as torn: not yet there
             warnings.simplefilter("ignore", LedgerWarning)
             entries = SiteAccountant(deployment.state_dir(site)).ledger.entries()
-        return [e for e in entries if e.study == study_id and e.kind != "evaluation"]  # the training budget's
+        return [
+            e for e in entries if e.study == study_id and e.kind in TRAINING_KINDS
+        ]  # the training budget's
 
     def round_2_trained_everywhere() -> bool:
         if not (out / "results.json").exists():

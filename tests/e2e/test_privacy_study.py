@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from opacus.accountants import RDPAccountant
 
-from client.ledger import PrivacyLedger
+from client.ledger import TRAINING_KINDS, PrivacyLedger
 from tests.conftest import run_fedward
 
 STUDY = """
@@ -60,7 +60,9 @@ def _study(tmp_path: Path, policies: list[tuple], noise: float = 0.0) -> Path:
 def _fresh_epsilon(ledger: Path, delta: float = 1e-5) -> tuple[float, int]:
     """Epsilon of every line of the ledger (the released count too) by a fresh Opacus accountant,
     and the number of training lines."""
-    entries = [e for e in PrivacyLedger(ledger).entries() if e.kind != "evaluation"]  # the training budget
+    entries = [
+        e for e in PrivacyLedger(ledger).entries() if e.kind in TRAINING_KINDS
+    ]  # the training budget (private lines)
     accountant = RDPAccountant()
     accountant.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
     return accountant.get_epsilon(delta=delta), len([e for e in entries if e.kind == "train"])
