@@ -70,8 +70,8 @@ def work_problem(site: SiteConfig, plan: RoundPlan, patient_level: bool = False)
     none (None: it does not). The limits bound what one round can cost the site whatever the
     coordinator sends: at most max_local_epochs x max_augment_views passes over its data, and at most
     max_step_images images computed at once (the memory a step takes; a private round cuts its batches
-    into physical ones of train.max_physical_batch, except at a `patient_level` site, where the batch
-    counts patients). They are not counted in steps or in the site's images: a limit on those would
+    into physical ones of train.max_physical_batch, except at a `patient_level` site, where a batch of
+    patients takes at most max_images_per_patient images of each). They are not counted in steps or in the site's images: a limit on those would
     depend on the exact number of images, and its refusals would tell it, uncharged, to a coordinator
     that tries batch sizes."""
     for name, value in (("batch_size", plan.batch_size), ("local_epochs", plan.local_epochs),
@@ -90,13 +90,15 @@ def _step_size_problem(site: SiteConfig, plan: RoundPlan, patient_level: bool) -
     """Why a step would compute more images at once than the site's limits.max_step_images (or None)."""
     limit = site.limits.max_step_images
     if patient_level:  # batches of whole patients are not cut into physical batches
-        at_once = plan.batch_size * plan.augment_views
+        per_patient = site.limits.max_images_per_patient
+        at_once = plan.batch_size * per_patient * plan.augment_views
         if at_once > limit:
             return (
-                f"a step would take {at_once} patients' views at once (batch {plan.batch_size} patients, "
-                f"{plan.augment_views} view(s)), more than this site's limits.max_step_images {limit}, "
-                "counted in patients here (train.max_physical_batch does not cut batches of patients); "
-                "the study must ask a smaller batch_size or fewer views"
+                f"a step would compute up to {at_once} images at once (batch {plan.batch_size} patients, "
+                f"up to limits.max_images_per_patient {per_patient} images each, {plan.augment_views} "
+                f"view(s)), more than this site's limits.max_step_images {limit} "
+                "(train.max_physical_batch does not cut batches of patients); the study must ask a "
+                "smaller batch_size or fewer views"
             )
         return None
     physical = plan.max_physical_batch if plan.dp_enabled and plan.max_physical_batch > 0 else plan.batch_size

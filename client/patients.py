@@ -3,7 +3,8 @@
 Image-level DP-SGD protects one image; a patient with three images is then protected far less than
 the epsilon says. With patient ids (a hospital's label sheet has them), a site trains instead on
 patients: each step draws patients by Poisson sampling (`patient_loader`), every image of a drawn
-patient is in the batch, and the per-image gradients that Opacus computes are summed per patient
+patient is in the batch (at most the site's `limits.max_images_per_patient`, drawn afresh each step,
+`PatientDataset`), and the per-image gradients that Opacus computes are summed per patient
 (`sum_per_patient`, just before the optimizer clips) so that one gradient per patient is clipped to
 the clip norm and the noise is added to the sum of those. The accountant counts patient-level steps,
 and the site's released count is its number of patients.
@@ -33,16 +34,33 @@ def patient_groups(patients: Sequence[str]) -> list[list[int]]:
 
 
 class PatientDataset(Dataset):
-    """One item per patient: all of the patient's images and labels."""
+    """One item per patient: the patient's images and labels; with `max_images`, at most that many of
+    them, drawn afresh from `generator` each time the patient is drawn (the site's
+    `limits.max_images_per_patient`, which bounds a step's memory whatever the data; the sum of a
+    patient's images' gradients is clipped all the same, so the guarantee does not depend on it)."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, groups: list[list[int]]):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        groups: list[list[int]],
+        *,
+        max_images: int = 0,
+        generator: torch.Generator | None = None,
+    ):
+        if max_images and generator is None:
+            raise ValueError("drawing a patient's images needs the round's generator")
         self.x, self.y, self.groups = x, y, groups
+        self.max_images, self.generator = max_images, generator
 
     def __len__(self) -> int:
         return len(self.groups)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.groups[i]
+        if self.max_images and len(idx) > self.max_images:
+            drawn = torch.randperm(len(idx), generator=self.generator)[: self.max_images]
+            idx = [idx[j] for j in sorted(drawn.tolist())]
         return self.x[idx], self.y[idx]
 
 

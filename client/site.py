@@ -146,6 +146,7 @@ class SiteRuntime:
                 poisson=PoissonPlan(private.sample_rate, private.count * private.sample_rate),
                 on_steps=lambda dp: entries.append(guard.record_round(private, dp)),  # before the reply
                 patients=private.groups,
+                images_per_patient=self.config.limits.max_images_per_patient,
             ),
             correction=correction,
         )

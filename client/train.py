@@ -271,6 +271,20 @@ class DPSettings:
     poisson: PoissonPlan | None = None
     on_steps: Callable[[PrivateTraining], None] | None = None
     patients: list[list[int]] | None = None  # patient-level DP: each patient's images (client.patients)
+    images_per_patient: int = 0  # patient-level: at most this many of a patient's images a step (0: all)
+
+
+def _round_loader(
+    x: torch.Tensor, y: torch.Tensor, plan: RoundPlan, randomness: RoundRandomness, dp: DPSettings | None
+) -> DataLoader:
+    """The round's batches of images, or with patient-level DP of patients (make_private_for then
+    turns it into Poisson sampling at dp.poisson's rate)."""
+    if dp is None or dp.patients is None:
+        return train_loader(x, y, plan.batch_size, randomness.sampling)
+    dataset = PatientDataset(
+        x, y, dp.patients, max_images=dp.images_per_patient, generator=randomness.sampling
+    )
+    return DataLoader(dataset, batch_size=1, collate_fn=collate_patients, generator=randomness.sampling)
 
 
 def train_round(
@@ -296,10 +310,7 @@ def train_round(
         if dp is not None:
             raise ValueError("a private round needs its RoundRandomness (client.randomness), not a default")
         randomness = RoundRandomness.repeatable(plan.seed, plan.round)
-    loader = train_loader(x, y, plan.batch_size, randomness.sampling)
-    if dp is not None and dp.patients is not None:  # Poisson sampling of patients (dp.poisson's rate)
-        dataset = PatientDataset(x, y, dp.patients)
-        loader = DataLoader(dataset, batch_size=1, collate_fn=collate_patients, generator=randomness.sampling)
+    loader = _round_loader(x, y, plan, randomness, dp)
     optimizer = make_optimizer(model, plan.optimizer, plan.lr)
     if correction is not None:  # on the plain optimizer: Opacus's steps it after clipping and noise
         correct_after_each_step(optimizer, model, correction)

@@ -338,6 +338,9 @@ def load_site(path: str | Path) -> SiteConfig:
     _choice(site.data.on_bad_file, ("skip", "fail"), "data.on_bad_file", p)
     _validate_site_data(site.data, p)
     _validate_site_privacy(site, p)
+    for key, value in dataclasses.asdict(site.limits).items():
+        if not (isinstance(value, int) and value >= 1):
+            raise ConfigError(f"{p}: 'limits.{key}' must be a whole number >= 1, got {value!r}.")
     return site
 
 

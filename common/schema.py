@@ -333,6 +333,9 @@ class RoundLimitsConfig:
     # physical batch (train.max_physical_batch) x views; memory grows with it (DP-SGD keeps a gradient
     # per image: images x the model's parameters x 4 bytes), so a site with a large model lowers it
     max_step_images: int = 2048
+    # a patient-level site's steps take at most this many images of a drawn patient (a fresh random
+    # choice each step), so a step's images are at most batch (patients) x this x views
+    max_images_per_patient: int = 32
 
 
 @dataclass

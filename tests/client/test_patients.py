@@ -10,7 +10,14 @@ from torch import nn
 
 from client.dp import PoissonPlan, make_private
 from client.ledger import SiteAccountant
-from client.patients import collate_patients, patient_groups, patient_loader, sum_per_patient, unpack_batch
+from client.patients import (
+    PatientDataset,
+    collate_patients,
+    patient_groups,
+    patient_loader,
+    sum_per_patient,
+    unpack_batch,
+)
 from client.randomness import RoundRandomness
 from client.site import SiteRuntime
 from client.train import DPSettings, train_round
@@ -18,7 +25,14 @@ from common.keys import Met
 from common.models import build_model
 from common.privacy import PrivacyRequest, request_config
 from common.round import RoundPlan
-from common.schema import PrivacyConfig, SiteConfig, SiteDataConfig, SitePolicyConfig, SyntheticConfig
+from common.schema import (
+    PrivacyConfig,
+    RoundLimitsConfig,
+    SiteConfig,
+    SiteDataConfig,
+    SitePolicyConfig,
+    SyntheticConfig,
+)
 from common.sitedata import SiteData
 from tests.plans import round_config
 
@@ -129,20 +143,21 @@ def test_a_patient_level_segmentation_round_trains_through_empty_poisson_batches
     assert result.steps == 20  # 1 / 0.05 steps, nearly all of them without a patient
 
 
-def _site(tmp_path, unit: str, with_patients: bool) -> SiteRuntime:
+def _site(tmp_path, unit: str, with_patients: bool, per_patient: int = 3, **limits) -> SiteRuntime:
     data = SiteDataConfig(format="synthetic", synthetic=SyntheticConfig(train_per_site=30, test_per_site=10))
     site = SiteConfig(
         site="hospital-p",
         data=data,
         privacy=SitePolicyConfig(max_epsilon=50, unit=unit),
         state_dir=str(tmp_path),
+        limits=RoundLimitsConfig(**limits),
     )
     runtime = SiteRuntime.load(site)
-    if with_patients:  # three images per patient, as a DICOM site's label sheet gives them
+    if with_patients:  # `per_patient` images per patient, as a DICOM site's label sheet gives them
         d = runtime.data
         runtime.data = SiteData(
             d.site, d.train_x, d.train_y, d.test_x, d.test_y, d.classes,
-            train_patients=[f"P{i // 3}" for i in range(len(d.train_y))],
+            train_patients=[f"P{i // per_patient}" for i in range(len(d.train_y))],
             test_patients=[f"T{i // 3}" for i in range(len(d.test_y))],
         )  # fmt: skip
     return runtime
@@ -172,3 +187,52 @@ def test_patient_level_privacy_without_patient_ids_is_refused(tmp_path):
 
     assert "privacy.unit" in reply.refused and "patient ids" in reply.refused
     assert SiteAccountant(tmp_path).ledger.entries() == []
+
+
+def test_a_step_takes_at_most_the_sites_limit_of_a_patients_images_drawn_afresh(tmp_path, monkeypatch):
+    """Memory: a patient with many images (a CT series' slices) would put them all in one step. The
+    site's limits.max_images_per_patient caps what a drawn patient brings, a fresh choice each step."""
+    import client.train
+
+    seen = []  # per step: each drawn patient's images, and the images themselves
+    real = client.train.sum_per_patient
+
+    def spy(model, owner):
+        seen.append(torch.bincount(owner).tolist())
+        return real(model, owner)
+
+    monkeypatch.setattr(client.train, "sum_per_patient", spy)
+    runtime = _site(tmp_path, unit="auto", with_patients=True, per_patient=10, max_images_per_patient=4)
+    config = round_config(dp_enabled=True, batch_size=2, local_epochs=8) | request_config(
+        PrivacyConfig(enabled=True, noise_multiplier=1.0)
+    )
+
+    reply = runtime.train(config, build_model("cnn28").state_dict())
+
+    assert reply.refused == "" and reply.metrics[Met.PRIVACY_UNIT] == 1
+    counts = [n for step in seen for n in step if n]
+    assert counts and set(counts) == {4}  # 3 patients of 10 images: every drawn one brings 4
+
+
+def test_a_patient_level_step_over_the_sites_memory_limit_is_refused(tmp_path):
+    runtime = _site(tmp_path, unit="auto", with_patients=True, max_step_images=64, max_images_per_patient=32)
+    config = round_config(dp_enabled=True, batch_size=4) | request_config(
+        PrivacyConfig(enabled=True, noise_multiplier=1.0)
+    )
+
+    reply = runtime.train(config, build_model("cnn28").state_dict())
+
+    assert "128 images" in reply.refused and "limits.max_images_per_patient 32" in reply.refused
+    assert SiteAccountant(tmp_path).ledger.entries() == []
+
+
+def test_a_patients_images_are_drawn_afresh_each_time_and_all_kept_under_the_cap():
+    x = torch.arange(13, dtype=torch.float32).reshape(13, 1, 1, 1)
+    data = PatientDataset(x, torch.zeros(13), [list(range(10)), [10, 11, 12]], max_images=4,
+                          generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+    draws = [frozenset(data[0][0].flatten().int().tolist()) for _ in range(20)]
+
+    assert all(len(d) == 4 and d <= set(range(10)) for d in draws)
+    assert len(set(draws)) > 10  # not the same four every step
+    assert data[1][0].flatten().int().tolist() == [10, 11, 12]  # under the cap: every image, in order

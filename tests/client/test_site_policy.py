@@ -15,7 +15,7 @@ from client.app import handle_train
 from client.ledger import SiteAccountant
 from client.profile import PROFILES_DIR, profile_path
 from client.site import SiteRuntime
-from common.config import load_site
+from common.config import ConfigError, load_site
 from common.keys import Met, Rec, Site
 from common.models import build_model
 from common.privacy import PrivacyKey, request_config
@@ -280,3 +280,12 @@ def test_a_sites_own_limits_come_from_its_config(tmp_path):
 
     assert "local_epochs 3 is more than this site's limits.max_local_epochs 2" in refused
     assert trained[Rec.SITE][Site.REFUSED] == "" and Rec.ARRAYS in trained
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "2.5"])
+def test_a_site_limit_that_is_not_a_whole_number_of_at_least_one_is_named(tmp_path, value):
+    (tmp_path / "site.yaml").write_text(
+        f"site: hospital-a\ndata: {{format: synthetic}}\nlimits: {{max_images_per_patient: {value}}}\n"
+    )
+    with pytest.raises(ConfigError, match="limits.max_images_per_patient"):
+        load_site(tmp_path / "site.yaml")
