@@ -188,7 +188,9 @@ class SiteService:
         if op not in OPS:
             raise WireError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
         if op == "status":
-            return {"site": self.config.site, "metrics": {}, "refused": "", "served": self.served}, None
+            # alive and which site, nothing else: a count of requests served would tell one study's
+            # ClientApp how many requests other studies made here
+            return {"site": self.config.site, "metrics": {}, "refused": ""}, None
         config = plain_config(header.get("config"))
         if not arrays:
             raise WireError(f"a {op} request must carry the global model's arrays")
