@@ -70,8 +70,8 @@ def work_problem(site: SiteConfig, plan: RoundPlan, patient_level: bool = False)
     none (None: it does not). The limits bound what one round can cost the site whatever the
     coordinator sends: at most max_local_epochs x max_augment_views passes over its data, and at most
     max_step_images images computed at once (the memory a step takes; a private round cuts its batches
-    into physical ones of train.max_physical_batch, except at a `patient_level` site, where a batch of
-    patients takes at most max_images_per_patient images of each). They are not counted in steps or in the site's images: a limit on those would
+    into physical ones of train.max_physical_batch, or at a `patient_level` site into batches of whole
+    patients that fit, each bringing at most max_images_per_patient images: patients_per_step). They are not counted in steps or in the site's images: a limit on those would
     depend on the exact number of images, and its refusals would tell it, uncharged, to a coordinator
     that tries batch sizes."""
     for name, value in (("batch_size", plan.batch_size), ("local_epochs", plan.local_epochs),
@@ -89,16 +89,13 @@ def work_problem(site: SiteConfig, plan: RoundPlan, patient_level: bool = False)
 def _step_size_problem(site: SiteConfig, plan: RoundPlan, patient_level: bool) -> str | None:
     """Why a step would compute more images at once than the site's limits.max_step_images (or None)."""
     limit = site.limits.max_step_images
-    if patient_level:  # batches of whole patients are not cut into physical batches
-        per_patient = site.limits.max_images_per_patient
-        at_once = plan.batch_size * per_patient * plan.augment_views
+    if patient_level:  # the site cuts batches of patients itself (patients_per_step)
+        at_once = site.limits.max_images_per_patient * plan.augment_views
         if at_once > limit:
             return (
-                f"a step would compute up to {at_once} images at once (batch {plan.batch_size} patients, "
-                f"up to limits.max_images_per_patient {per_patient} images each, {plan.augment_views} "
-                f"view(s)), more than this site's limits.max_step_images {limit} "
-                "(train.max_physical_batch does not cut batches of patients); the study must ask a "
-                "smaller batch_size or fewer views"
+                f"one patient's images would be {at_once} at once (up to limits.max_images_per_patient "
+                f"{site.limits.max_images_per_patient}, {plan.augment_views} view(s) each), more than this "
+                f"site's limits.max_step_images {limit}; the study must ask fewer views"
             )
         return None
     physical = plan.max_physical_batch if plan.dp_enabled and plan.max_physical_batch > 0 else plan.batch_size
@@ -111,6 +108,14 @@ def _step_size_problem(site: SiteConfig, plan: RoundPlan, patient_level: bool) -
             "train.max_physical_batch"
         )
     return None
+
+
+def patients_per_step(site: SiteConfig, plan: RoundPlan) -> int:
+    """A patient-level private round's physical batch, in whole patients: as many as the site's
+    limits.max_step_images holds when each brings its most images (max_images_per_patient) and views.
+    The logical (Poisson) batch of patients is cut into such batches, clipped per patient and noised
+    once (client.train.physical_batches), so the bound holds whatever size a batch is drawn at."""
+    return max(1, site.limits.max_step_images // (site.limits.max_images_per_patient * plan.augment_views))
 
 
 def plan_round(

@@ -2,12 +2,14 @@
 
 Image-level DP-SGD protects one image; a patient with three images is then protected far less than
 the epsilon says. With patient ids (a hospital's label sheet has them), a site trains instead on
-patients: each step draws patients by Poisson sampling (`patient_loader`), every image of a drawn
-patient is in the batch (at most the site's `limits.max_images_per_patient`, drawn afresh each step,
-`PatientDataset`), and the per-image gradients that Opacus computes are summed per patient
-(`sum_per_patient`, just before the optimizer clips) so that one gradient per patient is clipped to
-the clip norm and the noise is added to the sum of those. The accountant counts patient-level steps,
-and the site's released count is its number of patients.
+patients: each step draws patients by Poisson sampling (client.train's loader of a `PatientDataset`,
+made Poisson by client.dp; `patient_loader` is the same on its own), every image of a drawn patient is
+in the batch (at most the site's `limits.max_images_per_patient`, drawn afresh each step), and the
+per-image gradients that Opacus computes are summed per patient (`sum_per_patient`, just before the
+optimizer clips) so that one gradient per patient is clipped to the clip norm and the noise is added
+to the sum of those. A large batch of patients is computed in physical batches of whole patients
+(client.train.physical_batches). The accountant counts patient-level steps, and the site's released
+count is its number of patients.
 
     loader = patient_loader(x, y, groups, sample_rate=q, generator=g)   # batches: x, y, owner
     ...backward... ; sum_per_patient(dp.model, owner) ; dp.optimizer.step()

@@ -90,7 +90,7 @@ class SiteRuntime:
         plan = RoundPlan.from_config(config)
         refusal = (
             spec_problem(plan, self.data)
-            or guard.work_problem(self.config, plan, self._patient_level())
+            or guard.work_problem(self.config, plan, plan.dp_enabled and self._patient_level())
             or SitePolicy.of(self.config).check_mode(plan.dp_enabled)
         )
         if refusal:
@@ -147,6 +147,7 @@ class SiteRuntime:
                 on_steps=lambda dp: entries.append(guard.record_round(private, dp)),  # before the reply
                 patients=private.groups,
                 images_per_patient=self.config.limits.max_images_per_patient,
+                patients_per_step=guard.patients_per_step(self.config, plan),
             ),
             correction=correction,
         )

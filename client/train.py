@@ -150,11 +150,13 @@ def augmented(xb, yb, gen: torch.Generator, *, views: int, batch_augment, masks:
     return (batch_augment(xb, gen) if batch_augment is not None else xb), yb
 
 
-def physical_batches(loader: DataLoader, optimizer, size: int, private: bool) -> DataLoader:
-    """A private round's logical (Poisson) batches cut into physical ones of at most `size` images
-    (Opacus's BatchMemoryManager loader: the optimizer clips each, and steps and adds noise once per logical batch),
-    so a large logical batch fits in memory; otherwise the loader as it is."""
-    if not private or size <= 0:
+def physical_batches(loader: DataLoader, optimizer, size: int) -> DataLoader:
+    """A private round's logical (Poisson) batches cut into physical ones of at most `size` items
+    (images; with patient-level DP whole patients) by Opacus's BatchMemoryManager loader: the optimizer
+    clips each (per patient after client.patients.sum_per_patient, a patient never being cut), and
+    steps and adds noise once per logical batch, so a large logical batch fits in memory. `size` 0:
+    the loader as it is."""
+    if size <= 0:
         return loader
     from opacus.utils.batch_memory_manager import wrap_data_loader
 
@@ -272,6 +274,7 @@ class DPSettings:
     on_steps: Callable[[PrivateTraining], None] | None = None
     patients: list[list[int]] | None = None  # patient-level DP: each patient's images (client.patients)
     images_per_patient: int = 0  # patient-level: at most this many of a patient's images a step (0: all)
+    patients_per_step: int = 0  # patient-level: physical batches of at most this many patients (0: uncut)
 
 
 def _round_loader(
@@ -327,9 +330,8 @@ def train_round(
         private = make_private_for(dp.request, model=model, optimizer=optimizer, data_loader=loader,
                                    criterion=criterion, noise_generator=randomness.noise, poisson=dp.poisson)  # fmt: skip
         trainee, optimizer, criterion = private.model, private.optimizer, private.criterion
-        loader = physical_batches(
-            private.data_loader, optimizer, plan.max_physical_batch, dp.patients is None
-        )
+        physical = plan.max_physical_batch if dp.patients is None else dp.patients_per_step
+        loader = physical_batches(private.data_loader, optimizer, physical)
     try:
         result = train_epochs(
             trainee, loader, optimizer, criterion=criterion, epochs=plan.local_epochs, proximal_mu=plan.proximal_mu,

@@ -98,10 +98,7 @@ def _partition_sites(study: StudyConfig) -> list[SiteConfig]:
                 default.max_local_epochs, study.train.local_epochs, study.study.fine_tune_epochs
             ),
             max_augment_views=max(default.max_augment_views, study.train.augment_views),
-            max_step_images=max(  # a patient-level batch takes up to max_images_per_patient of each
-                default.max_step_images,
-                study.train.batch_size * study.train.augment_views * default.max_images_per_patient,
-            ),
+            max_step_images=max(default.max_step_images, study.train.batch_size * study.train.augment_views),
         )
         sites.append(SiteConfig(site=name, data=data, privacy=policy, limits=limits))
     return sites

@@ -215,15 +215,29 @@ def test_a_step_takes_at_most_the_sites_limit_of_a_patients_images_drawn_afresh(
 
 
 def test_a_patient_level_step_over_the_sites_memory_limit_is_refused(tmp_path):
+    """The site cuts batches of patients itself; only one patient's images and views, which it cannot
+    cut, are refused over limits.max_step_images (before anything is drawn or charged)."""
     runtime = _site(tmp_path, unit="auto", with_patients=True, max_step_images=64, max_images_per_patient=32)
-    config = round_config(dp_enabled=True, batch_size=4) | request_config(
-        PrivacyConfig(enabled=True, noise_multiplier=1.0)
-    )
+    private = request_config(PrivacyConfig(enabled=True, noise_multiplier=1.0))
 
-    reply = runtime.train(config, build_model("cnn28").state_dict())
-
-    assert "128 images" in reply.refused and "limits.max_images_per_patient 32" in reply.refused
+    views = runtime.train(round_config(dp_enabled=True, batch_size=4, augment_views=3, augment=True) | private,
+                          build_model("cnn28").state_dict())  # fmt: skip
+    assert "96 at once" in views.refused and "limits.max_images_per_patient 32" in views.refused
     assert SiteAccountant(tmp_path).ledger.entries() == []
+    large = runtime.train(
+        round_config(dp_enabled=True, batch_size=500) | private, build_model("cnn28").state_dict()
+    )
+    assert large.refused == ""  # 500 patients a batch: cut into physical batches of 2
+
+
+def test_a_round_without_privacy_at_a_patient_level_site_is_limited_as_batches_of_images(tmp_path):
+    runtime = _site(tmp_path, unit="auto", with_patients=True, max_step_images=64)
+    runtime.config.privacy.required = False
+
+    ok = runtime.train(round_config(dp_enabled=False, batch_size=64), build_model("cnn28").state_dict())
+    too_many = runtime.train(round_config(dp_enabled=False, batch_size=65), build_model("cnn28").state_dict())
+
+    assert ok.refused == "" and "a step would compute 65 images" in too_many.refused
 
 
 def test_a_patients_images_are_drawn_afresh_each_time_and_all_kept_under_the_cap():
@@ -236,3 +250,32 @@ def test_a_patients_images_are_drawn_afresh_each_time_and_all_kept_under_the_cap
     assert all(len(d) == 4 and d <= set(range(10)) for d in draws)
     assert len(set(draws)) > 10  # not the same four every step
     assert data[1][0].flatten().int().tolist() == [10, 11, 12]  # under the cap: every image, in order
+
+
+def test_a_batch_of_patients_is_cut_into_physical_batches_of_whole_patients_within_the_limit(monkeypatch):
+    """The memory bound holds whatever size a Poisson batch is drawn at: 10 patients of 6 images, each
+    bringing at most 4, all drawn every step (rate 1), cut into physical batches of 2 whole patients
+    (at most 8 images), clipped per patient, with one optimizer step (and one noise) per logical batch."""
+    import client.train
+
+    physical = []
+    real = client.train.sum_per_patient
+
+    def spy(model, owner):
+        physical.append(torch.bincount(owner).tolist())
+        return real(model, owner)
+
+    monkeypatch.setattr(client.train, "sum_per_patient", spy)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(60, 1, 28, 28, generator=g), torch.randint(0, 2, (60,), generator=g)
+    groups = patient_groups([f"P{i // 6}" for i in range(60)])
+    plan = RoundPlan.from_config(round_config(dp_enabled=True, batch_size=10, local_epochs=3))
+    request = PrivacyRequest(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5)
+    steps = []
+    dp = DPSettings(request, poisson=PoissonPlan(1.0, 10), patients=groups, images_per_patient=4,
+                    patients_per_step=2, on_steps=lambda private: steps.append(private.steps))  # fmt: skip
+
+    train_round(build_model("cnn28-small"), x, y, plan, randomness=RoundRandomness.secret(), dp=dp)
+
+    assert steps == [3]  # one step per logical batch of 10 patients, counted once each
+    assert physical == [[4, 4]] * 15  # 3 steps x 5 physical batches of 2 whole patients, 4 images each
