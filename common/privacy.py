@@ -158,6 +158,27 @@ def _flag(config: Mapping[str, object], key: PrivacyKey, default: bool) -> bool:
     return value
 
 
+UNBOUNDED = "unbounded"  # an epsilon no DP bounds (images released without privacy), as files hold it
+
+
+def reported(epsilon: float | None) -> float | str | None:
+    """An epsilon as results and study files hold it: the number, or UNBOUNDED for infinity (JSON has
+    no infinity, and null already means "not reported")."""
+    return UNBOUNDED if epsilon is not None and math.isinf(epsilon) else epsilon
+
+
+def epsilon_value(epsilon: float | str | None) -> float | None:
+    """A reported epsilon back as a number (UNBOUNDED: infinity)."""
+    return math.inf if epsilon == UNBOUNDED else epsilon
+
+
+def epsilon_text(epsilon: float | str | None, digits: int = 2) -> str:
+    """A reported epsilon for a person: the number, "unbounded", or "" when none was reported."""
+    if epsilon is None:
+        return ""
+    return UNBOUNDED if epsilon_value(epsilon) == math.inf else f"{epsilon:.{digits}f}"
+
+
 def rdp_epsilon(history: Sequence[HistoryItem], *, delta: float) -> float:
     """Epsilon spent by `history` at `delta`: what a fresh Opacus RDPAccountant holding this history
     gives (0.0 if empty; infinity when an entry has no noise), computed faster.

@@ -9,7 +9,6 @@ the sites where it does worst first.
 from __future__ import annotations
 
 import html
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -128,7 +127,7 @@ def _main_sections(meta: dict) -> list[tuple[str, list[str], list[list[str]] | N
                 site,
                 *(_fmt(m.get(c)) for c in columns),
                 _fmt(meta["training_data"].get(site)),
-                "unbounded (released without DP)" if eps == math.inf else _fmt(eps),
+                _fmt(eps),
             ]
         )
     worst = _worst_first(meta)[0] if meta["performance"]["sites"] else None

@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from common.privacy import epsilon_text
 from common.schema import StudyConfig
 from server.coordinator import Reporter
 from server.report.doc import is_private, metric_of
@@ -48,7 +49,7 @@ class RichReporter(Reporter):
     def round_done(self, record: dict, round_s: float) -> None:
         sites = "  ".join(
             f"{name} {_fmt(m.get(self.key))}"
-            + (f" ε{m['epsilon']:.2f}" if m.get("epsilon") is not None else "")
+            + (f" ε {epsilon_text(m['epsilon'])}" if m.get("epsilon") is not None else "")
             for name, m in record["sites"].items()
         )
         extra = ""

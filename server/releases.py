@@ -27,6 +27,7 @@ from common.metrics import (
     public_metrics,
     summary_from_counts,
 )
+from common.privacy import reported
 from common.seg_metrics import SUM_KEYS, segmentation_summary
 from common.uncertainty import auc_interval, calibration_from_histogram
 
@@ -90,7 +91,7 @@ def site_metrics(release: dict, m) -> dict:
     if Met.PRIVACY_UNIT in m:
         out["privacy_unit"] = "patient" if m[Met.PRIVACY_UNIT] else "image"
     if release["kind"] == "dp_histogram":
-        out["evaluation_epsilon"] = float(m[Met.EVAL_EPSILON])
+        out["evaluation_epsilon"] = reported(float(m[Met.EVAL_EPSILON]))
         out["noise_sd"] = {"auc": _auc_noise_sd([release])}
     auc = release["summary"]["auc"]
     out |= _interval_and_calibration(release["pool"], auc, out.get("noise_sd", {}).get("auc") or 0.0)
@@ -117,7 +118,7 @@ def _segmentation_metrics(summary: dict, kind: str, m=None) -> dict:
     if m is not None and Met.PRIVACY_UNIT in m:
         out["privacy_unit"] = "patient" if m[Met.PRIVACY_UNIT] else "image"
     if m is not None and kind == "dp_histogram":
-        out["evaluation_epsilon"] = float(m[Met.EVAL_EPSILON])
+        out["evaluation_epsilon"] = reported(float(m[Met.EVAL_EPSILON]))
     return out
 
 

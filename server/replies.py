@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 
 from common.keys import Met, Rec, Site
+from common.privacy import reported
 
 log = logging.getLogger("fedward.coordinator")
 
@@ -95,7 +96,7 @@ def _sort_reply(msg: Message, name: str, reference: ArrayRecord | None, out: Rep
     metrics = msg.content.metric_records.get(Rec.METRICS)
     if metrics is not None and Met.EPSILON in metrics:
         out.privacy[name] = {
-            "epsilon": float(metrics[Met.EPSILON]),
+            "epsilon": reported(float(metrics[Met.EPSILON])),
             "delta": float(metrics[Met.DELTA]),
             "noise_multiplier": float(metrics.get(Met.NOISE_MULTIPLIER, 0.0)) or None,
             "steps": int(metrics[Met.STEPS]),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from common.config import ConfigError
 from common.keys import Met, Rec
+from common.privacy import epsilon_text, epsilon_value, reported
 from common.schema import StudyConfig
 from server.replies import Replies, site_name
 from server.run_folder import Results, RoundRecord
@@ -68,7 +69,7 @@ def warn_budget_passed(results: Results, record: RoundRecord, target: float | No
         return
     warned = {w.get("site") for w in results.get("warnings", []) if w.get("kind") == "budget"}
     for site, metrics in record["sites"].items():
-        eps = metrics.get("epsilon") or 0.0
+        eps = epsilon_value(metrics.get("epsilon")) or 0.0
         if eps > target and site not in warned:
             why = (
                 "its training images were released without differential privacy in a study that trained "
@@ -77,12 +78,18 @@ def warn_budget_passed(results: Results, record: RoundRecord, target: float | No
                 else "rounds trained again after a crash or added on resume count too"
             )
             message = (
-                f"site '{site}' has spent epsilon {eps:.2f}, past the study's target_epsilon {target:g}, "
+                f"site '{site}' has spent epsilon {epsilon_text(eps)}, past the study's target_epsilon {target:g}, "
                 f"after round {record['round']} ({why})"
             )
             log.warning("%s", message)
             results.setdefault("warnings", []).append(
-                {"kind": "budget", "site": site, "round": record["round"], "epsilon": eps, "message": message}
+                {
+                    "kind": "budget",
+                    "site": site,
+                    "round": record["round"],
+                    "epsilon": reported(eps),
+                    "message": message,
+                }
             )
 
 

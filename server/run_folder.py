@@ -93,14 +93,14 @@ class Metrics(TypedDict, total=False):
     sensitivity: float | None
     specificity: float | None
     balanced_accuracy: float | None
-    epsilon: float  # with privacy: cumulative, the site's whole ledger
+    epsilon: float | str  # with privacy: cumulative, the site's whole ledger ("unbounded": common.privacy)
     delta: float | None
     noise_multiplier: float | None
     steps: int
     repeatable_noise: bool  # the site's noise was seeded: not private against the coordinator
     privacy_unit: str  # patient (patient-level DP: the site's data has patient ids) | image
     release: str  # what the site's evaluation released: dp_histogram | summary | exact
-    evaluation_epsilon: float  # dp_histogram: the site's evaluation budget spent so far
+    evaluation_epsilon: float | str  # dp_histogram: the site's test images' epsilon so far ("unbounded")
     refused: str | None
 
 
@@ -157,7 +157,7 @@ def new_results(study_id: str, study: dict) -> Results:
     }
 
 
-def final_epsilon(results: Results) -> dict[str, float | None]:
+def final_epsilon(results: Results) -> dict[str, float | str | None]:
     """Each site's epsilon at the end of a private run (None where the site reported none)."""
     return {s: m.get("epsilon") for s, m in results.get("final", {}).get("sites", {}).items()}
 

@@ -124,7 +124,7 @@ def run_metrics(results: dict, prefix: str = "") -> list[tuple[str, float, int]]
         step = int(block.get("round", 0))
         for site, m in block.get("sites", {}).items():
             out.append((f"{prefix}{metric}/{site}", m.get(metric), step))
-            if m.get("epsilon") is not None:
+            if isinstance(m.get("epsilon"), int | float):  # not "unbounded": MLflow's metrics are numbers
                 out.append((f"{prefix}epsilon/{site}", m["epsilon"], step))
         out.append((f"{prefix}{metric}/pooled", block.get("pooled", {}).get(metric), step))
     return out

@@ -47,8 +47,10 @@ def _colors(names: list[str]) -> dict[str, tuple]:
     return {s: cmap(i % 10) for i, s in enumerate(names)}
 
 
-def _nan(values: list[float | None]) -> list[float]:
-    return [math.nan if v is None else v for v in values]
+def _nan(values: list[float | str | None]) -> list[float]:
+    """Numbers to plot: NaN (a gap) where none was reported, or where the file holds a word (an
+    epsilon's "unbounded", which no axis shows)."""
+    return [v if isinstance(v, int | float) else math.nan for v in values]
 
 
 def _save(fig: Figure, path: Path) -> Path:

@@ -7,6 +7,7 @@ in study.json's "summary" and prints them.
 
 from __future__ import annotations
 
+from common.privacy import epsilon_text, epsilon_value
 from server.report.doc import METRIC_LABELS, is_study, is_validation, metric_of, model_label, score_text
 from server.report.validation import validation_summary
 from server.run_folder import LOCAL_OF, Variant
@@ -96,11 +97,11 @@ def _pooled_lines(doc: dict, kind: str) -> list[str]:
     p = pooled.get(Variant.FEDERATED_DP, {}).get(m)
     if f is not None and p is not None:
         epsilon = doc["models"].get(Variant.FEDERATED_DP, {}).get("epsilon") or {}
-        eps = [e for e in epsilon.values() if e is not None]
+        eps = [epsilon_value(e) for e in epsilon.values() if e is not None]
         effect = f"costs {_pts(f - p, doc)} of" if f >= p else f"adds {_pts(p - f, doc)} to"
         lines.append(
             f"Privacy {effect} pooled {name} ({score_text(p)} with privacy, {score_text(f)} without)"
-            + (f" at epsilon up to {max(eps):.2f} per site." if eps else ".")
+            + (f" at epsilon up to {epsilon_text(max(eps))} per site." if eps else ".")
         )
     return lines
 

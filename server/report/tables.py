@@ -71,7 +71,11 @@ class RunRow:
         return out
 
 
-def number(value: float | None, digits: int = 3, *, missing: str = MISSING) -> str:
+def number(value: float | str | None, digits: int = 3, *, missing: str = MISSING) -> str:
+    """A value for a table: missing, a word where the file holds one (an epsilon's "unbounded"), or
+    the number to `digits` places."""
+    if isinstance(value, str):
+        return value
     return missing if value is None else f"{value:.{digits}f}"
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from common.privacy import epsilon_text
 from common.schema import StudyConfig
 from server.coordinator import Reporter
 from server.report.doc import METRIC_LABELS
@@ -153,7 +154,7 @@ class StudyProgress(Reporter):
         self.part_done += units
         sites = "  ".join(
             f"{name} {fmt(m.get(self.metric))}"
-            + (f" ε{m['epsilon']:.2f}" if m.get("epsilon") is not None else "")
+            + (f" ε {epsilon_text(m['epsilon'])}" if m.get("epsilon") is not None else "")
             for name, m in record["sites"].items()
         )
         skipped = sorted({*record.get("refused", {}), *record.get("failed", {})})

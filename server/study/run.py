@@ -38,6 +38,7 @@ from torch import nn
 
 from common.data import load_site_data
 from common.models import load_model, save_model
+from common.privacy import epsilon_text
 from common.schema import SiteConfig, StudyConfig
 from common.simulated import simulated_sites
 from common.sitedata import SiteData
@@ -280,7 +281,7 @@ class ComparisonRun:
             **info,
             "eval": self.evaluator.evaluate(key, roc_on={site}),
         }
-        eps = f", ε {info['epsilon']:.2f}" if part.private and info["epsilon"] is not None else ""
+        eps = f", ε {epsilon_text(info['epsilon'])}" if part.private and info["epsilon"] is not None else ""
         own = self.models[key]["eval"][site][self.evaluator.metric]
         label = METRIC_LABELS[self.evaluator.metric]
         self.progress.site_done(site, f"trained alone, {label} on its own test data {fmt(own)}{eps}")

@@ -25,11 +25,12 @@ from dataclasses import replace
 
 from torch import nn
 
+from client import guard
 from client.ledger import TRAINING_KINDS, SiteAccountant, spending
 from client.site import SiteRuntime
 from common.config import ConfigError
 from common.keys import Met
-from common.privacy import rdp_epsilon, request_config
+from common.privacy import rdp_epsilon, reported, request_config
 from common.round import RoundPlan
 from common.schema import SiteConfig, StudyConfig
 from common.sitedata import SiteData
@@ -101,11 +102,11 @@ def train_at_site(
             info["refused"] = reply.refused
             break
         weights = reply.weights
-        epsilons.append(float(reply.metrics[Met.EPSILON]) if private else None)
+        epsilons.append(reported(float(reply.metrics[Met.EPSILON])) if private else None)
         if on_round is not None:
             on_round(rnd, time.perf_counter() - r0)
     model.load_state_dict(weights)
-    spent = study_epsilon(site, {study_id}) if private else None
+    spent = reported(study_epsilon(site, {study_id})) if private else None
     info |= {"epsilon": spent, "site_epsilon_by_round": epsilons if private else None}
     info |= {"delta": site.privacy.delta if private else None, "train_s": round(time.perf_counter() - t0, 3)}
     return model.eval(), info
@@ -125,9 +126,10 @@ def record_pooled_release(study: StudyConfig, sites: dict[str, SiteConfig], step
 
 def study_epsilon(site: SiteConfig, study_ids: set[str]) -> float:
     """Epsilon of the lines of these runs in the site's ledger, composed (training budget): infinite
-    when one of them trained the site's images without differential privacy."""
+    when one of them trained the site's images without differential privacy. A site without a ledger
+    reports what client.guard.spent says of it (nothing private, perhaps something not)."""
     if not site.state_dir:
-        return 0.0
+        return guard.spent(site)[0]
     entries = SiteAccountant(site.state_dir).ledger.entries()
     kinds = spending(TRAINING_KINDS)
     history = [
@@ -142,10 +144,14 @@ def privacy_spent(sites: dict[str, SiteConfig], study_ids: set[str]) -> dict[str
     """Per site: the epsilon the whole study spent (all its runs composed), the site's total, its budget."""
     out = {}
     for name, site in sites.items():
-        total = SiteAccountant(site.state_dir).spent(site.privacy.delta) if site.state_dir else 0.0
+        total = (
+            SiteAccountant(site.state_dir).spent(site.privacy.delta)
+            if site.state_dir
+            else guard.spent(site)[0]
+        )
         out[name] = {
-            "study_epsilon": round(study_epsilon(site, study_ids), 6),
-            "site_total_epsilon": round(total, 6),
+            "study_epsilon": reported(round(study_epsilon(site, study_ids), 6)),
+            "site_total_epsilon": reported(round(total, 6)),
             "max_epsilon": site.privacy.max_epsilon,
             "delta": site.privacy.delta,
         }

@@ -95,7 +95,11 @@ def test_the_noised_releases_are_charged_to_the_sites_ledger_and_nothing_is_trai
     assert [(x["kind"], x["study"]) for x in lines] == [
         ("evaluation", doc["validation_id"])
     ] * 2  # one per package
-    assert not (out / "sites" / "hospital-a" / LEDGER_FILENAME).exists()  # exact releases spend nothing
+    exact = [json.loads(x) for x in (out / "sites" / "hospital-a" / LEDGER_FILENAME).read_text().splitlines()]
+    # an exact release is written too, as unbounded (noise 0): one per package
+    assert [(x["kind"], x["noise_multiplier"], x["study"]) for x in exact] == [
+        ("evaluation-nonprivate", 0.0, doc["validation_id"])
+    ] * 2
     assert not any(out.glob("**/final_model.pt")) and not any((out / "checkpoints").iterdir())
     html = (out / "report.html").read_text()
     assert (

@@ -14,14 +14,16 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.ledger import SiteAccountant
+from client.ledger import TRAINING_KINDS, SiteAccountant
 from common.config import ConfigError
 from common.keys import Cfg, Met, Rec, Site
 from common.model_spec import model_spec
+from common.package import META_FILE, PACKAGE_DIR
 from common.schema import (
     StudyConfig,
 )
 from server.coordinator import run_study
+from server.report.tables import run_table
 from server.run_folder import RESULTS_FILE
 from tests.local_grid import Behaviour, LocalGrid, honest
 
@@ -144,6 +146,32 @@ def test_privacy_columns_per_site_and_a_refusal_that_stops_nothing(tmp_path):
     assert (b["epsilon"], b["steps"], b["refused"]) == (2.5, 0, "privacy budget: spent")
     assert "state_dir" in second["sites"]["hospital-c"]["refused"]
     assert results["final"]["sites"]["hospital-a"]["epsilon"] == a2["epsilon"]
+
+
+def test_a_site_whose_images_were_released_without_privacy_is_reported_unbounded(tmp_path):
+    """hospital-a once trained without DP (its ledger says so): in a private study it trains, and
+    results.json, the budget warning, the run's table and the model package say its epsilon is
+    unbounded, as a word (JSON has no infinity; null means "not reported")."""
+    SiteAccountant(tmp_path / "a").record_nonprivate(
+        budget=TRAINING_KINDS, round=1, steps=3, delta=1e-5, study="an-earlier-plain-study"
+    )
+    grid = LocalGrid({1: honest("hospital-a", 0, state_dir=str(tmp_path / "a")),
+                      2: honest("hospital-b", 1, state_dir=str(tmp_path / "b"))})  # fmt: skip
+    study = _study(rounds=2)
+    study.privacy.enabled = True
+
+    results = _run(grid, study, tmp_path / "run")
+
+    assert results["rounds"][-1]["participants"] == ["hospital-a", "hospital-b"]
+    assert [r["sites"]["hospital-a"]["epsilon"] for r in results["rounds"]] == ["unbounded"] * 2
+    assert results["final"]["sites"]["hospital-a"]["epsilon"] == "unbounded"
+    assert 0 < results["final"]["sites"]["hospital-b"]["epsilon"] < study.privacy.target_epsilon
+    (warning,) = results["warnings"]
+    assert warning["site"] == "hospital-a" and "without differential privacy" in warning["message"]
+    rows = {row[0].text: row[-1].text for row in run_table(results).rows}
+    assert rows["hospital-a"] == "unbounded" and rows["hospital-b"] not in ("unbounded", "–")
+    package = json.loads((tmp_path / "run" / PACKAGE_DIR / META_FILE).read_text())
+    assert package["privacy"]["epsilon"]["hospital-a"] == "unbounded"
 
 
 def test_rounds_with_seeded_noise_are_marked_not_private_in_the_ledger_and_results(tmp_path, caplog):

@@ -3,8 +3,6 @@ included (server.study.site_ledgers.train_at_site)."""
 
 from __future__ import annotations
 
-import math
-
 from common.data import load_site_data
 from common.files import json_safe
 from common.schema import (
@@ -65,13 +63,15 @@ def test_a_reference_trained_without_privacy_leaves_the_sites_reported_epsilon_u
     assert 0 < private["epsilon"] < 100.0  # that run's own lines: finite
 
     spent = privacy_spent({"hospital-a": site}, {plain["study_id"], private["study_id"]})["hospital-a"]
-    assert math.isinf(spent["study_epsilon"]) and math.isinf(spent["site_total_epsilon"])
+    assert (
+        spent["study_epsilon"] == spent["site_total_epsilon"] == "unbounded"
+    )  # a word: JSON has no infinity
     only_private = privacy_spent({"hospital-a": site}, {private["study_id"]})["hospital-a"]
     assert only_private["study_epsilon"] == round(private["epsilon"], 6)  # study.json rounds to 6 places
     table = _privacy_spent_table(
         json_safe({"privacy_spent": {"hospital-a": spent}})
     )  # as study.json holds it
-    assert [c.text for c in table.rows[0][1:3]] == ["unbounded (released without DP)"] * 2
+    assert [c.text for c in table.rows[0][1:3]] == ["unbounded"] * 2
 
 
 def test_the_centralized_reference_is_written_to_every_sites_ledger_as_unbounded(tmp_path):
@@ -80,5 +80,18 @@ def test_the_centralized_reference_is_written_to_every_sites_ledger_as_unbounded
     study_id = record_pooled_release(StudyConfig(name="pooled"), sites, steps=12)
 
     spent = privacy_spent(sites, {study_id})
-    assert all(math.isinf(s["study_epsilon"]) and math.isinf(s["site_total_epsilon"]) for s in spent.values())
+    assert all(s["study_epsilon"] == s["site_total_epsilon"] == "unbounded" for s in spent.values())
     assert privacy_spent(sites, {"another-study"})["hospital-a"]["study_epsilon"] == 0.0
+
+
+def test_a_site_without_a_ledger_is_reported_as_its_policy_allows(tmp_path):
+    """No state_dir: nothing private can have been trained; a site that allows training without DP may
+    have been, so its epsilon is unbounded, one that requires DP has spent nothing."""
+    plain, strict = _site(tmp_path, AugmentConfig()), _site(tmp_path, AugmentConfig())
+    plain.state_dir = strict.state_dir = ""
+    strict.privacy.required = True
+
+    spent = privacy_spent({"plain": plain, "strict": strict}, {"any"})
+
+    assert spent["plain"]["study_epsilon"] == spent["plain"]["site_total_epsilon"] == "unbounded"
+    assert spent["strict"]["study_epsilon"] == spent["strict"]["site_total_epsilon"] == 0.0
