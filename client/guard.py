@@ -61,6 +61,20 @@ def site_lock(site: SiteConfig):
     return SiteAccountant(site.state_dir).ledger.locked()
 
 
+MAX_STUDY_ID = 256  # characters: a study's id is kept in every ledger line the study writes
+
+
+def study_id_problem(plan: RoundPlan) -> str | None:
+    """Why the site refuses the request's study id (or None): longer than MAX_STUDY_ID, it would make
+    every ledger line the study writes as long, and the ledger is read whole before each line."""
+    if len(plan.study_id) > MAX_STUDY_ID:
+        return (
+            f"its study id is {len(plan.study_id)} characters long, more than the {MAX_STUDY_ID} a site keeps "
+            "in its ledger; the study's name must be shorter"
+        )
+    return None
+
+
 def refusal_text(site: SiteConfig, round_: int, reason: str) -> str:
     return f"site '{site.site}' refuses round {round_}: {reason}. {SitePolicy.of(site).allows()}"
 

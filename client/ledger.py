@@ -1,15 +1,16 @@
 """The site's privacy ledger: an append-only record of every round's privacy spending.
 
-One JSON object per line, one line per trained round, in `<state_dir>/privacy-ledger.jsonl`:
+One JSON object per line, one line per release (a trained round, say), in
+`<state_dir>/privacy-ledger.jsonl`:
 
     {"round": 3, "attempt": 1, "steps": 40, "sample_rate": 0.025, "noise_multiplier": 1.1,
      "max_grad_norm": 1.0, "delta": 1e-05, "epsilon": 1.93, "time": "2025-01-01T12:00:00+00:00",
      "study": "demo-1a2b3c4d", "kind": "train", "repeatable": false}
 
-`epsilon` is the cumulative epsilon (at that line's `delta`) of its budget after the line. A line's
-`kind` is `train` (a round of DP-SGD), `count` (the site's training-set size, released once per study
-with Gaussian noise: one step of noise `noise_multiplier` x sensitivity 1 at sample rate 1, its noised
-`value` kept so the study's later rounds reuse it), `evaluation` (one protected evaluation release,
+`epsilon` is the cumulative epsilon (at that line's `delta`) of its budget's private lines after the
+line. A line's `kind` is `train` (a round of DP-SGD), `count` (the site's training-set size, released
+once per study with Gaussian noise: one step of noise `noise_multiplier` x sensitivity 1 at sample
+rate 1, its noised `value` kept so the study's later rounds reuse it), `evaluation` (one protected evaluation release,
 client.evaluation), or a release without differential privacy: `train-nonprivate` (a round trained
 without DP, at a site whose policy allows it: exact size, loss and update) or `evaluation-nonprivate`
 (an `exact` or `summary` evaluation release), written with noise 0 and no clipping. Training, count and

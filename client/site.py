@@ -89,7 +89,8 @@ class SiteRuntime:
         """One round of local training as the coordinator's `config` asks, within the site's policy."""
         plan = RoundPlan.from_config(config)
         refusal = (
-            spec_problem(plan, self.data)
+            guard.study_id_problem(plan)
+            or spec_problem(plan, self.data)
             or guard.work_problem(self.config, plan, plan.dp_enabled and self._patient_level())
             or SitePolicy.of(self.config).check_mode(plan.dp_enabled)
         )
@@ -227,7 +228,7 @@ class SiteRuntime:
         release (client.evaluation), charged to its ledger first when it is a private one."""
         plan = RoundPlan.from_config(config)
         split = str(config.get(Cfg.EVAL_SPLIT, "test"))
-        problem = spec_problem(plan, self.data) or self._split_problem(split)
+        problem = guard.study_id_problem(plan) or spec_problem(plan, self.data) or self._split_problem(split)
         if problem:
             return SiteReply(
                 self.config.site, {}, refused=guard.refusal_text(self.config, plan.round, problem)

@@ -164,9 +164,17 @@ def with_changes(study: StudyConfig, changes: dict[str, Any]) -> StudyConfig:
     return out
 
 
+MAX_STUDY_NAME = 200  # a site refuses study ids over 256 characters (client.guard); the ids add suffixes
+
+
 def validate_study(study: StudyConfig) -> None:
     """Every check a study config gets before anything runs; raises ConfigError naming the key."""
     p = study.source_path or "study config"
+    if not 0 < len(study.name) <= MAX_STUDY_NAME:
+        raise ConfigError(
+            f"{p}: 'name' must be 1 to {MAX_STUDY_NAME} characters (it starts the study id every site keeps "
+            f"in its ledger), got {len(study.name)}."
+        )
     _validate_choices(study, p)
     _validate_sites(study, p)
     _validate_privacy(study, p)

@@ -11,7 +11,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import handle_train
+from client.app import handle_evaluate, handle_train
 from client.ledger import SiteAccountant
 from client.profile import PROFILES_DIR, profile_path
 from client.site import SiteRuntime
@@ -168,12 +168,12 @@ def test_a_round_takes_and_counts_the_steps_and_sample_rate_its_budget_check_pla
     assert (trained.kind, trained.steps, trained.sample_rate) == ("train", 93, 1 / 93)
 
 
-def test_a_study_id_of_any_length_and_characters_names_one_file_in_the_state_folder(tmp_path):
+def test_a_study_id_of_any_characters_names_one_file_in_the_state_folder(tmp_path):
     """The coordinator names the study; the site keeps a record per study under that name, for drift
-    monitoring. For a 300-character id the file system refused the name ('File name too long'), so the
-    study had no reference profile (an independent review found it)."""
+    monitoring. For a 300-byte id the file system refused the name ('File name too long'), so the
+    study had no reference profile (an independent review found it). 249 characters, 489 bytes."""
     rt = _runtime(tmp_path, max_epsilon=50.0)
-    study_id = "../" * 3 + "x" * 300
+    study_id = "../" * 3 + "é" * 240
 
     reply = _train(rt, _private() | {"study-id": study_id})
 
@@ -181,6 +181,23 @@ def test_a_study_id_of_any_length_and_characters_names_one_file_in_the_state_fol
     (record,) = (tmp_path / PROFILES_DIR).glob("*.json")  # the study's record, beside the data profiles
     assert record == profile_path(tmp_path, study_id) and len(record.name.encode()) < 255
     assert json.loads(record.read_text())["study_id"] == study_id
+
+
+def test_a_study_id_longer_than_a_site_keeps_is_refused_before_anything(tmp_path):
+    """Every ledger line holds its study's id, and the ledger is read whole before each line: a
+    coordinator's 500 KB id would make each of its lines that long."""
+    rt = _runtime(tmp_path, max_epsilon=50.0, required=False)
+    config = _private() | {"study-id": "x" * 257}
+
+    trained = _train(rt, config)
+    msg = Message(RecordDict({Rec.ARRAYS: ArrayRecord(build_model("cnn28").state_dict()),
+                              Rec.CONFIG: ConfigRecord(config)}), dst_node_id=1, message_type=MessageType.EVALUATE)  # fmt: skip
+    evaluated = handle_evaluate(msg, rt).content
+
+    for reply in (trained, evaluated):
+        assert "257 characters" in reply[Rec.SITE][Site.REFUSED]
+    assert SiteAccountant(tmp_path).ledger.entries() == []
+    assert not (tmp_path / PROFILES_DIR).exists()
 
 
 def test_a_site_that_allows_non_private_training_trains_without_it(tmp_path):

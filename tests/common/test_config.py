@@ -49,6 +49,7 @@ def test_missing_data_file_names_the_file_and_the_override(tmp_path, monkeypatch
         ("rounds: 0\n", "rounds"),
         ("train:\n  lr: fast\n", "train.lr"),
         ("min_sites: 5\n", "min_sites"),
+        ("name: " + "n" * 201 + "\n", "'name' must be 1 to 200 characters"),
     ],
 )
 def test_bad_values_name_their_key(tmp_path, text, key):
