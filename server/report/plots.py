@@ -19,6 +19,7 @@ matplotlib.use("Agg")  # no display: plots are files
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from common.privacy import UNBOUNDED  # noqa: E402
 from server.report.doc import (  # noqa: E402
     METRIC_LABELS,
     federated_runs,
@@ -97,12 +98,16 @@ def plot_epsilon_by_round(doc: dict, path: Path) -> Path | None:
         ys = [r.get("sites", {}).get(s, {}).get("epsilon") for r in rounds]
         if any(y is not None for y in ys):
             xs = [r["round"] for r in rounds]
-            ax.plot(xs, _nan(ys), marker="o", ms=3, color=colors[s], label=f"{s} (federated)")
+            unbounded = ", ε unbounded" if UNBOUNDED in ys else ""  # released without DP: no point to draw
+            ax.plot(xs, _nan(ys), marker="o", ms=3, color=colors[s], label=f"{s} (federated{unbounded})")
     if is_study(doc):
         for s in names:
             ys = doc["models"].get(model_key(Variant.LOCAL_DP, s), {}).get("epsilon_by_round") or []
             if ys:
-                ax.plot(range(1, len(ys) + 1), ys, ls=":", color=colors[s], label=f"{s} (alone)")
+                unbounded = ", ε unbounded" if UNBOUNDED in ys else ""
+                ax.plot(
+                    range(1, len(ys) + 1), _nan(ys), ls=":", color=colors[s], label=f"{s} (alone{unbounded})"
+                )
     target = res.get("study", {}).get("privacy", {}).get("target_epsilon")
     if target:
         ax.axhline(target, color="grey", ls="--", lw=1, label=f"target ε = {target:g}")

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.privacy import UNBOUNDED
 from server.run_folder import FEDERATED_VARIANTS, Variant
 
 
@@ -205,6 +206,7 @@ COUNT = Leaf((int,), "a whole number")
 TEXT = Leaf((str,), "a string")
 FLAG = Leaf((bool,), "true or false")
 MAYBE = Nullable(NUMBER)
+EPSILON = Nullable(Either(NUMBER, OneOf((UNBOUNDED,))))  # common.privacy.reported
 INTERVAL = Nullable(ListOf(NUMBER, length=2))
 
 METRICS = Record(
@@ -213,7 +215,7 @@ METRICS = Record(
         **{f"{k}?": MAYBE for k in ("auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy")},
         "dice?": MAYBE,
         "hd95?": MAYBE,
-        "epsilon?": MAYBE,
+        "epsilon?": EPSILON,
     }
 )
 EVALUATION = Record({"sites?": MapOf(METRICS), "pooled?": METRICS})
@@ -269,15 +271,15 @@ TRAINED_ALONE = Record(
     {
         "eval": MapOf(EVAL_BLOCK),
         "private?": FLAG,
-        "epsilon?": MAYBE,
-        "epsilon_by_round?": Nullable(ListOf(NUMBER)),
+        "epsilon?": EPSILON,
+        "epsilon_by_round?": Nullable(ListOf(EPSILON)),
     }
 )
 FEDERATION = {
     "eval": MapOf(EVAL_BLOCK),
     "results": RESULTS,
     "private?": FLAG,
-    "epsilon?": Nullable(MapOf(MAYBE)),
+    "epsilon?": Nullable(MapOf(EPSILON)),
 }
 MODEL = ByKind(
     {

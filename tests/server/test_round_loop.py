@@ -23,6 +23,7 @@ from common.schema import (
     StudyConfig,
 )
 from server.coordinator import run_study
+from server.report import build_report
 from server.report.tables import run_table
 from server.run_folder import RESULTS_FILE
 from tests.local_grid import Behaviour, LocalGrid, honest
@@ -172,6 +173,8 @@ def test_a_site_whose_images_were_released_without_privacy_is_reported_unbounded
     assert rows["hospital-a"] == "unbounded" and rows["hospital-b"] not in ("unbounded", "–")
     package = json.loads((tmp_path / "run" / PACKAGE_DIR / META_FILE).read_text())
     assert package["privacy"]["epsilon"]["hospital-a"] == "unbounded"
+    report = build_report(tmp_path / "run").read_text()  # the report reads results.json as written
+    assert "unbounded" in report
 
 
 def test_rounds_with_seeded_noise_are_marked_not_private_in_the_ledger_and_results(tmp_path, caplog):
