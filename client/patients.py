@@ -110,11 +110,15 @@ def patient_loader(
 
 def sum_per_patient(model: torch.nn.Module, owner: torch.Tensor) -> None:
     """Replace every parameter's per-image gradients (Opacus's `grad_sample`, images x shape) by their
-    sums per patient (patients x shape), so the optimizer clips one gradient per patient."""
+    sums per patient (patients x shape), so the optimizer clips one gradient per patient. Fails closed:
+    a trainable parameter without per-image gradients (ghost clipping keeps none) raises, since the
+    optimizer would then clip each image alone and a patient could contribute many clipped gradients."""
     n = int(owner.max()) + 1 if len(owner) else 0
     for p in model.parameters():
         sample = getattr(p, "grad_sample", None)
         if sample is None:
+            if p.requires_grad:
+                raise RuntimeError("patient-level DP-SGD needs each image's gradient (hooks mode, not ghost)")
             continue
         per_patient = torch.zeros((n, *sample.shape[1:]), dtype=sample.dtype, device=sample.device)
         p.grad_sample = per_patient.index_add_(0, owner.to(sample.device), sample)

@@ -279,3 +279,13 @@ def test_a_batch_of_patients_is_cut_into_physical_batches_of_whole_patients_with
 
     assert steps == [3]  # one step per logical batch of 10 patients, counted once each
     assert physical == [[4, 4]] * 15  # 3 steps x 5 physical batches of 2 whole patients, 4 images each
+
+
+def test_summing_per_patient_without_per_image_gradients_fails_closed():
+    """Ghost clipping keeps no per-image gradients: summing nothing would let the optimizer clip each
+    image alone, so one patient could contribute several clipped gradients; it raises instead."""
+    model = build_model("cnn28-small")
+    nn.functional.cross_entropy(model(torch.rand(3, 1, 28, 28)), torch.tensor([0, 1, 0])).backward()
+
+    with pytest.raises(RuntimeError, match="each image's gradient"):
+        sum_per_patient(model, torch.tensor([0, 0, 1]))
