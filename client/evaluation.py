@@ -150,15 +150,6 @@ def record(site: SiteConfig, release_: Release, *, study: str, round_: int, repe
     return accountant.spent(site.privacy.delta, EVALUATION_KINDS)
 
 
-def record_nonprivate(site: SiteConfig, *, study: str, round_: int) -> None:
-    """Write an `exact` or `summary` release (not private) to the ledger before it leaves: from then on
-    the site reports its test images' epsilon as infinite. A site without a state_dir keeps no ledger."""
-    if site.state_dir:
-        SiteAccountant(site.state_dir).record_nonprivate(
-            budget=EVALUATION_KINDS, round=round_, steps=1, delta=site.privacy.delta, study=study
-        )
-
-
 def patient_subset(patients: list[str], cap: int) -> np.ndarray:
     """Indices of at most `cap` test images per patient (each patient's first ones)."""
     seen: dict[str, int] = {}

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from client.ledger import TRAINING_KINDS, LedgerEntry, SiteAccountant
+from client.ledger import LedgerEntry, SiteAccountant
 from client.patients import patient_groups
 from client.policy import SitePolicy
 from client.randomness import RoundRandomness
@@ -85,9 +85,10 @@ def work_problem(site: SiteConfig, plan: RoundPlan, patient_level: bool = False)
     coordinator sends: at most max_local_epochs x max_augment_views passes over its data, and at most
     max_step_images images computed at once (the memory a step takes; a private round cuts its batches
     into physical ones of train.max_physical_batch, or at a `patient_level` site into batches of whole
-    patients that fit, each bringing at most max_images_per_patient images: patients_per_step). They are not counted in steps or in the site's images: a limit on those would
-    depend on the exact number of images, and its refusals would tell it, uncharged, to a coordinator
-    that tries batch sizes."""
+    patients that fit, each bringing at most max_images_per_patient images: patients_per_step). They
+    are not counted in steps or in the site's images: a limit on those would depend on the exact
+    number of images, and its refusals would tell it, uncharged, to a coordinator that tries batch
+    sizes."""
     for name, value in (("batch_size", plan.batch_size), ("local_epochs", plan.local_epochs),
                         ("augment_views", plan.augment_views)):  # fmt: skip
         if value < 1:
@@ -293,15 +294,17 @@ def record_round(private: PrivateRound, dp: PrivateTraining) -> LedgerEntry:
     return ledger.record_round(round=private.round, retry=retry, **common, **dp.spending())
 
 
-def record_nonprivate(site: SiteConfig, plan: RoundPlan, steps: int) -> None:
-    """Write a round trained without differential privacy to the ledger before its exact update, size
-    and loss leave: from then on the site reports its training images' epsilon as infinite. A site
-    without a state_dir keeps no ledger (and trains nothing privately)."""
+def record_nonprivate(
+    site: SiteConfig, budget: tuple[str, ...], *, round_: int, study: str, steps: int = 1
+) -> None:
+    """Write a release of the images of `budget` without differential privacy to the ledger before it
+    leaves (a round trained without DP: TRAINING_KINDS; an `exact` or `summary` evaluation:
+    EVALUATION_KINDS): from then on the site reports their epsilon as infinite. A site without a
+    state_dir keeps no ledger (and trains nothing privately)."""
     if site.state_dir:
         SiteAccountant(site.state_dir).record_nonprivate(
-            budget=TRAINING_KINDS, round=plan.round, steps=max(1, steps), delta=site.privacy.delta,
-            study=plan.study_id,
-        )  # fmt: skip
+            budget=budget, round=round_, steps=max(1, steps), delta=site.privacy.delta, study=study
+        )
 
 
 def spent(site: SiteConfig) -> tuple[float, float]:

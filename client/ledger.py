@@ -10,8 +10,8 @@ One JSON object per line, one line per release (a trained round, say), in
 `epsilon` is the cumulative epsilon (at that line's `delta`) of its budget's private lines after the
 line. A line's `kind` is `train` (a round of DP-SGD), `count` (the site's training-set size, released
 once per study with Gaussian noise: one step of noise `noise_multiplier` x sensitivity 1 at sample
-rate 1, its noised `value` kept so the study's later rounds reuse it), `evaluation` (one protected evaluation release,
-client.evaluation), or a release without differential privacy: `train-nonprivate` (a round trained
+rate 1, its noised `value` kept so the study's later rounds reuse it), `evaluation` (one protected
+evaluation release, client.evaluation), or a release without differential privacy: `train-nonprivate` (a round trained
 without DP, at a site whose policy allows it: exact size, loss and update) or `evaluation-nonprivate`
 (an `exact` or `summary` evaluation release), written with noise 0 and no clipping. Training, count and
 train-nonprivate lines are the training images' budget, the evaluation kinds the test images': the
@@ -100,7 +100,10 @@ class LedgerEntry:
             problems.append(f"sample_rate must be in (0, 1], got {self.sample_rate}")
         if self.kind in NONPRIVATE_KINDS:
             if self.noise_multiplier != 0 or self.max_grad_norm != 0:
-                problems.append(f"a {self.kind} line has noise_multiplier 0 and max_grad_norm 0 (no DP)")
+                problems.append(
+                    f"a {self.kind} line must have noise_multiplier 0 and max_grad_norm 0 (no DP), got "
+                    f"{self.noise_multiplier}, {self.max_grad_norm}"
+                )
         elif not (self.noise_multiplier > 0 and self.max_grad_norm > 0):
             problems.append(
                 f"noise_multiplier and max_grad_norm must be > 0, got {self.noise_multiplier}, {self.max_grad_norm}"
@@ -166,9 +169,7 @@ def spending(budget: tuple[str, ...]) -> tuple[str, ...]:
 
 def budget_of(kind: str) -> tuple[str, ...]:
     """The private kinds of line that spend the same budget as a line of `kind`."""
-    if kind in EVALUATION_KINDS or kind == NONPRIVATE_OF[EVALUATION_KINDS]:
-        return EVALUATION_KINDS
-    return TRAINING_KINDS
+    return EVALUATION_KINDS if kind in spending(EVALUATION_KINDS) else TRAINING_KINDS
 
 
 # per ledger path: (a lock for this process's threads, [depth, fd of the held flock])

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from client import evaluation, guard, local_norm
+from client.ledger import EVALUATION_KINDS, TRAINING_KINDS
 from client.policy import SitePolicy
 from client.profile import record_training_profile
 from client.scaffold_correction import correction_problem, split_correction
@@ -105,7 +106,8 @@ class SiteRuntime:
             record_training_profile(self.config.state_dir, plan.study_id, self.data)  # drift's reference
             result = train_round(model, self.data.train_x, self.data.train_y, plan,
                                  augment_fn=self.augment, correction=correction)  # fmt: skip
-            guard.record_nonprivate(self.config, plan, result.steps)  # before the exact reply leaves
+            guard.record_nonprivate(self.config, TRAINING_KINDS, round_=plan.round, study=plan.study_id,
+                                    steps=result.steps)  # fmt: skip
             return self._reply(plan, result, exact=True, received=received)
         # the budget check to the ledger line is one step: one private training at a time per ledger
         with guard.site_lock(self.config):
@@ -267,7 +269,7 @@ class SiteRuntime:
             out = evaluation.release(labels, probs, policy, noise, per_unit=per_unit)
         metrics = dict(out.metrics) | {Met.PRIVACY_UNIT: int(unit == "patient")}
         if out.spends is None:  # a protected release sends no time either: it grows with the exact n_test
-            evaluation.record_nonprivate(self.config, study=plan.study_id, round_=plan.round)
+            guard.record_nonprivate(self.config, EVALUATION_KINDS, round_=plan.round, study=plan.study_id)
             metrics[Met.EVAL_S] = time.perf_counter() - t0
             return SiteReply(self.config.site, metrics, release=out.kind)
         return self._charged_release(plan, out, metrics)

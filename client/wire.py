@@ -3,7 +3,8 @@
 One request per connection over a Unix socket: a frame is a 4-byte magic, the lengths of a JSON header
 and of a safetensors blob (model arrays, possibly none), then both. Plain values only: the header holds
 numbers (never NaN; an infinite epsilon as JSON's `Infinity`), strings, booleans and lists of numbers;
-arrays are safetensors, which loading never turns into code. The forwarder (client.forwarder) uses numpy, the service (client.service) torch.
+arrays are safetensors, which loading never turns into code. The forwarder (client.forwarder) uses
+numpy, the service (client.service) torch.
 
     request header: {"op": "train" | "evaluate" | "status", "config": {...the round's ConfigRecord...}}
     reply header:   {"site": "...", "metrics": {...}, "refused": "", "error": ""}
@@ -46,11 +47,9 @@ def _refuse_nan(value: object) -> None:
     """ValueError if `value` holds a NaN: numbers sent are finite, or infinite (an epsilon no DP bounds)."""
     if isinstance(value, float) and math.isnan(value):
         raise ValueError("a frame's header holds a NaN")
-    if isinstance(value, dict):
-        value = value.values()
-    if isinstance(value, list | tuple | type({}.values())):
-        for item in value:
-            _refuse_nan(item)
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else ()
+    for item in items:
+        _refuse_nan(item)
 
 
 def recv_frame(sock: socket.socket, *, within_s: float | None = None) -> tuple[dict, dict[str, np.ndarray]]:

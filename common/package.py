@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.files import json_safe, write_atomic
+from common.files import write_atomic
 
 if TYPE_CHECKING:
     from torch import nn
@@ -47,8 +47,7 @@ def write_package(folder: str | Path, model: nn.Module, meta: dict[str, Any]) ->
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     write_atomic(folder / WEIGHTS_FILE, save_safetensors(state))
     doc = {"kind": PACKAGE_KIND, "version": PACKAGE_VERSION, **meta}
-    # json_safe: an infinite epsilon (a site's images released without DP) is written as null
-    write_atomic(folder / META_FILE, json.dumps(json_safe(doc), indent=2, allow_nan=False, default=_plain))
+    write_atomic(folder / META_FILE, json.dumps(doc, indent=2, allow_nan=False, default=_plain))
     return folder
 
 

@@ -11,7 +11,7 @@ simulated data (synthetic or MedMNIST partitions, which keeps fresh ledgers per 
 - a site's local-only reference trains through the site's own path (client.site.SiteRuntime: policy,
   guard, ledger), one round-equivalent at a time, like a federation of one;
 - study.json says, per site, the epsilon the whole study spent on its images (every run's lines
-  composed) beside the site's total and its budget: unbounded (null) when a run trained them without
+  composed) beside the site's total and its budget: "unbounded" when a run trained them without
   DP (a plain federation or local-only reference, through the site's own path, or the centralized
   reference, which `record_pooled_release` writes to every site's ledger).
 """
@@ -117,10 +117,7 @@ def record_pooled_release(study: StudyConfig, sites: dict[str, SiteConfig], step
     each site's ledger, as a site writes its own round without privacy; returns the run's study id."""
     study_id = f"{study.name}-centralized-{uuid.uuid4().hex[:8]}"
     for site in sites.values():
-        if site.state_dir:
-            SiteAccountant(site.state_dir).record_nonprivate(
-                budget=TRAINING_KINDS, round=1, steps=max(1, steps), delta=site.privacy.delta, study=study_id
-            )
+        guard.record_nonprivate(site, TRAINING_KINDS, round_=1, study=study_id, steps=steps)
     return study_id
 
 
