@@ -29,10 +29,8 @@ from pathlib import Path
 from common.files import write_atomic
 from server.report.doc import METRIC_LABELS, is_validation, metric_of
 from server.report.page import render_html
-from server.report.plots import PLOTS
 from server.report.shape import RESULTS, STUDY, VALIDATION, ShapeError, check
 from server.report.summary import plain_summary
-from server.report.validation import plot_validation
 from server.run_folder import (
     REPORT_FILE,
     RESULTS_FILE,
@@ -43,9 +41,6 @@ from server.run_folder import (
 )
 
 __all__ = ["ReportError", "build_report", "cli", "load_run", "plain_summary"]
-VALIDATION_PLOTS = (
-    ("validation.png", plot_validation, "Each package's {label} at each site, with 95% intervals"),
-)
 
 
 class ReportError(ValueError):
@@ -122,6 +117,8 @@ def build_report(run_dir: str | Path) -> Path:
     Raises:
         ReportError: see `load_run`.
     """
+    from server.report.plots import PLOTS, VALIDATION_PLOTS  # matplotlib: only when drawing
+
     d = Path(run_dir)
     doc = load_run(d)
     plots, metric = [], metric_of(doc)

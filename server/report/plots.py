@@ -2,6 +2,9 @@
 
     PLOTS: (file name, function(doc, path) -> path or None, caption); name and caption name the
     run's headline metric ({metric}: auc or dice, {label}: AUC or Dice)
+    VALIDATION_PLOTS: the same for a validation's report
+
+Only `build_report` imports this module, so that the commands start without loading matplotlib.
 
 A function returns None when its plot does not apply (no privacy, or a plain run without a study's
 references); `server.report.build_report` writes the others into the run folder.
@@ -219,10 +222,36 @@ def plot_comparison(doc: dict, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_validation(doc: dict, path: Path) -> Path | None:
+    """Bars: each package's metric at each site and pooled, with the intervals."""
+    cs, metric = doc.get("cross_site") or {}, doc["metric"]
+    if not cs.get("rows"):
+        return None
+    fig = Figure(figsize=(1.9 * len(cs["columns"]) + 3, 4.0))
+    ax = fig.subplots()
+    width = 0.8 / len(cs["rows"])
+    for k, (label, values, cis) in enumerate(zip(cs["rows"], cs[metric], cs["ci"], strict=True)):
+        xs = [i + (k - (len(cs["rows"]) - 1) / 2) * width for i in range(len(values))]
+        ys = [math.nan if v is None else v for v in values]
+        err = [[0 if v is None or not ci else max(v - ci[0], 0) for v, ci in zip(values, cis, strict=True)],
+               [0 if v is None or not ci else max(ci[1] - v, 0) for v, ci in zip(values, cis, strict=True)]]  # fmt: skip
+        ax.bar(xs, ys, width, yerr=err, capsize=2, label=label)
+    ax.set_xticks(range(len(cs["columns"])), cs["columns"])
+    ax.set_ylim(0.0, 1.0)
+    ax.set_ylabel(f"test {METRIC_LABELS[metric]} (95% interval)")
+    ax.set_title("each package at each site")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, path)
+
+
 PLOTS = (  # names and captions are formatted with the run's headline metric (auc / AUC, dice / Dice)
     ("{metric}_by_round.png", plot_metric_by_round, "Test {label} at each site after every round"),
     ("epsilon_by_round.png", plot_epsilon_by_round, "Privacy spent (epsilon) per site by round"),
     ("roc_curves.png", plot_roc_curves, "ROC curves per site for the final models"),
     ("cross_site.png", plot_cross_site, "Cross-site matrix: every model on every site's test data"),
     ("comparison.png", plot_comparison, "Local, federated and centralized {label} per site, with 95% CIs"),
+)
+VALIDATION_PLOTS = (
+    ("validation.png", plot_validation, "Each package's {label} at each site, with 95% intervals"),
 )

@@ -1,4 +1,5 @@
-"""A validation's report (`fedward validate`, validation.json): tables, summary and plot.
+"""A validation's report (`fedward validate`, validation.json): tables and summary (its plot:
+server.report.plots).
 
 The main table is the cross-site table (each package on each site's test data, and pooled, with the
 95% AUC interval each site's release allows); the details give each package's per-site metrics, what
@@ -7,13 +8,7 @@ each site released, and which sites refused. Every number comes from validation.
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
-from matplotlib.figure import Figure
-
 from server.report.doc import METRIC_LABELS, score_text
-from server.report.plots import DPI  # also chooses matplotlib's file-only backend
 from server.report.tables import MISSING, Cell, Table, number, value_cell
 
 DETAIL_COLUMNS = {
@@ -78,27 +73,3 @@ def validation_summary(doc: dict) -> list[str]:
     lines.append("Each site released what its evaluation policy allows and charged its evaluation budget; "
                  "`fedward compare OLD NEW` says whether a package may replace another.")  # fmt: skip
     return lines
-
-
-def plot_validation(doc: dict, path: Path) -> Path | None:
-    """Bars: each package's metric at each site and pooled, with the intervals."""
-    cs, metric = doc.get("cross_site") or {}, doc["metric"]
-    if not cs.get("rows"):
-        return None
-    fig = Figure(figsize=(1.9 * len(cs["columns"]) + 3, 4.0))
-    ax = fig.subplots()
-    width = 0.8 / len(cs["rows"])
-    for k, (label, values, cis) in enumerate(zip(cs["rows"], cs[metric], cs["ci"], strict=True)):
-        xs = [i + (k - (len(cs["rows"]) - 1) / 2) * width for i in range(len(values))]
-        ys = [math.nan if v is None else v for v in values]
-        err = [[0 if v is None or not ci else max(v - ci[0], 0) for v, ci in zip(values, cis, strict=True)],
-               [0 if v is None or not ci else max(ci[1] - v, 0) for v, ci in zip(values, cis, strict=True)]]  # fmt: skip
-        ax.bar(xs, ys, width, yerr=err, capsize=2, label=label)
-    ax.set_xticks(range(len(cs["columns"])), cs["columns"])
-    ax.set_ylim(0.0, 1.0)
-    ax.set_ylabel(f"test {METRIC_LABELS[metric]} (95% interval)")
-    ax.set_title("each package at each site")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.savefig(path, format="png", dpi=DPI, bbox_inches="tight", facecolor="white")
-    return path

@@ -1,5 +1,6 @@
 """The `fedward` command starts without the training stack: `fedward --help`, every subcommand's
-options and their defaults are built without importing torch, Opacus or MONAI (seconds each)."""
+options and their defaults are built without importing torch, Opacus or MONAI (seconds each), nor
+matplotlib (half a second; only a report's plots need it)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-HEAVY = ("torch", "opacus", "monai")
+HEAVY = ("torch", "opacus", "monai", "matplotlib")
 
 
 def test_the_commands_parser_imports_no_training_stack():
