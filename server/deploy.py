@@ -326,11 +326,13 @@ class LocalDeployment:
     def start_all(self) -> None:
         """The SuperLink, every site registered, every SuperNode online."""
         self.prepare()
+        # the site services load torch and their data (seconds) while the SuperLink starts and the
+        # sites are registered: each of those is one process on one core
+        started = [self._spawn_site_service(site) for site in self.sites]
         self.start_superlink()
         for site in self.sites:
             if not self.insecure:
                 self.register(site)
-        started = [self._spawn_site_service(site) for site in self.sites]  # they load their data at once
         wait_ready([(service, _serving(service)) for service in started], SITE_START_S, "serve")
         for site in self.sites:
             self.start_supernode(site, wait=False)
