@@ -11,9 +11,10 @@ One JSON object per line, one line per release (a trained round, say), in
 line. A line's `kind` is `train` (a round of DP-SGD), `count` (the site's training-set size, released
 once per study with Gaussian noise: one step of noise `noise_multiplier` x sensitivity 1 at sample
 rate 1, its noised `value` kept so the study's later rounds reuse it), `evaluation` (one protected
-evaluation release, client.evaluation), or a release without differential privacy: `train-nonprivate` (a round trained
-without DP, at a site whose policy allows it: exact size, loss and update) or `evaluation-nonprivate`
-(an `exact` or `summary` evaluation release), written with noise 0 and no clipping. Training, count and
+evaluation release, client.evaluation), or a release without differential privacy: `train-nonprivate`
+(a round trained without DP, at a site whose policy allows it: exact size, loss and update) or
+`evaluation-nonprivate` (an `exact` or `summary` evaluation release), written with noise 0 and no
+clipping. Training, count and
 train-nonprivate lines are the training images' budget, the evaluation kinds the test images': the
 splits hold different images (patients), so each image spends one of them. The budget a site enforces
 (`privacy.max_epsilon`, `privacy.evaluation.max_epsilon`) composes the private lines (`epsilon`); what

@@ -5,17 +5,18 @@
     fedward report runs/validate       # a `fedward validate` folder (validation.json)
 
 Writes into DIR: auc_by_round.png (dice_by_round.png for segmentation), epsilon_by_round.png (when
-privacy was on), and for a study also roc_curves.png (classification), cross_site.png and comparison.png; then report.html, one self-contained file with the
+privacy was on), and for a study also roc_curves.png (classification), cross_site.png and
+comparison.png (for a validation, validation.png); then report.html, one self-contained file with the
 plots embedded (no scripts, no external files), the per-site tables and a plain-language summary.
 Nothing is recomputed from models or data: every number comes from study.json / results.json, which
 `load_run` checks first, so a file of the wrong shape ends in a ReportError that names it.
 
     shape.py     what the report reads from study.json and results.json, and the check
     doc.py       a study, one federated run or a validation: its runs, sites and model names
-    validation.py   a validation's tables, summary and plot
+    validation.py   a validation's tables and summary
     summary.py   the summary in words (plain_summary)
     tables.py    the tables as rows of cells (also the terminal table of `fedward simulate`)
-    plots.py     the matplotlib plots
+    plots.py     the matplotlib plots, a validation's too (imported only to draw them)
     page.py      report.html from templates/report.html
 """
 

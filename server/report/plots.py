@@ -4,7 +4,8 @@
     run's headline metric ({metric}: auc or dice, {label}: AUC or Dice)
     VALIDATION_PLOTS: the same for a validation's report
 
-Only `build_report` imports this module, so that the commands start without loading matplotlib.
+Only what draws imports this module (`build_report`, the drift monitor's report), so that the
+commands start without loading matplotlib.
 
 A function returns None when its plot does not apply (no privacy, or a plain run without a study's
 references); `server.report.build_report` writes the others into the run folder.
